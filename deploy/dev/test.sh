@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs every test of concertim-billing on this machine.
+#
+# Integration tests talk to a real RabbitMQ at 127.0.0.1:5672 (guest/guest). When none answers,
+# this script starts one, installing Debian's rabbitmq-server first when it is missing (as root,
+# or through sudo). Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+broker_answers() {
+    (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "test.sh: need root to run: $*" >&2
+        return 1
+    fi
+}
+
+start_broker() {
+    if ! command -v rabbitmq-server >/dev/null && [ ! -x /usr/sbin/rabbitmq-server ]; then
+        echo "test.sh: installing Debian's rabbitmq-server" >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >/dev/null
+    fi
+    echo "test.sh: starting RabbitMQ" >&2
+    if command -v systemctl >/dev/null && systemctl is-system-running >/dev/null 2>&1; then
+        as_root systemctl start rabbitmq-server
+    else
+        as_root env PATH="$PATH:/usr/sbin" rabbitmq-server -detached
+    fi
+    for _ in $(seq 1 120); do
+        broker_answers && return 0
+        sleep 1
+    done
+    echo "test.sh: RabbitMQ did not answer on 127.0.0.1:5672 within 120 s" >&2
+    return 1
+}
+
+broker_answers || start_broker
+
+cargo test --all-targets "$@"
+cargo test --doc "$@"

@@ -1,0 +1,128 @@
+//! Billing adapters: the [`Billing`] trait every backend implements, and the backends.
+//!
+//! A backend carries out plan actions against a billing application. Every method is
+//! idempotent by key: "already exists" and "already cancelled" answers are success
+//! ([`Applied::AlreadyDone`]), and the backend, which knows its protocol, classes every other
+//! failure ([`BillingError::class`]). Backends know `event` and `plan` types, never the bus.
+
+pub mod ledger;
+
+use std::future::Future;
+
+use crate::{
+    class::ErrorClass,
+    event::{InstanceId, Meta, PlanName, ProjectId, Timestamp},
+    plan::{SubscriptionSpec, UsageSpec},
+};
+
+pub use ledger::Ledger;
+
+/// What an action did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The change was made.
+    Done,
+    /// The key already existed in the wanted state: nothing to do (a redelivery, a replay, or
+    /// a message that arrived after one that already did the work).
+    AlreadyDone,
+    /// Usage dated after the subscription's end: counted and acknowledged, not billed.
+    Late,
+}
+
+/// Why the notification is being acted on: backends name it in audit fields
+/// (KillBill's `X-Killbill-Reason`) and use `redelivered` to decide when to check for a
+/// previous attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The notification's envelope facts.
+    pub meta: &'a Meta,
+    /// The broker says this delivery may have been seen before.
+    pub redelivered: bool,
+}
+
+/// A billing backend failure.
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    /// The embedded ledger could not read or write its file.
+    #[error("ledger file {path}: {source}")]
+    LedgerIo {
+        /// The ledger file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The ledger file exists but is not a ledger.
+    #[error("ledger file {path} is not a concertim-billing ledger: {reason}")]
+    LedgerCorrupt {
+        /// The ledger file.
+        path: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// An action named a subscription that does not exist (plans always ensure it first, so
+    /// this is a bug or a hand-edited ledger).
+    #[error("subscription {0} does not exist")]
+    NoSubscription(InstanceId),
+}
+
+impl BillingError {
+    /// The failure class, which decides between retry and dead-letter.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            // A full disk or a permissions slip can be fixed without changing the message.
+            BillingError::LedgerIo { .. } => ErrorClass::Transient,
+            BillingError::LedgerCorrupt { .. } | BillingError::NoSubscription(_) => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// A billing application: KillBill, HostBill, or the embedded ledger.
+pub trait Billing: Send + Sync {
+    /// Creates the project's account unless its key exists, in any state.
+    fn ensure_account(
+        &self,
+        project: &ProjectId,
+        ctx: Context<'_>,
+    ) -> impl Future<Output = Result<Applied, BillingError>> + Send;
+
+    /// Cancels the project's subscriptions at `at` and closes its account, creating it closed
+    /// when it does not exist.
+    fn close_account(
+        &self,
+        project: &ProjectId,
+        at: Timestamp,
+        ctx: Context<'_>,
+    ) -> impl Future<Output = Result<Applied, BillingError>> + Send;
+
+    /// Creates the instance's subscription unless its key exists, in any state.
+    fn ensure_subscription(
+        &self,
+        spec: &SubscriptionSpec,
+        ctx: Context<'_>,
+    ) -> impl Future<Output = Result<Applied, BillingError>> + Send;
+
+    /// Moves the subscription to `plan` from `effective` on, when its plan differs.
+    fn change_plan(
+        &self,
+        instance: &InstanceId,
+        plan: &PlanName,
+        effective: Timestamp,
+        ctx: Context<'_>,
+    ) -> impl Future<Output = Result<Applied, BillingError>> + Send;
+
+    /// Cancels the subscription at `at`; cancelling a cancelled subscription is success.
+    fn cancel_subscription(
+        &self,
+        instance: &InstanceId,
+        at: Timestamp,
+        ctx: Context<'_>,
+    ) -> impl Future<Output = Result<Applied, BillingError>> + Send;
+
+    /// Records one notification's usage for one instance, once per tracking id.
+    fn record_usage(
+        &self,
+        usage: &UsageSpec,
+        ctx: Context<'_>,
+    ) -> impl Future<Output = Result<Applied, BillingError>> + Send;
+}

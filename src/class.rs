@@ -1,0 +1,33 @@
+//! The failure classes every boundary error maps to (design §4), and so what the bus does with
+//! a message that failed.
+
+/// What kind of failure an error is, which decides the message's fate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorClass {
+    /// The message can never be processed as it is: dead-lettered at once.
+    Invalid,
+    /// Retrying later may succeed (a timeout, a 5xx, a full disk): retried, then dead-lettered
+    /// as exhausted.
+    Transient,
+    /// The other side refused for good (a 4xx no idempotency rule turns into success):
+    /// dead-lettered with the answer.
+    Permanent,
+}
+
+impl ErrorClass {
+    /// The lowercase name, as used in metrics labels and dead-letter headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Invalid => "invalid",
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,194 @@
+//! The executor: one delivery in, one [`Outcome`] out — decode, plan, then each action through
+//! the billing backend, in order.
+//!
+//! This single step is what the bus consumer, `replay` and the tests all call. It never
+//! acknowledges anything itself: the caller maps the outcome to ack, retry or dead-letter.
+
+use crate::{
+    billing::{Applied, Billing, BillingError, Context},
+    class::ErrorClass,
+    config::Settings,
+    notification::{decode, DecodeError, DecodeLimits},
+    plan::{plan, Action, PlanError},
+};
+
+/// A message as the bus (or a fixture) delivers it.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    /// The body, byte for byte.
+    pub body: &'a [u8],
+    /// The broker may have delivered it before.
+    pub redelivered: bool,
+}
+
+/// What happened to one message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Every action succeeded (or found its work already done).
+    Processed {
+        /// The notification's event type.
+        event_type: String,
+        /// How many actions made a change, found it done, or were late usage.
+        effects: Effects,
+    },
+    /// Nothing to bill: an unhandled event type, a project outside the filter, an event with
+    /// no billing effect.
+    Ignored {
+        /// The notification's event type.
+        event_type: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The message can never be processed as it is.
+    Invalid(InvalidMessage),
+    /// An action failed; `error.class()` says whether to retry.
+    Failed {
+        /// The notification's event type.
+        event_type: String,
+        /// The action that failed, in words.
+        action: String,
+        /// The backend's error.
+        error: BillingError,
+    },
+}
+
+/// Why a message is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidMessage {
+    /// It could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// It decoded, but no plan could be made from it.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+}
+
+/// Counts of what a processed message's actions did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Actions that changed the billing state.
+    pub done: usize,
+    /// Actions whose work was already done (redelivery, replay, early arrival of a later step).
+    pub already_done: usize,
+    /// Usage calls dated after their subscription's end.
+    pub late: usize,
+}
+
+impl Outcome {
+    /// The failure class, when the message failed.
+    pub fn class(&self) -> Option<ErrorClass> {
+        match self {
+            Outcome::Processed { .. } | Outcome::Ignored { .. } => None,
+            Outcome::Invalid(_) => Some(ErrorClass::Invalid),
+            Outcome::Failed { error, .. } => Some(error.class()),
+        }
+    }
+}
+
+/// Runs messages through decode → plan → billing.
+#[derive(Debug)]
+pub struct Executor<B> {
+    settings: Settings,
+    billing: B,
+}
+
+impl<B: Billing> Executor<B> {
+    /// An executor over a billing backend.
+    pub fn new(settings: Settings, billing: B) -> Self {
+        Self { settings, billing }
+    }
+
+    /// The billing backend.
+    pub fn billing(&self) -> &B {
+        &self.billing
+    }
+
+    /// Handles one delivery to its outcome. Never panics on any input.
+    pub async fn handle(&self, delivery: Delivery<'_>) -> Outcome {
+        let limits = DecodeLimits { max_body_bytes: self.settings.decode.max_body_bytes };
+        let notification = match decode(delivery.body, limits) {
+            Ok(n) => n,
+            Err(e) => return Outcome::Invalid(e.into()),
+        };
+        let event_type = notification.meta.event_type.clone();
+        let actions = match plan(&notification, &self.settings) {
+            Ok(actions) => actions,
+            Err(e) => return Outcome::Invalid(e.into()),
+        };
+        if actions.is_empty() {
+            let reason = match &notification.event {
+                crate::event::Event::Ignored { reason } => reason,
+                _ => "no billing effect",
+            };
+            return Outcome::Ignored { event_type, reason };
+        }
+        let ctx = Context { meta: &notification.meta, redelivered: delivery.redelivered };
+        let mut effects = Effects::default();
+        for action in &actions {
+            match self.apply(action, ctx).await {
+                Ok(Applied::Done) => effects.done += 1,
+                Ok(Applied::AlreadyDone) => effects.already_done += 1,
+                Ok(Applied::Late) => effects.late += 1,
+                Err(error) => return Outcome::Failed { event_type, action: describe(action), error },
+            }
+        }
+        Outcome::Processed { event_type, effects }
+    }
+
+    async fn apply(&self, action: &Action, ctx: Context<'_>) -> Result<Applied, BillingError> {
+        let b = &self.billing;
+        match action {
+            Action::EnsureAccount { project } => b.ensure_account(project, ctx).await,
+            Action::CloseAccount { project, at } => b.close_account(project, *at, ctx).await,
+            Action::EnsureSubscription(spec) => b.ensure_subscription(spec, ctx).await,
+            Action::ChangePlan { instance, plan, effective } => b.change_plan(instance, plan, *effective, ctx).await,
+            Action::CancelSubscription { instance, at } => b.cancel_subscription(instance, *at, ctx).await,
+            Action::RecordUsage(usage) => b.record_usage(usage, ctx).await,
+        }
+    }
+}
+
+/// An action in words, for logs and dead-letter reasons (ids only, no secrets).
+fn describe(action: &Action) -> String {
+    match action {
+        Action::EnsureAccount { project } => format!("ensure account {project}"),
+        Action::CloseAccount { project, .. } => format!("close account {project}"),
+        Action::EnsureSubscription(spec) => format!("ensure subscription {}", spec.instance),
+        Action::ChangePlan { instance, plan, .. } => format!("change plan of {instance} to {plan}"),
+        Action::CancelSubscription { instance, .. } => format!("cancel subscription {instance}"),
+        Action::RecordUsage(usage) => format!("record usage {} on {}", usage.tracking_id, usage.instance),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::Ledger;
+
+    fn executor() -> Executor<Ledger> {
+        Executor::new(Settings::embedded(), Ledger::in_memory())
+    }
+
+    async fn handle(e: &Executor<Ledger>, body: &str) -> Outcome {
+        e.handle(Delivery { body: body.as_bytes(), redelivered: false }).await
+    }
+
+    #[tokio::test]
+    async fn a_project_created_message_is_processed_once_then_already_done() {
+        let e = executor();
+        let body = r#"{"message_id":"m1","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p1"}}"#;
+        let Outcome::Processed { effects, .. } = handle(&e, body).await else { panic!() };
+        assert_eq!(effects, Effects { done: 1, already_done: 0, late: 0 });
+        let Outcome::Processed { effects, .. } = handle(&e, body).await else { panic!() };
+        assert_eq!(effects, Effects { done: 0, already_done: 1, late: 0 });
+    }
+
+    #[tokio::test]
+    async fn unhandled_and_malformed_messages_are_ignored_and_invalid() {
+        let e = executor();
+        let body = r#"{"message_id":"m1","event_type":"image.update","timestamp":"2025-01-01 00:00:00","payload":{}}"#;
+        assert!(matches!(handle(&e, body).await, Outcome::Ignored { reason: "unhandled event type", .. }));
+        let outcome = handle(&e, "{not json").await;
+        assert_eq!(outcome.class(), Some(ErrorClass::Invalid));
+    }
+}

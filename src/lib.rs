@@ -1,0 +1,23 @@
+//! concertim-billing: OpenStack notifications in, billing and Concertim updates out.
+//!
+//! # Layout
+//! One message flows one way: **Delivery → Notification → Event → Plan → Effects → Outcome**.
+//!
+//! - [`notification`]: bytes → [`event::Notification`] (oslo envelopes, Keystone, Nova,
+//!   Ceilometer, Heat); pure, owns every wire format.
+//! - [`event`]: the domain events and the value types they are made of.
+//! - [`config`]: the typed settings (flavor → plan, meter → unit and factor, project filter).
+//! - [`plan`]: event + settings → ordered billing actions; pure.
+//! - [`billing`]: the [`billing::Billing`] trait and its backends (the embedded ledger).
+//! - [`executor`]: one delivery → decode → plan → billing → [`executor::Outcome`].
+//! - [`replay`]: fixture files through the executor, and the report.
+//! - [`class`]: the failure classes that decide a failed message's fate.
+
+pub mod billing;
+pub mod class;
+pub mod config;
+pub mod event;
+pub mod executor;
+pub mod notification;
+pub mod plan;
+pub mod replay;

@@ -1,0 +1,352 @@
+//! Decoding: bytes off the bus → [`Notification`] (envelope facts + typed [`Event`]).
+//!
+//! Owns every OpenStack wire format: the oslo.messaging 2.0 envelope (`oslo.message` is a JSON
+//! string inside JSON) and bare 1.0 messages, and the payloads of Keystone, Nova, Ceilometer and
+//! Heat. Pure: no I/O, no clock. Everything it cannot interpret is a [`DecodeError`], whose class
+//! is always *invalid*; event types nobody handles decode to [`Event::Ignored`], not an error.
+//! Nothing outside this module sees `serde_json::Value`.
+
+mod ceilometer;
+mod fields;
+mod heat;
+mod keystone;
+mod nova;
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::event::{Event, MessageId, Meta, Notification, Timestamp, TimestampError, ValueError};
+
+/// The largest body accepted by default (1 MiB). oslo notifications are a few KiB; a Ceilometer
+/// batch of a hundred samples stays well under 256 KiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Why a body could not be decoded. Every variant is of class *invalid*: retrying cannot help,
+/// so the message is dead-lettered with this text as its reason.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The body is larger than the configured limit.
+    #[error("body is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Body size in bytes.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// Some JSON layer could not be parsed (or had the wrong type in a field).
+    #[error("{layer} is not valid: {source}")]
+    Json {
+        /// Which layer: `body`, `oslo.message`, or `payload of <event type>`.
+        layer: String,
+        /// The parser's error, with line and column.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The envelope names an oslo version this decoder does not know.
+    #[error("oslo.version {0:?} is not supported (only 2.x envelopes and bare 1.0 messages)")]
+    UnsupportedVersion(String),
+    /// A field every notification must carry is absent.
+    #[error("missing {0}")]
+    Missing(&'static str),
+    /// An id or name failed validation.
+    #[error("{field}: {source}")]
+    Value {
+        /// The field that held it.
+        field: &'static str,
+        /// What was wrong.
+        #[source]
+        source: ValueError,
+    },
+    /// A payload that is valid JSON but not of the shape its service sends.
+    #[error("{layer} is not {expected}")]
+    Shape {
+        /// Which layer, e.g. `payload of compute.instance.create.end`.
+        layer: String,
+        /// What it should have been.
+        expected: &'static str,
+    },
+    /// A timestamp field held something that is not a timestamp.
+    #[error("{field}: {source}")]
+    Timestamp {
+        /// The field that held it.
+        field: &'static str,
+        /// What was wrong.
+        #[source]
+        source: TimestampError,
+    },
+}
+
+impl DecodeError {
+    fn json(layer: impl Into<String>, source: serde_json::Error) -> Self {
+        DecodeError::Json { layer: layer.into(), source }
+    }
+}
+
+/// Limits applied before any parsing.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// Largest body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self { max_body_bytes: DEFAULT_MAX_BODY_BYTES }
+    }
+}
+
+/// The oslo message dict, as found either inside `oslo.message` or as the whole body (1.0).
+/// Unknown keys (`_unique_id`, `_context_*`) are skipped without being parsed into values.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(rename = "oslo.version", default, borrow)]
+    oslo_version: Option<Cow<'a, str>>,
+    #[serde(rename = "oslo.message", default, borrow)]
+    oslo_message: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    message_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    event_type: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    publisher_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    priority: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    timestamp: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    payload: Option<&'a RawValue>,
+}
+
+/// Decodes one message body into a notification.
+///
+/// Accepts the oslo.messaging 2.0 envelope (`{"oslo.version": "2.0", "oslo.message": "<json>"}`)
+/// and bare 1.0 messages (the message dict itself), as oslo's own consumer does.
+///
+/// # Errors
+/// [`DecodeError`] when the body is over the size limit, is not JSON, has no `message_id`,
+/// `event_type` or `timestamp`, or a handled event's payload is not of the shape its service
+/// sends.
+pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Notification, DecodeError> {
+    if body.len() > limits.max_body_bytes {
+        return Err(DecodeError::TooLarge { size: body.len(), limit: limits.max_body_bytes });
+    }
+    let outer: Wire<'_> = serde_json::from_slice(body).map_err(|e| DecodeError::json("body", e))?;
+    match (&outer.oslo_version, &outer.oslo_message) {
+        (Some(version), Some(message)) => {
+            if !(version == "2.0" || version.starts_with("2.")) {
+                return Err(DecodeError::UnsupportedVersion(version.chars().take(32).collect()));
+            }
+            let inner: Wire<'_> = serde_json::from_str(message).map_err(|e| DecodeError::json("oslo.message", e))?;
+            if inner.oslo_message.is_some() {
+                return Err(DecodeError::Missing("event_type (oslo.message holds another envelope)"));
+            }
+            decode_message(inner)
+        }
+        (None, Some(_)) => Err(DecodeError::Missing("oslo.version")),
+        (Some(_), None) => Err(DecodeError::Missing("oslo.message")),
+        (None, None) => decode_message(outer),
+    }
+}
+
+fn decode_message(wire: Wire<'_>) -> Result<Notification, DecodeError> {
+    let event_type = wire.event_type.ok_or(DecodeError::Missing("event_type"))?;
+    if event_type.is_empty() {
+        return Err(DecodeError::Missing("event_type"));
+    }
+    let message_id = wire.message_id.ok_or(DecodeError::Missing("message_id"))?;
+    let message_id = MessageId::parse(message_id.into_owned())
+        .map_err(|source| DecodeError::Value { field: "message_id", source })?;
+    let timestamp = wire.timestamp.ok_or(DecodeError::Missing("timestamp"))?;
+    let timestamp =
+        Timestamp::parse(&timestamp).map_err(|source| DecodeError::Timestamp { field: "timestamp", source })?;
+    let event = decode_event(&event_type, wire.payload)?;
+    Ok(Notification {
+        meta: Meta {
+            message_id,
+            event_type: bounded(&event_type, 255),
+            publisher_id: bounded(wire.publisher_id.as_deref().unwrap_or_default(), 255),
+            priority: bounded(wire.priority.as_deref().unwrap_or_default(), 16).to_ascii_uppercase(),
+            timestamp,
+        },
+        event,
+    })
+}
+
+/// Routes by event type to the service decoders. The payload is parsed only for handled types,
+/// so ignored traffic costs one envelope parse.
+fn decode_event(event_type: &str, payload: Option<&RawValue>) -> Result<Event, DecodeError> {
+    let service = if let Some(rest) = event_type.strip_prefix("identity.") {
+        Service::Keystone(rest)
+    } else if let Some(rest) = event_type.strip_prefix("compute.instance.") {
+        Service::NovaLegacy(rest)
+    } else if let Some(rest) = event_type.strip_prefix("instance.") {
+        Service::NovaVersioned(rest)
+    } else if event_type == "metering" || event_type == "telemetry.polling" {
+        Service::Ceilometer
+    } else if let Some(rest) = event_type.strip_prefix("orchestration.stack.") {
+        Service::Heat(rest)
+    } else {
+        return Ok(Event::Ignored { reason: "unhandled event type" });
+    };
+    let Some(payload) = payload else {
+        return Err(DecodeError::Missing("payload"));
+    };
+    let decoded = match service {
+        Service::Keystone(rest) => keystone::decode(rest, payload),
+        Service::NovaLegacy(rest) => nova::decode_legacy(rest, payload),
+        Service::NovaVersioned(rest) => nova::decode_versioned(rest, payload),
+        Service::Ceilometer => ceilometer::decode(event_type, payload),
+        Service::Heat(rest) => heat::decode(rest, payload),
+    };
+    decoded.map_err(|e| e.into_decode(event_type))
+}
+
+enum Service<'a> {
+    Keystone(&'a str),
+    NovaLegacy(&'a str),
+    NovaVersioned(&'a str),
+    Ceilometer,
+    Heat(&'a str),
+}
+
+/// What a service decoder can fail with; the JSON variant gets its layer name from the caller.
+pub(crate) enum PayloadError {
+    Json(serde_json::Error),
+    Shape(&'static str),
+    Other(DecodeError),
+}
+
+impl PayloadError {
+    fn into_decode(self, event_type: &str) -> DecodeError {
+        let layer = || format!("payload of {}", bounded(event_type, 80));
+        match self {
+            PayloadError::Json(source) => DecodeError::Json { layer: layer(), source },
+            PayloadError::Shape(expected) => DecodeError::Shape { layer: layer(), expected },
+            PayloadError::Other(e) => e,
+        }
+    }
+}
+
+impl From<serde_json::Error> for PayloadError {
+    fn from(e: serde_json::Error) -> Self {
+        PayloadError::Json(e)
+    }
+}
+
+impl From<DecodeError> for PayloadError {
+    fn from(e: DecodeError) -> Self {
+        PayloadError::Other(e)
+    }
+}
+
+/// Parses a payload that must be a JSON object. serde's derived structs would also accept a
+/// JSON array (field by position), which no OpenStack service sends.
+pub(crate) fn object<'de, T: Deserialize<'de>>(raw: &'de RawValue) -> Result<T, PayloadError> {
+    if !raw.get().trim_start().starts_with('{') {
+        return Err(PayloadError::Shape("a JSON object"));
+    }
+    Ok(serde_json::from_str(raw.get())?)
+}
+
+/// Builds a validated id, naming the field on failure.
+pub(crate) fn id<T>(
+    field: &'static str,
+    value: Option<String>,
+    parse: fn(String) -> Result<T, ValueError>,
+) -> Result<T, PayloadError> {
+    let value = value.ok_or(DecodeError::Missing(field))?;
+    parse(value).map_err(|source| PayloadError::Other(DecodeError::Value { field, source }))
+}
+
+/// Parses an optional timestamp field (`""`, `"None"` and absent mean unset).
+pub(crate) fn opt_time(field: &'static str, value: Option<&str>) -> Result<Option<Timestamp>, PayloadError> {
+    match value {
+        None => Ok(None),
+        Some(text) => Timestamp::parse_optional(text)
+            .map_err(|source| PayloadError::Other(DecodeError::Timestamp { field, source })),
+    }
+}
+
+/// Text copied into the domain is bounded, so a hostile message cannot inflate logs or headers.
+pub(crate) fn bounded(text: &str, max_chars: usize) -> String {
+    text.chars().take(max_chars).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(message: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({"oslo.version": "2.0", "oslo.message": message})).unwrap()
+    }
+
+    const BARE: &str = r#"{"message_id":"m-1","event_type":"identity.project.created","priority":"INFO",
+        "publisher_id":"identity.host","timestamp":"2025-08-18 10:38:07.168945",
+        "payload":{"resource_info":"148f2f86b96440a1ba0934f837b2c77b"}}"#;
+
+    #[test]
+    fn envelope_and_bare_message_decode_to_the_same_notification() {
+        let bare = decode(BARE.as_bytes(), DecodeLimits::default()).unwrap();
+        let wrapped = decode(&envelope(BARE), DecodeLimits::default()).unwrap();
+        assert_eq!(bare, wrapped);
+        assert_eq!(bare.meta.message_id.as_str(), "m-1");
+    }
+
+    #[test]
+    fn unknown_event_types_are_ignored_without_reading_the_payload() {
+        let body = br#"{"message_id":"m","event_type":"volume.create.end","timestamp":"2016-03-07T16:23:08+00:00","payload":"not even an object"}"#;
+        let n = decode(body, DecodeLimits::default()).unwrap();
+        assert!(matches!(n.event, Event::Ignored { .. }));
+    }
+
+    #[test]
+    fn bodies_over_the_limit_are_rejected_before_parsing() {
+        let err = decode(BARE.as_bytes(), DecodeLimits { max_body_bytes: 10 }).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge { limit: 10, .. }), "{err}");
+    }
+
+    #[test]
+    fn malformed_layers_are_named_in_the_error() {
+        let cases: [(&[u8], &str); 6] = [
+            (b"not json", "body is not valid"),
+            (br#"{"oslo.version":"2.0","oslo.message":"{nope"}"#, "oslo.message is not valid"),
+            (br#"{"oslo.version":"1.0","oslo.message":"{}"}"#, "oslo.version \"1.0\" is not supported"),
+            (br#"{"oslo.message":"{}"}"#, "missing oslo.version"),
+            (br#"{"message_id":"m","timestamp":"2025-01-01 00:00:00"}"#, "missing event_type"),
+            (
+                br#"{"message_id":"m","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00"}"#,
+                "missing payload",
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = decode(body, DecodeLimits::default()).unwrap_err().to_string();
+            assert!(err.contains(expected), "{:?}: got {err:?}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn wrong_types_in_envelope_fields_are_invalid_not_panics() {
+        let body = br#"{"message_id":42,"event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{}}"#;
+        assert!(decode(body, DecodeLimits::default()).is_err());
+        let body = br#"{"message_id":"m","event_type":["x"],"timestamp":"2025-01-01 00:00:00","payload":{}}"#;
+        assert!(decode(body, DecodeLimits::default()).is_err());
+    }
+
+    #[test]
+    fn deeply_nested_json_is_rejected_not_a_stack_overflow() {
+        for event_type in ["identity.project.created", "metering", "unhandled.event"] {
+            let mut body = format!(
+                r#"{{"message_id":"m","event_type":"{event_type}","timestamp":"2025-01-01 00:00:00","payload":"#
+            );
+            body.push_str(&"[".repeat(100_000));
+            body.push_str(&"]".repeat(100_000));
+            body.push('}');
+            let decoded = decode(body.as_bytes(), DecodeLimits { max_body_bytes: usize::MAX });
+            if event_type != "unhandled.event" {
+                assert!(decoded.is_err(), "{event_type}");
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Fixture files: captured deliveries, one per line (`.jsonl`), or one `.json` file holding a
+//! delivery, an oslo envelope, or a bare notification.
+//!
+//! A delivery line is `{"exchange", "routing_key", "properties", "redelivered", "body"}`. The
+//! body is the message as it was on the bus: a JSON string holds a body that was text (an oslo
+//! 2.0 envelope is a JSON object, so it is usually written as that object), and any other JSON
+//! value is the body's exact JSON text. Properties are kept byte for byte for tools that
+//! publish fixtures back to a broker.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// One captured delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FixtureDelivery {
+    /// The exchange it was published to, when known.
+    pub exchange: Option<String>,
+    /// Its routing key, when known.
+    pub routing_key: Option<String>,
+    /// Its AMQP properties as captured (JSON text), when known.
+    pub properties: Option<String>,
+    /// Whether the broker flagged it as redelivered.
+    pub redelivered: bool,
+    /// The body, byte for byte.
+    pub body: Vec<u8>,
+}
+
+/// Where a fixture came from: file and line (1-based; 0 for a whole `.json` file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The file.
+    pub file: PathBuf,
+    /// The line, or 0 for a whole-file fixture.
+    pub line: usize,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}", self.file.display())
+        } else {
+            write!(f, "{}:{}", self.file.display(), self.line)
+        }
+    }
+}
+
+/// Why a fixture could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FixtureError {
+    /// A path given on the command line does not exist or cannot be listed.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `.jsonl` line is not a delivery object.
+    #[error(
+        "not a captured delivery ({{\"exchange\", \"routing_key\", \"properties\", \"redelivered\", \"body\"}}): {0}"
+    )]
+    Line(String),
+}
+
+#[derive(Deserialize)]
+struct Line<'a> {
+    #[serde(default)]
+    exchange: Option<String>,
+    #[serde(default)]
+    routing_key: Option<String>,
+    #[serde(default, borrow)]
+    properties: Option<&'a RawValue>,
+    #[serde(default)]
+    redelivered: bool,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+impl Line<'_> {
+    fn into_delivery(self) -> Result<FixtureDelivery, String> {
+        let text = self.body.get();
+        let body = if text.starts_with('"') {
+            serde_json::from_str::<String>(text).map_err(|e| e.to_string())?.into_bytes()
+        } else {
+            text.as_bytes().to_vec()
+        };
+        Ok(FixtureDelivery {
+            exchange: self.exchange,
+            routing_key: self.routing_key,
+            properties: self.properties.map(|p| p.get().to_owned()),
+            redelivered: self.redelivered,
+            body,
+        })
+    }
+}
+
+/// Parses one `.jsonl` line.
+///
+/// # Errors
+/// [`FixtureError::Line`] when the line is not a delivery object.
+pub fn parse_line(line: &str) -> Result<FixtureDelivery, FixtureError> {
+    let parsed: Line<'_> = serde_json::from_str(line).map_err(|e| FixtureError::Line(e.to_string()))?;
+    parsed.into_delivery().map_err(FixtureError::Line)
+}
+
+/// Reads a whole `.json` file: a delivery object when it has a `body` and an `exchange` or
+/// `routing_key`, otherwise the file itself is the body (an envelope or a bare notification,
+/// or anything else, which decoding will call invalid).
+pub fn parse_whole(bytes: &[u8]) -> FixtureDelivery {
+    #[derive(Deserialize)]
+    struct Probe<'a> {
+        #[serde(default, borrow)]
+        body: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        exchange: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        routing_key: Option<&'a RawValue>,
+    }
+    let looks_like_delivery = serde_json::from_slice::<Probe<'_>>(bytes)
+        .is_ok_and(|p| p.body.is_some() && (p.exchange.is_some() || p.routing_key.is_some()));
+    if looks_like_delivery {
+        if let Ok(delivery) = std::str::from_utf8(bytes).map_err(|_| ()).and_then(|t| parse_line(t).map_err(|_| ())) {
+            return delivery;
+        }
+    }
+    FixtureDelivery { exchange: None, routing_key: None, properties: None, redelivered: false, body: bytes.to_vec() }
+}
+
+/// Expands the command line's paths into fixture files: files as given, folders recursively
+/// (`.json` and `.jsonl` files only), each folder in name order so replays are repeatable.
+///
+/// # Errors
+/// When a path does not exist or a folder cannot be listed.
+pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, FixtureError> {
+    let mut files = Vec::new();
+    for path in paths {
+        let meta = std::fs::metadata(path).map_err(|source| FixtureError::Io { path: path.clone(), source })?;
+        if meta.is_dir() {
+            walk(path, &mut files)?;
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), FixtureError> {
+    let io = |source| FixtureError::Io { path: dir.to_owned(), source };
+    let mut entries: Vec<PathBuf> =
+        std::fs::read_dir(dir).map_err(io)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>().map_err(io)?;
+    entries.sort();
+    for entry in entries {
+        if entry.is_dir() {
+            walk(&entry, files)?;
+        } else if matches!(entry.extension().and_then(|e| e.to_str()), Some("json" | "jsonl")) {
+            files.push(entry);
+        }
+    }
+    Ok(())
+}
+
+/// Whether a file holds one fixture (`.json`) rather than one per line.
+pub fn is_whole_file(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()) == Some("json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_string_body_is_the_text_and_an_object_body_is_its_exact_json() {
+        let d = parse_line(r#"{"exchange":"nova","routing_key":"notifications.info","body":"{\"a\": 1}"}"#).unwrap();
+        assert_eq!(d.body, br#"{"a": 1}"#);
+        let d = parse_line(r#"{"exchange":"nova","body":{"a":  1.50}}"#).unwrap();
+        assert_eq!(d.body, br#"{"a":  1.50}"#);
+        assert_eq!(d.exchange.as_deref(), Some("nova"));
+    }
+
+    #[test]
+    fn a_line_without_a_body_is_not_a_delivery() {
+        let err = parse_line(r#"{"exchange":"nova"}"#).unwrap_err().to_string();
+        assert!(err.contains("missing field `body`"), "{err}");
+        assert!(parse_line("not json").is_err());
+    }
+
+    #[test]
+    fn a_whole_file_is_a_delivery_only_when_it_looks_like_one() {
+        let d = parse_whole(br#"{"routing_key":"metering.sample","redelivered":true,"body":{"x":1}}"#);
+        assert_eq!(d.body, br#"{"x":1}"#);
+        assert!(d.redelivered);
+        let envelope = br#"{"oslo.version":"2.0","oslo.message":"{}"}"#;
+        assert_eq!(parse_whole(envelope).body, envelope);
+        assert_eq!(parse_whole(b"\xff garbage").body, b"\xff garbage");
+    }
+}

@@ -1,0 +1,290 @@
+//! `replay`: feeds fixture files through the executor, with no broker, and reports what would
+//! be billed.
+//!
+//! Owns the walk over fixture files, the per-message problem lines, and the report (human
+//! tables, or the JSON object operators and tests compare). A file or line that cannot be read
+//! is reported by name and position; the rest still replays.
+
+pub mod fixture;
+
+use std::{fmt::Write as _, path::PathBuf};
+
+use rust_decimal::prelude::ToPrimitive;
+use serde::Serialize;
+
+use crate::{
+    billing::{
+        ledger::{AccountRow, Snapshot, SubscriptionRow},
+        Billing,
+    },
+    executor::{Delivery, Executor, Outcome},
+};
+use fixture::{FixtureDelivery, Position};
+
+/// Message counts by outcome, and what processed messages did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Messages read (including malformed lines).
+    pub messages: usize,
+    /// Processed: every action succeeded or was already done.
+    pub processed: usize,
+    /// Ignored: nothing to bill.
+    pub ignored: usize,
+    /// Invalid: malformed lines and messages that cannot be decoded or planned.
+    pub invalid: usize,
+    /// Failed: an action failed (transient or permanent), or a file could not be read.
+    pub failed: usize,
+    /// Actions that found their work already done.
+    pub already_done: usize,
+    /// Usage calls dated after their subscription's end (counted, not billed).
+    pub late_usage: usize,
+}
+
+impl Counts {
+    /// Whether every message was processed or ignored.
+    pub fn all_ok(&self) -> bool {
+        self.invalid == 0 && self.failed == 0
+    }
+
+    fn add(&mut self, outcome: &Outcome) {
+        self.messages += 1;
+        match outcome {
+            Outcome::Processed { effects, .. } => {
+                self.processed += 1;
+                self.already_done += effects.already_done;
+                self.late_usage += effects.late;
+            }
+            Outcome::Ignored { .. } => self.ignored += 1,
+            Outcome::Invalid(_) => self.invalid += 1,
+            Outcome::Failed { .. } => self.failed += 1,
+        }
+    }
+}
+
+/// A message that was not processed, with where it came from and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// File and line.
+    pub position: String,
+    /// `invalid`, `transient`, `permanent`, or `unreadable`.
+    pub class: &'static str,
+    /// The reason, with its cause chain.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}: {}", self.position, self.class, self.reason)
+    }
+}
+
+/// Replays every fixture of `files` in order; `on_problem` hears about each message or file
+/// that was not processed, as it happens.
+pub async fn replay_files<B: Billing>(
+    executor: &Executor<B>,
+    files: &[PathBuf],
+    mut on_problem: impl FnMut(Problem),
+) -> Counts {
+    let mut counts = Counts::default();
+    for file in files {
+        let bytes = match std::fs::read(file) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                counts.failed += 1;
+                on_problem(Problem {
+                    position: file.display().to_string(),
+                    class: "unreadable",
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        if fixture::is_whole_file(file) {
+            let delivery = fixture::parse_whole(&bytes);
+            let position = Position { file: file.clone(), line: 0 };
+            run_one(executor, &delivery, &position, &mut counts, &mut on_problem).await;
+            continue;
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        for (index, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let position = Position { file: file.clone(), line: index + 1 };
+            match fixture::parse_line(line) {
+                Ok(delivery) => run_one(executor, &delivery, &position, &mut counts, &mut on_problem).await,
+                Err(e) => {
+                    counts.messages += 1;
+                    counts.invalid += 1;
+                    on_problem(Problem { position: position.to_string(), class: "invalid", reason: e.to_string() });
+                }
+            }
+        }
+    }
+    counts
+}
+
+async fn run_one<B: Billing>(
+    executor: &Executor<B>,
+    delivery: &FixtureDelivery,
+    position: &Position,
+    counts: &mut Counts,
+    on_problem: &mut impl FnMut(Problem),
+) {
+    let outcome = executor.handle(Delivery { body: &delivery.body, redelivered: delivery.redelivered }).await;
+    counts.add(&outcome);
+    let reason = match &outcome {
+        Outcome::Processed { .. } | Outcome::Ignored { .. } => return,
+        Outcome::Invalid(e) => chain(e),
+        Outcome::Failed { event_type, action, error } => format!("{event_type}: {action}: {}", chain(error)),
+    };
+    let class = outcome.class().map_or("failed", |c| c.as_str());
+    on_problem(Problem { position: position.to_string(), class, reason });
+}
+
+/// An error and its sources, joined with `: `.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // thiserror messages often embed their source already.
+        if !text.contains(&cause_text) {
+            let _ = write!(text, ": {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The replay report, exactly as `--report json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Messages read.
+    pub messages: usize,
+    /// Processed messages.
+    pub processed: usize,
+    /// Ignored messages.
+    pub ignored: usize,
+    /// Invalid messages.
+    pub invalid: usize,
+    /// Failed messages.
+    pub failed: usize,
+    /// Accounts by project id.
+    pub accounts: Vec<AccountRow>,
+    /// Subscriptions by instance uuid.
+    pub subscriptions: Vec<SubscriptionRow>,
+    /// Billed usage by instance and unit.
+    pub usage: Vec<UsageAmount>,
+    #[serde(skip)]
+    late_records: usize,
+    #[serde(skip)]
+    already_done: usize,
+}
+
+/// Billed usage of one unit on one instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageAmount {
+    /// The instance uuid.
+    pub instance_id: String,
+    /// The billing unit.
+    pub unit: String,
+    /// The total amount (9 decimal places at most).
+    pub amount: f64,
+}
+
+impl Report {
+    /// Builds the report from the counts of this run and the ledger's content.
+    pub fn new(counts: Counts, snapshot: Snapshot) -> Self {
+        Self {
+            messages: counts.messages,
+            processed: counts.processed,
+            ignored: counts.ignored,
+            invalid: counts.invalid,
+            failed: counts.failed,
+            accounts: snapshot.accounts,
+            subscriptions: snapshot.subscriptions,
+            usage: snapshot
+                .usage
+                .into_iter()
+                .map(|u| UsageAmount {
+                    instance_id: u.instance_id.to_string(),
+                    unit: u.unit.to_string(),
+                    // Amounts have at most 9 decimal places and 15 digits, within f64's exact range
+                    // for the shortest round-trip text.
+                    amount: u.amount.to_f64().unwrap_or(f64::NAN),
+                })
+                .collect(),
+            late_records: snapshot.late_records,
+            already_done: counts.already_done,
+        }
+    }
+
+    /// The JSON report.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("the report serialises")
+    }
+
+    /// The human summary: accounts, subscriptions, usage per unit, counts by outcome.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let accounts: Vec<[String; 2]> =
+            self.accounts.iter().map(|a| [a.project_id.to_string(), a.state.to_owned()]).collect();
+        table(&mut out, "Accounts", ["project", "state"], &accounts);
+        let subscriptions: Vec<[String; 6]> = self
+            .subscriptions
+            .iter()
+            .map(|s| {
+                [
+                    s.instance_id.to_string(),
+                    s.project_id.to_string(),
+                    s.plan.to_string(),
+                    s.state.to_owned(),
+                    s.start.to_string(),
+                    s.end.map_or_else(|| "-".to_owned(), |e| e.to_string()),
+                ]
+            })
+            .collect();
+        table(&mut out, "Subscriptions", ["instance", "project", "plan", "state", "start", "end"], &subscriptions);
+        let usage: Vec<[String; 3]> =
+            self.usage.iter().map(|u| [u.instance_id.clone(), u.unit.clone(), u.amount.to_string()]).collect();
+        table(&mut out, "Usage", ["instance", "unit", "amount"], &usage);
+        let _ = writeln!(
+            out,
+            "Messages: {} — processed {}, ignored {}, invalid {}, failed {}",
+            self.messages, self.processed, self.ignored, self.invalid, self.failed
+        );
+        let _ = writeln!(
+            out,
+            "Already done (duplicates, replays, early arrivals): {} actions; usage records after their subscription's end (not billed): {}",
+            self.already_done, self.late_records
+        );
+        out
+    }
+}
+
+fn table<const N: usize>(out: &mut String, title: &str, headers: [&str; N], rows: &[[String; N]]) {
+    let _ = writeln!(out, "{title} ({})", rows.len());
+    if rows.is_empty() {
+        let _ = writeln!(out, "  (none)\n");
+        return;
+    }
+    let mut widths = headers.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |out: &mut String, cells: [&str; N]| {
+        let mut text = String::from(" ");
+        for (cell, w) in cells.iter().zip(widths) {
+            let _ = write!(text, " {cell:<w$}");
+        }
+        let _ = writeln!(out, "{}", text.trim_end());
+    };
+    line(out, headers);
+    for row in rows {
+        line(out, row.each_ref().map(String::as_str));
+    }
+    out.push('\n');
+}

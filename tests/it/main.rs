@@ -1,0 +1,7 @@
+//! Integration tests: one binary, one module per feature.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod properties;
+mod replay;

@@ -1,0 +1,116 @@
+//! `concertim-billing replay`, run as an operator runs it.
+
+use serde_json::Value;
+
+use crate::support::{arg, run_cli};
+
+fn report(stdout: &[u8]) -> Value {
+    serde_json::from_slice(stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(stdout)))
+}
+
+fn billing_part(report: &Value) -> Value {
+    serde_json::json!({
+        "accounts": report["accounts"],
+        "subscriptions": report["subscriptions"],
+        "usage": report["usage"],
+    })
+}
+
+#[test]
+fn the_fixtures_replay_to_the_expected_report() {
+    let out = run_cli(&["replay", "--report", "json", "fixtures/"]);
+    let expected: Value =
+        serde_json::from_str(include_str!("../expected/fixtures-report.json")).expect("expected report is JSON");
+    assert_eq!(report(&out.stdout), expected);
+    // fixtures/malformed holds invalid messages on purpose.
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn the_report_has_exactly_the_documented_shape() {
+    let out = run_cli(&["replay", "--report", "json", "fixtures/nova-legacy"]);
+    let report = report(&out.stdout);
+    // serde_json's map is sorted, so the keys come back in name order.
+    let keys: Vec<&str> = report.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["accounts", "failed", "ignored", "invalid", "messages", "processed", "subscriptions", "usage"]);
+    let sub = report["subscriptions"][0].as_object().unwrap();
+    let keys: Vec<&str> = sub.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["end", "instance_id", "plan", "project_id", "start", "state"]);
+    let account: Vec<&str> = report["accounts"][0].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(account, ["project_id", "state"]);
+    let usage: Vec<&str> = report["usage"][0].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(usage, ["amount", "instance_id", "unit"]);
+    assert!(report["usage"][0]["amount"].is_number());
+}
+
+#[test]
+fn a_clean_replay_exits_zero_and_prints_the_summary_tables() {
+    let out = run_cli(&["replay", "fixtures/nova-legacy", "fixtures/out-of-order"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for heading in ["Accounts (", "Subscriptions (", "Usage (", "Messages: "] {
+        assert!(text.contains(heading), "{heading} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn replaying_the_fixtures_twice_into_one_ledger_leaves_every_total_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.json");
+    let first = report(&run_cli(&["replay", "--report", "json", "--ledger", arg(&ledger), "fixtures/"]).stdout);
+    let second = report(&run_cli(&["replay", "--report", "json", "--ledger", arg(&ledger), "fixtures/"]).stdout);
+    assert_eq!(billing_part(&first), billing_part(&second));
+    assert_eq!(first["messages"], second["messages"]);
+    // And the stored ledger, shown without replaying anything, is the same again.
+    let stored = run_cli(&["replay", "--report", "json", "--ledger", arg(&ledger)]);
+    assert_eq!(stored.status.code(), Some(0));
+    let stored = report(&stored.stdout);
+    assert_eq!(billing_part(&stored), billing_part(&first));
+    assert_eq!(stored["messages"], 0);
+}
+
+#[test]
+fn a_malformed_file_is_reported_by_name_and_line_and_the_rest_still_replays() {
+    let out = run_cli(&["replay", "--report", "json", "fixtures/malformed/not-a-delivery.jsonl"]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("fixtures/malformed/not-a-delivery.jsonl:2: invalid: not a captured delivery"), "{stderr}");
+    assert!(stderr.contains("fixtures/malformed/not-a-delivery.jsonl:3: invalid"), "{stderr}");
+    let report = report(&out.stdout);
+    assert_eq!(report["processed"], 1, "the good first line is still replayed");
+    assert_eq!(report["invalid"], 2);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn every_malformed_body_is_invalid_with_a_reason_naming_what_is_wrong() {
+    let out = run_cli(&["replay", "--report", "json", "fixtures/malformed/bad-bodies.jsonl"]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    for reason in [
+        ":1: invalid: body is not valid",
+        ":2: invalid: oslo.message is not valid",
+        ":3: invalid: missing event_type",
+        ":4: invalid: payload of compute.instance.create.end is not a JSON object",
+        ":5: invalid: payload of compute.instance.create.end is not valid",
+        ":6: invalid: payload.launched_at",
+        ":7: invalid: missing payload.instance_id",
+        ":8: invalid: oslo.version \"3.0\" is not supported",
+    ] {
+        assert!(stderr.contains(reason), "{reason:?} missing from:\n{stderr}");
+    }
+    assert_eq!(report(&out.stdout)["invalid"], 8);
+}
+
+#[test]
+fn replay_without_paths_or_ledger_explains_what_to_give() {
+    let out = run_cli(&["replay"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give fixture PATHS, or --ledger FILE"));
+}
+
+#[test]
+fn a_missing_path_is_a_usage_error_naming_it() {
+    let out = run_cli(&["replay", "fixtures/no-such-folder"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fixtures/no-such-folder"));
+}

@@ -1,0 +1,68 @@
+//! Shared test helpers: the fixtures, the upstream corpus, and running the binary.
+
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use concertim_billing::replay::fixture::{self, FixtureDelivery};
+
+/// The project root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `fixtures/` or one of its folders.
+pub fn fixtures(sub: &str) -> PathBuf {
+    root().join("fixtures").join(sub)
+}
+
+/// Every delivery under a fixtures folder, in replay order.
+pub fn deliveries(sub: &str) -> Vec<FixtureDelivery> {
+    let files = fixture::collect_files(&[fixtures(sub)]).expect("fixtures are readable");
+    let mut out = Vec::new();
+    for file in files {
+        let bytes = std::fs::read(&file).unwrap();
+        if fixture::is_whole_file(&file) {
+            out.push(fixture::parse_whole(&bytes));
+        } else {
+            for line in String::from_utf8(bytes).unwrap().lines().filter(|l| !l.trim().is_empty()) {
+                if let Ok(d) = fixture::parse_line(line) {
+                    out.push(d);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The upstream notification corpus beside the project, or `None` with a printed notice. When
+/// `CONCERTIM_BILLING_REQUIRE_SHARED` is set (as `.ci/run` does) its absence fails the test.
+pub fn upstream_corpus() -> Option<PathBuf> {
+    let dir = root().join("../shared/upstream-notifications");
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    if std::env::var_os("CONCERTIM_BILLING_REQUIRE_SHARED").is_some() {
+        panic!("{} is missing and CONCERTIM_BILLING_REQUIRE_SHARED is set", dir.display());
+    }
+    eprintln!("skipped: {} is absent (set CONCERTIM_BILLING_REQUIRE_SHARED to make this a failure)", dir.display());
+    None
+}
+
+/// Runs the `concertim-billing` binary with `args` in the project root.
+pub fn run_cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_concertim-billing"))
+        .args(args)
+        .current_dir(root())
+        .env_remove("CONCERTIM_BILLING_CONFIG")
+        .output()
+        .expect("the binary runs")
+}
+
+/// A path as a `&str` argument.
+pub fn arg(path: &Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}
