@@ -11,7 +11,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{bounded, fields, id, opt_time, DecodeError, PayloadError};
+use super::{bounded, fields, opt_time, DecodeError, PayloadError};
 use crate::event::{Event, InstanceId, ProjectId, Sample, Timestamp};
 
 #[derive(Deserialize)]
@@ -61,9 +61,10 @@ pub(super) fn decode(event_type: &str, raw: &RawValue) -> Result<Event, PayloadE
     let mut samples = Vec::with_capacity(wire.len());
     let mut unattributed = 0;
     for w in wire {
-        let (Some(project), Some(resource)) =
-            (w.project_id.filter(|p| !p.is_empty()), w.resource_id.filter(|r| !r.is_empty()))
-        else {
+        // Non-instance resources carry ids of every shape (`host/dev`, URLs): such a sample
+        // has no key a subscription could have, so it is unattributed rather than invalid.
+        let ids = w.project_id.zip(w.resource_id).map(|(p, r)| (ProjectId::parse(p), InstanceId::parse(r)));
+        let Some((Ok(project), Ok(resource))) = ids else {
             unattributed += 1;
             continue;
         };
@@ -75,8 +76,8 @@ pub(super) fn decode(event_type: &str, raw: &RawValue) -> Result<Event, PayloadE
             unit: bounded(w.counter_unit.as_deref().unwrap_or_default(), 64),
             timestamp: Timestamp::parse(&timestamp)
                 .map_err(|source| DecodeError::Timestamp { field: "sample timestamp", source })?,
-            project: id("sample project_id", Some(project), ProjectId::parse)?,
-            resource: id("sample resource_id", Some(resource), InstanceId::parse)?,
+            project,
+            resource,
             flavor_name: meta.flavor_name.or(meta.instance_type).filter(|f| !f.is_empty()).map(|f| bounded(&f, 255)),
             display_name: meta.display_name.map(|d| bounded(&d, 255)),
             launched_at: opt_time("sample resource_metadata.launched_at", meta.launched_at.as_deref())?,
@@ -89,6 +90,17 @@ pub(super) fn decode(event_type: &str, raw: &RawValue) -> Result<Event, PayloadE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sample_whose_resource_id_cannot_be_a_key_is_unattributed_not_invalid() {
+        let payload = SAMPLE.replace(r#""resource_id":"r1""#, r#""resource_id":"compute-0/sda""#);
+        let Event::Usage { samples, unattributed } = decode("metering", &raw(&format!("[{payload}]"))).ok().unwrap()
+        else {
+            panic!()
+        };
+        assert!(samples.is_empty());
+        assert_eq!(unattributed, 1);
+    }
 
     fn raw(s: &str) -> Box<RawValue> {
         RawValue::from_string(s.to_owned()).unwrap()
