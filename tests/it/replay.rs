@@ -114,3 +114,50 @@ fn a_missing_path_is_a_usage_error_naming_it() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("fixtures/no-such-folder"));
 }
+
+#[test]
+fn an_oversized_or_binary_body_is_invalid_and_named_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = dir.path().join("huge.json");
+    let mut body =
+        String::from(r#"{"message_id":"m","event_type":"metering","timestamp":"2025-01-01 00:00:00","payload":["#);
+    body.push_str(&"0,".repeat(1024 * 1024));
+    body.push_str("0]}");
+    std::fs::write(&huge, body).unwrap();
+    let binary = dir.path().join("binary.json");
+    std::fs::write(&binary, b"\xff\xfe\x00garbage").unwrap();
+    let out = run_cli(&["replay", "--report", "json", arg(&huge), arg(&binary)]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("huge.json: invalid: body is 2097242 bytes, over the limit of 1048576 bytes"), "{stderr}");
+    assert!(stderr.contains("binary.json: invalid: body is not valid"), "{stderr}");
+    assert_eq!(report(&out.stdout)["invalid"], 2);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn a_file_that_is_not_a_ledger_is_refused_with_its_name_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("notes.json");
+    std::fs::write(&ledger, "{\"my\": \"notes\"}").unwrap();
+    let out = run_cli(&["replay", "--ledger", arg(&ledger), "fixtures/nova-legacy"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("notes.json is not a concertim-billing ledger"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&ledger).unwrap(), "{\"my\": \"notes\"}");
+}
+
+#[test]
+fn a_config_file_maps_flavors_to_plans_and_rejects_unknown_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("billing.toml");
+    let text = concertim_billing::config::DEFAULT_TOML
+        .replace("[billing.plans]\n", "[billing.plans]\n\"m1.large\" = \"openstack-large-monthly\"\n");
+    std::fs::write(&config, text).unwrap();
+    let out = run_cli(&["replay", "--report", "json", "--config", arg(&config), "fixtures/nova-versioned"]);
+    assert_eq!(report(&out.stdout)["subscriptions"][0]["plan"], "openstack-large-monthly");
+
+    std::fs::write(&config, "[billing]\ndefault_plan = \"p\"\ndefault_plann = \"q\"\n").unwrap();
+    let out = run_cli(&["replay", "--config", arg(&config), "fixtures/nova-versioned"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("default_plann"));
+}
