@@ -4,10 +4,10 @@
 //! projects are billed) and the decoder's limits. Everything else in the program receives these
 //! as already-checked values: a bad deployment fails at start with one message naming the key.
 
-use std::{collections::BTreeMap, path::Path, str::FromStr};
+use std::{collections::BTreeMap, fmt, path::Path, str::FromStr, time::Duration};
 
 use rust_decimal::Decimal;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::event::{PlanName, ProjectId, Unit};
 
@@ -46,8 +46,13 @@ pub enum ConfigError {
     },
 }
 
+/// Prefix of the environment variables that override the file: `CONCERTIM_BILLING_BUS__URL`
+/// sets `bus.url` (`__` separates levels). `CONCERTIM_BILLING_CONFIG` and
+/// `CONCERTIM_BILLING_AMQP_URL` are the command line's `--config` and `--amqp-url`.
+pub const ENV_PREFIX: &str = "CONCERTIM_BILLING_";
+
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Billing rules.
@@ -58,10 +63,170 @@ pub struct Settings {
     /// Decoder limits.
     #[serde(default)]
     pub decode: DecodeSettings,
+    /// The message bus: broker, our queues, bindings, retries.
+    #[serde(default)]
+    pub bus: BusSettings,
+}
+
+/// A broker URL whose password never appears in `Debug`, `Display` or `config check`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else { return self.0.clone() };
+        let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => format!("{userinfo}@{host}"),
+            },
+            None => authority.to_owned(),
+        };
+        match path {
+            Some(path) => format!("{scheme}://{authority}/{path}"),
+            None => format!("{scheme}://{authority}"),
+        }
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+/// One binding of our queue to an upstream (OpenStack) exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    /// The service's control exchange (`nova`, `keystone`, `ceilometer`, …).
+    pub exchange: String,
+    /// The routing key (`notifications.info`, `metering.sample`, …).
+    pub routing_key: String,
+}
+
+/// The message bus.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusSettings {
+    /// Broker URL, `amqp://user:password@host:5672/vhost` or `amqps://…` (TLS, certificates
+    /// verified against the system roots). The vhost is the URL's path (`%2f` is `/`).
+    pub url: SecretUrl,
+    /// Prepended to every queue and exchange this service owns (not to upstream exchanges).
+    pub prefix: String,
+    /// Name of our main queue; the retry and dead-letter names derive from it.
+    pub queue: String,
+    /// Upstream exchanges and routing keys our queue is bound to.
+    pub bindings: Vec<Binding>,
+    /// Whether the upstream exchanges are durable: must match the OpenStack services'
+    /// `[oslo_messaging_rabbit] amqp_durable_queues` (true with `rabbit_quorum_queue`).
+    pub upstream_durable: bool,
+    /// Unacknowledged messages the broker may hand us at once.
+    pub prefetch: u16,
+    /// Parallel lanes. One project's messages always take the same lane, so they are handled in
+    /// order; different projects are handled concurrently.
+    pub lanes: usize,
+    /// Quorum-queue `x-delivery-limit`: after this many redeliveries (crash loops) the broker
+    /// dead-letters a message by itself. RabbitMQ 3.10 has no default, so it is always set.
+    pub delivery_limit: u32,
+    /// Delay of the retry queue before a transiently failed message is tried again (ms).
+    pub retry_delay_ms: u64,
+    /// Processing attempts (each with its in-process retries) before a transiently failing
+    /// message is dead-lettered as exhausted.
+    pub max_attempts: u32,
+    /// In-process retries of a transient failure, before the retry queue.
+    pub backoff: BackoffSettings,
+    /// How long in-flight messages may take to finish on shutdown (ms).
+    pub shutdown_deadline_ms: u64,
+    /// Longest wait between reconnection attempts (ms).
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for BusSettings {
+    fn default() -> Self {
+        let binding = |exchange: &str, routing_key: &str| Binding {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+        };
+        Self {
+            url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            prefix: String::new(),
+            queue: "concertim-billing".to_owned(),
+            bindings: vec![
+                binding("nova", "notifications.info"),
+                binding("keystone", "notifications.info"),
+                binding("ceilometer", "metering.sample"),
+            ],
+            upstream_durable: false,
+            prefetch: 64,
+            lanes: 8,
+            delivery_limit: 20,
+            retry_delay_ms: 30_000,
+            max_attempts: 5,
+            backoff: BackoffSettings::default(),
+            shutdown_deadline_ms: 30_000,
+            reconnect_max_ms: 30_000,
+        }
+    }
+}
+
+impl BusSettings {
+    /// The retry queue's delay.
+    pub fn retry_delay(&self) -> Duration {
+        Duration::from_millis(self.retry_delay_ms)
+    }
+
+    /// The shutdown deadline.
+    pub fn shutdown_deadline(&self) -> Duration {
+        Duration::from_millis(self.shutdown_deadline_ms)
+    }
+}
+
+/// Exponential backoff of in-process retries.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffSettings {
+    /// First wait (ms).
+    pub initial_ms: u64,
+    /// Longest single wait (ms).
+    pub max_ms: u64,
+    /// Give up retrying in process after this long in all (ms); 0 disables in-process retries.
+    pub max_elapsed_ms: u64,
+}
+
+impl Default for BackoffSettings {
+    fn default() -> Self {
+        Self { initial_ms: 200, max_ms: 2_000, max_elapsed_ms: 5_000 }
+    }
 }
 
 /// Billing rules: plans and meters.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BillingSettings {
     /// The plan of flavors not listed in `plans`.
@@ -82,7 +247,7 @@ impl BillingSettings {
 }
 
 /// How one Ceilometer meter is billed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeterRule {
     /// The billing unit (KillBill `unitType`).
@@ -137,6 +302,22 @@ impl FromStr for Factor {
     }
 }
 
+impl fmt::Display for Factor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.denominator == Decimal::ONE {
+            write!(f, "{}", self.numerator)
+        } else {
+            write!(f, "{}/{}", self.numerator, self.denominator)
+        }
+    }
+}
+
+impl Serialize for Factor {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for Factor {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -159,7 +340,7 @@ impl<'de> Deserialize<'de> for Factor {
 /// the filter is by id.
 // FIXME(billing): filtering by project name (only `CM_*` projects, as Concertim names them)
 // needs a Keystone lookup per new project id; until then such a deployment lists the ids.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectFilter {
     /// When non-empty, only these projects are billed.
@@ -178,7 +359,7 @@ impl ProjectFilter {
 }
 
 /// Decoder limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecodeSettings {
     /// Bodies larger than this many bytes are invalid without being parsed.
@@ -203,24 +384,77 @@ impl Settings {
     /// # Errors
     /// Malformed TOML, an unknown key, a wrong type, or a failed cross-field rule.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let settings: Settings =
-            toml::from_str(text).map_err(|source| ConfigError::Parse { origin: origin.to_owned(), source })?;
+        Self::layered(text, origin, std::iter::empty())
+    }
+
+    /// Parses a TOML document, applies `overrides` (`(["bus", "url"], "amqp://…")`: values
+    /// that parse as TOML numbers or booleans are taken as such, anything else as a string),
+    /// then validates.
+    ///
+    /// # Errors
+    /// As [`Settings::from_toml`].
+    pub fn layered(
+        text: &str,
+        origin: &str,
+        overrides: impl IntoIterator<Item = (Vec<String>, String)>,
+    ) -> Result<Self, ConfigError> {
+        let parse = |source| ConfigError::Parse { origin: origin.to_owned(), source };
+        let mut table: toml::Table = text.parse().map_err(parse)?;
+        for (path, value) in overrides {
+            set_path(&mut table, &path, override_value(&value));
+        }
+        let settings: Settings = table.try_into().map_err(parse)?;
         settings.validate().map_err(|message| ConfigError::Rule { origin: origin.to_owned(), message })?;
         Ok(settings)
     }
 
-    /// Loads a config file, or the embedded default when `path` is `None`.
+    /// Loads a config file, or the embedded default when `path` is `None`, then the
+    /// `CONCERTIM_BILLING_*` environment overrides (`CONCERTIM_BILLING_CONFIG` itself excepted).
     ///
     /// # Errors
     /// As [`Settings::from_toml`], or when the file cannot be read.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let Some(path) = path else { return Ok(Self::embedded()) };
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        Self::from_toml(&text, &path.display().to_string())
+        let (text, origin) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?,
+                path.display().to_string(),
+            ),
+            None => (DEFAULT_TOML.to_owned(), "(embedded default)".to_owned()),
+        };
+        Self::layered(&text, &origin, env_overrides(std::env::vars()))
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 
     fn validate(&self) -> Result<(), String> {
+        let bus = &self.bus;
+        if !(bus.url.expose().starts_with("amqp://") || bus.url.expose().starts_with("amqps://")) {
+            return Err(format!("bus.url {} must start with amqp:// or amqps://", bus.url));
+        }
+        if bus.lanes == 0 || bus.lanes > 1024 {
+            return Err(format!("bus.lanes is {}: it must be between 1 and 1024", bus.lanes));
+        }
+        if bus.prefetch == 0 {
+            return Err("bus.prefetch must be at least 1 (0 would mean unlimited)".into());
+        }
+        if bus.max_attempts == 0 {
+            return Err("bus.max_attempts must be at least 1".into());
+        }
+        if bus.delivery_limit == 0 {
+            return Err("bus.delivery_limit must be at least 1".into());
+        }
+        if bus.queue.is_empty() || bus.bindings.iter().any(|b| b.exchange.is_empty()) {
+            return Err("bus.queue and every bus.bindings exchange must be non-empty".into());
+        }
+        // OpenStack's publishers declare a queue named after each routing key; consuming from
+        // it would steal the notifications Ceilometer reads there.
+        if bus.bindings.iter().any(|b| format!("{}{}", bus.prefix, bus.queue) == b.routing_key) {
+            return Err("bus.queue must not be OpenStack's own notifications queue: consuming it steals messages from Ceilometer".into());
+        }
         if self.decode.max_body_bytes == 0 {
             return Err("decode.max_body_bytes must be at least 1".into());
         }
@@ -231,9 +465,90 @@ impl Settings {
     }
 }
 
+/// The overrides found in the environment: `CONCERTIM_BILLING_BUS__URL=…` → `(["bus","url"], …)`.
+pub fn env_overrides(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(Vec<String>, String)> {
+    vars.into_iter()
+        .filter_map(|(key, value)| {
+            let rest = key.strip_prefix(ENV_PREFIX)?;
+            // CONFIG and AMQP_URL are the command line's own variables (--config, --amqp-url).
+            (!matches!(rest, "CONFIG" | "AMQP_URL") && !rest.is_empty() && !rest.starts_with("REQUIRE_"))
+                .then(|| (rest.split("__").map(str::to_ascii_lowercase).collect(), value))
+        })
+        .collect()
+}
+
+fn override_value(text: &str) -> toml::Value {
+    // A bare TOML value (number, boolean, array, inline table) when it parses as one.
+    format!("v = {text}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_owned()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let Some((last, parents)) = path.split_last() else { return };
+    let mut current = table;
+    for key in parents {
+        let entry = current.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        current = entry.as_table_mut().expect("just made a table");
+    }
+    current.insert(last.clone(), value);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn environment_overrides_reach_nested_keys_with_their_types() {
+        let vars = [
+            ("CONCERTIM_BILLING_BUS__URL".to_owned(), "amqp://u:p@h:5672/v".to_owned()),
+            ("CONCERTIM_BILLING_BUS__LANES".to_owned(), "3".to_owned()),
+            ("CONCERTIM_BILLING_BUS__PREFIX".to_owned(), "test-".to_owned()),
+            ("CONCERTIM_BILLING_CONFIG".to_owned(), "ignored.toml".to_owned()),
+            ("OTHER".to_owned(), "x".to_owned()),
+        ];
+        let s = Settings::layered(DEFAULT_TOML, "t", env_overrides(vars)).unwrap();
+        assert_eq!(s.bus.url.expose(), "amqp://u:p@h:5672/v");
+        assert_eq!(s.bus.lanes, 3);
+        assert_eq!(s.bus.prefix, "test-");
+    }
+
+    #[test]
+    fn passwords_never_show_in_debug_display_or_config_check() {
+        let url = SecretUrl::new("amqps://billing:s3cret@rabbit.example:5671/openstack");
+        for shown in [format!("{url:?}"), url.to_string()] {
+            assert!(
+                !shown.contains("s3cret") && shown.contains("billing:***@rabbit.example:5671/openstack"),
+                "{shown}"
+            );
+        }
+        let mut s = Settings::embedded();
+        s.bus.url = url;
+        assert!(!s.to_toml().contains("s3cret"));
+        assert!(!format!("{s:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_effective_config_prints_as_toml_that_loads_again() {
+        let s = Settings::embedded();
+        let again = Settings::from_toml(&s.to_toml(), "printed").unwrap();
+        assert_eq!(again.bus.queue, "concertim-billing");
+        assert_eq!(again.billing.meters["memory"].factor.to_string(), "10/1024");
+    }
+
+    #[test]
+    fn a_bus_rule_violation_names_the_key() {
+        let err = Settings::layered(DEFAULT_TOML, "t", [(vec!["bus".into(), "lanes".into()], "0".into())]).unwrap_err();
+        assert!(err.to_string().contains("bus.lanes"), "{err}");
+        let err =
+            Settings::layered(DEFAULT_TOML, "t", [(vec!["bus".into(), "url".into()], "http://x".into())]).unwrap_err();
+        assert!(err.to_string().contains("amqp://"), "{err}");
+    }
 
     #[test]
     fn the_embedded_default_is_valid_and_bills_the_instance_meters() {

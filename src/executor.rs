@@ -8,6 +8,7 @@ use crate::{
     billing::{Applied, Billing, BillingError, Context},
     class::ErrorClass,
     config::Settings,
+    event::Notification,
     notification::{decode, DecodeError, DecodeLimits},
     plan::{plan, Action, PlanError},
 };
@@ -98,6 +99,11 @@ impl<B: Billing> Executor<B> {
         Self { settings, billing }
     }
 
+    /// The settings it runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     /// The billing backend.
     pub fn billing(&self) -> &B {
         &self.billing
@@ -105,13 +111,32 @@ impl<B: Billing> Executor<B> {
 
     /// Handles one delivery to its outcome. Never panics on any input.
     pub async fn handle(&self, delivery: Delivery<'_>) -> Outcome {
-        let limits = DecodeLimits { max_body_bytes: self.settings.decode.max_body_bytes };
-        let notification = match decode(delivery.body, limits) {
-            Ok(n) => n,
-            Err(e) => return Outcome::Invalid(e.into()),
-        };
+        match self.decode(delivery.body) {
+            Ok(notification) => self.execute(&notification, delivery.redelivered).await,
+            Err(e) => Outcome::Invalid(e.into()),
+        }
+    }
+
+    /// Decodes a body under the configured limits (the bus decodes first to pick a lane).
+    ///
+    /// # Errors
+    /// As [`decode`].
+    pub fn decode(&self, body: &[u8]) -> Result<Notification, DecodeError> {
+        decode(body, DecodeLimits { max_body_bytes: self.settings.decode.max_body_bytes })
+    }
+
+    /// Makes the backend's changes durable (the ledger's file); called before acknowledging.
+    ///
+    /// # Errors
+    /// As the backend's commit.
+    pub async fn commit(&self) -> Result<(), BillingError> {
+        self.billing.commit().await
+    }
+
+    /// Plans and runs a decoded notification.
+    pub async fn execute(&self, notification: &Notification, redelivered: bool) -> Outcome {
         let event_type = notification.meta.event_type.clone();
-        let actions = match plan(&notification, &self.settings) {
+        let actions = match plan(notification, &self.settings) {
             Ok(actions) => actions,
             Err(e) => return Outcome::Invalid(e.into()),
         };
@@ -122,7 +147,7 @@ impl<B: Billing> Executor<B> {
             };
             return Outcome::Ignored { event_type, reason };
         }
-        let ctx = Context { meta: &notification.meta, redelivered: delivery.redelivered };
+        let ctx = Context { meta: &notification.meta, redelivered };
         let mut effects = Effects::default();
         for action in &actions {
             match self.apply(action, ctx).await {

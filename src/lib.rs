@@ -12,8 +12,11 @@
 //! - [`executor`]: one delivery → decode → plan → billing → [`executor::Outcome`].
 //! - [`replay`]: fixture files through the executor, and the report.
 //! - [`class`]: the failure classes that decide a failed message's fate.
+//! - [`bus`]: RabbitMQ: topology, the consumer and its lanes, acknowledgement, publishing.
+//! - [`retry`]: every backoff schedule.
 
 pub mod billing;
+pub mod bus;
 pub mod class;
 pub mod config;
 pub mod event;
@@ -21,3 +24,4 @@ pub mod executor;
 pub mod notification;
 pub mod plan;
 pub mod replay;
+pub mod retry;

@@ -354,6 +354,10 @@ impl Billing for Ledger {
         s.usage.insert(usage.tracking_id.clone(), records);
         Ok(if late { Applied::Late } else { Applied::Done })
     }
+
+    async fn commit(&self) -> Result<(), BillingError> {
+        self.persist()
+    }
 }
 
 #[cfg(test)]

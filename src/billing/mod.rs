@@ -125,4 +125,10 @@ pub trait Billing: Send + Sync {
         usage: &UsageSpec,
         ctx: Context<'_>,
     ) -> impl Future<Output = Result<Applied, BillingError>> + Send;
+
+    /// Makes the changes so far durable before the message is acknowledged. Remote backends
+    /// are durable once they answer, so the default does nothing.
+    fn commit(&self) -> impl Future<Output = Result<(), BillingError>> + Send {
+        async { Ok(()) }
+    }
 }

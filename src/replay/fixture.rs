@@ -162,6 +162,35 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), FixtureError> {
     Ok(())
 }
 
+/// Every fixture of `files`, in order, with its position. A file that cannot be read is one
+/// [`FixtureError::Io`] at line 0; a `.jsonl` line that is not a delivery is a
+/// [`FixtureError::Line`] at its line; blank lines are skipped.
+pub fn read_all(files: &[PathBuf]) -> Vec<(Position, Result<FixtureDelivery, FixtureError>)> {
+    let mut out = Vec::new();
+    for file in files {
+        let bytes = match std::fs::read(file) {
+            Ok(bytes) => bytes,
+            Err(source) => {
+                out.push((
+                    Position { file: file.clone(), line: 0 },
+                    Err(FixtureError::Io { path: file.clone(), source }),
+                ));
+                continue;
+            }
+        };
+        if is_whole_file(file) {
+            out.push((Position { file: file.clone(), line: 0 }, Ok(parse_whole(&bytes))));
+            continue;
+        }
+        for (index, line) in String::from_utf8_lossy(&bytes).lines().enumerate() {
+            if !line.trim().is_empty() {
+                out.push((Position { file: file.clone(), line: index + 1 }, parse_line(line)));
+            }
+        }
+    }
+    out
+}
+
 /// Whether a file holds one fixture (`.json`) rather than one per line.
 pub fn is_whole_file(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()) == Some("json")

@@ -86,38 +86,17 @@ pub async fn replay_files<B: Billing>(
     mut on_problem: impl FnMut(Problem),
 ) -> Counts {
     let mut counts = Counts::default();
-    for file in files {
-        let bytes = match std::fs::read(file) {
-            Ok(bytes) => bytes,
-            Err(e) => {
+    for (position, fixture) in fixture::read_all(files) {
+        match fixture {
+            Ok(delivery) => run_one(executor, &delivery, &position, &mut counts, &mut on_problem).await,
+            Err(e @ fixture::FixtureError::Io { .. }) => {
                 counts.failed += 1;
-                on_problem(Problem {
-                    position: file.display().to_string(),
-                    class: "unreadable",
-                    reason: e.to_string(),
-                });
-                continue;
+                on_problem(Problem { position: position.to_string(), class: "unreadable", reason: e.to_string() });
             }
-        };
-        if fixture::is_whole_file(file) {
-            let delivery = fixture::parse_whole(&bytes);
-            let position = Position { file: file.clone(), line: 0 };
-            run_one(executor, &delivery, &position, &mut counts, &mut on_problem).await;
-            continue;
-        }
-        let text = String::from_utf8_lossy(&bytes);
-        for (index, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let position = Position { file: file.clone(), line: index + 1 };
-            match fixture::parse_line(line) {
-                Ok(delivery) => run_one(executor, &delivery, &position, &mut counts, &mut on_problem).await,
-                Err(e) => {
-                    counts.messages += 1;
-                    counts.invalid += 1;
-                    on_problem(Problem { position: position.to_string(), class: "invalid", reason: e.to_string() });
-                }
+            Err(e) => {
+                counts.messages += 1;
+                counts.invalid += 1;
+                on_problem(Problem { position: position.to_string(), class: "invalid", reason: e.to_string() });
             }
         }
     }

@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod bus;
 mod conformance;
 mod properties;
 mod replay;

@@ -19,23 +19,11 @@ pub fn fixtures(sub: &str) -> PathBuf {
     root().join("fixtures").join(sub)
 }
 
-/// Every delivery under a fixtures folder, in replay order.
+/// Every delivery under a fixtures folder, in replay order (lines that are not deliveries
+/// left out).
 pub fn deliveries(sub: &str) -> Vec<FixtureDelivery> {
     let files = fixture::collect_files(&[fixtures(sub)]).expect("fixtures are readable");
-    let mut out = Vec::new();
-    for file in files {
-        let bytes = std::fs::read(&file).unwrap();
-        if fixture::is_whole_file(&file) {
-            out.push(fixture::parse_whole(&bytes));
-        } else {
-            for line in String::from_utf8(bytes).unwrap().lines().filter(|l| !l.trim().is_empty()) {
-                if let Ok(d) = fixture::parse_line(line) {
-                    out.push(d);
-                }
-            }
-        }
-    }
-    out
+    fixture::read_all(&files).into_iter().filter_map(|(_, d)| d.ok()).collect()
 }
 
 /// The upstream notification corpus beside the project, or `None` with a printed notice. When
@@ -66,3 +54,5 @@ pub fn run_cli(args: &[&str]) -> Output {
 pub fn arg(path: &Path) -> &str {
     path.to_str().expect("test paths are UTF-8")
 }
+
+pub mod bus;

@@ -1,0 +1,213 @@
+//! The one place a message's fate is carried out on the broker: acknowledge, republish to the
+//! retry queue, or republish to the dead-letter queue.
+//!
+//! A republished message keeps its body and properties byte for byte and gains headers: the
+//! reason, the class, the attempt count, the first and last failure times, and the original
+//! exchange and routing key (so an operator can send it back where it came from). The original
+//! is acknowledged only after the broker confirmed the republish: nothing is lost in between.
+//! Failures are never nacked with requeue, so nothing loops.
+
+use lapin::{
+    message::Delivery,
+    options::{BasicAckOptions, BasicPublishOptions},
+    types::{AMQPValue, FieldTable, LongString},
+    BasicProperties, Channel, Confirmation,
+};
+use time::OffsetDateTime;
+
+use super::{BusError, Names};
+use crate::{class::ErrorClass, event::Timestamp};
+
+/// Header: why the message failed.
+pub const REASON: &str = "x-concertim-reason";
+/// Header: the failure class (`invalid`, `transient`, `permanent`).
+pub const CLASS: &str = "x-concertim-class";
+/// Header: processing attempts so far.
+pub const ATTEMPTS: &str = "x-concertim-attempts";
+/// Header: when the first attempt failed (RFC 3339).
+pub const FIRST_FAILURE: &str = "x-concertim-first-failure";
+/// Header: when the last attempt failed (RFC 3339).
+pub const LAST_FAILURE: &str = "x-concertim-last-failure";
+/// Header: the exchange the message was first published to.
+pub const ORIGINAL_EXCHANGE: &str = "x-concertim-original-exchange";
+/// Header: the routing key the message was first published with.
+pub const ORIGINAL_ROUTING_KEY: &str = "x-concertim-original-routing-key";
+
+/// What should happen to a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Done (processed or ignored): acknowledge.
+    Ack,
+    /// A transient failure after the in-process retries: try again later, or dead-letter as
+    /// exhausted when the attempts are used up.
+    Retry {
+        /// The last error, with its causes.
+        reason: String,
+    },
+    /// Can never succeed: dead-letter now.
+    DeadLetter {
+        /// Invalid or permanent.
+        class: ErrorClass,
+        /// The error, with its causes.
+        reason: String,
+    },
+}
+
+/// What was done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Acknowledged.
+    Acked,
+    /// Republished to the retry queue (this was attempt `n`), then acknowledged.
+    Retried(u32),
+    /// Republished to the dead-letter queue (after `n` attempts), then acknowledged.
+    DeadLettered(u32),
+}
+
+/// Carries out verdicts. Its channel is in confirm mode.
+#[derive(Debug, Clone)]
+pub struct Settler {
+    channel: Channel,
+    names: Names,
+    max_attempts: u32,
+}
+
+impl Settler {
+    /// A settler publishing on `channel`, which must be in confirm mode.
+    pub fn new(channel: Channel, names: Names, max_attempts: u32) -> Self {
+        Self { channel, names, max_attempts }
+    }
+
+    /// Carries out `verdict` for `delivery`, consuming it so it cannot be settled twice.
+    ///
+    /// # Errors
+    /// When the republish is not confirmed or the ack fails; the message then stays
+    /// unacknowledged and the broker redelivers it after a reconnect.
+    pub async fn settle(&self, delivery: Delivery, verdict: Verdict) -> Result<Settled, BusError> {
+        let settled = match verdict {
+            Verdict::Ack => Settled::Acked,
+            Verdict::Retry { reason } => {
+                let attempt = attempts(&delivery) + 1;
+                if attempt >= self.max_attempts {
+                    let reason = format!("exhausted after {attempt} attempts: {reason}");
+                    self.republish(&delivery, &self.names.dead_exchange, ErrorClass::Transient, &reason, attempt)
+                        .await?;
+                    Settled::DeadLettered(attempt)
+                } else {
+                    self.republish(&delivery, &self.names.retry_exchange, ErrorClass::Transient, &reason, attempt)
+                        .await?;
+                    Settled::Retried(attempt)
+                }
+            }
+            Verdict::DeadLetter { class, reason } => {
+                let attempt = attempts(&delivery) + 1;
+                self.republish(&delivery, &self.names.dead_exchange, class, &reason, attempt).await?;
+                Settled::DeadLettered(attempt)
+            }
+        };
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|source| BusError::Broker { url: "(ack)".into(), source })?;
+        Ok(settled)
+    }
+
+    async fn republish(
+        &self,
+        delivery: &Delivery,
+        exchange: &str,
+        class: ErrorClass,
+        reason: &str,
+        attempt: u32,
+    ) -> Result<(), BusError> {
+        let properties = with_failure_headers(delivery, class, reason, attempt, now());
+        let broker = |source| BusError::Broker { url: format!("(publish to {exchange})"), source };
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                delivery.routing_key.clone(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await
+            .map_err(broker)?
+            .await
+            .map_err(broker)?;
+        match confirm {
+            Confirmation::Ack(_) => Ok(()),
+            Confirmation::Nack(_) | Confirmation::NotRequested => {
+                Err(BusError::NotConfirmed { exchange: exchange.to_owned() })
+            }
+        }
+    }
+}
+
+fn now() -> String {
+    Timestamp::from_unix(OffsetDateTime::now_utc().unix_timestamp()).map(|t| t.to_rfc3339()).unwrap_or_default()
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
+}
+
+/// The attempts recorded in the message's headers (0 when it never failed).
+pub fn attempts(delivery: &Delivery) -> u32 {
+    header(&delivery.properties, ATTEMPTS).and_then(integer).map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// A header's value.
+pub fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    properties.headers().as_ref()?.inner().get(name)
+}
+
+/// A header as text, when it is a string.
+pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
+    match header(properties, name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn integer(value: &AMQPValue) -> Option<i64> {
+    Some(match *value {
+        AMQPValue::ShortShortInt(n) => n.into(),
+        AMQPValue::ShortShortUInt(n) => n.into(),
+        AMQPValue::ShortInt(n) => n.into(),
+        AMQPValue::ShortUInt(n) => n.into(),
+        AMQPValue::LongInt(n) => n.into(),
+        AMQPValue::LongUInt(n) => n.into(),
+        AMQPValue::LongLongInt(n) => n,
+        _ => return None,
+    })
+}
+
+/// The delivery's properties plus the failure headers. The first failure time and the original
+/// exchange and routing key are kept from an earlier failure, when there was one.
+fn with_failure_headers(
+    delivery: &Delivery,
+    class: ErrorClass,
+    reason: &str,
+    attempt: u32,
+    now: String,
+) -> BasicProperties {
+    let properties = &delivery.properties;
+    let mut headers: FieldTable = properties.headers().clone().unwrap_or_default();
+    let first = header_text(properties, FIRST_FAILURE).unwrap_or_else(|| now.clone());
+    let exchange = header_text(properties, ORIGINAL_EXCHANGE).unwrap_or_else(|| delivery.exchange.as_str().to_owned());
+    let routing_key =
+        header_text(properties, ORIGINAL_ROUTING_KEY).unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
+    // Headers are bounded like everything copied from a message: a reason can quote input.
+    let reason: String = reason.chars().take(2000).collect();
+    headers.insert(REASON.into(), text(&reason));
+    headers.insert(CLASS.into(), text(class.as_str()));
+    headers.insert(ATTEMPTS.into(), AMQPValue::LongLongInt(attempt.into()));
+    headers.insert(FIRST_FAILURE.into(), text(&first));
+    headers.insert(LAST_FAILURE.into(), text(&now));
+    headers.insert(ORIGINAL_EXCHANGE.into(), text(&exchange));
+    headers.insert(ORIGINAL_ROUTING_KEY.into(), text(&routing_key));
+    properties.clone().with_headers(headers)
+}

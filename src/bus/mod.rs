@@ -1,0 +1,73 @@
+//! The message bus: connection, topology, the consumer with its lanes, acknowledgement, and
+//! publishing fixtures.
+//!
+//! Owns everything that speaks AMQP. The rest of the program sees deliveries as bytes and
+//! outcomes as values; only [`ack`] decides what happens to a message on the broker.
+
+pub mod ack;
+pub mod consumer;
+pub mod publish;
+pub mod topology;
+
+use lapin::{Connection, ConnectionProperties};
+
+use crate::{class::ErrorClass, config::SecretUrl};
+
+pub use consumer::run;
+pub use topology::Names;
+
+/// A broker failure.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The broker could not be reached, or the connection or a channel failed.
+    #[error("broker {url}: {source}")]
+    Broker {
+        /// The broker URL, password redacted.
+        url: String,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker refused a declaration because an existing object has other settings.
+    #[error("{what}: {detail}; {fix}")]
+    Precondition {
+        /// What was being declared.
+        what: String,
+        /// The broker's reply.
+        detail: String,
+        /// The configuration option that fixes it.
+        fix: String,
+    },
+    /// The broker did not confirm a publish.
+    #[error("the broker refused to take a message published to exchange {exchange:?}")]
+    NotConfirmed {
+        /// The exchange.
+        exchange: String,
+    },
+}
+
+impl BusError {
+    /// The failure class: configuration mismatches are permanent, the rest transient.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            BusError::Precondition { .. } => ErrorClass::Permanent,
+            BusError::Broker { .. } | BusError::NotConfirmed { .. } => ErrorClass::Transient,
+        }
+    }
+}
+
+/// Opens a connection to the broker.
+///
+/// # Errors
+/// [`BusError::Broker`] when the broker cannot be reached or refuses the credentials.
+pub async fn connect(url: &SecretUrl, name: &str) -> Result<Connection, BusError> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url.expose(), properties)
+        .await
+        .map_err(|source| BusError::Broker { url: url.redacted(), source })
+}
+
+/// Wraps a lapin error with the (redacted) broker URL.
+pub(crate) fn broker_error(url: &SecretUrl) -> impl Fn(lapin::Error) -> BusError + '_ {
+    move |source| BusError::Broker { url: url.redacted(), source }
+}

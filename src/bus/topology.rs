@@ -1,0 +1,223 @@
+//! Our queues and exchanges, and their bindings to the upstream OpenStack exchanges.
+//!
+//! - main queue `<prefix><queue>`: quorum, dead-lettering to the dead exchange, with an explicit
+//!   `x-delivery-limit` (RabbitMQ 3.10 has no default) against crash loops;
+//! - retry exchange + queue `<prefix><queue>.retry`: messages wait `retry_delay_ms`, then
+//!   dead-letter through the default exchange straight back to the main queue;
+//! - dead exchange + queue `<prefix><queue>.dead`: where operators look;
+//! - the main queue bound to each configured (exchange, routing key). OpenStack's own
+//!   `notifications.info` queue is never declared, bound or consumed.
+
+use lapin::{
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, LongString},
+    Channel, ExchangeKind,
+};
+
+use super::BusError;
+use crate::config::BusSettings;
+
+/// The names of everything this service owns on the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// The main queue.
+    pub queue: String,
+    /// The retry exchange (fanout).
+    pub retry_exchange: String,
+    /// The retry queue.
+    pub retry_queue: String,
+    /// The dead-letter exchange (fanout).
+    pub dead_exchange: String,
+    /// The dead-letter queue.
+    pub dead_queue: String,
+}
+
+impl Names {
+    /// The names derived from the settings.
+    pub fn new(bus: &BusSettings) -> Self {
+        let queue = format!("{}{}", bus.prefix, bus.queue);
+        Self {
+            retry_exchange: format!("{queue}.retry"),
+            retry_queue: format!("{queue}.retry"),
+            dead_exchange: format!("{queue}.dead"),
+            dead_queue: format!("{queue}.dead"),
+            queue,
+        }
+    }
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
+}
+
+/// The main queue's arguments.
+pub fn main_queue_arguments(bus: &BusSettings, names: &Names) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert("x-dead-letter-exchange".into(), text(&names.dead_exchange));
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(bus.delivery_limit)));
+    args
+}
+
+/// The retry queue's arguments: a TTL that dead-letters back to the main queue.
+pub fn retry_queue_arguments(bus: &BusSettings, names: &Names) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(bus.retry_delay_ms).unwrap_or(i64::MAX)));
+    args.insert("x-dead-letter-exchange".into(), text(""));
+    args.insert("x-dead-letter-routing-key".into(), text(&names.queue));
+    args
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args
+}
+
+/// Declares every queue, exchange and binding (idempotent: the broker accepts identical
+/// re-declarations).
+///
+/// # Errors
+/// [`BusError::Precondition`] naming the option to change when an object exists with other
+/// settings; [`BusError::Broker`] otherwise. A failed declaration closes `channel`.
+pub async fn declare(channel: &Channel, bus: &BusSettings) -> Result<Names, BusError> {
+    let names = Names::new(bus);
+    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let queue_options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    let ours = |what: String| {
+        move |e: lapin::Error| {
+            classify(
+                e,
+                what,
+                "it was declared with other arguments: delete it (it is ours) or choose another bus.prefix/bus.queue"
+                    .into(),
+                bus,
+            )
+        }
+    };
+    for exchange in [&names.dead_exchange, &names.retry_exchange] {
+        channel
+            .exchange_declare(exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+            .await
+            .map_err(ours(format!("exchange {exchange}")))?;
+    }
+    channel
+        .queue_declare(names.dead_queue.as_str().into(), queue_options, quorum())
+        .await
+        .map_err(ours(format!("queue {}", names.dead_queue)))?;
+    channel
+        .queue_bind(
+            names.dead_queue.as_str().into(),
+            names.dead_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(ours(format!("binding of {}", names.dead_queue)))?;
+    channel
+        .queue_declare(names.retry_queue.as_str().into(), queue_options, retry_queue_arguments(bus, &names))
+        .await
+        .map_err(ours(format!("queue {}", names.retry_queue)))?;
+    channel
+        .queue_bind(
+            names.retry_queue.as_str().into(),
+            names.retry_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(ours(format!("binding of {}", names.retry_queue)))?;
+    channel
+        .queue_declare(names.queue.as_str().into(), queue_options, main_queue_arguments(bus, &names))
+        .await
+        .map_err(ours(format!("queue {}", names.queue)))?;
+    for binding in &bus.bindings {
+        let upstream = ExchangeDeclareOptions { durable: bus.upstream_durable, ..ExchangeDeclareOptions::default() };
+        channel
+            .exchange_declare(binding.exchange.as_str().into(), ExchangeKind::Topic, upstream, FieldTable::default())
+            .await
+            .map_err(|e| {
+                classify(
+                    e,
+                    format!("upstream exchange {}", binding.exchange),
+                    format!(
+                        "set bus.upstream_durable = {} to match how OpenStack declared it ([oslo_messaging_rabbit] amqp_durable_queues)",
+                        !bus.upstream_durable
+                    ),
+                    bus,
+                )
+            })?;
+        channel
+            .queue_bind(
+                names.queue.as_str().into(),
+                binding.exchange.as_str().into(),
+                binding.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(ours(format!("binding {} -> {}", binding.exchange, names.queue)))?;
+    }
+    Ok(names)
+}
+
+fn classify(error: lapin::Error, what: String, fix: String, bus: &BusSettings) -> BusError {
+    let text = error.to_string();
+    if text.contains("PRECONDITION_FAILED") || text.contains("PreconditionFailed") || text.contains("inequivalent arg")
+    {
+        BusError::Precondition { what, detail: text, fix }
+    } else {
+        BusError::Broker { url: bus.url.redacted(), source: error }
+    }
+}
+
+/// A human description of the topology, for `topology show`.
+pub fn describe(bus: &BusSettings) -> String {
+    let names = Names::new(bus);
+    let mut out = String::new();
+    out.push_str(&format!(
+        "queue    {}  quorum, durable, x-dead-letter-exchange={}, x-delivery-limit={}\n",
+        names.queue, names.dead_exchange, bus.delivery_limit
+    ));
+    for b in &bus.bindings {
+        out.push_str(&format!(
+            "  bound  {} (topic, durable={}) routing key {}\n",
+            b.exchange, bus.upstream_durable, b.routing_key
+        ));
+    }
+    out.push_str(&format!(
+        "retry    exchange {} (fanout) -> queue {}  quorum, x-message-ttl={} ms, then back to {}\n",
+        names.retry_exchange, names.retry_queue, bus.retry_delay_ms, names.queue
+    ));
+    out.push_str(&format!(
+        "dead     exchange {} (fanout) -> queue {}  quorum\n",
+        names.dead_exchange, names.dead_queue
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_derive_from_prefix_and_queue_and_never_touch_notifications_info() {
+        let bus = BusSettings { prefix: "t1-".into(), ..BusSettings::default() };
+        let names = Names::new(&bus);
+        assert_eq!(names.queue, "t1-concertim-billing");
+        assert_eq!(names.retry_queue, "t1-concertim-billing.retry");
+        assert_eq!(names.dead_exchange, "t1-concertim-billing.dead");
+        assert!(describe(&bus).lines().all(|l| !l.contains("queue notifications.info")));
+    }
+
+    #[test]
+    fn the_main_queue_sets_an_explicit_delivery_limit_and_dead_letter_exchange() {
+        let bus = BusSettings::default();
+        let args = main_queue_arguments(&bus, &Names::new(&bus));
+        assert_eq!(args.inner().get("x-delivery-limit"), Some(&AMQPValue::LongLongInt(20)));
+        assert!(args.contains_key("x-dead-letter-exchange"));
+    }
+}

@@ -1,0 +1,425 @@
+//! Test support for the bus: a per-test broker namespace, `spawn_app`, a billing backend with
+//! injected faults, and a TCP proxy that can cut every connection.
+
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use concertim_billing::{
+    billing::{Applied, Billing, BillingError, Context, Ledger},
+    bus::{self, BusError, Names},
+    config::{Binding, SecretUrl, Settings},
+    event::{InstanceId, PlanName, ProjectId, Timestamp},
+    executor::Executor,
+    plan::{SubscriptionSpec, UsageSpec},
+    replay::fixture::FixtureDelivery,
+};
+use lapin::{
+    message::BasicGetMessage,
+    options::{
+        BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
+    types::FieldTable,
+    BasicProperties, Channel, Connection, ConnectionProperties,
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+/// The broker every bus test uses.
+pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The upstream exchanges and routing keys the fixtures use.
+pub const UPSTREAM: [(&str, &str); 5] = [
+    ("nova", "notifications.info"),
+    ("nova", "versioned_notifications.info"),
+    ("keystone", "notifications.info"),
+    ("ceilometer", "metering.sample"),
+    ("ceilometer", "notifications.sample"),
+];
+
+/// Waits until `check` returns `Some`, polling the observable state; panics naming `what`
+/// after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One test's namespace on the real broker: every queue and exchange carries its prefix.
+pub struct TestBus {
+    /// The prefix.
+    pub prefix: String,
+    /// Settings pointing at the broker with this prefix, short retry delays and small limits.
+    pub settings: Settings,
+    connection: Connection,
+    channel: Channel,
+}
+
+impl TestBus {
+    /// A fresh namespace. Panics with what to do when RabbitMQ does not answer.
+    pub async fn new(test: &str) -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let prefix = format!("t-{test}-{}-{nanos}-", std::process::id());
+        let connection = Connection::connect(BROKER, ConnectionProperties::default()).await.unwrap_or_else(|e| {
+            panic!("RabbitMQ is not answering at {BROKER} ({e}): run deploy/dev/test.sh, which starts it")
+        });
+        let channel = connection.create_channel().await.unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let mut settings = Settings::embedded();
+        settings.bus.url = SecretUrl::new(BROKER);
+        settings.bus.prefix = prefix.clone();
+        settings.bus.bindings = UPSTREAM
+            .iter()
+            .map(|(exchange, routing_key)| Binding {
+                exchange: format!("{prefix}{exchange}"),
+                routing_key: (*routing_key).to_owned(),
+            })
+            .collect();
+        settings.bus.retry_delay_ms = 200;
+        settings.bus.max_attempts = 3;
+        settings.bus.lanes = 4;
+        settings.bus.prefetch = 16;
+        settings.bus.backoff.initial_ms = 5;
+        settings.bus.backoff.max_ms = 20;
+        settings.bus.backoff.max_elapsed_ms = 50;
+        settings.bus.shutdown_deadline_ms = 20_000;
+        settings.bus.reconnect_max_ms = 500;
+        Self { prefix, settings, connection, channel }
+    }
+
+    /// Our queue names.
+    pub fn names(&self) -> Names {
+        Names::new(&self.settings.bus)
+    }
+
+    /// The test's name for an upstream exchange.
+    pub fn exchange(&self, upstream: &str) -> String {
+        format!("{}{upstream}", self.prefix)
+    }
+
+    /// Whether the app's bindings carry this delivery (heat and glance are not bound).
+    pub fn routes(&self, delivery: &FixtureDelivery) -> bool {
+        UPSTREAM
+            .iter()
+            .any(|(e, k)| delivery.exchange.as_deref() == Some(*e) && delivery.routing_key.as_deref() == Some(*k))
+    }
+
+    /// Publishes a fixture to this test's copy of its upstream exchange, with confirms.
+    pub async fn publish(&self, delivery: &FixtureDelivery) {
+        let exchange = self.exchange(delivery.exchange.as_deref().expect("the fixture names its exchange"));
+        let routing_key = delivery.routing_key.clone().unwrap_or_default();
+        self.publish_raw(
+            &exchange,
+            &routing_key,
+            &delivery.body,
+            bus::publish::properties(delivery.properties.as_deref()),
+        )
+        .await;
+    }
+
+    /// Publishes bytes with properties, with confirms.
+    pub async fn publish_raw(&self, exchange: &str, routing_key: &str, body: &[u8], properties: BasicProperties) {
+        self.channel
+            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Messages ready in a queue (passive declare).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        self.inspect(queue).await.unwrap_or_else(|| panic!("queue {queue} does not exist")).message_count()
+    }
+
+    /// Consumers on a queue (passive declare), or `None` when it does not exist yet.
+    pub async fn consumers(&self, queue: &str) -> Option<u32> {
+        Some(self.inspect(queue).await?.consumer_count())
+    }
+
+    /// A passive declare on a connection of its own: a passive declare of a missing queue
+    /// closes its channel, and lapin then refuses new channels on that connection.
+    async fn inspect(&self, queue: &str) -> Option<lapin::Queue> {
+        let connection = Connection::connect(BROKER, ConnectionProperties::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+        let found = channel.queue_declare(queue.into(), options, FieldTable::default()).await.ok();
+        let _ = connection.close(200, "done".into()).await;
+        found
+    }
+
+    /// Takes every message off a queue.
+    pub async fn drain(&self, queue: &str) -> Vec<BasicGetMessage> {
+        let mut out = Vec::new();
+        while let Some(m) = self.channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+            out.push(m);
+        }
+        out
+    }
+
+    /// A raw channel for declarations the test makes itself.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Deletes this test's queues and exchanges.
+    pub async fn cleanup(&self) {
+        let names = self.names();
+        let channel = self.connection.create_channel().await.unwrap();
+        for queue in [&names.queue, &names.retry_queue, &names.dead_queue] {
+            let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        let mut exchanges = vec![names.retry_exchange.clone(), names.dead_exchange.clone()];
+        exchanges.extend(["nova", "keystone", "ceilometer"].map(|e| self.exchange(e)));
+        for exchange in exchanges {
+            let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+        }
+    }
+}
+
+/// The service, running in this process against the test's namespace.
+pub struct TestApp<B> {
+    /// The executor the consumer uses (and its billing backend).
+    pub executor: Arc<Executor<B>>,
+    shutdown: CancellationToken,
+    handle: JoinHandle<Result<(), BusError>>,
+}
+
+/// Starts the consumer with `billing`, the settings of `bus` (possibly with another broker URL),
+/// and waits until it consumes.
+pub async fn spawn_app<B: Billing + 'static>(bus: &TestBus, billing: B, url: Option<String>) -> TestApp<B> {
+    let mut settings = bus.settings.clone();
+    if let Some(url) = url {
+        settings.bus.url = SecretUrl::new(url);
+    }
+    let bus_settings = settings.bus.clone();
+    let executor = Arc::new(Executor::new(settings, billing));
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn({
+        let executor = Arc::clone(&executor);
+        let shutdown = shutdown.clone();
+        async move { bus::run(&bus_settings, executor, shutdown).await }
+    });
+    let queue = bus.names().queue;
+    eventually("the consumer to start", Duration::from_secs(20), || async {
+        (bus.consumers(&queue).await.unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+    TestApp { executor, shutdown, handle }
+}
+
+impl<B: Billing + 'static> TestApp<B> {
+    /// Stops the consumer as SIGTERM does and waits for it.
+    pub async fn shutdown(self) -> Result<(), BusError> {
+        self.shutdown.cancel();
+        self.handle.await.expect("the consumer task does not panic")
+    }
+}
+
+/// A ledger with injected faults and call counts.
+pub struct Faulty {
+    /// The real ledger behind.
+    pub ledger: Ledger,
+    /// `record_usage` fails transiently while this is above zero (counting down).
+    pub usage_failures: AtomicUsize,
+    /// `record_usage` always fails transiently.
+    pub usage_always_fails: bool,
+    /// `ensure_account` panics for this project.
+    pub panic_on_project: Option<String>,
+    /// `record_usage` calls that recorded something (not "already recorded").
+    pub usage_recorded: AtomicUsize,
+}
+
+impl Faulty {
+    /// A ledger without faults.
+    pub fn new() -> Self {
+        Self {
+            ledger: Ledger::in_memory(),
+            usage_failures: AtomicUsize::new(0),
+            usage_always_fails: false,
+            panic_on_project: None,
+            usage_recorded: AtomicUsize::new(0),
+        }
+    }
+}
+
+fn injected() -> BillingError {
+    BillingError::LedgerIo { path: "(injected)".into(), source: std::io::Error::other("injected transient failure") }
+}
+
+impl Billing for Faulty {
+    async fn ensure_account(&self, project: &ProjectId, ctx: Context<'_>) -> Result<Applied, BillingError> {
+        if self.panic_on_project.as_deref() == Some(project.as_str()) {
+            panic!("injected panic for project {project}");
+        }
+        self.ledger.ensure_account(project, ctx).await
+    }
+
+    async fn close_account(
+        &self,
+        project: &ProjectId,
+        at: Timestamp,
+        ctx: Context<'_>,
+    ) -> Result<Applied, BillingError> {
+        self.ledger.close_account(project, at, ctx).await
+    }
+
+    async fn ensure_subscription(&self, spec: &SubscriptionSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
+        self.ledger.ensure_subscription(spec, ctx).await
+    }
+
+    async fn change_plan(
+        &self,
+        instance: &InstanceId,
+        plan: &PlanName,
+        effective: Timestamp,
+        ctx: Context<'_>,
+    ) -> Result<Applied, BillingError> {
+        self.ledger.change_plan(instance, plan, effective, ctx).await
+    }
+
+    async fn cancel_subscription(
+        &self,
+        instance: &InstanceId,
+        at: Timestamp,
+        ctx: Context<'_>,
+    ) -> Result<Applied, BillingError> {
+        self.ledger.cancel_subscription(instance, at, ctx).await
+    }
+
+    async fn record_usage(&self, usage: &UsageSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
+        if self.usage_always_fails {
+            return Err(injected());
+        }
+        if self.usage_failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(injected());
+        }
+        let applied = self.ledger.record_usage(usage, ctx).await?;
+        if applied != Applied::AlreadyDone {
+            self.usage_recorded.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(applied)
+    }
+}
+
+/// A TCP proxy in front of the broker whose connections can all be cut at once.
+pub struct Proxy {
+    /// `amqp://…` through the proxy.
+    pub url: String,
+    generation: Arc<std::sync::Mutex<CancellationToken>>,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    /// Starts a proxy to 127.0.0.1:5672 on a free port.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        tokio::spawn({
+            let generation = Arc::clone(&generation);
+            let accepted = Arc::clone(&accepted);
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    let cut = generation.lock().unwrap().clone();
+                    tokio::spawn(async move {
+                        let Ok(mut upstream) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else { return };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                            () = cut.cancelled() => {}
+                        }
+                    });
+                }
+            }
+        });
+        Self { url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"), generation, accepted }
+    }
+
+    /// Drops every open connection (new ones are accepted again).
+    pub fn cut(&self) {
+        let mut generation = self.generation.lock().unwrap();
+        generation.cancel();
+        *generation = CancellationToken::new();
+    }
+}
+
+/// The `concertim-billing run` command for this test's namespace, keeping its ledger in
+/// `ledger`, configured the way an operator would: through `CONCERTIM_BILLING_*` variables.
+pub fn service_command(bus: &TestBus, ledger: &std::path::Path) -> std::process::Command {
+    let b = &bus.settings.bus;
+    let bindings: Vec<String> = b
+        .bindings
+        .iter()
+        .map(|x| format!("{{exchange = \"{}\", routing_key = \"{}\"}}", x.exchange, x.routing_key))
+        .collect();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_concertim-billing"));
+    command
+        .args(["run", "--ledger", ledger.to_str().unwrap()])
+        .env_remove("CONCERTIM_BILLING_CONFIG")
+        .env("CONCERTIM_BILLING_AMQP_URL", BROKER)
+        .env("CONCERTIM_BILLING_BUS__PREFIX", &b.prefix)
+        .env("CONCERTIM_BILLING_BUS__BINDINGS", format!("[{}]", bindings.join(", ")))
+        .env("CONCERTIM_BILLING_BUS__RETRY_DELAY_MS", b.retry_delay_ms.to_string())
+        .env("CONCERTIM_BILLING_BUS__MAX_ATTEMPTS", b.max_attempts.to_string())
+        .env("CONCERTIM_BILLING_BUS__LANES", b.lanes.to_string())
+        .env("CONCERTIM_BILLING_BUS__PREFETCH", b.prefetch.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    command
+}
+
+/// `count` distinct Ceilometer messages (fresh `message_id`s) for the same instance, each
+/// billing one vCPU sample: 10 vCPU-minutes.
+pub fn usage_batch(template: &FixtureDelivery, count: usize) -> Vec<FixtureDelivery> {
+    let envelope: serde_json::Value = serde_json::from_slice(&template.body).unwrap();
+    let mut message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+    let samples = message["payload"].as_array().unwrap().clone();
+    let vcpus: Vec<_> = samples.into_iter().filter(|s| s["counter_name"] == "vcpus").collect();
+    message["payload"] = serde_json::Value::Array(vcpus);
+    (0..count)
+        .map(|i| {
+            message["message_id"] = serde_json::json!(format!("batch-{i:06}"));
+            let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
+            FixtureDelivery { body: serde_json::to_vec(&body).unwrap(), ..template.clone() }
+        })
+        .collect()
+}
+
+/// vCPU-minutes billed in a ledger file (0 before it exists).
+pub fn billed_vcpu_minutes(ledger: &std::path::Path) -> u64 {
+    use rust_decimal::prelude::ToPrimitive;
+    let Ok(ledger) = Ledger::open(ledger) else { return 0 };
+    ledger
+        .snapshot()
+        .usage
+        .iter()
+        .filter(|u| u.unit.as_str() == "openstack-billed-vcpus")
+        .map(|u| u.amount.to_u64().unwrap())
+        .sum()
+}
+
+/// Sends a signal to a child process.
+pub fn signal(child: &std::process::Child, name: &str) {
+    let status =
+        std::process::Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status().unwrap();
+    assert!(status.success(), "kill -{name} failed");
+}
