@@ -267,3 +267,34 @@ fn panic_reason(join: tokio::task::JoinError) -> String {
         .unwrap_or_else(|| "(no message)".to_owned());
     format!("the handler panicked: {message}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{billing::Ledger, config::Settings, executor::Executor};
+
+    fn delivery(tag: u64, body: &[u8]) -> Delivery {
+        Delivery::mock(tag, "nova".into(), "notifications.info".into(), false, body.to_vec())
+    }
+
+    #[test]
+    fn one_projects_messages_always_take_the_same_lane() {
+        let executor = Executor::new(Settings::embedded(), Ledger::in_memory());
+        let body = |id: &str| {
+            format!(
+                r#"{{"message_id":"{id}","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{{"resource_info":"p1"}}}}"#
+            )
+        };
+        let lanes: Vec<usize> = (0..20u64)
+            .map(|tag| {
+                let b = body(&format!("m{tag}"));
+                lane_of(&executor.decode(b.as_bytes()), &delivery(tag, b.as_bytes()), 8)
+            })
+            .collect();
+        assert!(lanes.iter().all(|l| *l == lanes[0]), "{lanes:?}");
+        // Messages without a project spread over the lanes.
+        let spread: std::collections::BTreeSet<usize> =
+            (0..64u64).map(|tag| lane_of(&executor.decode(b"x"), &delivery(tag, b"x"), 8)).collect();
+        assert!(spread.len() > 1);
+    }
+}
