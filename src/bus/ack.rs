@@ -33,6 +33,9 @@ pub const ORIGINAL_EXCHANGE: &str = "x-concertim-original-exchange";
 /// Header: the routing key the message was first published with.
 pub const ORIGINAL_ROUTING_KEY: &str = "x-concertim-original-routing-key";
 
+/// How long a republish may wait for the broker's confirm.
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What should happen to a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -123,18 +126,25 @@ impl Settler {
     ) -> Result<(), BusError> {
         let properties = with_failure_headers(delivery, class, reason, attempt, now());
         let broker = |source| BusError::Broker { url: format!("(publish to {exchange})"), source };
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                delivery.routing_key.clone(),
-                BasicPublishOptions::default(),
-                &delivery.data,
-                properties,
-            )
+        let publish = async {
+            self.channel
+                .basic_publish(
+                    exchange.into(),
+                    delivery.routing_key.clone(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        // A confirm can wait forever on a connection that died silently: bound it, and leave
+        // the message unacknowledged (so redelivered) when the broker does not answer.
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
             .await
-            .map_err(broker)?
-            .await
+            .map_err(|_| BusError::NotConfirmed {
+                exchange: format!("{exchange} (no confirm within {CONFIRM_TIMEOUT:?})"),
+            })?
             .map_err(broker)?;
         match confirm {
             Confirmation::Ack(_) => Ok(()),

@@ -134,8 +134,16 @@ async fn session<B: Billing + 'static>(
                     consumed = true;
                     let decoded = executor.decode(&delivery.data);
                     let lane = lane_of(&decoded, &delivery, senders.len());
-                    if senders[lane].send(Job { delivery, decoded }).await.is_err() {
-                        break End::Lost { consumed };
+                    // A busy lane must not hold up shutdown or reconnection: a job dropped here
+                    // is unacknowledged, so the broker delivers it again.
+                    tokio::select! {
+                        sent = senders[lane].send(Job { delivery, decoded }) => {
+                            if sent.is_err() {
+                                break End::Lost { consumed };
+                            }
+                        }
+                        () = shutdown.cancelled() => break End::Shutdown,
+                        () = trouble.cancelled() => break End::Lost { consumed },
                     }
                 }
                 Some(Err(e)) => {
@@ -148,12 +156,22 @@ async fn session<B: Billing + 'static>(
     };
 
     drop(senders);
-    let drained =
-        tokio::time::timeout(bus.shutdown_deadline(), async { while lanes.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        warn!("in-flight messages did not finish within the shutdown deadline; the broker will redeliver them");
-        lanes.abort_all();
+    match end {
+        End::Shutdown => {
+            let drained =
+                tokio::time::timeout(bus.shutdown_deadline(), async { while lanes.join_next().await.is_some() {} })
+                    .await;
+            if drained.is_err() {
+                warn!("in-flight messages did not finish within the shutdown deadline; the broker will redeliver them");
+            }
+        }
+        // The channel is gone, so nothing in the lanes can be acknowledged any more: the broker
+        // redelivers all of it to the next session. Waiting would only delay the reconnection
+        // (a publisher confirm can wait long on a dead connection).
+        End::Lost { .. } => {}
     }
+    lanes.abort_all();
+    while lanes.join_next().await.is_some() {}
     if matches!(end, End::Shutdown) {
         let _ = connection.close(200, "shutting down".into()).await;
         info!("stopped consuming");
