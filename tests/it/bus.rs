@@ -356,3 +356,25 @@ async fn sigterm_with_work_in_flight_finishes_and_acks_it_then_exits_zero() {
     assert_eq!(billed + waiting, 300);
     bus.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_exchange_of_other_durability_is_reported_with_the_option_that_fixes_it() {
+    let bus = TestBus::new("durable").await;
+    // OpenStack declared its exchange durable; this deployment says it is not.
+    let nova = bus.exchange("nova");
+    bus.channel()
+        .exchange_declare(
+            nova.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let executor = std::sync::Arc::new(Executor::new(bus.settings.clone(), Ledger::in_memory()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let err = concertim_billing::bus::run(&bus.settings.bus, executor, shutdown).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("upstream exchange {nova}")), "{err}");
+    assert!(err.contains("set bus.upstream_durable = true"), "{err}");
+    bus.cleanup().await;
+}
