@@ -66,6 +66,96 @@ pub struct Settings {
     /// The message bus: broker, our queues, bindings, retries.
     #[serde(default)]
     pub bus: BusSettings,
+    /// The KillBill server, used when `billing.backend = "killbill"`.
+    #[serde(default)]
+    pub killbill: Option<KillBillSettings>,
+}
+
+/// A secret (password, API secret): never shown in `Debug`, `Display` or `config check`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one call that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+/// Which billing application receives the plans.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// The embedded ledger (memory, or the `--ledger` file).
+    #[default]
+    Ledger,
+    /// KillBill, as configured in `[killbill]`.
+    Killbill,
+}
+
+/// The KillBill server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillBillSettings {
+    /// Base URL, e.g. `https://killbill.example:8443` (TLS verified against the system roots).
+    pub url: String,
+    /// Basic-auth user.
+    pub username: String,
+    /// Basic-auth password.
+    pub password: Secret,
+    /// The tenant's API key (`X-Killbill-ApiKey`).
+    pub api_key: String,
+    /// The tenant's API secret (`X-Killbill-ApiSecret`).
+    pub api_secret: Secret,
+    /// `X-Killbill-CreatedBy` on every write.
+    #[serde(default = "default_created_by")]
+    pub created_by: String,
+    /// Currency of new accounts (immutable in KillBill).
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    /// Whole-request timeout (ms).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Connection timeout (ms).
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Idle connections kept per host.
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle: usize,
+}
+
+fn default_created_by() -> String {
+    "concertim-billing".to_owned()
+}
+fn default_currency() -> String {
+    "USD".to_owned()
+}
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    3_000
+}
+fn default_pool_max_idle() -> usize {
+    16
 }
 
 /// A broker URL whose password never appears in `Debug`, `Display` or `config check`.
@@ -229,6 +319,9 @@ impl Default for BackoffSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BillingSettings {
+    /// Where billing goes: `ledger` (the default) or `killbill`.
+    #[serde(default)]
+    pub backend: BackendKind,
     /// The plan of flavors not listed in `plans`.
     pub default_plan: PlanName,
     /// Flavor name → plan.
@@ -431,6 +524,14 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if self.billing.backend == BackendKind::Killbill {
+            let Some(kb) = &self.killbill else {
+                return Err("billing.backend = \"killbill\" needs a [killbill] section (url, username, password, api_key, api_secret)".into());
+            };
+            if !(kb.url.starts_with("http://") || kb.url.starts_with("https://")) {
+                return Err(format!("killbill.url {:?} must start with http:// or https://", kb.url));
+            }
+        }
         let bus = &self.bus;
         if !(bus.url.expose().starts_with("amqp://") || bus.url.expose().starts_with("amqps://")) {
             return Err(format!("bus.url {} must start with amqp:// or amqps://", bus.url));

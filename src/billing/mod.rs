@@ -5,6 +5,7 @@
 //! ([`Applied::AlreadyDone`]), and the backend, which knows its protocol, classes every other
 //! failure ([`BillingError::class`]). Backends know `event` and `plan` types, never the bus.
 
+pub mod killbill;
 pub mod ledger;
 
 use std::future::Future;
@@ -15,6 +16,7 @@ use crate::{
     plan::{SubscriptionSpec, UsageSpec},
 };
 
+pub use killbill::KillBill;
 pub use ledger::Ledger;
 
 /// What an action did.
@@ -64,6 +66,33 @@ pub enum BillingError {
     /// this is a bug or a hand-edited ledger).
     #[error("subscription {0} does not exist")]
     NoSubscription(InstanceId),
+    /// The billing server could not be reached or did not answer in time.
+    #[error("{what}: {source}")]
+    Http {
+        /// The operation.
+        what: String,
+        /// The HTTP client's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The billing server refused; its answer is kept for the dead-letter reason.
+    #[error("{what}: HTTP {status}: {body}")]
+    Status {
+        /// The operation.
+        what: String,
+        /// The HTTP status.
+        status: u16,
+        /// The response body (bounded).
+        body: String,
+    },
+    /// The billing server answered something that is not its protocol.
+    #[error("{what}: {detail}")]
+    Protocol {
+        /// The operation.
+        what: String,
+        /// What was wrong with the answer.
+        detail: String,
+    },
 }
 
 impl BillingError {
@@ -72,7 +101,13 @@ impl BillingError {
         match self {
             // A full disk or a permissions slip can be fixed without changing the message.
             BillingError::LedgerIo { .. } => ErrorClass::Transient,
-            BillingError::LedgerCorrupt { .. } | BillingError::NoSubscription(_) => ErrorClass::Permanent,
+            BillingError::LedgerCorrupt { .. } | BillingError::NoSubscription(_) | BillingError::Protocol { .. } => {
+                ErrorClass::Permanent
+            }
+            // Connection refused, reset, timed out: the server may be back soon.
+            BillingError::Http { .. } => ErrorClass::Transient,
+            BillingError::Status { status, .. } if *status >= 500 || *status == 429 => ErrorClass::Transient,
+            BillingError::Status { .. } => ErrorClass::Permanent,
         }
     }
 }
@@ -130,5 +165,79 @@ pub trait Billing: Send + Sync {
     /// are durable once they answer, so the default does nothing.
     fn commit(&self) -> impl Future<Output = Result<(), BillingError>> + Send {
         async { Ok(()) }
+    }
+}
+
+/// The configured backend.
+#[derive(Debug)]
+pub enum Backend {
+    /// The embedded ledger.
+    Ledger(Ledger),
+    /// KillBill.
+    KillBill(KillBill),
+}
+
+impl Backend {
+    /// The ledger, when that is the backend.
+    pub fn ledger(&self) -> Option<&Ledger> {
+        match self {
+            Backend::Ledger(l) => Some(l),
+            Backend::KillBill(_) => None,
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $b:ident => $call:expr) => {
+        match $self {
+            Backend::Ledger($b) => $call.await,
+            Backend::KillBill($b) => $call.await,
+        }
+    };
+}
+
+impl Billing for Backend {
+    async fn ensure_account(&self, project: &ProjectId, ctx: Context<'_>) -> Result<Applied, BillingError> {
+        dispatch!(self, b => b.ensure_account(project, ctx))
+    }
+
+    async fn close_account(
+        &self,
+        project: &ProjectId,
+        at: Timestamp,
+        ctx: Context<'_>,
+    ) -> Result<Applied, BillingError> {
+        dispatch!(self, b => b.close_account(project, at, ctx))
+    }
+
+    async fn ensure_subscription(&self, spec: &SubscriptionSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
+        dispatch!(self, b => b.ensure_subscription(spec, ctx))
+    }
+
+    async fn change_plan(
+        &self,
+        instance: &InstanceId,
+        plan: &PlanName,
+        effective: Timestamp,
+        ctx: Context<'_>,
+    ) -> Result<Applied, BillingError> {
+        dispatch!(self, b => b.change_plan(instance, plan, effective, ctx))
+    }
+
+    async fn cancel_subscription(
+        &self,
+        instance: &InstanceId,
+        at: Timestamp,
+        ctx: Context<'_>,
+    ) -> Result<Applied, BillingError> {
+        dispatch!(self, b => b.cancel_subscription(instance, at, ctx))
+    }
+
+    async fn record_usage(&self, usage: &UsageSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
+        dispatch!(self, b => b.record_usage(usage, ctx))
+    }
+
+    async fn commit(&self) -> Result<(), BillingError> {
+        dispatch!(self, b => b.commit())
     }
 }

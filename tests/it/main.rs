@@ -5,5 +5,6 @@ mod support;
 
 mod bus;
 mod conformance;
+mod killbill;
 mod properties;
 mod replay;

@@ -56,3 +56,4 @@ pub fn arg(path: &Path) -> &str {
 }
 
 pub mod bus;
+pub mod killbill;
