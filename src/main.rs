@@ -62,6 +62,11 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Prepare the KillBill server of the [killbill] section.
+    Killbill {
+        #[command(subcommand)]
+        action: KillBillAction,
+    },
     /// Feed captured notifications through decode → plan → billing, with no broker, and show
     /// what would be billed.
     ///
@@ -106,6 +111,17 @@ enum TopologyAction {
     },
     /// Print the topology the configuration describes.
     Show,
+}
+
+#[derive(Subcommand)]
+enum KillBillAction {
+    /// Create the tenant (api_key/api_secret) when absent and upload the catalog, unless a
+    /// catalog with the same effectiveDate is already there. Safe to repeat.
+    Bootstrap {
+        /// Catalog XML to upload instead of the bundled deploy/killbill/catalog.xml.
+        #[arg(long, value_name = "FILE")]
+        catalog: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -187,6 +203,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::Ok(())
             })?;
             print!("declared on {}:\n{}", settings.bus.url, topology::describe(&settings.bus));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Killbill { action: KillBillAction::Bootstrap { catalog } } => {
+            let kb =
+                settings.killbill.clone().context("killbill bootstrap needs a [killbill] section in the config")?;
+            let xml = match &catalog {
+                Some(path) => {
+                    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+                }
+                None => concertim_billing::billing::killbill::CATALOG_XML.to_owned(),
+            };
+            let created_by = kb.created_by.clone();
+            let url = kb.url.clone();
+            let done = runtime()?.block_on(async { KillBill::new(kb)?.bootstrap(&xml, &created_by).await })?;
+            println!(
+                "KillBill at {url}: tenant {}, catalog {}",
+                if done.tenant_created { "created" } else { "already there" },
+                if done.catalog_uploaded { "uploaded" } else { "already there" }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Config { action: ConfigAction::Check } => {

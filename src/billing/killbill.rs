@@ -31,6 +31,19 @@ pub const FIELD_DISPLAY_NAME: &str = "openstack_display_name";
 /// afterwards (a late message) is cancelled at that time.
 pub const FIELD_CLOSED_AT: &str = "openstack_closed_at";
 
+/// The catalog written for this project (`deploy/killbill/catalog.xml`): usage-only plans in the
+/// units of the default meters.
+pub const CATALOG_XML: &str = include_str!("../../deploy/killbill/catalog.xml");
+
+/// What `bootstrap` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bootstrapped {
+    /// The tenant was created (false: it existed).
+    pub tenant_created: bool,
+    /// The catalog was uploaded (false: this version was there already).
+    pub catalog_uploaded: bool,
+}
+
 /// KillBill's error codes that mean "already done".
 const ACCOUNT_ALREADY_EXISTS: i64 = 3000;
 const ACCOUNT_NOT_FOUND_BY_KEY: i64 = 3003;
@@ -38,6 +51,7 @@ const SUBSCRIPTION_NOT_FOUND_BY_KEY: i64 = 1083;
 const CANCEL_BAD_STATE: i64 = 1031;
 const CUSTOM_FIELD_ALREADY_EXISTS: i64 = 9000;
 const TRACKING_ID_ALREADY_EXISTS: i64 = 50000;
+const TENANT_ALREADY_EXISTS: i64 = 20000;
 
 /// A KillBill client.
 #[derive(Debug)]
@@ -232,6 +246,78 @@ impl KillBill {
                 what: what.to_owned(),
                 detail: "201 without a Location header".into(),
             })
+    }
+
+    /// Creates the tenant when absent, then uploads `catalog_xml` unless a catalog with its
+    /// `effectiveDate` is already there. Safe to repeat.
+    ///
+    /// # Errors
+    /// When KillBill refuses or cannot be reached.
+    pub async fn bootstrap(&self, catalog_xml: &str, created_by: &str) -> Result<Bootstrapped, BillingError> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct NewTenant<'a> {
+            api_key: &'a str,
+            api_secret: &'a str,
+        }
+        let base = self.settings.url.trim_end_matches('/');
+        let auth = |request: RequestBuilder| {
+            request
+                .basic_auth(&self.settings.username, Some(self.settings.password.expose()))
+                .header("X-Killbill-CreatedBy", created_by)
+        };
+        // Tenant calls take basic auth only: the tenant headers do not exist yet.
+        let what = "find the tenant";
+        let answer = self
+            .send(
+                what,
+                auth(self.http.get(format!("{base}/1.0/kb/tenants")))
+                    .query(&[("apiKey", self.settings.api_key.as_str())]),
+            )
+            .await?;
+        let tenant_created = match answer.status {
+            StatusCode::OK => false,
+            StatusCode::NOT_FOUND => {
+                let what = "create the tenant";
+                let body = NewTenant { api_key: &self.settings.api_key, api_secret: self.settings.api_secret.expose() };
+                let answer =
+                    self.send(what, auth(self.http.post(format!("{base}/1.0/kb/tenants"))).json(&body)).await?;
+                match answer.status {
+                    StatusCode::CREATED => true,
+                    StatusCode::CONFLICT if answer.code() == Some(TENANT_ALREADY_EXISTS) => false,
+                    _ => return Err(Self::refused(what, &answer)),
+                }
+            }
+            _ => return Err(Self::refused(what, &answer)),
+        };
+        let effective = catalog_xml
+            .split("<effectiveDate>")
+            .nth(1)
+            .and_then(|rest| rest.split("</effectiveDate>").next())
+            .ok_or_else(|| BillingError::Protocol {
+                what: "read the catalog".into(),
+                detail: "no <effectiveDate>".into(),
+            })?;
+        let what = "read the catalog";
+        let answer = self
+            .send(what, self.request(Method::GET, "/1.0/kb/catalog/xml", None).header("Accept", "text/xml"))
+            .await?;
+        if answer.status == StatusCode::OK
+            && answer.body.contains(&format!("<effectiveDate>{effective}</effectiveDate>"))
+        {
+            return Ok(Bootstrapped { tenant_created, catalog_uploaded: false });
+        }
+        let what = "upload the catalog";
+        let request = self
+            .request(Method::POST, "/1.0/kb/catalog/xml", None)
+            .header("X-Killbill-CreatedBy", created_by)
+            .header("Content-Type", "text/xml")
+            .body(catalog_xml.to_owned());
+        let answer = self.send(what, request).await?;
+        match answer.status {
+            StatusCode::CREATED => Ok(Bootstrapped { tenant_created, catalog_uploaded: true }),
+            _ => Err(Self::refused(what, &answer)),
+        }
     }
 
     async fn account_id(&self, project: &ProjectId) -> Result<Option<String>, BillingError> {

@@ -264,3 +264,28 @@ proptest! {
         });
     }
 }
+
+#[tokio::test]
+async fn bootstrap_creates_the_tenant_and_uploads_the_catalog_once() {
+    use concertim_billing::billing::killbill::CATALOG_XML;
+    let fake = FakeKillBill::start().await;
+    let kb = KillBill::new(fake.settings()).unwrap();
+    let first = kb.bootstrap(CATALOG_XML, "tests").await.unwrap();
+    assert!(first.tenant_created && first.catalog_uploaded, "{first:?}");
+    let second = kb.bootstrap(CATALOG_XML, "tests").await.unwrap();
+    assert!(!second.tenant_created && !second.catalog_uploaded, "{second:?}");
+    assert_eq!(fake.catalogs().len(), 1);
+}
+
+#[test]
+fn the_catalog_declares_every_default_unit_and_plan() {
+    use concertim_billing::billing::killbill::CATALOG_XML;
+    let settings = Settings::embedded();
+    for rule in settings.billing.meters.values() {
+        assert!(CATALOG_XML.contains(&format!("<unit name=\"{}\"/>", rule.unit)), "unit {}", rule.unit);
+    }
+    for plan in std::iter::once(&settings.billing.default_plan).chain(settings.billing.plans.values()) {
+        assert!(CATALOG_XML.contains(&format!("<plan name=\"{plan}\">")), "plan {plan}");
+    }
+    assert!(CATALOG_XML.contains("<plan name=\"openstack-large-monthly\">"));
+}

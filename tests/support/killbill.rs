@@ -40,6 +40,8 @@ struct Fake {
     fields: Vec<Field>,
     usage: Vec<Usage>,
     fail_next: VecDeque<u16>,
+    tenant: bool,
+    catalogs: Vec<String>,
     violations: Vec<String>,
     requests: usize,
 }
@@ -235,6 +237,11 @@ impl FakeKillBill {
         self.state.lock().unwrap().fail_next.extend(statuses);
     }
 
+    /// The catalogs uploaded, in order.
+    pub fn catalogs(&self) -> Vec<String> {
+        self.state.lock().unwrap().catalogs.clone()
+    }
+
     /// Bodies the OpenAPI spec would reject.
     pub fn violations(&self) -> Vec<String> {
         self.state.lock().unwrap().violations.clone()
@@ -338,11 +345,49 @@ async fn handle(
     if write && header("x-killbill-createdby").is_empty() {
         return bad_request("Header X-Killbill-CreatedBy needs to be set");
     }
+    if path == "/1.0/kb/catalog/xml" {
+        return match method {
+            Method::POST if header("content-type").starts_with("text/xml") => {
+                s.catalogs.push(String::from_utf8_lossy(&body).into_owned());
+                created(&s, "/1.0/kb/catalog")
+            }
+            Method::POST => empty(StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            _ => (StatusCode::OK, [("content-type", "text/xml")], s.catalogs.join("\n")).into_response(),
+        };
+    }
     let json: Option<Value> = if body.is_empty() { None } else { serde_json::from_slice(&body).ok() };
     if !body.is_empty() && json.is_none() && header("content-type").contains("json") {
         return bad_request("Unrecognized body: not JSON");
     }
     let q = query(&uri);
+    if path == "/1.0/kb/tenants" {
+        return match method {
+            Method::GET if q.get("apiKey").map(String::as_str) == Some(API_KEY) && s.tenant => json_ok(
+                json!({"tenantId": "00000000-0000-4000-8000-0000000000aa", "externalKey": null, "apiKey": API_KEY, "apiSecret": null, "auditLogs": []}),
+            ),
+            Method::GET => error(
+                StatusCode::NOT_FOUND,
+                "org.killbill.billing.tenant.api.TenantApiException",
+                Some(20003),
+                "Tenant does not exist",
+            ),
+            Method::POST if s.tenant => error(
+                StatusCode::CONFLICT,
+                "org.killbill.billing.tenant.api.TenantApiException",
+                Some(20000),
+                "Tenant already exists",
+            ),
+            Method::POST => {
+                let ok = json.as_ref().is_some_and(|b| b["apiKey"] == API_KEY && b["apiSecret"] == API_SECRET);
+                if !ok {
+                    return bad_request("TenantJson apiKey and apiSecret need to be set");
+                }
+                s.tenant = true;
+                created(&s, "/1.0/kb/tenants/00000000-0000-4000-8000-0000000000aa")
+            }
+            _ => empty(StatusCode::METHOD_NOT_ALLOWED),
+        };
+    }
     let segments: Vec<String> = path.trim_start_matches("/1.0/kb/").split('/').map(str::to_owned).collect();
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     let definition = match (&method, segments.as_slice()) {
