@@ -448,8 +448,10 @@ fn account_json(a: &Account) -> Value {
     })
 }
 
+/// KillBill takes a date (midnight UTC) or a date-time wherever it takes a date.
 fn parse_time(text: Option<&String>) -> Option<Timestamp> {
-    text.and_then(|t| Timestamp::parse(t).ok())
+    let text = text?;
+    Timestamp::parse(text).ok().or_else(|| Timestamp::parse(&format!("{text}T00:00:00Z")).ok())
 }
 
 fn route(
