@@ -14,14 +14,19 @@
 //! - [`class`]: the failure classes that decide a failed message's fate.
 //! - [`bus`]: RabbitMQ: topology, the consumer and its lanes, acknowledgement, publishing.
 //! - [`retry`]: every backoff schedule.
+//! - [`dlq`], [`capture`]: operator tools over the dead-letter queue and the live bus;
+//!   [`redact`] keeps credentials out of what they print and write.
 
 pub mod billing;
 pub mod bus;
+pub mod capture;
 pub mod class;
 pub mod config;
+pub mod dlq;
 pub mod event;
 pub mod executor;
 pub mod notification;
 pub mod plan;
+pub mod redact;
 pub mod replay;
 pub mod retry;

@@ -8,6 +8,7 @@ use concertim_billing::{
     billing::{Backend, KillBill, Ledger},
     bus::{self, publish::Publisher, topology},
     config::{BackendKind, SecretUrl, Settings},
+    dlq,
     executor::Executor,
     replay::{self, fixture, Counts, Report},
 };
@@ -23,17 +24,14 @@ struct Cli {
     #[arg(long, global = true, env = "CONCERTIM_BILLING_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
+    /// Broker URL (amqp://user:password@host:5672/vhost or amqps://…) for the commands that talk
+    /// to the broker; overrides bus.url. Prefer the environment variable, which keeps the
+    /// password out of `ps`.
+    #[arg(long, global = true, env = "CONCERTIM_BILLING_AMQP_URL", value_name = "URL", hide_env_values = true)]
+    amqp_url: Option<String>,
+
     #[command(subcommand)]
     command: Command,
-}
-
-/// Where the broker is.
-#[derive(Args)]
-struct Broker {
-    /// Broker URL (amqp://user:password@host:5672/vhost or amqps://…); overrides bus.url.
-    /// Prefer the environment variable, which keeps the password out of `ps`.
-    #[arg(long, env = "CONCERTIM_BILLING_AMQP_URL", value_name = "URL", hide_env_values = true)]
-    amqp_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -45,24 +43,61 @@ enum Command {
     /// notifications.info queue. With no billing backend configured, billing goes to the
     /// embedded ledger: in memory, or in FILE with --ledger (written before each message is
     /// acknowledged).
+    #[command(
+        after_help = "Examples:\n  concertim-billing run --ledger /var/lib/concertim-billing/ledger.json\n  CONCERTIM_BILLING_AMQP_URL=amqps://billing:…@rabbit:5671/openstack concertim-billing run --config /etc/concertim-billing.toml"
+    )]
     Run {
-        #[command(flatten)]
-        broker: Broker,
         /// Keep the ledger in this file.
         #[arg(long, value_name = "FILE")]
         ledger: Option<PathBuf>,
     },
     /// Declare or describe this service's queues, exchanges and bindings.
+    #[command(
+        after_help = "Examples:\n  concertim-billing topology show\n  concertim-billing --amqp-url amqp://guest:guest@127.0.0.1:5672/%2f topology declare"
+    )]
     Topology {
         #[command(subcommand)]
         action: TopologyAction,
     },
     /// Validate the configuration and print the effective values (secrets redacted).
+    #[command(after_help = "Example:\n  concertim-billing --config /etc/concertim-billing.toml config check")]
     Config {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Inspect, export, requeue and purge dead letters.
+    ///
+    /// Reading never removes or reorders messages: they are fetched and returned in place.
+    #[command(
+        after_help = "Examples:\n  concertim-billing dlq list --class invalid\n  concertim-billing dlq show 3f2a9c1b04de\n  concertim-billing dlq export --out failed.jsonl --older-than 1h\n  concertim-billing dlq requeue --event-type metering --dry-run\n  concertim-billing dlq requeue --all\n  concertim-billing dlq purge --id 3f2a9c1b04de"
+    )]
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Tap the live bus into a fixture file that `replay` reads.
+    ///
+    /// Uses its own exclusive, auto-deleted queue bound like the main queue: it takes a copy of
+    /// every message and steals nothing. Credential fields are redacted unless --no-redact.
+    #[command(
+        after_help = "Examples:\n  concertim-billing capture --out bus.jsonl --duration 10m\n  concertim-billing capture --out 100.jsonl --count 100"
+    )]
+    Capture {
+        /// The fixture file to write (JSON Lines).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this long (30s, 15m, 2h).
+        #[arg(long, value_parser = parse_age)]
+        duration: Option<std::time::Duration>,
+        /// Keep credential fields (_context_auth_token, passwords) as they are.
+        #[arg(long)]
+        no_redact: bool,
+    },
     /// Prepare the KillBill server of the [killbill] section.
+    #[command(after_help = "Example:\n  concertim-billing --config /etc/concertim-billing.toml killbill bootstrap")]
     Killbill {
         #[command(subcommand)]
         action: KillBillAction,
@@ -97,20 +132,112 @@ enum Command {
         /// confirms) instead of replaying them locally, to exercise a running deployment.
         #[arg(long)]
         publish: bool,
-        #[command(flatten)]
-        broker: Broker,
     },
 }
 
 #[derive(Subcommand)]
 enum TopologyAction {
     /// Declare every queue, exchange and binding (safe to repeat).
-    Declare {
-        #[command(flatten)]
-        broker: Broker,
-    },
+    Declare,
     /// Print the topology the configuration describes.
     Show,
+}
+
+/// Which dead letters a command applies to.
+#[derive(Args, Default)]
+struct Filters {
+    /// Only the dead letter with this id (or id prefix); repeatable.
+    #[arg(long = "id", value_name = "ID")]
+    ids: Vec<String>,
+    /// Only this event type (e.g. compute.instance.create.end).
+    #[arg(long)]
+    event_type: Option<String>,
+    /// Only this class: invalid, transient, permanent, or broker.
+    #[arg(long)]
+    class: Option<String>,
+    /// Only reasons containing this text.
+    #[arg(long, value_name = "TEXT")]
+    reason_contains: Option<String>,
+    /// Only messages that failed longer ago than this (30s, 15m, 2h, 7d).
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    older_than: Option<std::time::Duration>,
+    /// At most this many messages.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl Filters {
+    fn selector(&self) -> dlq::Selector {
+        dlq::Selector {
+            ids: self.ids.clone(),
+            event_type: self.event_type.clone(),
+            class: self.class.clone(),
+            reason_contains: self.reason_contains.clone(),
+            older_than: self.older_than,
+            limit: self.limit,
+        }
+    }
+}
+
+fn parse_age(text: &str) -> Result<std::time::Duration, String> {
+    dlq::parse_age(text)
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// A table of the dead letters: id, age, event type, class, attempts, original route, reason.
+    List {
+        #[command(flatten)]
+        filters: Filters,
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything about one dead letter: headers, properties, the decoded notification, the error.
+    Show {
+        /// Its id (or an unambiguous prefix), as `list` shows.
+        id: String,
+        /// Show credential fields as they are.
+        #[arg(long)]
+        no_redact: bool,
+    },
+    /// Write the selected dead letters to a fixture file that `replay` reads (non-destructive).
+    Export {
+        /// The fixture file (JSON Lines).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        filters: Filters,
+        /// Keep credential fields as they are.
+        #[arg(long)]
+        no_redact: bool,
+    },
+    /// Send the selected dead letters back to their original exchange and routing key (with
+    /// publisher confirms), then remove them from the dead-letter queue.
+    Requeue {
+        #[command(flatten)]
+        filters: Filters,
+        /// Every dead letter (needed when no filter is given).
+        #[arg(long)]
+        all: bool,
+        /// Send them straight to our main queue instead of their original route.
+        #[arg(long)]
+        to_queue: bool,
+        /// Only list what would move.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete the selected dead letters.
+    Purge {
+        #[command(flatten)]
+        filters: Filters,
+        /// Every dead letter (needed when no filter is given).
+        #[arg(long)]
+        all: bool,
+        /// Confirm deleting more than one message.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,10 +265,52 @@ enum ReportFormat {
     Json,
 }
 
+/// A mistake in the command line: exit status 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// Exit statuses: 0 success, 1 usage error, 2 configuration or input error, 3 some messages
+/// invalid or failed, 4 broker unreachable.
+fn exit_status(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<UsageError>().is_some() {
+        1
+    } else if error
+        .chain()
+        .any(|e| matches!(e.downcast_ref::<bus::BusError>(), Some(bus::BusError::Unreachable { .. })))
+    {
+        4
+    } else {
+        2
+    }
+}
+
+/// The error and its causes, each said once (some errors repeat their source in their text).
+fn causes(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
     // The service logs each message's outcome; the operator tools only their problems.
-    let default_level = if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" };
+    // lapin logs channel closures it reports to us as errors anyway; the tools say it once.
+    let default_level = if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn,lapin=off" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -150,24 +319,16 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            eprintln!("error: {}", causes(&e));
+            ExitCode::from(exit_status(&e))
         }
     }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut settings = Settings::load(cli.config.as_deref())?;
-    let mut set_url = |broker: &Broker| {
-        if let Some(url) = &broker.amqp_url {
-            settings.bus.url = SecretUrl::new(url.clone());
-        }
-    };
-    match &cli.command {
-        Command::Run { broker, .. }
-        | Command::Replay { broker, .. }
-        | Command::Topology { action: TopologyAction::Declare { broker } } => set_url(broker),
-        _ => {}
+    if let Some(url) = &cli.amqp_url {
+        settings.bus.url = SecretUrl::new(url.clone());
     }
     match cli.command {
         Command::Replay { paths, ledger, report, publish: true, .. } => {
@@ -178,7 +339,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             runtime()?.block_on(publish(&settings, &paths))
         }
-        Command::Replay { paths, ledger, report, .. } => replay_locally(settings, &paths, ledger, report),
+        Command::Replay { paths, ledger, report, .. } => {
+            if paths.is_empty() && ledger.is_none() {
+                return Err(UsageError(
+                    "nothing to replay: give fixture PATHS, or --ledger FILE to show a stored ledger (see --help)"
+                        .into(),
+                )
+                .into());
+            }
+            replay_locally(settings, &paths, ledger, report)
+        }
         Command::Run { ledger, .. } => {
             let backend = backend(&settings, ledger.as_deref())?;
             let bus = settings.bus.clone();
@@ -194,7 +364,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", topology::describe(&settings.bus));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Topology { action: TopologyAction::Declare { .. } } => {
+        Command::Topology { action: TopologyAction::Declare } => {
             runtime()?.block_on(async {
                 let connection = bus::connect(&settings.bus.url, "concertim-billing topology").await?;
                 let channel = connection.create_channel().await.context("cannot open a channel")?;
@@ -224,6 +394,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Dlq { action, .. } => runtime()?.block_on(dead_letters(&settings, action)),
+        Command::Capture { out, count, duration, no_redact, .. } => {
+            if count.is_none() && duration.is_none() && !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprintln!("note: no --count or --duration: capturing until interrupted");
+            }
+            let file = std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let mut writer = std::io::BufWriter::new(file);
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let written = runtime()?.block_on(async {
+                let stop = CancellationToken::new();
+                tokio::spawn(stop_on_signal(stop.clone()));
+                let until = concertim_billing::capture::Until { count, duration };
+                concertim_billing::capture::capture(&settings.bus, &mut writer, until, no_redact, stop, |n| {
+                    if terminal && n > 0 {
+                        eprint!("\rcaptured {n} messages");
+                    }
+                })
+                .await
+            })?;
+            if terminal {
+                eprintln!();
+            }
+            println!("captured {written} messages into {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config { action: ConfigAction::Check } => {
             println!("# effective configuration: valid");
             print!("{}", settings.to_toml());
@@ -247,6 +442,80 @@ fn backend(settings: &Settings, ledger_file: Option<&std::path::Path>) -> anyhow
             Backend::KillBill(KillBill::new(kb)?)
         }
     })
+}
+
+async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<ExitCode> {
+    match action {
+        DlqAction::List { filters, json } => {
+            let letters = dlq::list(settings, &filters.selector()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            } else {
+                print!("{}", dlq::table(&letters));
+            }
+        }
+        DlqAction::Show { id, no_redact } => {
+            let selector = dlq::Selector { ids: vec![id.clone()], ..dlq::Selector::default() };
+            let letters = dlq::list(settings, &selector).await?;
+            let distinct: std::collections::BTreeSet<&str> = letters.iter().map(|d| d.id.as_str()).collect();
+            match (letters.first(), distinct.len()) {
+                (None, _) => {
+                    return Err(
+                        UsageError(format!("no dead letter has an id starting with {id:?} (see dlq list)")).into()
+                    )
+                }
+                (Some(first), 1) => print!("{}", first.describe(settings, no_redact)),
+                _ => {
+                    return Err(UsageError(format!(
+                        "{id:?} matches {} dead letters: give more of the id",
+                        distinct.len()
+                    ))
+                    .into())
+                }
+            }
+        }
+        DlqAction::Export { out, filters, no_redact } => {
+            let letters = dlq::list(settings, &filters.selector()).await?;
+            let mut text = String::new();
+            for letter in &letters {
+                text.push_str(&fixture::to_line(&letter.to_fixture(no_redact)));
+                text.push('\n');
+            }
+            std::fs::write(&out, text).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("exported {} dead letter(s) to {}", letters.len(), out.display());
+        }
+        DlqAction::Requeue { filters, all, to_queue, dry_run } => {
+            let selector = filters.selector();
+            if selector.is_empty() && !all {
+                return Err(UsageError("requeue what? give --id or a filter, or --all".into()).into());
+            }
+            let action = if to_queue { dlq::Action::RequeueToQueue } else { dlq::Action::Requeue };
+            let moved = dlq::apply(settings, &selector, action, dry_run).await?;
+            if dry_run {
+                print!("{}", dlq::table(&moved));
+                println!("(dry run: nothing moved)");
+            } else {
+                println!("requeued {} dead letter(s)", moved.len());
+            }
+        }
+        DlqAction::Purge { filters, all, yes } => {
+            let selector = filters.selector();
+            if selector.is_empty() && !all {
+                return Err(UsageError("purge what? give --id or a filter, or --all".into()).into());
+            }
+            let selected = dlq::list(settings, &selector).await?;
+            if selected.len() > 1 && !yes {
+                return Err(UsageError(format!(
+                    "this would delete {} dead letters: add --yes to confirm (or see them first with dlq list)",
+                    selected.len()
+                ))
+                .into());
+            }
+            let purged = dlq::apply(settings, &selector, dlq::Action::Purge, false).await?;
+            println!("purged {} dead letter(s)", purged.len());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -316,9 +585,6 @@ fn replay_locally(
     ledger: Option<PathBuf>,
     report: ReportFormat,
 ) -> anyhow::Result<ExitCode> {
-    if paths.is_empty() && ledger.is_none() {
-        anyhow::bail!("nothing to replay: give fixture PATHS, or --ledger FILE to show a stored ledger (see --help)");
-    }
     let files = fixture::collect_files(paths)?;
     let executor = Executor::new(settings.clone(), backend(&settings, ledger.as_deref())?);
     let runtime =

@@ -19,7 +19,24 @@ pub use topology::Names;
 /// A broker failure.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    /// The broker could not be reached, or the connection or a channel failed.
+    /// No connection could be opened: refused, unresolvable, TLS or login failure.
+    #[error("cannot connect to the broker at {url}: {source}")]
+    Unreachable {
+        /// The broker URL, password redacted.
+        url: String,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// A queue this command works on does not exist.
+    #[error("{what} does not exist: {hint}")]
+    Missing {
+        /// The queue.
+        what: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// The connection or a channel failed.
     #[error("broker {url}: {source}")]
     Broker {
         /// The broker URL, password redacted.
@@ -50,8 +67,10 @@ impl BusError {
     /// The failure class: configuration mismatches are permanent, the rest transient.
     pub fn class(&self) -> ErrorClass {
         match self {
-            BusError::Precondition { .. } => ErrorClass::Permanent,
-            BusError::Broker { .. } | BusError::NotConfirmed { .. } => ErrorClass::Transient,
+            BusError::Precondition { .. } | BusError::Missing { .. } => ErrorClass::Permanent,
+            BusError::Unreachable { .. } | BusError::Broker { .. } | BusError::NotConfirmed { .. } => {
+                ErrorClass::Transient
+            }
         }
     }
 }
@@ -59,15 +78,23 @@ impl BusError {
 /// Opens a connection to the broker.
 ///
 /// # Errors
-/// [`BusError::Broker`] when the broker cannot be reached or refuses the credentials.
+/// [`BusError::Unreachable`] when the broker cannot be reached or refuses the credentials.
 pub async fn connect(url: &SecretUrl, name: &str) -> Result<Connection, BusError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(url.expose(), properties)
         .await
-        .map_err(|source| BusError::Broker { url: url.redacted(), source })
+        .map_err(|source| BusError::Unreachable { url: url.redacted(), source })
 }
 
-/// Wraps a lapin error with the (redacted) broker URL.
+/// Wraps a lapin error with the (redacted) broker URL. lapin opens connections in the
+/// background, so a refused connection can first show up on the first channel: I/O errors are
+/// [`BusError::Unreachable`].
 pub(crate) fn broker_error(url: &SecretUrl) -> impl Fn(lapin::Error) -> BusError + '_ {
-    move |source| BusError::Broker { url: url.redacted(), source }
+    move |source| {
+        if source.is_io_error() {
+            BusError::Unreachable { url: url.redacted(), source }
+        } else {
+            BusError::Broker { url: url.redacted(), source }
+        }
+    }
 }

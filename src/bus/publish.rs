@@ -127,3 +127,53 @@ async fn confirm_channel(connection: &lapin::Connection, url: &SecretUrl) -> Res
     channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(broker_error(url))?;
     Ok(channel)
 }
+
+/// A delivery's AMQP properties as the JSON a fixture line carries (the inverse of
+/// [`properties`] for the fields it publishes; nested header values are kept as JSON too).
+pub fn properties_json(properties: &BasicProperties) -> String {
+    let mut map = serde_json::Map::new();
+    if let Some(v) = properties.content_type() {
+        map.insert("content_type".into(), v.as_str().into());
+    }
+    if let Some(v) = properties.content_encoding() {
+        map.insert("content_encoding".into(), v.as_str().into());
+    }
+    if let Some(v) = properties.delivery_mode() {
+        map.insert("delivery_mode".into(), (*v).into());
+    }
+    if let Some(v) = properties.priority() {
+        map.insert("priority".into(), (*v).into());
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = properties
+        .headers()
+        .as_ref()
+        .map(|h| h.inner().iter().map(|(k, v)| (k.as_str().to_owned(), amqp_json(v))).collect())
+        .unwrap_or_default();
+    map.insert("headers".into(), serde_json::Value::Object(headers));
+    serde_json::Value::Object(map).to_string()
+}
+
+fn amqp_json(value: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value as J;
+    match value {
+        AMQPValue::Boolean(b) => J::Bool(*b),
+        AMQPValue::ShortShortInt(n) => (*n).into(),
+        AMQPValue::ShortShortUInt(n) => (*n).into(),
+        AMQPValue::ShortInt(n) => (*n).into(),
+        AMQPValue::ShortUInt(n) => (*n).into(),
+        AMQPValue::LongInt(n) => (*n).into(),
+        AMQPValue::LongUInt(n) => (*n).into(),
+        AMQPValue::LongLongInt(n) => (*n).into(),
+        AMQPValue::Timestamp(n) => (*n).into(),
+        AMQPValue::Float(f) => serde_json::Number::from_f64(f64::from(*f)).map_or(J::Null, J::Number),
+        AMQPValue::Double(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        AMQPValue::ShortString(s) => s.as_str().into(),
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned().into(),
+        AMQPValue::FieldArray(items) => J::Array(items.as_slice().iter().map(amqp_json).collect()),
+        AMQPValue::FieldTable(t) => {
+            J::Object(t.inner().iter().map(|(k, v)| (k.as_str().to_owned(), amqp_json(v))).collect())
+        }
+        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned().into(),
+        AMQPValue::DecimalValue(_) | AMQPValue::Void => J::Null,
+    }
+}

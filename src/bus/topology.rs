@@ -4,7 +4,7 @@
 //!   `x-delivery-limit` (RabbitMQ 3.10 has no default) against crash loops;
 //! - retry exchange + queue `<prefix><queue>.retry`: messages wait `retry_delay_ms`, then
 //!   dead-letter through the default exchange straight back to the main queue;
-//! - dead exchange + queue `<prefix><queue>.dead`: where operators look;
+//! - dead exchange + classic queue `<prefix><queue>.dead`: where operators look;
 //! - the main queue bound to each configured (exchange, routing key). OpenStack's own
 //!   `notifications.info` queue is never declared, bound or consumed.
 
@@ -69,12 +69,6 @@ pub fn retry_queue_arguments(bus: &BusSettings, names: &Names) -> FieldTable {
     args
 }
 
-fn quorum() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), text("quorum"));
-    args
-}
-
 /// Declares every queue, exchange and binding (idempotent: the broker accepts identical
 /// re-declarations).
 ///
@@ -103,7 +97,10 @@ pub async fn declare(channel: &Channel, bus: &BusSettings) -> Result<Names, BusE
             .map_err(ours(format!("exchange {exchange}")))?;
     }
     channel
-        .queue_declare(names.dead_queue.as_str().into(), queue_options, quorum())
+        // Classic, not quorum: operators read it with basic.get and return what they do not
+        // take, and a classic queue puts returned messages back in their place without counting
+        // deliveries (a quorum queue's delivery limit would drop dead letters after enough reads).
+        .queue_declare(names.dead_queue.as_str().into(), queue_options, FieldTable::default())
         .await
         .map_err(ours(format!("queue {}", names.dead_queue)))?;
     channel

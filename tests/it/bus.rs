@@ -155,8 +155,8 @@ async fn a_backend_failing_transiently_is_retried_and_bills_the_usage_once() {
 async fn a_backend_that_always_fails_is_dead_lettered_as_exhausted_after_the_attempts() {
     let bus = TestBus::new("exhausted").await;
     let fixture = usage_fixture();
-    let mut faulty = Faulty::new();
-    faulty.usage_always_fails = true;
+    let faulty = Faulty::new();
+    faulty.usage_always_fails.store(true, Ordering::SeqCst);
     let app = spawn_app(&bus, faulty, None).await;
     bus.publish(&fixture).await;
 

@@ -5,6 +5,7 @@ mod support;
 
 mod bus;
 mod conformance;
+mod dlq;
 mod killbill;
 mod properties;
 mod replay;

@@ -104,7 +104,7 @@ fn every_malformed_body_is_invalid_with_a_reason_naming_what_is_wrong() {
 #[test]
 fn replay_without_paths_or_ledger_explains_what_to_give() {
     let out = run_cli(&["replay"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1), "a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("give fixture PATHS, or --ledger FILE"));
 }
 

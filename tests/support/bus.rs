@@ -237,8 +237,8 @@ pub struct Faulty {
     pub ledger: Ledger,
     /// `record_usage` fails transiently while this is above zero (counting down).
     pub usage_failures: AtomicUsize,
-    /// `record_usage` always fails transiently.
-    pub usage_always_fails: bool,
+    /// `record_usage` always fails transiently while this is set.
+    pub usage_always_fails: std::sync::atomic::AtomicBool,
     /// `ensure_account` panics for this project.
     pub panic_on_project: Option<String>,
     /// `record_usage` calls that recorded something (not "already recorded").
@@ -251,7 +251,7 @@ impl Faulty {
         Self {
             ledger: Ledger::in_memory(),
             usage_failures: AtomicUsize::new(0),
-            usage_always_fails: false,
+            usage_always_fails: std::sync::atomic::AtomicBool::new(false),
             panic_on_project: None,
             usage_recorded: AtomicUsize::new(0),
         }
@@ -303,7 +303,7 @@ impl Billing for Faulty {
     }
 
     async fn record_usage(&self, usage: &UsageSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        if self.usage_always_fails {
+        if self.usage_always_fails.load(Ordering::SeqCst) {
             return Err(injected());
         }
         if self.usage_failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
@@ -364,6 +364,14 @@ impl Proxy {
 /// The `concertim-billing run` command for this test's namespace, keeping its ledger in
 /// `ledger`, configured the way an operator would: through `CONCERTIM_BILLING_*` variables.
 pub fn service_command(bus: &TestBus, ledger: &std::path::Path) -> std::process::Command {
+    let mut command = cli_command(bus);
+    command.args(["run", "--ledger", ledger.to_str().unwrap()]).stdout(std::process::Stdio::null());
+    command
+}
+
+/// The `concertim-billing` command configured for this test's namespace through
+/// `CONCERTIM_BILLING_*` variables, as an operator would configure it; add the arguments.
+pub fn cli_command(bus: &TestBus) -> std::process::Command {
     let b = &bus.settings.bus;
     let bindings: Vec<String> = b
         .bindings
@@ -372,7 +380,6 @@ pub fn service_command(bus: &TestBus, ledger: &std::path::Path) -> std::process:
         .collect();
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_concertim-billing"));
     command
-        .args(["run", "--ledger", ledger.to_str().unwrap()])
         .env_remove("CONCERTIM_BILLING_CONFIG")
         .env("CONCERTIM_BILLING_AMQP_URL", BROKER)
         .env("CONCERTIM_BILLING_BUS__PREFIX", &b.prefix)
@@ -382,7 +389,6 @@ pub fn service_command(bus: &TestBus, ledger: &std::path::Path) -> std::process:
         .env("CONCERTIM_BILLING_BUS__LANES", b.lanes.to_string())
         .env("CONCERTIM_BILLING_BUS__PREFETCH", b.prefetch.to_string())
         .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit());
     command
 }

@@ -1,0 +1,418 @@
+//! Dead-letter queue tools: list, show, export, requeue, purge.
+//!
+//! Reading is non-destructive: messages are fetched with `basic.get` without acknowledging them
+//! and, when the channel closes, the broker puts every unacknowledged one back in its place (the
+//! dead-letter queue is a classic queue, which requeues in position and has no delivery limit).
+//! So `list` twice shows the same messages in the same order. `requeue` and `purge` acknowledge a
+//! dead letter only after acting on it: a requeued message is acknowledged after the broker
+//! confirmed its republish, so a crash in between duplicates it (harmless: every effect is
+//! idempotent) and never loses it.
+
+use std::time::Duration;
+
+use lapin::{
+    message::BasicGetMessage,
+    options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, FieldTable},
+    BasicProperties, Channel, Confirmation,
+};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::{
+    bus::{ack, broker_error, connect, publish::properties_json, BusError, Names},
+    config::{BusSettings, Settings},
+    event::Timestamp,
+    notification::{decode, DecodeLimits},
+    redact::redact,
+    replay::fixture::FixtureDelivery,
+};
+
+/// One dead letter, as the tools show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// A stable id: a hash of the body (two identical bodies share it).
+    pub id: String,
+    /// The notification's event type, when the body decodes.
+    pub event_type: Option<String>,
+    /// `invalid`, `transient`, `permanent`, or `broker` for messages the broker dead-lettered
+    /// itself (delivery limit).
+    pub class: String,
+    /// Why it failed.
+    pub reason: String,
+    /// Processing attempts.
+    pub attempts: u32,
+    /// When it last failed (RFC 3339), when known.
+    pub last_failure: Option<String>,
+    /// Seconds since it last failed, when known.
+    pub age_seconds: Option<i64>,
+    /// Where it was first published.
+    pub original_exchange: String,
+    /// Its first routing key.
+    pub original_routing_key: String,
+    #[serde(skip)]
+    body: Vec<u8>,
+    #[serde(skip)]
+    properties: BasicProperties,
+}
+
+/// Which dead letters a command applies to.
+#[derive(Debug, Clone, Default)]
+pub struct Selector {
+    /// These ids only (any of them).
+    pub ids: Vec<String>,
+    /// Only this event type.
+    pub event_type: Option<String>,
+    /// Only this class.
+    pub class: Option<String>,
+    /// Only reasons containing this text.
+    pub reason_contains: Option<String>,
+    /// Only messages that failed longer ago than this.
+    pub older_than: Option<Duration>,
+    /// At most this many.
+    pub limit: Option<usize>,
+}
+
+impl Selector {
+    /// Whether no criterion is given (a destructive command then needs `--all`).
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+            && self.event_type.is_none()
+            && self.class.is_none()
+            && self.reason_contains.is_none()
+            && self.older_than.is_none()
+    }
+
+    fn matches(&self, d: &DeadLetter) -> bool {
+        (self.ids.is_empty() || self.ids.iter().any(|id| d.id.starts_with(id.as_str())))
+            && self.event_type.as_ref().is_none_or(|t| d.event_type.as_ref() == Some(t))
+            && self.class.as_ref().is_none_or(|c| &d.class == c)
+            && self.reason_contains.as_ref().is_none_or(|r| d.reason.contains(r.as_str()))
+            && self.older_than.is_none_or(|min| {
+                d.age_seconds.is_some_and(|age| age >= i64::try_from(min.as_secs()).unwrap_or(i64::MAX))
+            })
+    }
+}
+
+/// 64-bit FNV-1a: a stable, dependency-free hash for ids an operator types.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn x_death(properties: &BasicProperties) -> Option<(String, String)> {
+    let AMQPValue::FieldArray(deaths) = ack::header(properties, "x-death")? else { return None };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else { return None };
+    let text = |v: &AMQPValue| match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    let exchange = first.inner().get("exchange").and_then(text).unwrap_or_default();
+    let key = match first.inner().get("routing-keys") {
+        Some(AMQPValue::FieldArray(keys)) => keys.as_slice().first().and_then(text).unwrap_or_default(),
+        _ => String::new(),
+    };
+    Some((exchange, key))
+}
+
+impl DeadLetter {
+    fn from_message(message: &BasicGetMessage, limits: DecodeLimits, now: OffsetDateTime) -> Self {
+        let p = &message.delivery.properties;
+        let body = message.delivery.data.clone();
+        let reason = ack::header_text(p, ack::REASON);
+        let last_failure = ack::header_text(p, ack::LAST_FAILURE);
+        let age_seconds =
+            last_failure.as_deref().and_then(|t| Timestamp::parse(t).ok()).map(|t| now.unix_timestamp() - t.unix());
+        let death = x_death(p);
+        let (original_exchange, original_routing_key) =
+            match (ack::header_text(p, ack::ORIGINAL_EXCHANGE), ack::header_text(p, ack::ORIGINAL_ROUTING_KEY)) {
+                (Some(e), Some(k)) => (e, k),
+                _ => death.clone().unwrap_or_default(),
+            };
+        Self {
+            id: format!("{:012x}", fnv(&body) >> 16),
+            event_type: decode(&body, limits).ok().map(|n| n.meta.event_type),
+            class: ack::header_text(p, ack::CLASS).unwrap_or_else(|| "broker".to_owned()),
+            reason: reason.unwrap_or_else(|| {
+                if death.is_some() {
+                    "dead-lettered by the broker (delivery limit reached: the consumer crashed on it repeatedly)".into()
+                } else {
+                    "(no reason recorded)".into()
+                }
+            }),
+            attempts: ack::attempts(&message.delivery),
+            last_failure,
+            age_seconds,
+            original_exchange,
+            original_routing_key,
+            body,
+            properties: p.clone(),
+        }
+    }
+
+    /// The message as a fixture delivery (to its original route), credentials redacted unless
+    /// `raw`.
+    pub fn to_fixture(&self, raw: bool) -> FixtureDelivery {
+        FixtureDelivery {
+            exchange: Some(self.original_exchange.clone()),
+            routing_key: Some(self.original_routing_key.clone()),
+            properties: Some(properties_json(&self.properties)),
+            redelivered: false,
+            body: if raw { self.body.clone() } else { redact(&self.body).into_owned() },
+        }
+    }
+
+    /// Everything about one dead letter, for `dlq show`.
+    pub fn describe(&self, settings: &Settings, raw: bool) -> String {
+        let mut out = String::new();
+        let line = |out: &mut String, k: &str, v: &str| out.push_str(&format!("{k:<22} {v}\n"));
+        line(&mut out, "id", &self.id);
+        line(&mut out, "class", &self.class);
+        line(&mut out, "reason", &self.reason);
+        line(&mut out, "attempts", &self.attempts.to_string());
+        line(&mut out, "last failure", self.last_failure.as_deref().unwrap_or("-"));
+        line(&mut out, "original route", &format!("{} / {}", self.original_exchange, self.original_routing_key));
+        line(&mut out, "properties", &properties_json(&self.properties));
+        let body = if raw { self.body.clone() } else { redact(&self.body).into_owned() };
+        let limits = DecodeLimits { max_body_bytes: settings.decode.max_body_bytes };
+        match decode(&body, limits) {
+            Ok(n) => line(
+                &mut out,
+                "notification",
+                &serde_json::to_string_pretty(&n).unwrap_or_default().replace('\n', "\n                       "),
+            ),
+            Err(e) => line(&mut out, "decode error", &crate::replay::chain(&e)),
+        }
+        line(&mut out, "body", &String::from_utf8_lossy(&body));
+        out
+    }
+}
+
+struct Reader {
+    _connection: lapin::Connection,
+    channel: Channel,
+    names: Names,
+}
+
+async fn open(bus: &BusSettings) -> Result<Reader, BusError> {
+    let connection = connect(&bus.url, "concertim-billing dlq").await?;
+    let names = Names::new(bus);
+    // A passive declare of a missing queue closes its channel: check on a channel of its own.
+    let probe = connection.create_channel().await.map_err(broker_error(&bus.url))?;
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    if probe.queue_declare(names.dead_queue.as_str().into(), passive, FieldTable::default()).await.is_err() {
+        return Err(BusError::Missing {
+            what: format!("the dead-letter queue {} on {}", names.dead_queue, bus.url),
+            hint: "is bus.prefix right? `concertim-billing run` or `topology declare` creates it".into(),
+        });
+    }
+    let _ = probe.close(200, "checked".into()).await;
+    let channel = connection.create_channel().await.map_err(broker_error(&bus.url))?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(broker_error(&bus.url))?;
+    Ok(Reader { _connection: connection, channel, names })
+}
+
+impl Reader {
+    async fn next(&self, bus: &BusSettings) -> Result<Option<BasicGetMessage>, BusError> {
+        self.channel
+            .basic_get(self.names.dead_queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(broker_error(&bus.url))
+    }
+
+    /// Returns every unacknowledged message to the queue, in place.
+    async fn close(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+}
+
+/// Every dead letter matching `selector`, in queue order, leaving the queue as it was.
+///
+/// # Errors
+/// When the broker cannot be reached or the dead-letter queue does not exist.
+pub async fn list(settings: &Settings, selector: &Selector) -> Result<Vec<DeadLetter>, BusError> {
+    let bus = &settings.bus;
+    let reader = open(bus).await?;
+    let limits = DecodeLimits { max_body_bytes: settings.decode.max_body_bytes };
+    let now = OffsetDateTime::now_utc();
+    let mut out = Vec::new();
+    while let Some(message) = reader.next(bus).await? {
+        let dead = DeadLetter::from_message(&message, limits, now);
+        if selector.matches(&dead) {
+            out.push(dead);
+            if selector.limit.is_some_and(|l| out.len() >= l) {
+                break;
+            }
+        }
+    }
+    reader.close().await;
+    Ok(out)
+}
+
+/// What `requeue` or `purge` does to each selected dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Republish to its original exchange and routing key.
+    Requeue,
+    /// Republish straight to our main queue.
+    RequeueToQueue,
+    /// Remove it.
+    Purge,
+}
+
+/// Applies `action` to the selected dead letters (all of them when `selector` is empty), or
+/// only lists them with `dry_run`. Returns the ones acted on.
+///
+/// # Errors
+/// When the broker cannot be reached or refuses a republish; what was done until then stays
+/// done, and the rest stays in the dead-letter queue.
+pub async fn apply(
+    settings: &Settings,
+    selector: &Selector,
+    action: Action,
+    dry_run: bool,
+) -> Result<Vec<DeadLetter>, BusError> {
+    if dry_run {
+        return list(settings, selector).await;
+    }
+    let bus = &settings.bus;
+    let reader = open(bus).await?;
+    let limits = DecodeLimits { max_body_bytes: settings.decode.max_body_bytes };
+    let now = OffsetDateTime::now_utc();
+    let mut done = Vec::new();
+    let result = async {
+        while let Some(message) = reader.next(bus).await? {
+            let dead = DeadLetter::from_message(&message, limits, now);
+            if !selector.matches(&dead) {
+                continue;
+            }
+            if action != Action::Purge {
+                let (exchange, routing_key) = match action {
+                    Action::RequeueToQueue => (String::new(), reader.names.queue.clone()),
+                    _ => (dead.original_exchange.clone(), dead.original_routing_key.clone()),
+                };
+                republish(&reader.channel, &exchange, &routing_key, &dead, bus).await?;
+            }
+            message.delivery.acker.ack(BasicAckOptions::default()).await.map_err(broker_error(&bus.url))?;
+            done.push(dead);
+            if selector.limit.is_some_and(|l| done.len() >= l) {
+                break;
+            }
+        }
+        Ok::<(), BusError>(())
+    }
+    .await;
+    reader.close().await;
+    result.map(|()| done)
+}
+
+/// Publishes the dead letter's body with its properties, minus this service's failure headers
+/// (a requeued message starts its attempts afresh; its original route is kept).
+async fn republish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    dead: &DeadLetter,
+    bus: &BusSettings,
+) -> Result<(), BusError> {
+    let mut headers = FieldTable::default();
+    if let Some(existing) = dead.properties.headers() {
+        for (k, v) in existing.inner() {
+            let drop = [ack::REASON, ack::CLASS, ack::ATTEMPTS, ack::LAST_FAILURE, "x-death"].contains(&k.as_str());
+            if !drop {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let properties = dead.properties.clone().with_headers(headers);
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+            &dead.body,
+            properties,
+        )
+        .await
+        .map_err(broker_error(&bus.url))?
+        .await
+        .map_err(broker_error(&bus.url))?;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        _ => Err(BusError::NotConfirmed {
+            exchange: format!("{exchange:?} (routing key {routing_key:?}: no queue bound, so the dead letter stays)"),
+        }),
+    }
+}
+
+/// The table `dlq list` prints.
+pub fn table(letters: &[DeadLetter]) -> String {
+    let mut out = format!(
+        "{:<12}  {:>7}  {:<28}  {:<9}  {:>3}  {:<34}  {}\n",
+        "id", "age", "event type", "class", "att", "original route", "reason"
+    );
+    for d in letters {
+        let age = d.age_seconds.map_or_else(|| "-".to_owned(), human_age);
+        let route = format!("{}/{}", d.original_exchange, d.original_routing_key);
+        let reason: String = d.reason.chars().take(100).collect();
+        out.push_str(&format!(
+            "{:<12}  {:>7}  {:<28}  {:<9}  {:>3}  {:<34}  {}\n",
+            d.id,
+            age,
+            d.event_type.as_deref().unwrap_or("-"),
+            d.class,
+            d.attempts,
+            route,
+            reason
+        ));
+    }
+    out.push_str(&format!("{} dead letter(s)\n", letters.len()));
+    out
+}
+
+fn human_age(seconds: i64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// Parses `30s`, `15m`, `2h`, `7d` (or plain seconds).
+///
+/// # Errors
+/// When the text is not such a duration.
+pub fn parse_age(text: &str) -> Result<Duration, String> {
+    let (number, unit) =
+        text.trim().split_at(text.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(text.trim().len()));
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration such as 30s, 15m, 2h or 7d"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{text:?} is not a duration such as 30s, 15m, 2h or 7d")),
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_like_an_operator_writes_them() {
+        assert_eq!(parse_age("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_age("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_age("2d").unwrap(), Duration::from_secs(172_800));
+        assert!(parse_age("soon").is_err() && parse_age("5y").is_err());
+    }
+
+    #[test]
+    fn ids_are_stable_hashes_of_the_body() {
+        assert_eq!(fnv(b"a"), fnv(b"a"));
+        assert_ne!(fnv(b"a"), fnv(b"b"));
+        assert_eq!(fnv(b""), 0xcbf2_9ce4_8422_2325);
+    }
+}
