@@ -69,6 +69,45 @@ pub struct Settings {
     /// The KillBill server, used when `billing.backend = "killbill"`.
     #[serde(default)]
     pub killbill: Option<KillBillSettings>,
+    /// The HostBill server, used when `billing.backend = "hostbill"`.
+    #[serde(default)]
+    pub hostbill: Option<HostBillSettings>,
+}
+
+/// The HostBill server. Every key may be absent in the file (so `config check` can name each
+/// missing one); the ones a HostBill deployment needs are checked at load.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostBillSettings {
+    /// Base URL of HostBill, e.g. `https://billing.example`; calls go to `<url>/admin/api.php`.
+    pub url: Option<String>,
+    /// API id (Settings → Security → API Access).
+    pub api_id: Option<String>,
+    /// API key.
+    pub api_key: Option<Secret>,
+    /// Plan name (from `[billing.plans]` and `default_plan`) → HostBill product id of a
+    /// Metered Billing product whose variables are the meter units.
+    #[serde(default)]
+    pub products: BTreeMap<String, String>,
+    /// Clients are found again by the email `<project id>@<client_email_domain>`.
+    #[serde(default = "default_client_email_domain")]
+    pub client_email_domain: String,
+    /// Billing cycle of new orders (`m` monthly, `q`, `s`, `a`, …).
+    #[serde(default = "default_cycle")]
+    pub cycle: String,
+    /// Whole-request timeout (ms).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Connection timeout (ms).
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_client_email_domain() -> String {
+    "openstack.invalid".to_owned()
+}
+fn default_cycle() -> String {
+    "m".to_owned()
 }
 
 /// A secret (password, API secret): never shown in `Debug`, `Display` or `config check`.
@@ -109,6 +148,8 @@ pub enum BackendKind {
     Ledger,
     /// KillBill, as configured in `[killbill]`.
     Killbill,
+    /// HostBill, as configured in `[hostbill]`.
+    Hostbill,
 }
 
 /// The KillBill server.
@@ -532,6 +573,28 @@ impl Settings {
                 return Err(format!("killbill.url {:?} must start with http:// or https://", kb.url));
             }
         }
+        if self.billing.backend == BackendKind::Hostbill {
+            let hb = self.hostbill.clone().unwrap_or_default();
+            let mut missing = Vec::new();
+            if hb.url.is_none() {
+                missing.push("hostbill.url (e.g. \"https://billing.example\")".to_owned());
+            }
+            if hb.api_id.is_none() {
+                missing.push("hostbill.api_id".to_owned());
+            }
+            if hb.api_key.is_none() {
+                missing.push("hostbill.api_key (or CONCERTIM_BILLING_HOSTBILL__API_KEY)".to_owned());
+            }
+            let plans = std::iter::once(&self.billing.default_plan).chain(self.billing.plans.values());
+            for plan in plans {
+                if !hb.products.contains_key(plan.as_str()) && !missing.iter().any(|m| m.contains(plan.as_str())) {
+                    missing.push(format!("hostbill.products.\"{plan}\" (the HostBill product id for plan {plan})"));
+                }
+            }
+            if !missing.is_empty() {
+                return Err(format!("billing.backend = \"hostbill\" needs: {}", missing.join(", ")));
+            }
+        }
         let bus = &self.bus;
         if !(bus.url.expose().starts_with("amqp://") || bus.url.expose().starts_with("amqps://")) {
             return Err(format!("bus.url {} must start with amqp:// or amqps://", bus.url));
@@ -603,6 +666,17 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hostbill_backend_names_every_missing_setting() {
+        let text = format!("{DEFAULT_TOML}\n[hostbill]\napi_id = \"x\"\n")
+            .replace("backend = \"ledger\"", "backend = \"hostbill\"");
+        let err = Settings::from_toml(&text, "t.toml").unwrap_err().to_string();
+        for missing in ["hostbill.url", "hostbill.api_key", "hostbill.products.\"openstack-standard-monthly\""] {
+            assert!(err.contains(missing), "{missing}: {err}");
+        }
+        assert!(!err.contains("hostbill.api_id"), "{err}");
+    }
 
     #[test]
     fn environment_overrides_reach_nested_keys_with_their_types() {

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use concertim_billing::{
-    billing::{Backend, KillBill, Ledger},
+    billing::{Backend, HostBill, KillBill, Ledger},
     bus::{self, publish::Publisher, topology},
     config::{BackendKind, SecretUrl, Settings},
     dlq,
@@ -441,6 +441,12 @@ fn backend(settings: &Settings, ledger_file: Option<&std::path::Path>) -> anyhow
             let kb = settings.killbill.clone().context("billing.backend = \"killbill\" needs a [killbill] section")?;
             Backend::KillBill(KillBill::new(kb)?)
         }
+        BackendKind::Hostbill => {
+            if ledger_file.is_some() {
+                anyhow::bail!("--ledger keeps the embedded ledger, but billing.backend is \"hostbill\"");
+            }
+            Backend::HostBill(HostBill::new(settings.hostbill.clone().unwrap_or_default())?)
+        }
     })
 }
 
@@ -598,7 +604,7 @@ fn replay_locally(
             ledger.snapshot()
         }
         None => {
-            eprintln!("note: billing went to KillBill; its accounts, subscriptions and usage are not listed here");
+            eprintln!("note: billing went to the billing application; its accounts, subscriptions and usage are not listed here");
             Default::default()
         }
     };

@@ -5,6 +5,7 @@
 //! ([`Applied::AlreadyDone`]), and the backend, which knows its protocol, classes every other
 //! failure ([`BillingError::class`]). Backends know `event` and `plan` types, never the bus.
 
+pub mod hostbill;
 pub mod killbill;
 pub mod ledger;
 
@@ -16,6 +17,7 @@ use crate::{
     plan::{SubscriptionSpec, UsageSpec},
 };
 
+pub use hostbill::HostBill;
 pub use killbill::KillBill;
 pub use ledger::Ledger;
 
@@ -85,6 +87,16 @@ pub enum BillingError {
         /// The response body (bounded).
         body: String,
     },
+    /// The billing server said no, in its own words (HostBill's `success: false`).
+    #[error("{what}: refused (HTTP {status}): {error}")]
+    Refused {
+        /// The operation.
+        what: String,
+        /// The HTTP status it came with.
+        status: u16,
+        /// The server's error text.
+        error: String,
+    },
     /// The billing server answered something that is not its protocol.
     #[error("{what}: {detail}")]
     Protocol {
@@ -101,9 +113,10 @@ impl BillingError {
         match self {
             // A full disk or a permissions slip can be fixed without changing the message.
             BillingError::LedgerIo { .. } => ErrorClass::Transient,
-            BillingError::LedgerCorrupt { .. } | BillingError::NoSubscription(_) | BillingError::Protocol { .. } => {
-                ErrorClass::Permanent
-            }
+            BillingError::LedgerCorrupt { .. }
+            | BillingError::NoSubscription(_)
+            | BillingError::Protocol { .. }
+            | BillingError::Refused { .. } => ErrorClass::Permanent,
             // Connection refused, reset, timed out: the server may be back soon.
             BillingError::Http { .. } => ErrorClass::Transient,
             BillingError::Status { status, .. } if *status >= 500 || *status == 429 => ErrorClass::Transient,
@@ -175,6 +188,8 @@ pub enum Backend {
     Ledger(Ledger),
     /// KillBill.
     KillBill(KillBill),
+    /// HostBill.
+    HostBill(HostBill),
 }
 
 impl Backend {
@@ -182,7 +197,7 @@ impl Backend {
     pub fn ledger(&self) -> Option<&Ledger> {
         match self {
             Backend::Ledger(l) => Some(l),
-            Backend::KillBill(_) => None,
+            Backend::KillBill(_) | Backend::HostBill(_) => None,
         }
     }
 }
@@ -192,6 +207,7 @@ macro_rules! dispatch {
         match $self {
             Backend::Ledger($b) => $call.await,
             Backend::KillBill($b) => $call.await,
+            Backend::HostBill($b) => $call.await,
         }
     };
 }

@@ -6,6 +6,7 @@ mod support;
 mod bus;
 mod conformance;
 mod dlq;
+mod hostbill;
 mod killbill;
 mod properties;
 mod replay;

@@ -56,4 +56,5 @@ pub fn arg(path: &Path) -> &str {
 }
 
 pub mod bus;
+pub mod hostbill;
 pub mod killbill;
