@@ -11,7 +11,6 @@ use concertim_billing::{
     replay::fixture::FixtureDelivery,
 };
 use lapin::{
-    options::{QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, LongString},
     BasicProperties,
 };
@@ -256,23 +255,8 @@ async fn cutting_the_connection_mid_stream_loses_nothing_and_bills_nothing_twice
 async fn openstacks_own_notifications_queue_still_receives_every_message() {
     let bus = TestBus::new("shared").await;
     // A queue bound the way every OpenStack publisher binds its default queue.
-    let openstack_queue = format!("{}notifications.info", bus.prefix);
-    let nova = bus.exchange("nova");
     let app = spawn_app(&bus, Ledger::in_memory(), None).await;
-    bus.channel()
-        .queue_declare(openstack_queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
-    bus.channel()
-        .queue_bind(
-            openstack_queue.as_str().into(),
-            nova.as_str().into(),
-            "notifications.info".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let openstack_queue = bus.declare_openstack_queue().await;
     let nova_fixtures: Vec<_> = deliveries("nova-legacy")
         .into_iter()
         .filter(|d| d.exchange.as_deref() == Some("nova") && d.routing_key.as_deref() == Some("notifications.info"))
@@ -294,23 +278,29 @@ async fn openstacks_own_notifications_queue_still_receives_every_message() {
     bus.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_killed_mid_batch_and_restarted_bills_every_message_exactly_once() {
-    let bus = TestBus::new("sigkill").await;
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("ledger.json");
-    let batch = usage_batch(&usage_fixture(), 300);
-    let mut service = service_command(&bus, &ledger).spawn().unwrap();
+/// Starts `concertim-billing run` with its ledger in `ledger`, publishes 300 usage messages of
+/// 10 vCPU-minutes each, and returns once some of them are billed.
+async fn service_mid_batch(bus: &TestBus, ledger: &std::path::Path) -> std::process::Child {
+    let service = service_command(bus, ledger).spawn().unwrap();
     let queue = bus.names().queue;
     eventually("the service to consume", LIMIT, || async {
         (bus.consumers(&queue).await.unwrap_or(0) > 0).then_some(())
     })
     .await;
-    for d in &batch {
+    for d in &usage_batch(&usage_fixture(), 300) {
         bus.publish(d).await;
     }
-    eventually("some messages to be billed", LIMIT, || async { (billed_vcpu_minutes(&ledger) > 0).then_some(()) })
-        .await;
+    eventually("some messages to be billed", LIMIT, || async { (billed_vcpu_minutes(ledger) > 0).then_some(()) }).await;
+    service
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_mid_batch_and_restarted_bills_every_message_exactly_once() {
+    let bus = TestBus::new("sigkill").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.json");
+    let mut service = service_mid_batch(&bus, &ledger).await;
+    let queue = bus.names().queue;
     signal(&service, "KILL");
     service.wait().unwrap();
     let billed_before_restart = billed_vcpu_minutes(&ledger);
@@ -333,18 +323,8 @@ async fn sigterm_with_work_in_flight_finishes_and_acks_it_then_exits_zero() {
     let bus = TestBus::new("sigterm").await;
     let dir = tempfile::tempdir().unwrap();
     let ledger = dir.path().join("ledger.json");
-    let batch = usage_batch(&usage_fixture(), 300);
-    let mut service = service_command(&bus, &ledger).spawn().unwrap();
+    let mut service = service_mid_batch(&bus, &ledger).await;
     let queue = bus.names().queue;
-    eventually("the service to consume", LIMIT, || async {
-        (bus.consumers(&queue).await.unwrap_or(0) > 0).then_some(())
-    })
-    .await;
-    for d in &batch {
-        bus.publish(d).await;
-    }
-    eventually("some messages to be billed", LIMIT, || async { (billed_vcpu_minutes(&ledger) > 0).then_some(()) })
-        .await;
     signal(&service, "TERM");
     let status = service.wait().unwrap();
     assert_eq!(status.code(), Some(0));

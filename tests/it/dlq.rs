@@ -12,7 +12,6 @@ use concertim_billing::{
     replay::fixture::{self, FixtureDelivery},
 };
 use lapin::{
-    options::{QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, LongString},
     BasicProperties,
 };
@@ -209,21 +208,7 @@ async fn capture_replays_to_the_same_ledger_and_steals_nothing() {
     let bus = TestBus::new("capture").await;
     let fixtures: Vec<FixtureDelivery> = deliveries("").into_iter().filter(|d| bus.routes(d)).collect();
     let app = spawn_app(&bus, Ledger::in_memory(), None).await;
-    let openstack_queue = format!("{}notifications.info", bus.prefix);
-    bus.channel()
-        .queue_declare(openstack_queue.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
-    bus.channel()
-        .queue_bind(
-            openstack_queue.as_str().into(),
-            bus.exchange("nova").as_str().into(),
-            "notifications.info".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let openstack_queue = bus.declare_openstack_queue().await;
 
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let settings = bus.settings.bus.clone();

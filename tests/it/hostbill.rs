@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use concertim_billing::{
     billing::{ledger::Snapshot, HostBill, Ledger},
     class::ErrorClass,
-    config::Settings,
     event::{Event, InstanceAction},
     executor::{Delivery, Executor, Outcome},
     replay::fixture::FixtureDelivery,
@@ -14,24 +13,12 @@ use proptest::prelude::*;
 use rust_decimal::Decimal;
 
 use crate::support::{
-    deliveries,
+    billable, deliveries,
     hostbill::{FakeHostBill, HostBillState},
+    permutation_with_duplicates, resize_settings as settings,
 };
 
 const PRODUCTS: [(&str, &str); 2] = [("openstack-standard-monthly", "1"), ("openstack-large-monthly", "2")];
-
-fn settings() -> Settings {
-    let text = concertim_billing::config::DEFAULT_TOML
-        .replace("[billing.plans]\n", "[billing.plans]\n\"m1.large\" = \"openstack-large-monthly\"\n");
-    Settings::from_toml(&text, "test").unwrap()
-}
-
-fn billable() -> Vec<FixtureDelivery> {
-    ["nova-legacy", "nova-versioned", "keystone", "out-of-order", "duplicates"]
-        .into_iter()
-        .flat_map(deliveries)
-        .collect()
-}
 
 async fn through_hostbill(fake: &FakeHostBill, fixtures: &[&FixtureDelivery]) -> Vec<Outcome> {
     let executor = Executor::new(settings(), HostBill::new(fake.settings(&PRODUCTS)).unwrap());
@@ -127,14 +114,6 @@ fn masked(order: &[&FixtureDelivery], state: &mut HostBillState) {
         }
     }
     state.usage.retain(|(id, _), _| !usage.contains(id));
-}
-
-fn permutation_with_duplicates(n: usize) -> impl Strategy<Value = Vec<usize>> {
-    prop::collection::vec(any::<bool>(), n).prop_flat_map(move |dup| {
-        let mut order: Vec<usize> = (0..n).collect();
-        order.extend((0..n).filter(|i| dup[*i]));
-        Just(order).prop_shuffle()
-    })
 }
 
 proptest! {

@@ -12,24 +12,12 @@ use concertim_billing::{
 use proptest::prelude::*;
 
 use crate::support::{
+    billable,
     bus::{eventually, spawn_app, TestBus},
     deliveries,
     killbill::FakeKillBill,
+    permutation_with_duplicates, resize_settings as settings,
 };
-
-/// The settings of the property tests: the resized flavor has a plan of its own.
-fn settings() -> Settings {
-    let text = concertim_billing::config::DEFAULT_TOML
-        .replace("[billing.plans]\n", "[billing.plans]\n\"m1.large\" = \"openstack-large-monthly\"\n");
-    Settings::from_toml(&text, "test").unwrap()
-}
-
-fn billable() -> Vec<FixtureDelivery> {
-    ["nova-legacy", "nova-versioned", "keystone", "out-of-order", "duplicates"]
-        .into_iter()
-        .flat_map(deliveries)
-        .collect()
-}
 
 fn billing_part(s: &Snapshot) -> (Vec<String>, Vec<String>, Vec<String>) {
     comparable(s, &Masks { plan: Vec::new(), end: Vec::new() })
@@ -183,14 +171,6 @@ async fn killbill_answering_503_for_a_while_is_retried_and_records_once() {
     assert_eq!(bus.depth(&names.dead_queue).await, 0);
     app.shutdown().await.unwrap();
     bus.cleanup().await;
-}
-
-fn permutation_with_duplicates(n: usize) -> impl Strategy<Value = Vec<usize>> {
-    prop::collection::vec(any::<bool>(), n).prop_flat_map(move |dup| {
-        let mut order: Vec<usize> = (0..n).collect();
-        order.extend((0..n).filter(|i| dup[*i]));
-        Just(order).prop_shuffle()
-    })
 }
 
 /// What KillBill cannot reproduce of the ledger in this order. KillBill cannot change the plan

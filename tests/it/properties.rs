@@ -10,24 +10,7 @@ use concertim_billing::{
 };
 use proptest::prelude::*;
 
-use crate::support::deliveries;
-
-/// The billable fixtures (everything but the deliberately malformed ones), and settings that map
-/// the resized flavor to its own plan so that plan changes are part of what must not depend on
-/// order.
-fn billable() -> Vec<FixtureDelivery> {
-    ["nova-legacy", "nova-versioned", "keystone", "out-of-order", "duplicates", "ignored"]
-        .into_iter()
-        .flat_map(deliveries)
-        .collect()
-}
-
-fn settings() -> Settings {
-    let mut text = concertim_billing::config::DEFAULT_TOML
-        .replace("[billing.plans]\n", "[billing.plans]\n\"m1.large\" = \"openstack-large-monthly\"\n");
-    text.push('\n');
-    Settings::from_toml(&text, "test").unwrap()
-}
+use crate::support::{billable, permutation_with_duplicates, resize_settings as settings};
 
 fn replay_in(order: impl IntoIterator<Item = usize>, all: &[FixtureDelivery]) -> Snapshot {
     let executor = Executor::new(settings(), Ledger::in_memory());
@@ -60,14 +43,6 @@ fn replaying_every_message_twice_gives_the_same_ledger() {
     let all = billable();
     let twice = (0..all.len()).flat_map(|i| [i, i]);
     assert_eq!(replay_in(twice, &all), replay_in(0..all.len(), &all));
-}
-
-fn permutation_with_duplicates(n: usize) -> impl Strategy<Value = Vec<usize>> {
-    prop::collection::vec(any::<bool>(), n).prop_flat_map(move |dup| {
-        let mut order: Vec<usize> = (0..n).collect();
-        order.extend((0..n).filter(|i| dup[*i]));
-        Just(order).prop_shuffle()
-    })
 }
 
 proptest! {

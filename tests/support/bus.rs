@@ -172,6 +172,27 @@ impl TestBus {
         out
     }
 
+    /// Declares a queue named and bound the way every OpenStack publisher declares its default
+    /// `notifications.info` queue (on this test's `nova` exchange), and returns its name.
+    pub async fn declare_openstack_queue(&self) -> String {
+        let name = format!("{}notifications.info", self.prefix);
+        self.channel
+            .queue_declare(name.as_str().into(), QueueDeclareOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        self.channel
+            .queue_bind(
+                name.as_str().into(),
+                self.exchange("nova").as_str().into(),
+                "notifications.info".into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        name
+    }
+
     /// A raw channel for declarations the test makes itself.
     pub fn channel(&self) -> &Channel {
         &self.channel

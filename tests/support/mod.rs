@@ -7,7 +7,11 @@ use std::{
     process::{Command, Output},
 };
 
-use concertim_billing::replay::fixture::{self, FixtureDelivery};
+use concertim_billing::{
+    config::Settings,
+    replay::fixture::{self, FixtureDelivery},
+};
+use proptest::prelude::*;
 
 /// The project root.
 pub fn root() -> PathBuf {
@@ -24,6 +28,31 @@ pub fn fixtures(sub: &str) -> PathBuf {
 pub fn deliveries(sub: &str) -> Vec<FixtureDelivery> {
     let files = fixture::collect_files(&[fixtures(sub)]).expect("fixtures are readable");
     fixture::read_all(&files).into_iter().filter_map(|(_, d)| d.ok()).collect()
+}
+
+/// The billable fixtures: every folder but the deliberately malformed one.
+pub fn billable() -> Vec<FixtureDelivery> {
+    ["nova-legacy", "nova-versioned", "keystone", "out-of-order", "duplicates", "ignored"]
+        .into_iter()
+        .flat_map(deliveries)
+        .collect()
+}
+
+/// Settings where the resized flavor has a plan of its own, so that plan changes are part of
+/// what the order tests compare.
+pub fn resize_settings() -> Settings {
+    let text = concertim_billing::config::DEFAULT_TOML
+        .replace("[billing.plans]\n", "[billing.plans]\n\"m1.large\" = \"openstack-large-monthly\"\n");
+    Settings::from_toml(&text, "test").unwrap()
+}
+
+/// Every index of `0..n` once, some a second time, in a random order.
+pub fn permutation_with_duplicates(n: usize) -> impl Strategy<Value = Vec<usize>> {
+    prop::collection::vec(any::<bool>(), n).prop_flat_map(move |dup| {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.extend((0..n).filter(|i| dup[*i]));
+        Just(order).prop_shuffle()
+    })
 }
 
 /// The upstream notification corpus beside the project, or `None` with a printed notice. When
