@@ -17,7 +17,8 @@
 //!
 //! No double counting without a key: every usage entry carries `rawoutput =
 //! "concertim-billing <trackingId>"`, and before adding, `meteredGetUsage` is read and every
-//! variable already carrying that marker is left out. A message redelivered after a crash
+//! variable already carrying that marker (on any of the instance's accounts) is left out. A
+//! message redelivered after a crash
 //! between HostBill's reply and our acknowledgement therefore adds nothing, and several replicas
 //! need no database of their own.
 
@@ -461,13 +462,19 @@ impl Billing for HostBill {
             return Ok(Applied::Late);
         }
         let marker = marker(&usage.tracking_id);
-        let recorded: Usage = self.call("meteredGetUsage", &[("account_id", account.id.clone())]).await?;
-        let already: Vec<&str> = recorded
-            .variables
-            .values()
-            .filter(|v| v.values.iter().any(|x| x.rawoutput.as_deref() == Some(marker.as_str())))
-            .map(|v| v.variable_name.as_str())
-            .collect();
+        // Every account of the instance: after a resize, this notification may have been
+        // recorded on the account that was live before.
+        let mut already: Vec<String> = Vec::new();
+        for a in &accounts {
+            let recorded: Usage = self.call("meteredGetUsage", &[("account_id", a.id.clone())]).await?;
+            already.extend(
+                recorded
+                    .variables
+                    .into_values()
+                    .filter(|v| v.values.iter().any(|x| x.rawoutput.as_deref() == Some(marker.as_str())))
+                    .map(|v| v.variable_name),
+            );
+        }
         // One entry per variable: the records of one unit in one notification are summed.
         let mut totals: Vec<(&str, rust_decimal::Decimal, Timestamp)> = Vec::new();
         for r in &usage.records {
@@ -479,7 +486,7 @@ impl Billing for HostBill {
                 None => totals.push((r.unit.as_str(), r.amount, r.date)),
             }
         }
-        let missing: Vec<_> = totals.into_iter().filter(|(u, _, _)| !already.contains(u)).collect();
+        let missing: Vec<_> = totals.into_iter().filter(|(u, _, _)| !already.iter().any(|a| a == u)).collect();
         if missing.is_empty() {
             return Ok(Applied::AlreadyDone);
         }

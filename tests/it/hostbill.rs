@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use concertim_billing::{
     billing::{ledger::Snapshot, HostBill, Ledger},
     class::ErrorClass,
-    event::{Event, InstanceAction},
+    event::{Event, InstanceAction, Timestamp},
     executor::{Delivery, Executor, Outcome},
     replay::fixture::FixtureDelivery,
 };
@@ -72,13 +72,15 @@ async fn the_fixture_lifecycles_leave_hostbill_billing_what_the_ledger_bills() {
 }
 
 /// What HostBill cannot reproduce of the ledger in this order: an account cannot change product
-/// once terminated, and usage for a terminated account is not sent, whatever its date (HostBill
-/// records no termination time to compare it with).
+/// once terminated, and HostBill records no termination time, so usage is judged by when it
+/// arrives, not by its date: usage arriving after the delete is not sent, and usage dated after
+/// the delete but arriving before it is billed (the ledger, knowing the end, does the opposite).
 fn masked(order: &[&FixtureDelivery], state: &mut HostBillState) {
     let executor = Executor::new(settings(), Ledger::in_memory());
     let mut closed = BTreeSet::new();
     let mut gone = BTreeSet::new();
     let (mut plan, mut usage) = (BTreeSet::new(), BTreeSet::new());
+    let (mut ends, mut project_ends, mut dated) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
     for d in order {
         let Ok(n) = executor.decode(&d.body) else { continue };
         match &n.event {
@@ -103,9 +105,27 @@ fn masked(order: &[&FixtureDelivery], state: &mut HostBillState) {
                     if gone.contains(s.resource.as_str()) || closed.contains(s.project.as_str()) {
                         usage.insert(s.resource.to_string());
                     }
+                    dated.push((s.resource.to_string(), s.project.to_string(), s.timestamp));
                 }
             }
             _ => {}
+        }
+        match &n.event {
+            Event::Instance { action: InstanceAction::Deleted, instance } => {
+                let end = instance.deleted_at.unwrap_or(n.meta.timestamp);
+                ends.entry(instance.id.to_string()).and_modify(|e: &mut Timestamp| *e = (*e).min(end)).or_insert(end);
+            }
+            Event::ProjectDeleted { project } => {
+                project_ends.insert(project.to_string(), n.meta.timestamp);
+            }
+            _ => {}
+        }
+    }
+    for (instance, project, at) in dated {
+        let after_end =
+            ends.get(&instance).is_some_and(|end| at > *end) || project_ends.get(&project).is_some_and(|end| at > *end);
+        if after_end {
+            usage.insert(instance);
         }
     }
     for (id, (product, _)) in state.accounts.iter_mut() {
