@@ -8,14 +8,55 @@ use rust_decimal::Decimal;
 use serde::{de, Deserialize, Deserializer};
 
 /// A number that may arrive as a JSON number, a numeric string, `""`, `"None"` or `null`.
-#[derive(Deserialize)]
-#[serde(untagged)]
+///
+/// Read with a visitor rather than `#[serde(untagged)]`, which buffers every value before trying
+/// each variant: these readers run for most payload fields, so that cost dominated decoding.
 enum Loose<'a> {
     Int(u64),
+    NegInt(i64),
     Float(f64),
-    #[serde(borrow)]
     Text(std::borrow::Cow<'a, str>),
-    Null(()),
+    Null,
+}
+
+impl<'de> Deserialize<'de> for Loose<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = Loose<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number, a string or null")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Loose::Int(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(u64::try_from(v).map_or(Loose::NegInt(v), Loose::Int))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(Loose::Float(v))
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Loose::Text(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Loose::Text(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Loose::Text(std::borrow::Cow::Owned(v)))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Loose::Null)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Loose::Null)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                Loose::deserialize(d)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// Reads an optional non-negative integer (vCPUs, MiB, GiB).
@@ -29,7 +70,8 @@ pub(crate) fn opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D:
             "" | "None" => Ok(None),
             t => t.parse().map(Some).map_err(|_| de::Error::custom(format!("{t:?} is not a whole number"))),
         },
-        Loose::Null(()) => Ok(None),
+        Loose::NegInt(n) => Err(de::Error::custom(format!("{n} is not a size"))),
+        Loose::Null => Ok(None),
     }
 }
 
@@ -43,10 +85,11 @@ pub(crate) fn opt_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D:
 pub(crate) fn volume<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
     let text = match Loose::deserialize(d)? {
         Loose::Int(n) => return Ok(Some(Decimal::from(n))),
+        Loose::NegInt(n) => return Ok(Some(Decimal::from(n))),
         Loose::Float(f) => f.to_string(),
         Loose::Text(t) if t.trim().is_empty() => return Ok(None),
         Loose::Text(t) => t.trim().to_owned(),
-        Loose::Null(()) => return Ok(None),
+        Loose::Null => return Ok(None),
     };
     Decimal::from_str(&text)
         .or_else(|_| Decimal::from_scientific(&text))
@@ -58,9 +101,10 @@ pub(crate) fn volume<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>,
 pub(crate) fn opt_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     Ok(match Loose::deserialize(d)? {
         Loose::Int(n) => Some(n.to_string()),
+        Loose::NegInt(n) => Some(n.to_string()),
         Loose::Float(f) => Some(f.to_string()),
         Loose::Text(t) => Some(t.into_owned()),
-        Loose::Null(()) => None,
+        Loose::Null => None,
     })
 }
 
