@@ -72,6 +72,24 @@ pub struct Settings {
     /// The HostBill server, used when `billing.backend = "hostbill"`.
     #[serde(default)]
     pub hostbill: Option<HostBillSettings>,
+    /// The health and metrics listener of `run`.
+    #[serde(default)]
+    pub http: HttpSettings,
+}
+
+/// The health and metrics listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address of `/healthz`, `/readyz` and `/metrics`; empty to disable. Loopback by default:
+    /// expose it deliberately.
+    pub listen: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9464".to_owned() }
+    }
 }
 
 /// The HostBill server. Every key may be absent in the file (so `config check` can name each
@@ -594,6 +612,12 @@ impl Settings {
             if !missing.is_empty() {
                 return Err(format!("billing.backend = \"hostbill\" needs: {}", missing.join(", ")));
             }
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "http.listen {:?} is not an address such as 127.0.0.1:9464 (empty disables it)",
+                self.http.listen
+            ));
         }
         let bus = &self.bus;
         if !(bus.url.expose().starts_with("amqp://") || bus.url.expose().starts_with("amqps://")) {

@@ -14,6 +14,7 @@
 //! - [`class`]: the failure classes that decide a failed message's fate.
 //! - [`bus`]: RabbitMQ: topology, the consumer and its lanes, acknowledgement, publishing.
 //! - [`retry`]: every backoff schedule.
+//! - [`telemetry`], [`http`]: metrics, health, and `/healthz` `/readyz` `/metrics`.
 //! - [`dlq`], [`capture`]: operator tools over the dead-letter queue and the live bus;
 //!   [`redact`] keeps credentials out of what they print and write.
 
@@ -25,8 +26,10 @@ pub mod config;
 pub mod dlq;
 pub mod event;
 pub mod executor;
+pub mod http;
 pub mod notification;
 pub mod plan;
 pub mod redact;
 pub mod replay;
 pub mod retry;
+pub mod telemetry;

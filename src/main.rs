@@ -352,11 +352,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { ledger, .. } => {
             let backend = backend(&settings, ledger.as_deref())?;
             let bus = settings.bus.clone();
+            let settings_listen = settings.http.listen.clone();
             let executor = Arc::new(Executor::new(settings, backend));
+            let listen = settings_listen;
             runtime()?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
-                bus::run(&bus, executor, shutdown).await
+                let health = Arc::new(concertim_billing::telemetry::Health::default());
+                if !listen.is_empty() {
+                    let addr: std::net::SocketAddr = listen.parse().context("http.listen")?;
+                    let state = concertim_billing::http::HttpState {
+                        health: Arc::clone(&health),
+                        metrics: concertim_billing::telemetry::install_prometheus(),
+                    };
+                    let router = concertim_billing::http::router(state);
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr} (http.listen; \"\" disables it)"))?;
+                    tracing::info!(%addr, "serving /healthz /readyz /metrics");
+                    let stop = shutdown.clone();
+                    tokio::spawn(async move {
+                        let _ = axum::serve(listener, router)
+                            .with_graceful_shutdown(async move { stop.cancelled().await })
+                            .await;
+                    });
+                }
+                bus::run_with_health(&bus, executor, shutdown, health).await?;
+                anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -36,6 +36,7 @@ use crate::{
     notification::DecodeError,
     replay::chain,
     retry,
+    telemetry::{self, Health},
 };
 
 const CONSUMER_TAG: &str = "concertim-billing";
@@ -51,12 +52,27 @@ pub async fn run<B: Billing + 'static>(
     executor: Arc<Executor<B>>,
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
+    run_with_health(bus, executor, shutdown, Arc::new(Health::default())).await
+}
+
+/// As [`run`], reporting into `health` whether it is consuming (what `/readyz` answers).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_health<B: Billing + 'static>(
+    bus: &BusSettings,
+    executor: Arc<Executor<B>>,
+    shutdown: CancellationToken,
+    health: Arc<Health>,
+) -> Result<(), BusError> {
     let mut reconnect = retry::reconnect(std::time::Duration::from_millis(bus.reconnect_max_ms));
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        match session(bus, &executor, &shutdown).await {
+        let session = session(bus, &executor, &shutdown, &health).await;
+        health.set_consuming(false);
+        match session {
             Ok(End::Shutdown) => return Ok(()),
             Ok(End::Lost { consumed }) => {
                 if consumed {
@@ -89,6 +105,7 @@ async fn session<B: Billing + 'static>(
     bus: &BusSettings,
     executor: &Arc<Executor<B>>,
     shutdown: &CancellationToken,
+    health: &Health,
 ) -> Result<End, BusError> {
     let broker = broker_error(&bus.url);
     let connection = connect(&bus.url, "concertim-billing").await?;
@@ -108,6 +125,7 @@ async fn session<B: Billing + 'static>(
         .await
         .map_err(&broker)?;
     info!(queue = %names.queue, url = %bus.url, lanes = bus.lanes, "consuming");
+    health.set_consuming(true);
 
     let settler = Settler::new(publisher, names, bus.max_attempts);
     let trouble = CancellationToken::new();
@@ -132,6 +150,7 @@ async fn session<B: Billing + 'static>(
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     consumed = true;
+                    metrics::gauge!(telemetry::IN_FLIGHT).increment(1.0);
                     let decoded = executor.decode(&delivery.data);
                     let lane = lane_of(&decoded, &delivery, senders.len());
                     // A busy lane must not hold up shutdown or reconnection: a job dropped here
@@ -200,17 +219,28 @@ async fn lane<B: Billing + 'static>(
         let message_id = decoded.as_ref().map(|n| n.meta.message_id.to_string()).unwrap_or_default();
         let event_type = decoded.as_ref().map(|n| n.meta.event_type.clone()).unwrap_or_default();
         let redelivered = delivery.redelivered || ack::attempts(&delivery) > 0;
-        let verdict = process(&executor, decoded, redelivered, &backoff).await;
+        let source = decoded.as_ref().map_or("invalid", |n| telemetry::source(&n.event));
+        let timestamp = decoded.as_ref().ok().map(|n| n.meta.timestamp);
+        let (verdict, outcome) = process(&executor, decoded, redelivered, &backoff).await;
+        metrics::counter!(telemetry::MESSAGES, "outcome" => outcome, "source" => source).increment(1);
+        if let (Some(at), "processed") = (timestamp, outcome) {
+            let lag = time::OffsetDateTime::now_utc() - at.as_offset();
+            metrics::histogram!(telemetry::LAG).record(lag.as_seconds_f64().max(0.0));
+        }
         let reason = match &verdict {
             Verdict::Ack => None,
             Verdict::Retry { reason } | Verdict::DeadLetter { reason, .. } => Some(reason.clone()),
         };
-        match settler.settle(delivery, verdict).await {
+        let settled = settler.settle(delivery, verdict).await;
+        metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
+        match settled {
             Ok(Settled::Acked) => info!(%message_id, %event_type, "done"),
             Ok(Settled::Retried(attempt)) => {
+                metrics::counter!(telemetry::RETRIED).increment(1);
                 warn!(%message_id, %event_type, attempt, reason = reason.unwrap_or_default(), "retrying later")
             }
             Ok(Settled::DeadLettered(attempt)) => {
+                metrics::counter!(telemetry::DEAD_LETTERED, "class" => outcome).increment(1);
                 warn!(%message_id, %event_type, attempt, reason = reason.unwrap_or_default(), "dead-lettered")
             }
             Err(e) => {
@@ -222,16 +252,17 @@ async fn lane<B: Billing + 'static>(
     }
 }
 
-/// Runs a message to its verdict, retrying transient failures in process.
+/// Runs a message to its verdict, retrying transient failures in process; also returns the
+/// outcome's metric label.
 async fn process<B: Billing + 'static>(
     executor: &Arc<Executor<B>>,
     decoded: Result<Notification, DecodeError>,
     redelivered: bool,
     backoff: &BackoffSettings,
-) -> Verdict {
+) -> (Verdict, &'static str) {
     let notification = match decoded {
         Ok(n) => Arc::new(n),
-        Err(e) => return Verdict::DeadLetter { class: ErrorClass::Invalid, reason: chain(&e) },
+        Err(e) => return (Verdict::DeadLetter { class: ErrorClass::Invalid, reason: chain(&e) }, "invalid"),
     };
     let mut schedule = retry::in_process(backoff);
     let mut attempt = 0;
@@ -251,16 +282,20 @@ async fn process<B: Billing + 'static>(
         attempt += 1;
         let reason = match handled {
             Err(join) => {
-                return Verdict::DeadLetter { class: ErrorClass::Permanent, reason: panic_reason(join) };
+                let verdict = Verdict::DeadLetter { class: ErrorClass::Permanent, reason: panic_reason(join) };
+                return (verdict, "permanent");
             }
             Ok(Err(commit)) => chain(&commit),
             Ok(Ok(outcome)) => match outcome {
-                Outcome::Processed { .. } | Outcome::Ignored { .. } => return Verdict::Ack,
-                Outcome::Invalid(e) => return Verdict::DeadLetter { class: ErrorClass::Invalid, reason: chain(&e) },
+                Outcome::Processed { .. } => return (Verdict::Ack, "processed"),
+                Outcome::Ignored { .. } => return (Verdict::Ack, "ignored"),
+                Outcome::Invalid(e) => {
+                    return (Verdict::DeadLetter { class: ErrorClass::Invalid, reason: chain(&e) }, "invalid")
+                }
                 Outcome::Failed { event_type, action, error } => {
                     let reason = format!("{event_type}: {action}: {}", chain(&error));
                     if error.class() != ErrorClass::Transient {
-                        return Verdict::DeadLetter { class: error.class(), reason };
+                        return (Verdict::DeadLetter { class: error.class(), reason }, error.class().as_str());
                     }
                     reason
                 }
@@ -268,7 +303,7 @@ async fn process<B: Billing + 'static>(
         };
         match schedule.next_wait() {
             Some(wait) => tokio::time::sleep(wait).await,
-            None => return Verdict::Retry { reason },
+            None => return (Verdict::Retry { reason }, "transient"),
         }
     }
 }

@@ -13,7 +13,7 @@ use lapin::{Connection, ConnectionProperties};
 
 use crate::{class::ErrorClass, config::SecretUrl};
 
-pub use consumer::run;
+pub use consumer::{run, run_with_health};
 pub use topology::Names;
 
 /// A broker failure.

@@ -7,6 +7,7 @@ mod bus;
 mod conformance;
 mod dlq;
 mod hostbill;
+mod http;
 mod killbill;
 mod properties;
 mod replay;

@@ -343,6 +343,7 @@ pub struct Proxy {
     /// `amqp://…` through the proxy.
     pub url: String,
     generation: Arc<std::sync::Mutex<CancellationToken>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
     /// Connections accepted so far.
     pub accepted: Arc<AtomicUsize>,
 }
@@ -354,11 +355,17 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
         let accepted = Arc::new(AtomicUsize::new(0));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn({
             let generation = Arc::clone(&generation);
             let accepted = Arc::clone(&accepted);
+            let down = Arc::clone(&down);
             async move {
                 while let Ok((mut client, _)) = listener.accept().await {
+                    if down.load(Ordering::SeqCst) {
+                        // The broker is "away": the connection is closed at once.
+                        continue;
+                    }
                     accepted.fetch_add(1, Ordering::SeqCst);
                     let cut = generation.lock().unwrap().clone();
                     tokio::spawn(async move {
@@ -371,7 +378,15 @@ impl Proxy {
                 }
             }
         });
-        Self { url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"), generation, accepted }
+        Self { url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"), generation, down, accepted }
+    }
+
+    /// Takes the broker away (every connection cut, new ones refused), or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            self.cut();
+        }
     }
 
     /// Drops every open connection (new ones are accepted again).
@@ -409,6 +424,8 @@ pub fn cli_command(bus: &TestBus) -> std::process::Command {
         .env("CONCERTIM_BILLING_BUS__MAX_ATTEMPTS", b.max_attempts.to_string())
         .env("CONCERTIM_BILLING_BUS__LANES", b.lanes.to_string())
         .env("CONCERTIM_BILLING_BUS__PREFETCH", b.prefetch.to_string())
+        // Tests run several services at once: no listener unless a test asks for one.
+        .env("CONCERTIM_BILLING_HTTP__LISTEN", "")
         .env("RUST_LOG", "warn")
         .stderr(std::process::Stdio::inherit());
     command

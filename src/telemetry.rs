@@ -1,0 +1,77 @@
+//! Telemetry: the metric names and labels (closed sets only: never ids or error text), the
+//! Prometheus recorder, and the health state `/readyz` reads.
+//!
+//! Names follow `concertim_billing_<noun>[_<unit>]_total` for counters.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::event::Event;
+
+/// Messages by outcome (`processed`, `ignored`, `invalid`, `transient`, `permanent`) and source.
+pub const MESSAGES: &str = "concertim_billing_messages_total";
+/// Messages republished to the retry queue.
+pub const RETRIED: &str = "concertim_billing_retried_total";
+/// Messages dead-lettered, by class.
+pub const DEAD_LETTERED: &str = "concertim_billing_dead_lettered_total";
+/// Seconds from the notification's timestamp to its effects being done.
+pub const LAG: &str = "concertim_billing_bus_to_effect_seconds";
+/// Messages taken from the broker and not yet settled.
+pub const IN_FLIGHT: &str = "concertim_billing_in_flight";
+/// 1 while consuming, 0 while the broker is away.
+pub const CONNECTED: &str = "concertim_billing_broker_connected";
+
+/// The source of an event, as a bounded label.
+pub fn source(event: &Event) -> &'static str {
+    match event {
+        Event::ProjectCreated { .. }
+        | Event::ProjectUpdated { .. }
+        | Event::ProjectDeleted { .. }
+        | Event::Identity(_) => "keystone",
+        Event::Instance { .. } => "nova",
+        Event::Usage { .. } => "ceilometer",
+        Event::Stack(_) => "heat",
+        Event::Ignored { .. } => "other",
+    }
+}
+
+/// Installs the process-wide Prometheus recorder and returns the handle `/metrics` renders.
+/// A second call (tests run several services in one process) returns `None`.
+pub fn install_prometheus() -> Option<PrometheusHandle> {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets(&[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0])
+        .ok()?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).ok()?;
+    Some(handle)
+}
+
+/// What `/healthz` and `/readyz` report.
+#[derive(Debug, Default)]
+pub struct Health {
+    consuming: AtomicBool,
+    sessions: AtomicUsize,
+}
+
+impl Health {
+    /// The consumer is consuming (or not).
+    pub fn set_consuming(&self, consuming: bool) {
+        if consuming {
+            self.sessions.fetch_add(1, Ordering::Relaxed);
+        }
+        self.consuming.store(consuming, Ordering::Relaxed);
+        metrics::gauge!(CONNECTED).set(if consuming { 1.0 } else { 0.0 });
+    }
+
+    /// Whether the consumer is consuming from the broker now.
+    pub fn is_consuming(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
+    }
+
+    /// How many broker sessions have started (reconnections + 1).
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+}
