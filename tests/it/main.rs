@@ -5,6 +5,7 @@ mod support;
 
 mod bus;
 mod conformance;
+mod deploy;
 mod dlq;
 mod hostbill;
 mod http;
