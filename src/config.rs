@@ -658,8 +658,8 @@ pub fn env_overrides(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(V
     vars.into_iter()
         .filter_map(|(key, value)| {
             let rest = key.strip_prefix(ENV_PREFIX)?;
-            // CONFIG and AMQP_URL are the command line's own variables (--config, --amqp-url).
-            (!matches!(rest, "CONFIG" | "AMQP_URL") && !rest.is_empty() && !rest.starts_with("REQUIRE_"))
+            // CONFIG, AMQP_URL and LOG_FORMAT are the command line's own variables.
+            (!matches!(rest, "CONFIG" | "AMQP_URL" | "LOG_FORMAT") && !rest.is_empty() && !rest.starts_with("REQUIRE_"))
                 .then(|| (rest.split("__").map(str::to_ascii_lowercase).collect(), value))
         })
         .collect()

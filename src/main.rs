@@ -30,6 +30,10 @@ struct Cli {
     #[arg(long, global = true, env = "CONCERTIM_BILLING_AMQP_URL", value_name = "URL", hide_env_values = true)]
     amqp_url: Option<String>,
 
+    /// Log format on stderr: human text, or one JSON object per line for collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CONCERTIM_BILLING_LOG_FORMAT")]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -258,6 +262,14 @@ enum ConfigAction {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum ReportFormat {
     /// Tables for people.
     Text,
@@ -311,11 +323,12 @@ fn main() -> ExitCode {
     // The service logs each message's outcome; the operator tools only their problems.
     // lapin logs channel closures it reports to us as errors anyway; the tools say it once.
     let default_level = if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn,lapin=off" };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into());
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

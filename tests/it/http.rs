@@ -83,3 +83,52 @@ async fn metrics_count_what_happened_and_readiness_follows_the_broker() {
     assert!(service.wait().unwrap().success());
     bus.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_of_a_whole_run_never_contain_the_configured_passwords() {
+    let bus = TestBus::new("logs").await;
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl");
+        assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (user, password) = (format!("{}user", bus.prefix), "Sup3r-Secret-amqp-pw");
+    run(&["add_user", &user, password]);
+    run(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    let killbill_password = "Sup3r-Secret-killbill-pw";
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.json");
+    let service = cli_command(&bus)
+        .args(["--log-format", "json", "run", "--ledger", ledger.to_str().unwrap()])
+        .env("CONCERTIM_BILLING_AMQP_URL", format!("amqp://{user}:{password}@127.0.0.1:5672/%2f"))
+        .env("CONCERTIM_BILLING_KILLBILL__URL", "http://127.0.0.1:1")
+        .env("CONCERTIM_BILLING_KILLBILL__USERNAME", "admin")
+        .env("CONCERTIM_BILLING_KILLBILL__PASSWORD", killbill_password)
+        .env("CONCERTIM_BILLING_KILLBILL__API_KEY", "key")
+        .env("CONCERTIM_BILLING_KILLBILL__API_SECRET", killbill_password)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let queue = bus.names().queue;
+    eventually("the service to consume", LIMIT, || async {
+        (bus.consumers(&queue).await.unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+    let fixtures: Vec<FixtureDelivery> = deliveries("").into_iter().filter(|d| bus.routes(d)).collect();
+    for d in &fixtures {
+        bus.publish(d).await;
+    }
+    eventually("everything consumed", LIMIT, || async { (bus.depth(&queue).await == 0).then_some(()) }).await;
+    signal(&service, "TERM");
+    let out = service.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let logs = String::from_utf8(out.stderr).unwrap();
+    assert!(logs.lines().count() > fixtures.len(), "a line per message at least");
+    for line in logs.lines() {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    assert!(!logs.contains(password) && !logs.contains(killbill_password), "a password reached the logs");
+    run(&["delete_user", &user]);
+    bus.cleanup().await;
+}
