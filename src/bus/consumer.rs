@@ -21,7 +21,7 @@ use lapin::{
 };
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument as _};
 
 use super::{
     ack::{self, Settled, Settler, Verdict},
@@ -218,36 +218,64 @@ async fn lane<B: Billing + 'static>(
     while let Some(Job { delivery, decoded }) = jobs.recv().await {
         let message_id = decoded.as_ref().map(|n| n.meta.message_id.to_string()).unwrap_or_default();
         let event_type = decoded.as_ref().map(|n| n.meta.event_type.clone()).unwrap_or_default();
-        let redelivered = delivery.redelivered || ack::attempts(&delivery) > 0;
-        let source = decoded.as_ref().map_or("invalid", |n| telemetry::source(&n.event));
-        let timestamp = decoded.as_ref().ok().map(|n| n.meta.timestamp);
-        let (verdict, outcome) = process(&executor, decoded, redelivered, &backoff).await;
-        metrics::counter!(telemetry::MESSAGES, "outcome" => outcome, "source" => source).increment(1);
-        if let (Some(at), "processed") = (timestamp, outcome) {
-            let lag = time::OffsetDateTime::now_utc() - at.as_offset();
-            metrics::histogram!(telemetry::LAG).record(lag.as_seconds_f64().max(0.0));
+        // Every log line of this message, ours and the adapters', carries these fields.
+        let span = tracing::info_span!(
+            "message",
+            message_id = %message_id,
+            event_type = %event_type,
+            project_id = tracing::field::Empty,
+            instance_id = tracing::field::Empty,
+        );
+        if let Ok(n) = &decoded {
+            if let Some(project) = n.event.project() {
+                span.record("project_id", project.as_str());
+            }
+            if let Some(instance) = n.event.instance() {
+                span.record("instance_id", instance.as_str());
+            }
         }
-        let reason = match &verdict {
-            Verdict::Ack => None,
-            Verdict::Retry { reason } | Verdict::DeadLetter { reason, .. } => Some(reason.clone()),
-        };
-        let settled = settler.settle(delivery, verdict).await;
-        metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
-        match settled {
-            Ok(Settled::Acked) => info!(%message_id, %event_type, "done"),
-            Ok(Settled::Retried(attempt)) => {
-                metrics::counter!(telemetry::RETRIED).increment(1);
-                warn!(%message_id, %event_type, attempt, reason = reason.unwrap_or_default(), "retrying later")
-            }
-            Ok(Settled::DeadLettered(attempt)) => {
-                metrics::counter!(telemetry::DEAD_LETTERED, "class" => outcome).increment(1);
-                warn!(%message_id, %event_type, attempt, reason = reason.unwrap_or_default(), "dead-lettered")
-            }
-            Err(e) => {
-                // Left unacknowledged: the broker redelivers it on the next connection.
-                warn!(%message_id, %event_type, error.message = %e, "cannot settle; reconnecting");
-                trouble.cancel();
-            }
+        handle_job(&executor, &settler, &backoff, &trouble, delivery, decoded).instrument(span).await;
+    }
+}
+
+/// Processes one message and settles it: the one place a lane acts on the broker.
+async fn handle_job<B: Billing + 'static>(
+    executor: &Arc<Executor<B>>,
+    settler: &Settler,
+    backoff: &BackoffSettings,
+    trouble: &CancellationToken,
+    delivery: Delivery,
+    decoded: Result<Notification, DecodeError>,
+) {
+    let redelivered = delivery.redelivered || ack::attempts(&delivery) > 0;
+    let source = decoded.as_ref().map_or("invalid", |n| telemetry::source(&n.event));
+    let timestamp = decoded.as_ref().ok().map(|n| n.meta.timestamp);
+    let (verdict, outcome) = process(executor, decoded, redelivered, backoff).await;
+    metrics::counter!(telemetry::MESSAGES, "outcome" => outcome, "source" => source).increment(1);
+    if let (Some(at), "processed") = (timestamp, outcome) {
+        let lag = time::OffsetDateTime::now_utc() - at.as_offset();
+        metrics::histogram!(telemetry::LAG).record(lag.as_seconds_f64().max(0.0));
+    }
+    let reason = match &verdict {
+        Verdict::Ack => None,
+        Verdict::Retry { reason } | Verdict::DeadLetter { reason, .. } => Some(reason.clone()),
+    };
+    let settled = settler.settle(delivery, verdict).await;
+    metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
+    match settled {
+        Ok(Settled::Acked) => info!(outcome, "done"),
+        Ok(Settled::Retried(attempt)) => {
+            metrics::counter!(telemetry::RETRIED).increment(1);
+            warn!(attempt, reason = reason.unwrap_or_default(), "retrying later");
+        }
+        Ok(Settled::DeadLettered(attempt)) => {
+            metrics::counter!(telemetry::DEAD_LETTERED, "class" => outcome).increment(1);
+            warn!(attempt, class = outcome, reason = reason.unwrap_or_default(), "dead-lettered");
+        }
+        Err(e) => {
+            // Left unacknowledged: the broker redelivers it on the next connection.
+            warn!(error.message = %e, "cannot settle; reconnecting");
+            trouble.cancel();
         }
     }
 }
