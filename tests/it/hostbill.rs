@@ -13,28 +13,15 @@ use proptest::prelude::*;
 use rust_decimal::Decimal;
 
 use crate::support::{
-    billable, deliveries,
+    assert_no_failures, billable, deliveries,
     hostbill::{FakeHostBill, HostBillState},
-    permutation_with_duplicates, resize_settings as settings,
+    permutation_with_duplicates, resize_settings as settings, run_through, through_ledger,
 };
 
 const PRODUCTS: [(&str, &str); 2] = [("openstack-standard-monthly", "1"), ("openstack-large-monthly", "2")];
 
 async fn through_hostbill(fake: &FakeHostBill, fixtures: &[&FixtureDelivery]) -> Vec<Outcome> {
-    let executor = Executor::new(settings(), HostBill::new(fake.settings(&PRODUCTS)).unwrap());
-    let mut outcomes = Vec::new();
-    for d in fixtures {
-        outcomes.push(executor.handle(Delivery { body: &d.body, redelivered: d.redelivered }).await);
-    }
-    outcomes
-}
-
-async fn through_ledger(fixtures: &[&FixtureDelivery]) -> Snapshot {
-    let executor = Executor::new(settings(), Ledger::in_memory());
-    for d in fixtures {
-        executor.handle(Delivery { body: &d.body, redelivered: d.redelivered }).await;
-    }
-    executor.billing().snapshot()
+    run_through(HostBill::new(fake.settings(&PRODUCTS)).unwrap(), fixtures).await.1
 }
 
 /// The ledger in HostBill's terms: clients by project, the product and liveness of each
@@ -53,12 +40,6 @@ fn as_hostbill(s: &Snapshot) -> HostBillState {
             .iter()
             .map(|u| ((u.instance_id.to_string(), u.unit.to_string()), u.amount))
             .collect::<BTreeMap<_, Decimal>>(),
-    }
-}
-
-fn assert_no_failures(outcomes: &[Outcome]) {
-    for o in outcomes {
-        assert!(!matches!(o, Outcome::Failed { .. }), "{o:?}");
     }
 }
 

@@ -12,11 +12,11 @@ use concertim_billing::{
 use proptest::prelude::*;
 
 use crate::support::{
-    billable,
+    assert_no_failures, billable,
     bus::{eventually, spawn_app, TestBus},
     deliveries,
     killbill::FakeKillBill,
-    permutation_with_duplicates, resize_settings as settings,
+    permutation_with_duplicates, resize_settings as settings, run_through, through_ledger,
 };
 
 fn billing_part(s: &Snapshot) -> (Vec<String>, Vec<String>, Vec<String>) {
@@ -24,27 +24,9 @@ fn billing_part(s: &Snapshot) -> (Vec<String>, Vec<String>, Vec<String>) {
 }
 
 async fn through_killbill(fake: &FakeKillBill, fixtures: &[&FixtureDelivery]) -> Vec<Outcome> {
-    let executor = Executor::new(settings(), KillBill::new(fake.settings()).unwrap());
-    let mut outcomes = Vec::new();
-    for d in fixtures {
-        outcomes.push(executor.handle(Delivery { body: &d.body, redelivered: d.redelivered }).await);
-    }
+    let (_, outcomes) = run_through(KillBill::new(fake.settings()).unwrap(), fixtures).await;
     assert!(fake.violations().is_empty(), "bodies the OpenAPI spec rejects: {:?}", fake.violations());
     outcomes
-}
-
-async fn through_ledger(fixtures: &[&FixtureDelivery]) -> Snapshot {
-    let executor = Executor::new(settings(), Ledger::in_memory());
-    for d in fixtures {
-        executor.handle(Delivery { body: &d.body, redelivered: d.redelivered }).await;
-    }
-    executor.billing().snapshot()
-}
-
-fn assert_no_failures(outcomes: &[Outcome]) {
-    for o in outcomes {
-        assert!(!matches!(o, Outcome::Failed { .. }), "{o:?}");
-    }
 }
 
 #[tokio::test]

@@ -8,7 +8,9 @@ use std::{
 };
 
 use concertim_billing::{
+    billing::{ledger::Snapshot, Billing, Ledger},
     config::Settings,
+    executor::{Delivery, Executor, Outcome},
     replay::fixture::{self, FixtureDelivery},
 };
 use proptest::prelude::*;
@@ -44,6 +46,28 @@ pub fn resize_settings() -> Settings {
     let text = concertim_billing::config::DEFAULT_TOML
         .replace("[billing.plans]\n", "[billing.plans]\n\"m1.large\" = \"openstack-large-monthly\"\n");
     Settings::from_toml(&text, "test").unwrap()
+}
+
+/// Runs `fixtures` in order through an executor over `billing`; returns it and the outcomes.
+pub async fn run_through<B: Billing>(billing: B, fixtures: &[&FixtureDelivery]) -> (Executor<B>, Vec<Outcome>) {
+    let executor = Executor::new(resize_settings(), billing);
+    let mut outcomes = Vec::with_capacity(fixtures.len());
+    for d in fixtures {
+        outcomes.push(executor.handle(Delivery { body: &d.body, redelivered: d.redelivered }).await);
+    }
+    (executor, outcomes)
+}
+
+/// What the ledger holds after `fixtures`, in order.
+pub async fn through_ledger(fixtures: &[&FixtureDelivery]) -> Snapshot {
+    run_through(Ledger::in_memory(), fixtures).await.0.billing().snapshot()
+}
+
+/// Fails the test when any outcome is a failure.
+pub fn assert_no_failures(outcomes: &[Outcome]) {
+    for o in outcomes {
+        assert!(!matches!(o, Outcome::Failed { .. }), "{o:?}");
+    }
 }
 
 /// Every index of `0..n` once, some a second time, in a random order.
