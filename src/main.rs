@@ -594,7 +594,7 @@ async fn publish(settings: &Settings, paths: &[PathBuf]) -> anyhow::Result<ExitC
     let files = fixture::collect_files(paths)?;
     let mut publisher = Publisher::connect(&settings.bus.url).await?;
     let (mut sent, mut failed) = (0, 0);
-    for (position, delivery) in fixture::read_all(&files) {
+    for (position, delivery) in files.iter().flat_map(|f| fixture::read_all(std::slice::from_ref(f))) {
         let delivery = match delivery {
             Ok(delivery) => delivery,
             Err(e) => {
@@ -627,7 +627,8 @@ fn replay_locally(
     report: ReportFormat,
 ) -> anyhow::Result<ExitCode> {
     let files = fixture::collect_files(paths)?;
-    let executor = Executor::new(settings.clone(), backend(&settings, ledger.as_deref())?);
+    let backend = backend(&settings, ledger.as_deref())?;
+    let executor = Executor::new(settings, backend);
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
     let counts: Counts = runtime.block_on(replay::replay_files(&executor, &files, |problem| {

@@ -30,6 +30,7 @@ use super::{Applied, Billing, BillingError, Context};
 use crate::{
     config::HostBillSettings,
     event::{InstanceId, PlanName, ProjectId, Timestamp},
+    notification::fields,
     plan::{SubscriptionSpec, UsageSpec},
 };
 
@@ -50,18 +51,18 @@ struct Envelope {
     #[serde(default)]
     success: bool,
     #[serde(default)]
-    error: Option<serde_json::Value>,
+    error: Option<Box<serde_json::value::RawValue>>,
 }
 
 #[derive(Deserialize)]
 struct Sorter {
-    #[serde(default, deserialize_with = "loose_u64")]
-    totalpages: u64,
+    #[serde(default, deserialize_with = "fields::opt_u64")]
+    totalpages: Option<u64>,
 }
 
 #[derive(Deserialize)]
 struct ClientRow {
-    #[serde(deserialize_with = "loose_string")]
+    #[serde(deserialize_with = "fields::text")]
     id: String,
     #[serde(default)]
     email: String,
@@ -76,7 +77,7 @@ struct Clients {
 
 #[derive(Deserialize, Clone)]
 struct AccountRow {
-    #[serde(deserialize_with = "loose_string")]
+    #[serde(deserialize_with = "fields::text")]
     id: String,
     #[serde(default)]
     domain: String,
@@ -100,15 +101,15 @@ struct AccountDetails {
 
 #[derive(Deserialize)]
 struct Details {
-    #[serde(deserialize_with = "loose_string")]
+    #[serde(deserialize_with = "fields::text")]
     product_id: String,
 }
 
 #[derive(Deserialize)]
 struct Created {
-    #[serde(default, deserialize_with = "loose_opt_string")]
+    #[serde(default, deserialize_with = "fields::opt_text")]
     client_id: Option<String>,
-    #[serde(default, deserialize_with = "loose_opt_string")]
+    #[serde(default, deserialize_with = "fields::opt_text")]
     order_id: Option<String>,
 }
 
@@ -130,30 +131,6 @@ struct Variable {
 struct UsageValue {
     #[serde(default)]
     rawoutput: Option<String>,
-}
-
-/// HostBill writes ids as strings and some numbers as numbers: take either.
-fn loose_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    Ok(match serde_json::Value::deserialize(d)? {
-        serde_json::Value::String(s) => s,
-        other => other.to_string(),
-    })
-}
-
-fn loose_opt_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(match serde_json::Value::deserialize(d)? {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(s) => Some(s),
-        other => Some(other.to_string()),
-    })
-}
-
-fn loose_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    Ok(match serde_json::Value::deserialize(d)? {
-        serde_json::Value::String(s) => s.parse().unwrap_or(0),
-        serde_json::Value::Number(n) => n.as_u64().unwrap_or(0),
-        _ => 0,
-    })
 }
 
 /// HostBill's date format: `Y-m-d H:i:s`, UTC.
@@ -229,12 +206,8 @@ impl HostBill {
             Ok(e) => {
                 // HostBill's own words: an array of strings (sometimes a hash).
                 let text = match e.error {
-                    Some(serde_json::Value::Array(items)) => items
-                        .iter()
-                        .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                    Some(other) => other.to_string(),
+                    Some(raw) => serde_json::from_str::<Vec<String>>(raw.get())
+                        .map_or_else(|_| raw.get().to_owned(), |items| items.join("; ")),
                     None => "success: false without an error".to_owned(),
                 };
                 Err(BillingError::Refused { what, status: status.as_u16(), error: text })
@@ -271,7 +244,7 @@ impl HostBill {
                 self.clients.lock().unwrap_or_else(|p| p.into_inner()).insert(project.to_string(), c.id.clone());
                 return Ok(Some(c.id.clone()));
             }
-            let pages = clients.sorter.map_or(1, |s| s.totalpages);
+            let pages = clients.sorter.and_then(|s| s.totalpages).unwrap_or(1);
             if clients.clients.is_empty() || page >= pages {
                 return Ok(None);
             }
@@ -320,7 +293,7 @@ impl HostBill {
             let mut p = params.to_vec();
             p.push(("page", page.to_string()));
             let found: Accounts = self.call("getAccounts", &p).await?;
-            let done = found.accounts.is_empty() || page >= found.sorter.map_or(1, |s| s.totalpages);
+            let done = found.accounts.is_empty() || page >= found.sorter.and_then(|s| s.totalpages).unwrap_or(1);
             out.extend(found.accounts);
             if done {
                 return Ok(out);

@@ -189,6 +189,7 @@ impl Ledger {
         let io = |source| BillingError::LedgerIo { path: path.display().to_string(), source };
         let mut state = self.lock().clone();
         state.format = FORMAT.to_owned();
+        // Maps keyed by string newtypes, timestamps and decimals as strings: cannot fail.
         let bytes = serde_json::to_vec_pretty(&state).expect("ledger state serialises");
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,

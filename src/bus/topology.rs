@@ -90,43 +90,34 @@ pub async fn declare(channel: &Channel, bus: &BusSettings) -> Result<Names, BusE
             )
         }
     };
-    for exchange in [&names.dead_exchange, &names.retry_exchange] {
+    // The dead-letter queue is classic, not quorum: operators read it with basic.get and return
+    // what they do not take, and a classic queue puts returned messages back in their place
+    // without counting deliveries (a quorum queue's delivery limit would drop dead letters after
+    // enough reads). The retry queue is quorum, with its TTL.
+    let fanouts = [
+        (&names.dead_exchange, &names.dead_queue, FieldTable::default()),
+        (&names.retry_exchange, &names.retry_queue, retry_queue_arguments(bus, &names)),
+    ];
+    for (exchange, queue, arguments) in fanouts {
         channel
             .exchange_declare(exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
             .await
             .map_err(ours(format!("exchange {exchange}")))?;
+        channel
+            .queue_declare(queue.as_str().into(), queue_options, arguments)
+            .await
+            .map_err(ours(format!("queue {queue}")))?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(ours(format!("binding of {queue}")))?;
     }
-    channel
-        // Classic, not quorum: operators read it with basic.get and return what they do not
-        // take, and a classic queue puts returned messages back in their place without counting
-        // deliveries (a quorum queue's delivery limit would drop dead letters after enough reads).
-        .queue_declare(names.dead_queue.as_str().into(), queue_options, FieldTable::default())
-        .await
-        .map_err(ours(format!("queue {}", names.dead_queue)))?;
-    channel
-        .queue_bind(
-            names.dead_queue.as_str().into(),
-            names.dead_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(ours(format!("binding of {}", names.dead_queue)))?;
-    channel
-        .queue_declare(names.retry_queue.as_str().into(), queue_options, retry_queue_arguments(bus, &names))
-        .await
-        .map_err(ours(format!("queue {}", names.retry_queue)))?;
-    channel
-        .queue_bind(
-            names.retry_queue.as_str().into(),
-            names.retry_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(ours(format!("binding of {}", names.retry_queue)))?;
     channel
         .queue_declare(names.queue.as_str().into(), queue_options, main_queue_arguments(bus, &names))
         .await

@@ -97,6 +97,11 @@ pub(crate) fn volume<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>,
         .map_err(|_| de::Error::custom(format!("volume {text:?} is not a decimal number in range")))
 }
 
+/// Reads a string that may arrive as a number (HostBill ids); absent or null is an error.
+pub(crate) fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    opt_text(d)?.ok_or_else(|| de::Error::custom("expected a string or a number, found null"))
+}
+
 /// Reads an optional string that older releases sometimes send as a number (ids, flavor ids).
 pub(crate) fn opt_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     Ok(match Loose::deserialize(d)? {

@@ -7,7 +7,7 @@
 //! Nothing outside this module sees `serde_json::Value`.
 
 mod ceilometer;
-mod fields;
+pub(crate) mod fields;
 mod heat;
 mod keystone;
 mod nova;

@@ -143,6 +143,7 @@ pub fn to_line(delivery: &FixtureDelivery) -> String {
         body,
         body_base64,
     };
+    // Strings, a bool and raw JSON that was valid when made: serialising cannot fail.
     serde_json::to_string(&out).expect("a fixture line serialises")
 }
 

@@ -56,6 +56,9 @@ where
             return value;
         }
         assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        // The poll interval of this wait-on-state helper, not a synchronising sleep: the state
+        // (a queue depth, a ledger file, an HTTP answer) lives in another process or the broker,
+        // which offers nothing to await.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
