@@ -131,7 +131,12 @@ impl DeadLetter {
             };
         Self {
             id: format!("{:012x}", fnv(&body) >> 16),
-            event_type: decode(&body, limits).ok().map(|n| n.meta.event_type),
+            // Concertim updates are shown as `concertim <event type>`.
+            event_type: decode(&body, limits).ok().map(|n| n.meta.event_type).or_else(|| {
+                serde_json::from_slice::<crate::concertim::Work>(&body)
+                    .ok()
+                    .map(|w| format!("concertim {}", w.event_type))
+            }),
             class: ack::header_text(p, ack::CLASS).unwrap_or_else(|| "broker".to_owned()),
             reason: reason.unwrap_or_else(|| {
                 if death.is_some() {
@@ -175,13 +180,13 @@ impl DeadLetter {
         line(&mut out, "properties", &properties_json(&self.properties));
         let body = if raw { self.body.clone() } else { redact(&self.body).into_owned() };
         let limits = DecodeLimits { max_body_bytes: settings.decode.max_body_bytes };
-        match decode(&body, limits) {
-            Ok(n) => line(
-                &mut out,
-                "notification",
-                &serde_json::to_string_pretty(&n).unwrap_or_default().replace('\n', "\n                       "),
-            ),
-            Err(e) => line(&mut out, "decode error", &crate::replay::chain(&e)),
+        let indent = |text: String| text.replace('\n', "\n                       ");
+        match (decode(&body, limits), serde_json::from_slice::<crate::concertim::Work>(&body)) {
+            (Ok(n), _) => line(&mut out, "notification", &indent(serde_json::to_string_pretty(&n).unwrap_or_default())),
+            (Err(_), Ok(work)) => {
+                line(&mut out, "concertim work", &indent(serde_json::to_string_pretty(&work).unwrap_or_default()))
+            }
+            (Err(e), Err(_)) => line(&mut out, "decode error", &crate::replay::chain(&e)),
         }
         line(&mut out, "body", &String::from_utf8_lossy(&body));
         out

@@ -90,13 +90,13 @@ impl Outcome {
 #[derive(Debug)]
 pub struct Executor<B> {
     settings: Settings,
-    billing: B,
+    billing: std::sync::Arc<B>,
 }
 
 impl<B: Billing> Executor<B> {
     /// An executor over a billing backend.
     pub fn new(settings: Settings, billing: B) -> Self {
-        Self { settings, billing }
+        Self { settings, billing: std::sync::Arc::new(billing) }
     }
 
     /// The settings it runs with.
@@ -107,6 +107,11 @@ impl<B: Billing> Executor<B> {
     /// The billing backend.
     pub fn billing(&self) -> &B {
         &self.billing
+    }
+
+    /// The billing backend, shared (the Concertim worker reads team figures through it).
+    pub fn shared_billing(&self) -> std::sync::Arc<B> {
+        std::sync::Arc::clone(&self.billing)
     }
 
     /// Handles one delivery to its outcome. Never panics on any input.
@@ -161,7 +166,7 @@ impl<B: Billing> Executor<B> {
     }
 
     async fn apply(&self, action: &Action, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        let b = &self.billing;
+        let b = &*self.billing;
         match action {
             Action::EnsureAccount { project } => b.ensure_account(project, ctx).await,
             Action::CloseAccount { project, at } => b.close_account(project, *at, ctx).await,

@@ -9,6 +9,7 @@
 //! - [`config`]: the typed settings (flavor → plan, meter → unit and factor, project filter).
 //! - [`plan`]: event + settings → ordered billing actions; pure.
 //! - [`billing`]: the [`billing::Billing`] trait and its backends (the embedded ledger).
+//! - [`concertim`]: event → Concertim updates (pure), their client and worker.
 //! - [`executor`]: one delivery → decode → plan → billing → [`executor::Outcome`].
 //! - [`replay`]: fixture files through the executor, and the report.
 //! - [`class`]: the failure classes that decide a failed message's fate.
@@ -22,6 +23,7 @@ pub mod billing;
 pub mod bus;
 pub mod capture;
 pub mod class;
+pub mod concertim;
 pub mod config;
 pub mod dlq;
 pub mod event;

@@ -183,6 +183,15 @@ impl Filters {
     }
 }
 
+/// The topology the configuration describes, Concertim's queues included when configured.
+fn describe_topology(settings: &Settings) -> String {
+    let mut text = topology::describe(&settings.bus);
+    if let Some(concertim) = &settings.concertim {
+        text.push_str(&topology::describe_concertim(&settings.bus, concertim));
+    }
+    text
+}
+
 fn parse_age(text: &str) -> Result<std::time::Duration, String> {
     dlq::parse_age(text)
 }
@@ -396,7 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology { action: TopologyAction::Show } => {
-            print!("{}", topology::describe(&settings.bus));
+            print!("{}", describe_topology(&settings));
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology { action: TopologyAction::Declare } => {
@@ -404,10 +413,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let connection = bus::connect(&settings.bus.url, "concertim-billing topology").await?;
                 let channel = connection.create_channel().await.context("cannot open a channel")?;
                 topology::declare(&channel, &settings.bus).await?;
+                if let Some(concertim) = &settings.concertim {
+                    topology::declare_concertim(&channel, &settings.bus, concertim).await?;
+                }
                 let _ = connection.close(200, "done".into()).await;
                 anyhow::Ok(())
             })?;
-            print!("declared on {}:\n{}", settings.bus.url, topology::describe(&settings.bus));
+            print!("declared on {}:\n{}", settings.bus.url, describe_topology(&settings));
             Ok(ExitCode::SUCCESS)
         }
         Command::Killbill { action: KillBillAction::Bootstrap { catalog } } => {

@@ -179,6 +179,37 @@ pub trait Billing: Send + Sync {
     fn commit(&self) -> impl Future<Output = Result<(), BillingError>> + Send {
         async { Ok(()) }
     }
+
+    /// The project's account id in the billing application (what Concertim stores as the
+    /// team's `billing_acct_id`), or `None` when it has no account or the backend has no ids.
+    fn account_ref(&self, _project: &ProjectId) -> impl Future<Output = Result<Option<String>, BillingError>> + Send {
+        async { Ok(None) }
+    }
+
+    /// The project's billing figures for the period containing `today`, or `None` when it has no
+    /// account or the backend does not compute them.
+    fn account_figures(
+        &self,
+        _project: &ProjectId,
+        _today: time::Date,
+    ) -> impl Future<Output = Result<Option<AccountFigures>, BillingError>> + Send {
+        async { Ok(None) }
+    }
+}
+
+/// What Concertim shows of a team's billing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountFigures {
+    /// The account id.
+    pub account_id: String,
+    /// The upcoming invoice's amount (never negative).
+    pub cost: rust_decimal::Decimal,
+    /// The account's credit balance minus the upcoming invoice.
+    pub credits: rust_decimal::Decimal,
+    /// First day of the billing period.
+    pub period_start: time::Date,
+    /// Last day of the billing period.
+    pub period_end: time::Date,
 }
 
 /// The configured backend.
@@ -255,5 +286,17 @@ impl Billing for Backend {
 
     async fn commit(&self) -> Result<(), BillingError> {
         dispatch!(self, b => b.commit())
+    }
+
+    async fn account_ref(&self, project: &ProjectId) -> Result<Option<String>, BillingError> {
+        dispatch!(self, b => b.account_ref(project))
+    }
+
+    async fn account_figures(
+        &self,
+        project: &ProjectId,
+        today: time::Date,
+    ) -> Result<Option<AccountFigures>, BillingError> {
+        dispatch!(self, b => b.account_figures(project, today))
     }
 }

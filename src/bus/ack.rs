@@ -81,6 +81,28 @@ impl Settler {
         Self { channel, names, max_attempts }
     }
 
+    /// `"billing"` or `"concertim"`: which queue this settler serves, as a metric label.
+    pub fn target(&self) -> &'static str {
+        if self.names.queue.ends_with(".concertim") {
+            "concertim"
+        } else {
+            "billing"
+        }
+    }
+
+    /// Publishes a notification's Concertim work to the Concertim queue (through the default
+    /// exchange) and waits for the broker's confirm.
+    ///
+    /// # Errors
+    /// When the publish is not confirmed.
+    pub async fn forward(&self, queue: &str, work: &crate::concertim::Work) -> Result<(), BusError> {
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(work.message_id.as_str().into());
+        self.publish("", queue, &work.to_body(), properties).await
+    }
+
     /// Carries out `verdict` for `delivery`, consuming it so it cannot be settled twice.
     ///
     /// # Errors
@@ -125,16 +147,20 @@ impl Settler {
         attempt: u32,
     ) -> Result<(), BusError> {
         let properties = with_failure_headers(delivery, class, reason, attempt, now());
+        self.publish(exchange, delivery.routing_key.as_str(), &delivery.data, properties).await
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BusError> {
         let broker = |source| BusError::Broker { url: format!("(publish to {exchange})"), source };
         let publish = async {
             self.channel
-                .basic_publish(
-                    exchange.into(),
-                    delivery.routing_key.clone(),
-                    BasicPublishOptions::default(),
-                    &delivery.data,
-                    properties,
-                )
+                .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
                 .await?
                 .await
         };

@@ -1,14 +1,20 @@
-//! The consumer: our queue → lanes → executor → [`ack`](super::ack), with reconnection and
+//! The consumers: a queue → lanes → a [`Handler`] → [`ack`](super::ack), with reconnection and
 //! graceful shutdown.
+//!
+//! Two handlers run on this machinery, each on its own connection: billing, on our main queue,
+//! and, when Concertim is configured, the Concertim updates on their own queue (see
+//! [`crate::concertim`]). Billing publishes a notification's Concertim work, confirmed, before
+//! it acknowledges the notification, and never waits for Concertim itself.
 //!
 //! One project's messages always go to the same lane and are handled there one after the other,
 //! in order; different projects are handled concurrently. A transient failure is retried in
-//! process (see [`crate::retry`]), then through the retry queue. A handler that panics loses
-//! only its message, which is dead-lettered. When the connection or a channel fails, the
+//! process (see [`crate::retry`]), then through the handler's retry queue. A handler that panics
+//! loses only its message, which is dead-lettered. When the connection or a channel fails, the
 //! session ends, lanes finish what they hold (their acks fail, so the broker redelivers those
 //! messages), and a new session connects with backoff and declares the topology again.
 
 use std::{
+    future::Future,
     hash::{DefaultHasher, Hash, Hasher},
     sync::Arc,
 };
@@ -25,13 +31,14 @@ use tracing::{info, warn, Instrument as _};
 
 use super::{
     ack::{self, Settled, Settler, Verdict},
-    broker_error, connect, topology, BusError,
+    broker_error, connect, topology, BusError, Names,
 };
 use crate::{
     billing::Billing,
     class::ErrorClass,
-    config::{BackoffSettings, BusSettings},
-    event::Notification,
+    concertim::{self, Work, Worker},
+    config::{BackoffSettings, BusSettings, Settings},
+    event::{Notification, Timestamp},
     executor::{Executor, Outcome},
     notification::DecodeError,
     replay::chain,
@@ -39,10 +46,10 @@ use crate::{
     telemetry::{self, Health},
 };
 
-const CONSUMER_TAG: &str = "concertim-billing";
-
 /// Consumes until `shutdown` is cancelled, reconnecting whenever the broker goes away. Returns
 /// once in-flight messages finished (or the shutdown deadline passed) and the connection closed.
+/// When the executor's settings configure Concertim, its updates are consumed alongside, on a
+/// connection of their own.
 ///
 /// # Errors
 /// Only a permanent problem ends the loop: a topology that conflicts with what exists on the
@@ -55,7 +62,7 @@ pub async fn run<B: Billing + 'static>(
     run_with_health(bus, executor, shutdown, Arc::new(Health::default())).await
 }
 
-/// As [`run`], reporting into `health` whether it is consuming (what `/readyz` answers).
+/// As [`run`], reporting into `health` whether billing is consuming (what `/readyz` answers).
 ///
 /// # Errors
 /// As [`run`].
@@ -65,23 +72,136 @@ pub async fn run_with_health<B: Billing + 'static>(
     shutdown: CancellationToken,
     health: Arc<Health>,
 ) -> Result<(), BusError> {
+    let settings = executor.settings().clone();
+    let worker = match &settings.concertim {
+        Some(c) => Some(Arc::new(
+            Worker::new(c.clone(), executor.shared_billing())
+                .map_err(|e| BusError::Config { detail: format!("concertim: {e}") })?,
+        )),
+        None => None,
+    };
+    run_both(bus, &settings, executor, worker, shutdown, health).await
+}
+
+/// As [`run_with_health`], with a Concertim worker made by the caller (whose counters a test
+/// can read).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_both<B: Billing + 'static>(
+    bus: &BusSettings,
+    settings: &Settings,
+    executor: Arc<Executor<B>>,
+    worker: Option<Arc<Worker<B>>>,
+    shutdown: CancellationToken,
+    health: Arc<Health>,
+) -> Result<(), BusError> {
+    // Either loop failing for good stops the other.
+    let stop = shutdown.child_token();
+    let billing = Consumer {
+        queue: Names::new(bus).queue,
+        names: Names::new(bus),
+        tag: "concertim-billing",
+        prefetch: bus.prefetch,
+        lanes: bus.lanes,
+        max_attempts: bus.max_attempts,
+    };
+    let forward = settings.concertim.as_ref().map(|_| Names::concertim(bus).queue);
+    let handler = Arc::new(BillingHandler { executor, backoff: bus.backoff.clone(), forward });
+    let billing = async {
+        let result = consume(bus, settings, billing, handler, &stop, Some(&health)).await;
+        if result.is_err() {
+            stop.cancel();
+        }
+        result
+    };
+    let (Some(worker), Some(concertim_settings)) = (worker, settings.concertim.clone()) else {
+        return billing.await;
+    };
+    let names = Names::concertim(bus);
+    let consumer = Consumer {
+        queue: names.queue.clone(),
+        names,
+        tag: "concertim-billing-concertim",
+        prefetch: bus.prefetch,
+        lanes: concertim_settings.lanes,
+        max_attempts: concertim_settings.max_attempts,
+    };
+    let handler = Arc::new(ConcertimHandler { worker, backoff: concertim_settings.backoff.clone() });
+    let concertim = async {
+        let result = consume(bus, settings, consumer, handler, &stop, None).await;
+        if result.is_err() {
+            stop.cancel();
+        }
+        result
+    };
+    let (billing, concertim) = tokio::join!(billing, concertim);
+    billing.and(concertim)
+}
+
+/// What a consumer reads and how it settles.
+struct Consumer {
+    queue: String,
+    names: Names,
+    tag: &'static str,
+    prefetch: u16,
+    lanes: usize,
+    max_attempts: u32,
+}
+
+/// What a consumer does with its messages.
+trait Handler: Send + Sync + 'static {
+    /// A delivery read far enough to choose its lane and name its span.
+    type Prepared: Send + 'static;
+
+    /// Reads a delivery.
+    fn prepare(&self, delivery: &Delivery) -> Self::Prepared;
+
+    /// The lane key (a project), when there is one.
+    fn lane_key(prepared: &Self::Prepared) -> Option<&str>;
+
+    /// The span every log line of the message carries.
+    fn span(prepared: &Self::Prepared) -> tracing::Span;
+
+    /// Runs the message to its verdict, retrying transient failures in process.
+    fn process(self: &Arc<Self>, prepared: Self::Prepared, redelivered: bool)
+        -> impl Future<Output = Processed> + Send;
+}
+
+/// A message's verdict, its metric label, and the work to publish before acknowledging it.
+struct Processed {
+    verdict: Verdict,
+    label: &'static str,
+    forward: Option<(String, Work)>,
+}
+
+async fn consume<H: Handler>(
+    bus: &BusSettings,
+    settings: &Settings,
+    consumer: Consumer,
+    handler: Arc<H>,
+    shutdown: &CancellationToken,
+    health: Option<&Health>,
+) -> Result<(), BusError> {
     let mut reconnect = retry::reconnect(std::time::Duration::from_millis(bus.reconnect_max_ms));
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        let session = session(bus, &executor, &shutdown, &health).await;
-        health.set_consuming(false);
+        let session = session(bus, settings, &consumer, &handler, shutdown, health).await;
+        if let Some(health) = health {
+            health.set_consuming(false);
+        }
         match session {
             Ok(End::Shutdown) => return Ok(()),
             Ok(End::Lost { consumed }) => {
                 if consumed {
                     reconnect.reset();
                 }
-                warn!("lost the broker; reconnecting");
+                warn!(queue = %consumer.queue, "lost the broker; reconnecting");
             }
             Err(e) if e.class() == ErrorClass::Permanent => return Err(e),
-            Err(e) => warn!(error.message = %e, "cannot consume; retrying"),
+            Err(e) => warn!(queue = %consumer.queue, error.message = %e, "cannot consume; retrying"),
         }
         let wait = reconnect.next_wait().unwrap_or(std::time::Duration::from_millis(bus.reconnect_max_ms));
         tokio::select! {
@@ -96,45 +216,52 @@ enum End {
     Lost { consumed: bool },
 }
 
-struct Job {
+struct Job<P> {
     delivery: Delivery,
-    decoded: Result<Notification, DecodeError>,
+    prepared: P,
 }
 
-async fn session<B: Billing + 'static>(
+async fn session<H: Handler>(
     bus: &BusSettings,
-    executor: &Arc<Executor<B>>,
+    settings: &Settings,
+    consumer: &Consumer,
+    handler: &Arc<H>,
     shutdown: &CancellationToken,
-    health: &Health,
+    health: Option<&Health>,
 ) -> Result<End, BusError> {
     let broker = broker_error(&bus.url);
-    let connection = connect(&bus.url, "concertim-billing").await?;
+    let connection = connect(&bus.url, consumer.tag).await?;
     let setup = connection.create_channel().await.map_err(&broker)?;
-    let names = topology::declare(&setup, bus).await?;
+    topology::declare(&setup, bus).await?;
+    if let Some(concertim) = &settings.concertim {
+        topology::declare_concertim(&setup, bus, concertim).await?;
+    }
     let publisher = connection.create_channel().await.map_err(&broker)?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(&broker)?;
     let consuming = connection.create_channel().await.map_err(&broker)?;
-    consuming.basic_qos(bus.prefetch, BasicQosOptions::default()).await.map_err(&broker)?;
-    let mut consumer = consuming
+    consuming.basic_qos(consumer.prefetch, BasicQosOptions::default()).await.map_err(&broker)?;
+    let mut deliveries = consuming
         .basic_consume(
-            names.queue.as_str().into(),
-            CONSUMER_TAG.into(),
+            consumer.queue.as_str().into(),
+            consumer.tag.into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
         .map_err(&broker)?;
-    info!(queue = %names.queue, url = %bus.url, lanes = bus.lanes, "consuming");
-    health.set_consuming(true);
+    info!(queue = %consumer.queue, url = %bus.url, lanes = consumer.lanes, "consuming");
+    if let Some(health) = health {
+        health.set_consuming(true);
+    }
 
-    let settler = Settler::new(publisher, names, bus.max_attempts);
+    let settler = Settler::new(publisher, consumer.names.clone(), consumer.max_attempts);
     let trouble = CancellationToken::new();
     let mut lanes = JoinSet::new();
-    let mut senders = Vec::with_capacity(bus.lanes);
-    for _ in 0..bus.lanes {
-        let (tx, rx) = mpsc::channel(usize::from(bus.prefetch));
+    let mut senders = Vec::with_capacity(consumer.lanes);
+    for _ in 0..consumer.lanes {
+        let (tx, rx) = mpsc::channel(usize::from(consumer.prefetch));
         senders.push(tx);
-        lanes.spawn(lane(rx, Arc::clone(executor), settler.clone(), bus.backoff.clone(), trouble.clone()));
+        lanes.spawn(lane(rx, Arc::clone(handler), settler.clone(), trouble.clone()));
     }
 
     let mut consumed = false;
@@ -143,20 +270,20 @@ async fn session<B: Billing + 'static>(
             biased;
             () = shutdown.cancelled() => {
                 // Stop new deliveries; what was already delivered is finished below.
-                let _ = consuming.basic_cancel(CONSUMER_TAG.into(), BasicCancelOptions::default()).await;
+                let _ = consuming.basic_cancel(consumer.tag.into(), BasicCancelOptions::default()).await;
                 break End::Shutdown;
             }
             () = trouble.cancelled() => break End::Lost { consumed },
-            next = consumer.next() => match next {
+            next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
                     consumed = true;
                     metrics::gauge!(telemetry::IN_FLIGHT).increment(1.0);
-                    let decoded = executor.decode(&delivery.data);
-                    let lane = lane_of(&decoded, &delivery, senders.len());
+                    let prepared = handler.prepare(&delivery);
+                    let lane = lane_of(H::lane_key(&prepared), delivery.delivery_tag, senders.len());
                     // A busy lane must not hold up shutdown or reconnection: a job dropped here
                     // is unacknowledged, so the broker delivers it again.
                     tokio::select! {
-                        sent = senders[lane].send(Job { delivery, decoded }) => {
+                        sent = senders[lane].send(Job { delivery, prepared }) => {
                             if sent.is_err() {
                                 break End::Lost { consumed };
                             }
@@ -193,29 +320,144 @@ async fn session<B: Billing + 'static>(
     while lanes.join_next().await.is_some() {}
     if matches!(end, End::Shutdown) {
         let _ = connection.close(200, "shutting down".into()).await;
-        info!("stopped consuming");
+        info!(queue = %consumer.queue, "stopped consuming");
     }
     Ok(end)
 }
 
 /// One project's messages always map to the same lane; messages without a project spread out.
-fn lane_of(decoded: &Result<Notification, DecodeError>, delivery: &Delivery, lanes: usize) -> usize {
+fn lane_of(key: Option<&str>, delivery_tag: u64, lanes: usize) -> usize {
     let mut hasher = DefaultHasher::new();
-    match decoded.as_ref().ok().and_then(|n| n.event.project()) {
+    match key {
         Some(project) => project.hash(&mut hasher),
-        None => delivery.delivery_tag.hash(&mut hasher),
+        None => delivery_tag.hash(&mut hasher),
     }
     (hasher.finish() % lanes as u64) as usize
 }
 
-async fn lane<B: Billing + 'static>(
-    mut jobs: mpsc::Receiver<Job>,
-    executor: Arc<Executor<B>>,
+async fn lane<H: Handler>(
+    mut jobs: mpsc::Receiver<Job<H::Prepared>>,
+    handler: Arc<H>,
     settler: Settler,
-    backoff: BackoffSettings,
     trouble: CancellationToken,
 ) {
-    while let Some(Job { delivery, decoded }) = jobs.recv().await {
+    while let Some(Job { delivery, prepared }) = jobs.recv().await {
+        let span = H::span(&prepared);
+        handle_job(&handler, &settler, &trouble, delivery, prepared).instrument(span).await;
+    }
+}
+
+/// Processes one message and settles it: the one place a lane acts on the broker.
+async fn handle_job<H: Handler>(
+    handler: &Arc<H>,
+    settler: &Settler,
+    trouble: &CancellationToken,
+    delivery: Delivery,
+    prepared: H::Prepared,
+) {
+    let redelivered = delivery.redelivered || ack::attempts(&delivery) > 0;
+    let Processed { verdict, label, forward } = handler.process(prepared, redelivered).await;
+    if let Some((queue, work)) = forward {
+        // The Concertim work is on its queue before the notification is acknowledged: a crash
+        // in between redelivers the notification, whose billing is idempotent.
+        if let Err(e) = settler.forward(&queue, &work).await {
+            metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
+            warn!(error.message = %e, "cannot hand the Concertim work over; reconnecting");
+            trouble.cancel();
+            return;
+        }
+    }
+    let reason = match &verdict {
+        Verdict::Ack => None,
+        Verdict::Retry { reason } | Verdict::DeadLetter { reason, .. } => Some(reason.clone()),
+    };
+    let target = settler.target();
+    let settled = settler.settle(delivery, verdict).await;
+    metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
+    match settled {
+        Ok(Settled::Acked) => info!(outcome = label, "done"),
+        Ok(Settled::Retried(attempt)) => {
+            metrics::counter!(telemetry::RETRIED, "target" => target).increment(1);
+            warn!(attempt, reason = reason.unwrap_or_default(), "retrying later");
+        }
+        Ok(Settled::DeadLettered(attempt)) => {
+            metrics::counter!(telemetry::DEAD_LETTERED, "class" => label, "target" => target).increment(1);
+            warn!(attempt, class = label, reason = reason.unwrap_or_default(), "dead-lettered");
+        }
+        Err(e) => {
+            // Left unacknowledged: the broker redelivers it on the next connection.
+            warn!(error.message = %e, "cannot settle; reconnecting");
+            trouble.cancel();
+        }
+    }
+}
+
+/// One attempt's result, as the retry loop sees it.
+enum Step<T> {
+    /// Finished (successfully or as ignored): `T` says how.
+    Done(T),
+    /// Failed; retrying may help.
+    Transient(String),
+    /// Failed for good.
+    Fail(ErrorClass, String),
+}
+
+/// Runs `attempt` (each run in its own task, so a panic loses only this message) until it
+/// finishes or fails for good, retrying transient failures in process; then the verdict.
+async fn with_retries<T, F, Fut>(backoff: &BackoffSettings, mut attempt: F) -> Result<T, (Verdict, &'static str)>
+where
+    T: Send + 'static,
+    F: FnMut(bool) -> Fut,
+    Fut: Future<Output = Step<T>> + Send + 'static,
+{
+    let mut schedule = retry::in_process(backoff);
+    let mut again = false;
+    loop {
+        let reason = match tokio::spawn(attempt(again)).await {
+            Err(join) => {
+                return Err((
+                    Verdict::DeadLetter { class: ErrorClass::Permanent, reason: panic_reason(join) },
+                    "permanent",
+                ))
+            }
+            Ok(Step::Done(value)) => return Ok(value),
+            Ok(Step::Fail(class, reason)) => return Err((Verdict::DeadLetter { class, reason }, class.as_str())),
+            Ok(Step::Transient(reason)) => reason,
+        };
+        again = true;
+        match schedule.next_wait() {
+            Some(wait) => tokio::time::sleep(wait).await,
+            None => return Err((Verdict::Retry { reason }, "transient")),
+        }
+    }
+}
+
+/// Billing: notifications from our main queue through the executor.
+struct BillingHandler<B> {
+    executor: Arc<Executor<B>>,
+    backoff: BackoffSettings,
+    /// The Concertim queue, when Concertim is configured.
+    forward: Option<String>,
+}
+
+/// A notification as decoded for its lane.
+struct Decoded {
+    decoded: Result<Notification, DecodeError>,
+}
+
+impl<B: Billing + 'static> Handler for BillingHandler<B> {
+    type Prepared = Decoded;
+
+    fn prepare(&self, delivery: &Delivery) -> Decoded {
+        Decoded { decoded: self.executor.decode(&delivery.data) }
+    }
+
+    fn lane_key(prepared: &Decoded) -> Option<&str> {
+        prepared.decoded.as_ref().ok().and_then(|n| n.event.project()).map(|p| p.as_str())
+    }
+
+    fn span(prepared: &Decoded) -> tracing::Span {
+        let decoded = &prepared.decoded;
         let message_id = decoded.as_ref().map(|n| n.meta.message_id.to_string()).unwrap_or_default();
         let event_type = decoded.as_ref().map(|n| n.meta.event_type.clone()).unwrap_or_default();
         // Every log line of this message, ours and the adapters', carries these fields.
@@ -226,7 +468,7 @@ async fn lane<B: Billing + 'static>(
             project_id = tracing::field::Empty,
             instance_id = tracing::field::Empty,
         );
-        if let Ok(n) = &decoded {
+        if let Ok(n) = decoded {
             if let Some(project) = n.event.project() {
                 span.record("project_id", project.as_str());
             }
@@ -234,105 +476,125 @@ async fn lane<B: Billing + 'static>(
                 span.record("instance_id", instance.as_str());
             }
         }
-        handle_job(&executor, &settler, &backoff, &trouble, delivery, decoded).instrument(span).await;
+        span
+    }
+
+    async fn process(self: &Arc<Self>, prepared: Decoded, redelivered: bool) -> Processed {
+        let source = prepared.decoded.as_ref().map_or("invalid", |n| telemetry::source(&n.event));
+        let timestamp = prepared.decoded.as_ref().ok().map(|n| n.meta.timestamp);
+        let (verdict, label, forward) = match prepared.decoded {
+            Err(e) => (Verdict::DeadLetter { class: ErrorClass::Invalid, reason: chain(&e) }, "invalid", None),
+            Ok(notification) => self.bill(Arc::new(notification), redelivered).await,
+        };
+        metrics::counter!(telemetry::MESSAGES, "outcome" => label, "source" => source).increment(1);
+        if let (Some(at), "processed") = (timestamp, label) {
+            record_lag(at);
+        }
+        Processed { verdict, label, forward }
     }
 }
 
-/// Processes one message and settles it: the one place a lane acts on the broker.
-async fn handle_job<B: Billing + 'static>(
-    executor: &Arc<Executor<B>>,
-    settler: &Settler,
-    backoff: &BackoffSettings,
-    trouble: &CancellationToken,
-    delivery: Delivery,
-    decoded: Result<Notification, DecodeError>,
-) {
-    let redelivered = delivery.redelivered || ack::attempts(&delivery) > 0;
-    let source = decoded.as_ref().map_or("invalid", |n| telemetry::source(&n.event));
-    let timestamp = decoded.as_ref().ok().map(|n| n.meta.timestamp);
-    let (verdict, outcome) = process(executor, decoded, redelivered, backoff).await;
-    metrics::counter!(telemetry::MESSAGES, "outcome" => outcome, "source" => source).increment(1);
-    if let (Some(at), "processed") = (timestamp, outcome) {
-        let lag = time::OffsetDateTime::now_utc() - at.as_offset();
-        metrics::histogram!(telemetry::LAG).record(lag.as_seconds_f64().max(0.0));
-    }
-    let reason = match &verdict {
-        Verdict::Ack => None,
-        Verdict::Retry { reason } | Verdict::DeadLetter { reason, .. } => Some(reason.clone()),
-    };
-    let settled = settler.settle(delivery, verdict).await;
-    metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
-    match settled {
-        Ok(Settled::Acked) => info!(outcome, "done"),
-        Ok(Settled::Retried(attempt)) => {
-            metrics::counter!(telemetry::RETRIED).increment(1);
-            warn!(attempt, reason = reason.unwrap_or_default(), "retrying later");
-        }
-        Ok(Settled::DeadLettered(attempt)) => {
-            metrics::counter!(telemetry::DEAD_LETTERED, "class" => outcome).increment(1);
-            warn!(attempt, class = outcome, reason = reason.unwrap_or_default(), "dead-lettered");
-        }
-        Err(e) => {
-            // Left unacknowledged: the broker redelivers it on the next connection.
-            warn!(error.message = %e, "cannot settle; reconnecting");
-            trouble.cancel();
-        }
-    }
+fn record_lag(at: Timestamp) {
+    let lag = time::OffsetDateTime::now_utc() - at.as_offset();
+    metrics::histogram!(telemetry::LAG).record(lag.as_seconds_f64().max(0.0));
 }
 
-/// Runs a message to its verdict, retrying transient failures in process; also returns the
-/// outcome's metric label.
-async fn process<B: Billing + 'static>(
-    executor: &Arc<Executor<B>>,
-    decoded: Result<Notification, DecodeError>,
-    redelivered: bool,
-    backoff: &BackoffSettings,
-) -> (Verdict, &'static str) {
-    let notification = match decoded {
-        Ok(n) => Arc::new(n),
-        Err(e) => return (Verdict::DeadLetter { class: ErrorClass::Invalid, reason: chain(&e) }, "invalid"),
-    };
-    let mut schedule = retry::in_process(backoff);
-    let mut attempt = 0;
-    loop {
-        let task_executor = Arc::clone(executor);
-        let task_notification = Arc::clone(&notification);
-        let again = redelivered || attempt > 0;
-        // Its own task, so that a panic loses this message only, not the lane.
-        let handled = tokio::spawn(async move {
-            let outcome = task_executor.execute(&task_notification, again).await;
-            if let Outcome::Processed { .. } = outcome {
-                task_executor.commit().await?;
+impl<B: Billing + 'static> BillingHandler<B> {
+    /// Bills a notification; on success, also its Concertim work to hand over.
+    async fn bill(
+        &self,
+        notification: Arc<Notification>,
+        redelivered: bool,
+    ) -> (Verdict, &'static str, Option<(String, Work)>) {
+        let result = with_retries(&self.backoff, |again| {
+            let executor = Arc::clone(&self.executor);
+            let notification = Arc::clone(&notification);
+            async move {
+                let outcome = executor.execute(&notification, redelivered || again).await;
+                if let Outcome::Processed { .. } = outcome {
+                    if let Err(e) = executor.commit().await {
+                        return Step::Transient(chain(&e));
+                    }
+                }
+                match outcome {
+                    Outcome::Processed { .. } => Step::Done("processed"),
+                    Outcome::Ignored { .. } => Step::Done("ignored"),
+                    Outcome::Invalid(e) => Step::Fail(ErrorClass::Invalid, chain(&e)),
+                    Outcome::Failed { event_type, action, error } => {
+                        let reason = format!("{event_type}: {action}: {}", chain(&error));
+                        match error.class() {
+                            ErrorClass::Transient => Step::Transient(reason),
+                            class => Step::Fail(class, reason),
+                        }
+                    }
+                }
             }
-            Ok::<_, crate::billing::BillingError>(outcome)
         })
         .await;
-        attempt += 1;
-        let reason = match handled {
-            Err(join) => {
-                let verdict = Verdict::DeadLetter { class: ErrorClass::Permanent, reason: panic_reason(join) };
-                return (verdict, "permanent");
+        match result {
+            Ok(label) => {
+                let forward = self.forward.as_ref().and_then(|queue| {
+                    concertim::work(&notification, self.executor.settings()).map(|work| (queue.clone(), work))
+                });
+                (Verdict::Ack, label, forward)
             }
-            Ok(Err(commit)) => chain(&commit),
-            Ok(Ok(outcome)) => match outcome {
-                Outcome::Processed { .. } => return (Verdict::Ack, "processed"),
-                Outcome::Ignored { .. } => return (Verdict::Ack, "ignored"),
-                Outcome::Invalid(e) => {
-                    return (Verdict::DeadLetter { class: ErrorClass::Invalid, reason: chain(&e) }, "invalid")
-                }
-                Outcome::Failed { event_type, action, error } => {
-                    let reason = format!("{event_type}: {action}: {}", chain(&error));
-                    if error.class() != ErrorClass::Transient {
-                        return (Verdict::DeadLetter { class: error.class(), reason }, error.class().as_str());
-                    }
-                    reason
-                }
-            },
-        };
-        match schedule.next_wait() {
-            Some(wait) => tokio::time::sleep(wait).await,
-            None => return (Verdict::Retry { reason }, "transient"),
+            Err((verdict, label)) => (verdict, label, None),
         }
+    }
+}
+
+/// Concertim: the updates billing handed over, on the Concertim queue.
+struct ConcertimHandler<B> {
+    worker: Arc<Worker<B>>,
+    backoff: BackoffSettings,
+}
+
+impl<B: Billing + 'static> Handler for ConcertimHandler<B> {
+    type Prepared = Result<Work, String>;
+
+    fn prepare(&self, delivery: &Delivery) -> Self::Prepared {
+        serde_json::from_slice(&delivery.data).map_err(|e| format!("not Concertim work: {e}"))
+    }
+
+    fn lane_key(prepared: &Self::Prepared) -> Option<&str> {
+        prepared.as_ref().ok().and_then(|w| w.project.as_ref()).map(|p| p.as_str())
+    }
+
+    fn span(prepared: &Self::Prepared) -> tracing::Span {
+        let (message_id, event_type) =
+            prepared.as_ref().map(|w| (w.message_id.as_str(), w.event_type.as_str())).unwrap_or_default();
+        tracing::info_span!("concertim", message_id = %message_id, event_type = %event_type)
+    }
+
+    async fn process(self: &Arc<Self>, prepared: Self::Prepared, _redelivered: bool) -> Processed {
+        let (verdict, label) = match prepared {
+            Err(reason) => (Verdict::DeadLetter { class: ErrorClass::Invalid, reason }, "invalid"),
+            Ok(work) => {
+                let work = Arc::new(work);
+                let result = with_retries(&self.backoff, |_| {
+                    let worker = Arc::clone(&self.worker);
+                    let work = Arc::clone(&work);
+                    async move {
+                        match worker.apply_all(&work).await {
+                            Ok(_) => Step::Done(()),
+                            Err((what, e)) => {
+                                let reason = format!("concertim: {}: {what}: {}", work.event_type, chain(&e));
+                                match e.class() {
+                                    ErrorClass::Transient => Step::Transient(reason),
+                                    class => Step::Fail(class, reason),
+                                }
+                            }
+                        }
+                    }
+                })
+                .await;
+                match result {
+                    Ok(()) => (Verdict::Ack, "processed"),
+                    Err((verdict, label)) => (verdict, label),
+                }
+            }
+        };
+        Processed { verdict, label, forward: None }
     }
 }
 
@@ -354,28 +616,35 @@ mod tests {
     use super::*;
     use crate::{billing::Ledger, config::Settings, executor::Executor};
 
-    fn delivery(tag: u64, body: &[u8]) -> Delivery {
-        Delivery::mock(tag, "nova".into(), "notifications.info".into(), false, body.to_vec())
-    }
-
     #[test]
     fn one_projects_messages_always_take_the_same_lane() {
-        let executor = Executor::new(Settings::embedded(), Ledger::in_memory());
+        let handler = BillingHandler {
+            executor: Arc::new(Executor::new(Settings::embedded(), Ledger::in_memory())),
+            backoff: BackoffSettings::default(),
+            forward: None,
+        };
         let body = |id: &str| {
             format!(
                 r#"{{"message_id":"{id}","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{{"resource_info":"p1"}}}}"#
             )
         };
+        let delivery = |tag: u64, body: &[u8]| {
+            Delivery::mock(tag, "nova".into(), "notifications.info".into(), false, body.to_vec())
+        };
         let lanes: Vec<usize> = (0..20u64)
             .map(|tag| {
-                let b = body(&format!("m{tag}"));
-                lane_of(&executor.decode(b.as_bytes()), &delivery(tag, b.as_bytes()), 8)
+                let prepared = handler.prepare(&delivery(tag, body(&format!("m{tag}")).as_bytes()));
+                lane_of(BillingHandler::<Ledger>::lane_key(&prepared), tag, 8)
             })
             .collect();
         assert!(lanes.iter().all(|l| *l == lanes[0]), "{lanes:?}");
         // Messages without a project spread over the lanes.
-        let spread: std::collections::BTreeSet<usize> =
-            (0..64u64).map(|tag| lane_of(&executor.decode(b"x"), &delivery(tag, b"x"), 8)).collect();
+        let spread: std::collections::BTreeSet<usize> = (0..64u64)
+            .map(|tag| {
+                let prepared = handler.prepare(&delivery(tag, b"x"));
+                lane_of(BillingHandler::<Ledger>::lane_key(&prepared), tag, 8)
+            })
+            .collect();
         assert!(spread.len() > 1);
     }
 }

@@ -13,7 +13,7 @@ use lapin::{Connection, ConnectionProperties};
 
 use crate::{class::ErrorClass, config::SecretUrl};
 
-pub use consumer::{run, run_with_health};
+pub use consumer::{run, run_both, run_with_health};
 pub use topology::Names;
 
 /// A broker failure.
@@ -61,13 +61,19 @@ pub enum BusError {
         /// The exchange.
         exchange: String,
     },
+    /// A consumer could not be set up from the configuration.
+    #[error("{detail}")]
+    Config {
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 impl BusError {
     /// The failure class: configuration mismatches are permanent, the rest transient.
     pub fn class(&self) -> ErrorClass {
         match self {
-            BusError::Precondition { .. } | BusError::Missing { .. } => ErrorClass::Permanent,
+            BusError::Precondition { .. } | BusError::Missing { .. } | BusError::Config { .. } => ErrorClass::Permanent,
             BusError::Unreachable { .. } | BusError::Broker { .. } | BusError::NotConfirmed { .. } => {
                 ErrorClass::Transient
             }

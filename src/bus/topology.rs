@@ -15,7 +15,7 @@ use lapin::{
 };
 
 use super::BusError;
-use crate::config::BusSettings;
+use crate::config::{BusSettings, ConcertimSettings};
 
 /// The names of everything this service owns on the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +33,20 @@ pub struct Names {
 }
 
 impl Names {
+    /// The Concertim side's names: its queue `<queue>.concertim`, its retry exchange and queue
+    /// `<queue>.concertim.retry`, and the shared dead-letter exchange and queue.
+    pub fn concertim(bus: &BusSettings) -> Self {
+        let main = Self::new(bus);
+        let queue = format!("{}.concertim", main.queue);
+        Self {
+            retry_exchange: format!("{queue}.retry"),
+            retry_queue: format!("{queue}.retry"),
+            dead_exchange: main.dead_exchange,
+            dead_queue: main.dead_queue,
+            queue,
+        }
+    }
+
     /// The names derived from the settings.
     pub fn new(bus: &BusSettings) -> Self {
         let queue = format!("{}{}", bus.prefix, bus.queue);
@@ -67,6 +81,64 @@ pub fn retry_queue_arguments(bus: &BusSettings, names: &Names) -> FieldTable {
     args.insert("x-dead-letter-exchange".into(), text(""));
     args.insert("x-dead-letter-routing-key".into(), text(&names.queue));
     args
+}
+
+/// Declares the Concertim queue (quorum, dead-lettering to the shared dead exchange, with the
+/// same explicit delivery limit) and its retry exchange and queue, whose TTL sends messages
+/// back to it. Billing publishes Concertim work to the queue through the default exchange.
+///
+/// # Errors
+/// As [`declare`].
+pub async fn declare_concertim(
+    channel: &Channel,
+    bus: &BusSettings,
+    concertim: &ConcertimSettings,
+) -> Result<Names, BusError> {
+    let names = Names::concertim(bus);
+    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let queue_options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    let ours = |what: String| {
+        move |e: lapin::Error| {
+            classify(
+                e,
+                what,
+                "it was declared with other arguments: delete it (it is ours) or choose another bus.prefix/bus.queue"
+                    .into(),
+                bus,
+            )
+        }
+    };
+    let mut retry = FieldTable::default();
+    retry.insert("x-queue-type".into(), text("quorum"));
+    retry.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(i64::try_from(concertim.retry_delay_ms).unwrap_or(i64::MAX)),
+    );
+    retry.insert("x-dead-letter-exchange".into(), text(""));
+    retry.insert("x-dead-letter-routing-key".into(), text(&names.queue));
+    channel
+        .exchange_declare(names.retry_exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+        .await
+        .map_err(ours(format!("exchange {}", names.retry_exchange)))?;
+    channel
+        .queue_declare(names.retry_queue.as_str().into(), queue_options, retry)
+        .await
+        .map_err(ours(format!("queue {}", names.retry_queue)))?;
+    channel
+        .queue_bind(
+            names.retry_queue.as_str().into(),
+            names.retry_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(ours(format!("binding of {}", names.retry_queue)))?;
+    channel
+        .queue_declare(names.queue.as_str().into(), queue_options, main_queue_arguments(bus, &Names::new(bus)))
+        .await
+        .map_err(ours(format!("queue {}", names.queue)))?;
+    Ok(names)
 }
 
 /// Declares every queue, exchange and binding (idempotent: the broker accepts identical
@@ -181,10 +253,22 @@ pub fn describe(bus: &BusSettings) -> String {
         names.retry_exchange, names.retry_queue, bus.retry_delay_ms, names.queue
     ));
     out.push_str(&format!(
-        "dead     exchange {} (fanout) -> queue {}  quorum\n",
+        "dead     exchange {} (fanout) -> queue {}  classic (read and returned in place by dlq)\n",
         names.dead_exchange, names.dead_queue
     ));
     out
+}
+
+/// The Concertim queues, for `topology show` when Concertim is configured.
+pub fn describe_concertim(bus: &BusSettings, concertim: &ConcertimSettings) -> String {
+    let names = Names::concertim(bus);
+    let main = Names::new(bus);
+    format!(
+        "concertim queue {}  quorum, durable, x-dead-letter-exchange={}, x-delivery-limit={} (billing publishes to it through the default exchange)\n\
+         concertim retry exchange {} (fanout) -> queue {}  quorum, x-message-ttl={} ms, then back to {}\n",
+        names.queue, main.dead_exchange, bus.delivery_limit, names.retry_exchange, names.retry_queue,
+        concertim.retry_delay_ms, names.queue
+    )
 }
 
 #[cfg(test)]

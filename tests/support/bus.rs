@@ -35,12 +35,13 @@ use tokio_util::sync::CancellationToken;
 pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// The upstream exchanges and routing keys the fixtures use.
-pub const UPSTREAM: [(&str, &str); 5] = [
+pub const UPSTREAM: [(&str, &str); 6] = [
     ("nova", "notifications.info"),
     ("nova", "versioned_notifications.info"),
     ("keystone", "notifications.info"),
     ("ceilometer", "metering.sample"),
     ("ceilometer", "notifications.sample"),
+    ("heat", "notifications.info"),
 ];
 
 /// Waits until `check` returns `Some`, polling the observable state; panics naming `what`
@@ -115,7 +116,7 @@ impl TestBus {
         format!("{}{upstream}", self.prefix)
     }
 
-    /// Whether the app's bindings carry this delivery (heat and glance are not bound).
+    /// Whether the app's bindings carry this delivery (glance is not bound).
     pub fn routes(&self, delivery: &FixtureDelivery) -> bool {
         UPSTREAM
             .iter()
@@ -205,11 +206,12 @@ impl TestBus {
     pub async fn cleanup(&self) {
         let names = self.names();
         let channel = self.connection.create_channel().await.unwrap();
-        for queue in [&names.queue, &names.retry_queue, &names.dead_queue] {
+        let concertim = Names::concertim(&self.settings.bus);
+        for queue in [&names.queue, &names.retry_queue, &names.dead_queue, &concertim.queue, &concertim.retry_queue] {
             let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
         }
-        let mut exchanges = vec![names.retry_exchange.clone(), names.dead_exchange.clone()];
-        exchanges.extend(["nova", "keystone", "ceilometer"].map(|e| self.exchange(e)));
+        let mut exchanges = vec![names.retry_exchange.clone(), names.dead_exchange.clone(), concertim.retry_exchange];
+        exchanges.extend(["nova", "keystone", "ceilometer", "heat"].map(|e| self.exchange(e)));
         for exchange in exchanges {
             let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
         }

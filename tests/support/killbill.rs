@@ -44,6 +44,10 @@ struct Fake {
     catalogs: Vec<String>,
     violations: Vec<String>,
     requests: usize,
+    /// Credit (CBA) per account id, from `POST /1.0/kb/credits`.
+    credits: BTreeMap<String, Decimal>,
+    /// USD per unit of usage, for dry-run invoices (the test's own price list).
+    prices: BTreeMap<String, Decimal>,
 }
 
 struct Account {
@@ -230,6 +234,31 @@ impl FakeKillBill {
             connect_timeout_ms: 1_000,
             pool_max_idle: 4,
         }
+    }
+
+    /// Dry-run invoices price each unit of `unit` at `price` (other units cost nothing): the
+    /// fake does not compute KillBill invoices, it sums usage at the test's prices.
+    pub fn set_price(&self, unit: &str, price: Decimal) {
+        self.state.lock().unwrap().prices.insert(unit.to_owned(), price);
+    }
+
+    /// Credits the project's account, as `POST /1.0/kb/credits` would.
+    pub fn add_credit(&self, project: &str, amount: Decimal) {
+        let mut s = self.state.lock().unwrap();
+        let id = s.accounts.iter().find(|a| a.external_key == project).expect("the account exists").id.clone();
+        *s.credits.entry(id).or_default() += amount;
+    }
+
+    /// What a dry-run invoice of the project's account amounts to now.
+    pub fn upcoming_amount(&self, project: &str) -> Decimal {
+        let s = self.state.lock().unwrap();
+        s.accounts.iter().find(|a| a.external_key == project).map_or(Decimal::ZERO, |a| upcoming(&s, &a.id))
+    }
+
+    /// The account id of a project.
+    pub fn account_id(&self, project: &str) -> Option<String> {
+        let s = self.state.lock().unwrap();
+        s.accounts.iter().find(|a| a.external_key == project).map(|a| a.id.clone())
     }
 
     /// The next requests are answered with these statuses (empty body), whatever they are.
@@ -437,6 +466,19 @@ fn subscription_json(x: &Subscription) -> Value {
     })
 }
 
+/// Usage of the account's subscriptions at the test's prices.
+fn upcoming(s: &Fake, account_id: &str) -> Decimal {
+    s.usage
+        .iter()
+        .filter(|u| s.subscriptions.iter().any(|x| x.id == u.subscription_id && x.account_id == account_id))
+        .map(|u| u.amount * s.prices.get(&u.unit).copied().unwrap_or_default())
+        .sum()
+}
+
+fn decimal_json(d: Decimal) -> Value {
+    serde_json::from_str(&d.normalize().to_string()).unwrap()
+}
+
 fn account_json(a: &Account) -> Value {
     json!({
         "accountId": a.id, "name": a.external_key, "firstNameLength": null, "externalKey": a.external_key,
@@ -485,7 +527,15 @@ fn route(
         (&Method::GET, ["accounts"]) => {
             let Some(key) = q.get("externalKey") else { return bad_request("externalKey needs to be set") };
             match s.accounts.iter().find(|a| &a.external_key == key) {
-                Some(a) => json_ok(account_json(a)),
+                Some(a) => {
+                    let mut account = account_json(a);
+                    if q.get("accountWithBalanceAndCBA").map(String::as_str) == Some("true") {
+                        let cba = s.credits.get(&a.id).copied().unwrap_or_default();
+                        account["accountCBA"] = decimal_json(cba);
+                        account["accountBalance"] = decimal_json(-cba);
+                    }
+                    json_ok(account)
+                }
                 None => error(
                     StatusCode::NOT_FOUND,
                     "org.killbill.billing.account.api.AccountApiException",
@@ -730,6 +780,43 @@ fn route(
             json_ok(
                 json!({"subscriptionId": sub, "startDate": kb_time(start), "endDate": kb_time(end), "rolledUpUnits": units}),
             )
+        }
+        (&Method::POST, ["credits"]) => {
+            // §1.11: only the first item is checked; 200 with the created items.
+            let Some(first) = body.as_array().and_then(|a| a.first()) else {
+                return bad_request("CreditJson needs to be set");
+            };
+            let (Some(account_id), Some(amount)) = (first["accountId"].as_str(), first["amount"].as_f64()) else {
+                return bad_request("CreditJson accountId and amount need to be set");
+            };
+            if !s.accounts.iter().any(|a| a.id == account_id) {
+                return not_found_object(account_id, "ACCOUNT");
+            }
+            let amount: Decimal = amount.to_string().parse().unwrap();
+            *s.credits.entry(account_id.to_owned()).or_default() += amount;
+            let item_id = id(s);
+            json_ok(json!([{"invoiceItemId": item_id, "accountId": account_id, "itemType": "CREDIT_ADJ",
+                "amount": decimal_json(amount), "currency": "USD", "auditLogs": []}]))
+        }
+        (&Method::POST, ["invoices", "dryRun"]) => {
+            let Some(account_id) = q.get("accountId").cloned() else {
+                return bad_request("accountId needs to be set");
+            };
+            if !s.accounts.iter().any(|a| a.id == account_id) {
+                return not_found_object(&account_id, "ACCOUNT");
+            }
+            if body["dryRunType"].as_str().is_none() {
+                return bad_request("InvoiceDryRunJson dryRunType needs to be set");
+            }
+            let amount = upcoming(s, &account_id);
+            if amount.is_zero() {
+                // §1.10: nothing to invoice is a 204 with an empty body.
+                return empty(StatusCode::NO_CONTENT);
+            }
+            json_ok(json!({"amount": decimal_json(amount), "currency": "USD", "status": "DRAFT", "creditAdj": 0,
+                "refundAdj": 0, "invoiceId": "00000000-0000-4000-8000-00000000dddd", "invoiceDate": "2025-01-31",
+                "targetDate": q.get("targetDate"), "invoiceNumber": null, "balance": decimal_json(amount),
+                "accountId": account_id, "items": [], "trackingIds": [], "auditLogs": []}))
         }
         _ => error(StatusCode::NOT_FOUND, "javax.ws.rs.NotFoundException", None, "HTTP 404 Not Found"),
     }

@@ -109,5 +109,6 @@ pub fn arg(path: &Path) -> &str {
 }
 
 pub mod bus;
+pub mod concertim;
 pub mod hostbill;
 pub mod killbill;

@@ -1,0 +1,390 @@
+//! Concertim as the second target: the fixture lifecycles shown in the fake Concertim, an
+//! outage that never holds billing up, an expired token, and debounced team refreshes.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use concertim_billing::{
+    billing::KillBill,
+    bus::Names,
+    config::MetricRule,
+    event::Event,
+    notification::{decode, DecodeLimits},
+    replay::fixture::FixtureDelivery,
+};
+use rust_decimal::Decimal;
+
+use crate::support::{
+    billable,
+    bus::{eventually, spawn_app, usage_batch, TestBus},
+    concertim::FakeConcertim,
+    deliveries,
+    killbill::FakeKillBill,
+};
+
+const VCPUS: &str = "openstack-billed-vcpus";
+
+/// Everything the fixtures name: projects, instances (with usage or lifecycle events), stacks.
+#[derive(Default)]
+struct Named {
+    projects: BTreeSet<String>,
+    instances: BTreeSet<String>,
+    stacks: BTreeSet<String>,
+}
+
+fn named(fixtures: &[FixtureDelivery]) -> Named {
+    let mut named = Named::default();
+    for d in fixtures {
+        let Ok(n) = decode(&d.body, DecodeLimits::default()) else { continue };
+        if let Some(p) = n.event.project() {
+            named.projects.insert(p.to_string());
+        }
+        match &n.event {
+            Event::Instance { instance, .. } => {
+                named.instances.insert(instance.id.to_string());
+            }
+            Event::Usage { samples, .. } => named.instances.extend(samples.iter().map(|s| s.resource.to_string())),
+            Event::Stack(stack) => {
+                named.stacks.insert(stack.id.to_string());
+            }
+            _ => {}
+        }
+    }
+    named
+}
+
+/// The test's namespace with Concertim pointing at `concertim` and a memory metric.
+async fn concertim_bus(test: &str, concertim: &FakeConcertim) -> TestBus {
+    let mut bus = TestBus::new(test).await;
+    let mut settings = concertim.settings();
+    settings.metrics.insert(
+        "memory".into(),
+        MetricRule {
+            name: "ram_allocated".into(),
+            units: "MB".into(),
+            kind: "double".into(),
+            slope: "both".into(),
+            ttl: 3600,
+        },
+    );
+    bus.settings.concertim = Some(settings);
+    bus
+}
+
+/// Waits until `mismatches` lists nothing; on timeout, fails with what still differs.
+async fn until_shown(what: &str, limit: Duration, mismatches: impl Fn() -> Vec<String>) {
+    let start = std::time::Instant::now();
+    loop {
+        let left = mismatches();
+        if left.is_empty() {
+            return;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}: {left:#?}");
+        // Polling observable state in the fake, as `eventually` does.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn money(amount: Decimal) -> String {
+    format!("{amount:.2}")
+}
+
+#[tokio::test]
+async fn the_fixture_lifecycles_end_with_concertims_devices_racks_and_teams_as_they_should() {
+    let kb = FakeKillBill::start().await;
+    kb.set_price(VCPUS, Decimal::new(1, 2));
+    let concertim = FakeConcertim::start().await;
+    let bus = concertim_bus("concertim-fixtures", &concertim).await;
+    let mut fixtures = billable();
+    fixtures.extend(deliveries("heat"));
+    let fixtures: Vec<FixtureDelivery> = fixtures.into_iter().filter(|d| bus.routes(d)).collect();
+    let named = named(&fixtures);
+    for p in &named.projects {
+        concertim.add_team(p);
+    }
+    for i in &named.instances {
+        concertim.add_device(i, "IN_PROGRESS");
+    }
+    for s in &named.stacks {
+        concertim.add_rack(s, "IN_PROGRESS");
+    }
+    let app = spawn_app(&bus, KillBill::new(kb.settings()).unwrap(), None).await;
+    for d in &fixtures {
+        bus.publish(d).await;
+    }
+
+    let gone = [
+        "2dc673b9-8b8f-dcab-44c5-c769c9d8677c",
+        "7e114a35-f244-0227-f164-345b7c68a2cc",
+        "31d87a72-5789-ae55-d81e-bbb2804c854f",
+    ];
+    let active = ["98ef5e1a-58b0-6119-4bab-e976a1f174f2", "7366c705-2e6a-ca70-dc09-95e8a13c84f1"];
+    let racks = [
+        ("88ebda5f-b2e5-32e3-180d-d46dbf88a31a", Some("ACTIVE")),
+        // create, suspend, then a failed resume (a `.error` event): FAILED.
+        ("4b1f6a7e-1c2d-4e5f-8a9b-0c1d2e3f4a5b", Some("FAILED")),
+        ("9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d", None),
+    ];
+    let mismatches = || {
+        let mut out = Vec::new();
+        for i in gone {
+            if let Some(d) = concertim.device(i) {
+                out.push(format!("device {i} still there ({})", d.status));
+            }
+        }
+        for i in active {
+            let status = concertim.device(i).map(|d| d.status);
+            if status.as_deref() != Some("ACTIVE") {
+                out.push(format!("device {i}: {status:?}"));
+            }
+        }
+        for (s, status) in racks {
+            let now = concertim.rack(s).map(|r| r.status);
+            if now.as_deref() != status {
+                out.push(format!("rack {s}: {now:?}, expected {status:?}"));
+            }
+        }
+        for p in &named.projects {
+            let team = concertim.team(p).unwrap();
+            let cost = kb.upcoming_amount(p);
+            // Credits are the credit balance (none here) minus the upcoming invoice.
+            let expected = (kb.account_id(p), Some(money(cost)), Some(money(Decimal::ZERO - cost)));
+            let shown = (team.billing_acct_id.clone(), team.cost.clone(), team.credits.clone());
+            if shown != expected || !team.period_start.as_deref().is_some_and(|d| d.ends_with("-01")) {
+                out.push(format!("team {p}: {shown:?} {:?}, expected {expected:?}", team.period_start));
+            }
+        }
+        out
+    };
+    until_shown("Concertim to show the lifecycles", Duration::from_secs(30), mismatches).await;
+    // Usage was billed, so some team has a cost; the memory samples of a live device were pushed.
+    assert!(named.projects.iter().any(|p| kb.upcoming_amount(p) > Decimal::ZERO));
+    let pushed = concertim.metrics();
+    let device = concertim.device(active[0]).unwrap().id;
+    assert!(
+        pushed.iter().any(|(d, m)| *d == device && m["name"] == "ram_allocated" && m["type"] == "double"),
+        "{pushed:?}"
+    );
+    assert_eq!(bus.depth(&bus.names().dead_queue).await, 0);
+    app.shutdown().await.unwrap();
+    bus.cleanup().await;
+}
+
+/// A legacy `create.end` for another instance of another project, with its own message id.
+fn created(template: &FixtureDelivery, project: &str, instance: &str, n: usize) -> FixtureDelivery {
+    let envelope: serde_json::Value = serde_json::from_slice(&template.body).unwrap();
+    let mut message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+    message["message_id"] = serde_json::json!(format!("outage-{n:04}"));
+    message["payload"]["instance_id"] = serde_json::json!(instance);
+    message["payload"]["tenant_id"] = serde_json::json!(project);
+    let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
+    FixtureDelivery { body: serde_json::to_vec(&body).unwrap(), ..template.clone() }
+}
+
+/// A Keystone `project.created` for another project, with its own message id.
+fn project_created(template: &FixtureDelivery, project: &str, n: usize) -> FixtureDelivery {
+    let envelope: serde_json::Value = serde_json::from_slice(&template.body).unwrap();
+    let mut message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+    message["message_id"] = serde_json::json!(format!("outage-project-{n:04}"));
+    message["payload"]["resource_info"] = serde_json::json!(project);
+    let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
+    FixtureDelivery { body: serde_json::to_vec(&body).unwrap(), ..template.clone() }
+}
+
+fn legacy(event_type: &str) -> FixtureDelivery {
+    deliveries("nova-legacy")
+        .into_iter()
+        .find(|d| String::from_utf8_lossy(&d.body).contains(&format!("\\\"event_type\\\": \\\"{event_type}\\\"")))
+        .unwrap_or_else(|| panic!("no {event_type} in the legacy lifecycle"))
+}
+
+#[tokio::test]
+async fn concertim_down_for_a_minute_holds_no_billing_up_and_catches_up_after() {
+    let kb = FakeKillBill::start().await;
+    let concertim = FakeConcertim::start().await;
+    let mut bus = concertim_bus("concertim-outage", &concertim).await;
+    // Patient enough for a minute's outage: 40 attempts, 2 s apart.
+    if let Some(c) = bus.settings.concertim.as_mut() {
+        c.retry_delay_ms = 2_000;
+        c.max_attempts = 40;
+    }
+    let template = legacy("compute.instance.create.end");
+    let instances: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("{:032x}", 0xfeed_0000_u64 + i / 4), format!("00000000-0000-4000-8000-{i:012x}")))
+        .collect();
+    let projects: BTreeSet<&String> = instances.iter().map(|(p, _)| p).collect();
+    for project in &projects {
+        concertim.add_team(project);
+    }
+    for (_, instance) in &instances {
+        concertim.add_device(instance, "IN_PROGRESS");
+    }
+    concertim.set_down(true);
+    let down_at = std::time::Instant::now();
+    let app = spawn_app(&bus, KillBill::new(kb.settings()).unwrap(), None).await;
+    let project_template = legacy("identity.project.created");
+    for (n, project) in projects.iter().enumerate() {
+        bus.publish(&project_created(&project_template, project, n)).await;
+    }
+    for (n, (project, instance)) in instances.iter().enumerate() {
+        bus.publish(&created(&template, project, instance, n)).await;
+    }
+
+    // Billing is done while Concertim is still down, and Concertim was being tried.
+    eventually("billing to be done while Concertim is down", Duration::from_secs(30), || async {
+        let s = kb.snapshot();
+        (s.subscriptions.len() == instances.len() && bus.depth(&bus.names().queue).await == 0).then_some(())
+    })
+    .await;
+    assert!(instances.iter().all(|(_, i)| concertim.device(i).unwrap().status == "IN_PROGRESS"));
+    eventually("Concertim to be tried", Duration::from_secs(10), || async { (concertim.requests() > 0).then_some(()) })
+        .await;
+    // A minute's outage, observed on Concertim's side: nothing is given up meanwhile.
+    eventually("a minute of outage", Duration::from_secs(70), || async {
+        (down_at.elapsed() >= Duration::from_secs(60)).then_some(())
+    })
+    .await;
+    assert_eq!(bus.depth(&bus.names().dead_queue).await, 0, "nothing is dead-lettered during the outage");
+    concertim.set_down(false);
+
+    until_shown("Concertim to catch up", Duration::from_secs(60), || {
+        let mut left = Vec::new();
+        for (p, i) in &instances {
+            let status = concertim.device(i).map(|d| d.status);
+            if status.as_deref() != Some("ACTIVE") {
+                left.push(format!("device {i}: {status:?}"));
+            }
+            let team = concertim.team(p).and_then(|t| t.billing_acct_id);
+            if team != kb.account_id(p) {
+                left.push(format!("team {p}: {team:?}"));
+            }
+        }
+        left
+    })
+    .await;
+    let concertim_queue = Names::concertim(&bus.settings.bus);
+    assert_eq!(bus.depth(&concertim_queue.queue).await, 0);
+    assert_eq!(bus.depth(&concertim_queue.retry_queue).await, 0);
+    assert_eq!(bus.depth(&bus.names().dead_queue).await, 0);
+    app.shutdown().await.unwrap();
+    bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_expired_token_costs_one_login_and_the_retried_answer_is_used() {
+    let kb = FakeKillBill::start().await;
+    let concertim = FakeConcertim::start().await;
+    let bus = concertim_bus("concertim-token", &concertim).await;
+    let template = legacy("compute.instance.create.end");
+    let project = "0123456789abcdef0123456789abcdef";
+    let first = "00000000-0000-4000-8000-00000000a001";
+    concertim.add_team(project);
+    concertim.add_device(first, "IN_PROGRESS");
+    let app = spawn_app(&bus, KillBill::new(kb.settings()).unwrap(), None).await;
+    bus.publish(&created(&template, project, first, 1)).await;
+    eventually("the first device to be ACTIVE", Duration::from_secs(20), || async {
+        concertim.device(first).is_some_and(|d| d.status == "ACTIVE").then_some(())
+    })
+    .await;
+    assert_eq!(concertim.logins(), 1);
+
+    // The token expires mid-stream; the next device is unknown to the cache, so the worker's
+    // first call is the device list: 401, one login, the list again, and the device found in
+    // that second answer is the one updated.
+    concertim.expire_tokens();
+    let second = "00000000-0000-4000-8000-00000000a002";
+    concertim.add_device(second, "IN_PROGRESS");
+    bus.publish(&created(&template, project, second, 2)).await;
+    eventually("the second device to be ACTIVE", Duration::from_secs(20), || async {
+        concertim.device(second).is_some_and(|d| d.status == "ACTIVE").then_some(())
+    })
+    .await;
+    assert_eq!(concertim.logins(), 2);
+    assert_eq!(bus.depth(&bus.names().dead_queue).await, 0);
+    app.shutdown().await.unwrap();
+    bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_burst_of_a_thousand_samples_refreshes_the_team_at_most_once_per_interval() {
+    let kb = FakeKillBill::start().await;
+    kb.set_price(VCPUS, Decimal::new(1, 2));
+    let concertim = FakeConcertim::start().await;
+    let mut bus = concertim_bus("concertim-burst", &concertim).await;
+    let interval = Duration::from_millis(1_000);
+    if let Some(c) = bus.settings.concertim.as_mut() {
+        c.team_refresh_interval_ms = interval.as_millis() as u64;
+    }
+    let template = deliveries("duplicates")
+        .into_iter()
+        .find(|d| String::from_utf8_lossy(&d.body).contains("\\\"event_type\\\": \\\"metering\\\""))
+        .unwrap();
+    let project = "447d2acdc8b5495f196db137db72105f";
+    concertim.add_team(project);
+    let burst = usage_batch(&template, 1_000);
+    let app = spawn_app(&bus, KillBill::new(kb.settings()).unwrap(), None).await;
+    let started = std::time::Instant::now();
+    for d in &burst {
+        bus.publish(d).await;
+    }
+    eventually("the burst to be billed", Duration::from_secs(120), || async {
+        (kb.usage_rows() == 1_000).then_some(())
+    })
+    .await;
+    let billed_in = started.elapsed();
+    let expected = money(kb.upcoming_amount(project));
+    eventually("the team to show the whole burst", Duration::from_secs(20), || async {
+        concertim.team(project).is_some_and(|t| t.cost.as_deref() == Some(expected.as_str())).then_some(())
+    })
+    .await;
+    // One refresh per interval while the burst lasted, plus the trailing one.
+    let allowed = (billed_in.as_millis() / interval.as_millis()) as usize + 2;
+    let refreshes = concertim.team_figure_updates();
+    assert!(
+        (1..=allowed).contains(&refreshes),
+        "{refreshes} refreshes for a burst of {billed_in:?} (at most {allowed})"
+    );
+    assert_eq!(expected, money(Decimal::from(10_000) * Decimal::new(1, 2)));
+    app.shutdown().await.unwrap();
+    bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_exhausted_concertim_update_is_dead_lettered_alone_and_requeued_after_the_fix() {
+    let kb = FakeKillBill::start().await;
+    let concertim = FakeConcertim::start().await;
+    let mut bus = concertim_bus("concertim-exhausted", &concertim).await;
+    if let Some(c) = bus.settings.concertim.as_mut() {
+        c.max_attempts = 2;
+    }
+    let project = "fedcba9876543210fedcba9876543210";
+    let instance = "00000000-0000-4000-8000-00000000b001";
+    concertim.add_team(project);
+    concertim.add_device(instance, "IN_PROGRESS");
+    concertim.set_down(true);
+    let app = spawn_app(&bus, KillBill::new(kb.settings()).unwrap(), None).await;
+    bus.publish(&created(&legacy("compute.instance.create.end"), project, instance, 1)).await;
+
+    let dead = bus.names().dead_queue;
+    eventually("the Concertim update to be dead-lettered", Duration::from_secs(30), || async {
+        (bus.depth(&dead).await == 1).then_some(())
+    })
+    .await;
+    // Billing was done; only the Concertim update is in the dead-letter queue, with its reason.
+    assert_eq!(kb.snapshot().subscriptions.len(), 1);
+    let listed = crate::support::bus::cli_command(&bus).args(["dlq", "list", "--json"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("concertim compute.instance.create.end"), "{listed}");
+    assert!(listed.contains("exhausted after 2 attempts") && listed.contains("503"), "{listed}");
+
+    concertim.set_down(false);
+    let requeued = crate::support::bus::cli_command(&bus).args(["dlq", "requeue", "--all"]).output().unwrap();
+    assert!(requeued.status.success(), "{}", String::from_utf8_lossy(&requeued.stderr));
+    eventually("the requeued update to be applied", Duration::from_secs(20), || async {
+        concertim.device(instance).is_some_and(|d| d.status == "ACTIVE").then_some(())
+    })
+    .await;
+    assert_eq!(bus.depth(&dead).await, 0);
+    assert_eq!(kb.snapshot().subscriptions.len(), 1);
+    app.shutdown().await.unwrap();
+    bus.cleanup().await;
+}

@@ -1,0 +1,400 @@
+//! A fake Concertim: the Rails API and the metric reporting daemon, following
+//! `../shared/reference/original-service.md` §4.
+//!
+//! - `POST /users/sign_in.json` `{"user":{"login","password"}}` answers the JWT in the
+//!   `Authorization` response header (401 `{"error":"Invalid Login or password."}` otherwise);
+//! - every `/api/v1` and MRD write call needs a live token (401 otherwise, as devise-jwt answers
+//!   an expired or revoked one);
+//! - teams, racks and devices are listed as Rails renders them; `PATCH` takes only the keys the
+//!   controllers permit (others are dropped, as strong parameters do) and validates statuses
+//!   per device type (422 `{"status":["is not included in the list"]}`); unknown ids are 404
+//!   `{"errors":{"record":["Not found"]}}`; a rack holding devices is deleted only with
+//!   `recurse=true` (422 otherwise);
+//! - `PUT /mrd/{device}/metrics` validates name, value, type, slope and ttl (422), answers 404
+//!   `Host Not Found` for a device it does not know, and `{"status":200}` otherwise.
+//! - `set_down(true)` answers every request 503, as the reverse proxy does while Rails is away.
+
+use std::sync::{Arc, Mutex};
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, Method, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    Router,
+};
+use base64::Engine as _;
+use concertim_billing::config::ConcertimSettings;
+use serde_json::{json, Map, Value};
+
+const LOGIN: &str = "admin";
+const PASSWORD: &str = "concertim-secret";
+
+/// A team row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Team {
+    /// Record id.
+    pub id: u64,
+    /// Linked OpenStack project.
+    pub project_id: String,
+    /// Billing account id.
+    pub billing_acct_id: Option<String>,
+    /// `cost`, as sent.
+    pub cost: Option<String>,
+    /// `credits`, as sent.
+    pub credits: Option<String>,
+    /// `billing_period_start`, as sent.
+    pub period_start: Option<String>,
+    /// `billing_period_end`, as sent.
+    pub period_end: Option<String>,
+}
+
+/// A rack or device row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Record id.
+    pub id: u64,
+    /// `Instance`, `Volume`, `Network` for devices; `rack` for racks.
+    pub kind: String,
+    /// Status.
+    pub status: String,
+    /// The OpenStack id in its metadata.
+    pub cloud_id: String,
+}
+
+#[derive(Default)]
+struct Fake {
+    next_id: u64,
+    next_token: u64,
+    tokens: Vec<String>,
+    logins: usize,
+    down: bool,
+    teams: Vec<Team>,
+    racks: Vec<Record>,
+    devices: Vec<Record>,
+    metrics: Vec<(u64, Value)>,
+    team_figure_updates: usize,
+    status_updates: usize,
+    requests: usize,
+}
+
+/// The running fake.
+#[derive(Clone)]
+pub struct FakeConcertim {
+    /// Its base URL.
+    pub url: String,
+    state: Arc<Mutex<Fake>>,
+}
+
+impl FakeConcertim {
+    /// Starts the fake on a free port.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(Fake { next_id: 100, ..Fake::default() }));
+        let app = Router::new().fallback(handle).with_state(Arc::clone(&state));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { url, state }
+    }
+
+    /// Settings for the service to talk to this fake, with short test intervals.
+    pub fn settings(&self) -> ConcertimSettings {
+        let mut settings: ConcertimSettings =
+            toml::from_str(&format!("url = \"{}\"\nusername = \"{LOGIN}\"\npassword = \"{PASSWORD}\"\n", self.url))
+                .unwrap();
+        settings.team_refresh_interval_ms = 200;
+        settings.relist_interval_ms = 0;
+        settings.retry_delay_ms = 200;
+        settings.backoff.initial_ms = 20;
+        settings.backoff.max_ms = 100;
+        settings.backoff.max_elapsed_ms = 300;
+        settings
+    }
+
+    /// Adds a team for a project.
+    pub fn add_team(&self, project: &str) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.teams.push(Team {
+            id,
+            project_id: project.to_owned(),
+            billing_acct_id: None,
+            cost: None,
+            credits: None,
+            period_start: None,
+            period_end: None,
+        });
+        id
+    }
+
+    /// Adds a rack for a Heat stack.
+    pub fn add_rack(&self, stack: &str, status: &str) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.racks.push(Record { id, kind: "rack".into(), status: status.into(), cloud_id: stack.into() });
+        id
+    }
+
+    /// Adds an Instance device for a Nova instance.
+    pub fn add_device(&self, instance: &str, status: &str) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.devices.push(Record { id, kind: "Instance".into(), status: status.into(), cloud_id: instance.into() });
+        id
+    }
+
+    /// Every request is answered 503 while down.
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().unwrap().down = down;
+    }
+
+    /// Revokes every token: the next call with one is answered 401.
+    pub fn expire_tokens(&self) {
+        self.state.lock().unwrap().tokens.clear();
+    }
+
+    /// Successful logins so far.
+    pub fn logins(&self) -> usize {
+        self.state.lock().unwrap().logins
+    }
+
+    /// Requests served so far (503s included).
+    pub fn requests(&self) -> usize {
+        self.state.lock().unwrap().requests
+    }
+
+    /// Team updates that carried billing figures.
+    pub fn team_figure_updates(&self) -> usize {
+        self.state.lock().unwrap().team_figure_updates
+    }
+
+    /// Device and rack status changes made.
+    pub fn status_updates(&self) -> usize {
+        self.state.lock().unwrap().status_updates
+    }
+
+    /// The team of a project.
+    pub fn team(&self, project: &str) -> Option<Team> {
+        self.state.lock().unwrap().teams.iter().find(|t| t.project_id == project).cloned()
+    }
+
+    /// The device of an instance, while it exists.
+    pub fn device(&self, instance: &str) -> Option<Record> {
+        self.state.lock().unwrap().devices.iter().find(|d| d.cloud_id == instance).cloned()
+    }
+
+    /// The rack of a stack, while it exists.
+    pub fn rack(&self, stack: &str) -> Option<Record> {
+        self.state.lock().unwrap().racks.iter().find(|r| r.cloud_id == stack).cloned()
+    }
+
+    /// Metric values received, as (device id, body).
+    pub fn metrics(&self) -> Vec<(u64, Value)> {
+        self.state.lock().unwrap().metrics.clone()
+    }
+}
+
+fn json_response(status: StatusCode, value: Value) -> Response {
+    (status, [("content-type", "application/json; charset=utf-8")], value.to_string()).into_response()
+}
+
+fn not_found() -> Response {
+    json_response(StatusCode::NOT_FOUND, json!({"errors": {"record": ["Not found"]}}))
+}
+
+fn unauthorized() -> Response {
+    json_response(StatusCode::UNAUTHORIZED, json!({"error": "You need to sign in or sign up before continuing."}))
+}
+
+fn jwt(n: u64) -> String {
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 86_400;
+    let header = engine.encode(br#"{"alg":"HS256"}"#);
+    let claims = engine.encode(format!(r#"{{"sub":"1","scp":"user","exp":{exp},"jti":"{n}"}}"#));
+    format!("{header}.{claims}.c2lnbmF0dXJl")
+}
+
+fn team_json(t: &Team) -> Value {
+    json!({"id": t.id, "name": format!("team-{}", t.id), "project_id": t.project_id, "billing_acct_id": t.billing_acct_id,
+        "billing_period_start": t.period_start, "billing_period_end": t.period_end, "cost": t.cost, "credits": t.credits})
+}
+
+fn record_json(r: &Record) -> Value {
+    let key = if r.kind == "rack" { "openstack_stack_id" } else { "openstack_instance_id" };
+    let mut value =
+        json!({"id": r.id, "name": format!("{}-{}", r.kind, r.id), "status": r.status, "metadata": {key: r.cloud_id}});
+    if r.kind != "rack" {
+        value["type"] = json!(r.kind);
+        value["location"] =
+            json!({"rack_id": 1, "start_u": 1, "end_u": 1, "facing": "f", "depth": 1, "type": "RackTemplate"});
+    }
+    value
+}
+
+/// The statuses Rails accepts (VIZ `app/models/{instance,volume,network,hw_rack}.rb`).
+fn accepted(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "Instance" => &["IN_PROGRESS", "FAILED", "ACTIVE", "STOPPED", "SUSPENDED"],
+        "Volume" => &["IN_PROGRESS", "FAILED", "ACTIVE", "AVAILABLE"],
+        _ => &["IN_PROGRESS", "FAILED", "ACTIVE", "STOPPED"],
+    }
+}
+
+async fn handle(
+    State(state): State<Arc<Mutex<Fake>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut s = state.lock().unwrap();
+    s.requests += 1;
+    if s.down {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("content-type", "text/html")],
+            "<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>",
+        )
+            .into_response();
+    }
+    let body: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(_) => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    json!({"errors": [{"status": "400", "title": "Bad Request", "description": "body is not JSON"}]}),
+                )
+            }
+        }
+    };
+    let path = uri.path().to_owned();
+    if method == Method::POST && path == "/users/sign_in.json" {
+        let user = &body["user"];
+        if user["login"] != LOGIN || user["password"] != PASSWORD {
+            return json_response(StatusCode::UNAUTHORIZED, json!({"error": "Invalid Login or password."}));
+        }
+        s.logins += 1;
+        s.next_token += 1;
+        let token = jwt(s.next_token);
+        s.tokens.push(token.clone());
+        let mut response = json_response(StatusCode::OK, json!({"id": 1, "login": LOGIN, "root": true}));
+        response.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        return response;
+    }
+    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if !bearer.is_some_and(|t| s.tokens.iter().any(|k| k == t)) {
+        return unauthorized();
+    }
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let recurse = uri.query().is_some_and(|q| q.split('&').any(|p| p == "recurse=true"));
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["api", "v1", "teams"]) => {
+            json_response(StatusCode::OK, Value::Array(s.teams.iter().map(team_json).collect()))
+        }
+        (&Method::GET, ["api", "v1", "racks"]) => {
+            json_response(StatusCode::OK, Value::Array(s.racks.iter().map(record_json).collect()))
+        }
+        (&Method::GET, ["api", "v1", "devices"]) => {
+            json_response(StatusCode::OK, Value::Array(s.devices.iter().map(record_json).collect()))
+        }
+        (&Method::PATCH, ["api", "v1", "teams", id]) => {
+            let Some(fields) = body["team"].as_object().cloned() else {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    json!({"errors": [{"status": "400", "title": "Bad Request", "description": "param is missing or the value is empty: team"}]}),
+                );
+            };
+            let mut figures = false;
+            let Some(team) = s.teams.iter_mut().find(|t| t.id.to_string() == *id) else { return not_found() };
+            let text = |v: &Value| v.as_str().map(str::to_owned).or_else(|| (!v.is_null()).then(|| v.to_string()));
+            for (key, value) in &fields {
+                match key.as_str() {
+                    "billing_acct_id" => team.billing_acct_id = text(value),
+                    "cost" => {
+                        team.cost = text(value);
+                        figures = true
+                    }
+                    "credits" => team.credits = text(value),
+                    "billing_period_start" => team.period_start = text(value),
+                    "billing_period_end" => team.period_end = text(value),
+                    // Strong parameters drop what is not permitted.
+                    _ => {}
+                }
+            }
+            let json = team_json(team);
+            if figures {
+                s.team_figure_updates += 1;
+            }
+            json_response(StatusCode::OK, json)
+        }
+        (&Method::PATCH, ["api", "v1", kind @ ("devices" | "racks"), id]) => {
+            let key = if *kind == "racks" { "rack" } else { "device" };
+            let fields: Map<String, Value> = body[key].as_object().cloned().unwrap_or_default();
+            let list = if *kind == "racks" { &mut s.racks } else { &mut s.devices };
+            let Some(record) = list.iter_mut().find(|r| r.id.to_string() == *id) else { return not_found() };
+            let mut changed = false;
+            if let Some(status) = fields.get("status") {
+                let status = status.as_str().unwrap_or_default();
+                if !accepted(&record.kind).contains(&status) {
+                    return json_response(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        json!({"status": ["is not included in the list"]}),
+                    );
+                }
+                changed = record.status != status;
+                record.status = status.to_owned();
+            }
+            let json = record_json(record);
+            if changed {
+                s.status_updates += 1;
+            }
+            json_response(StatusCode::OK, json)
+        }
+        (&Method::DELETE, ["api", "v1", "devices", id]) => {
+            let before = s.devices.len();
+            s.devices.retain(|d| d.id.to_string() != *id);
+            if s.devices.len() == before {
+                not_found()
+            } else {
+                json_response(StatusCode::OK, json!({}))
+            }
+        }
+        (&Method::DELETE, ["api", "v1", "racks", id]) => {
+            if !s.racks.iter().any(|r| r.id.to_string() == *id) {
+                return not_found();
+            }
+            // The fake's devices are not placed in racks, so a rack is never non-empty; the
+            // recurse flag is still required as Rails requires it for a rack with devices.
+            if !recurse {
+                return json_response(StatusCode::UNPROCESSABLE_ENTITY, json!({"base": ["rack is not empty"]}));
+            }
+            s.racks.retain(|r| r.id.to_string() != *id);
+            json_response(StatusCode::OK, json!({}))
+        }
+        (&Method::PUT, ["mrd", device, "metrics"]) => {
+            let Some(device) = s.devices.iter().find(|d| d.id.to_string() == *device).map(|d| d.id) else {
+                return (StatusCode::NOT_FOUND, "Host Not Found").into_response();
+            };
+            const TYPES: [&str; 9] =
+                ["string", "int8", "uint8", "int16", "uint16", "int32", "uint32", "float", "double"];
+            const SLOPES: [&str; 5] = ["zero", "positive", "negative", "both", "derivative"];
+            let valid = body["name"].as_str().is_some_and(|n| !n.is_empty())
+                && body["value"].is_number()
+                && body["type"].as_str().is_some_and(|t| TYPES.contains(&t))
+                && body["slope"].as_str().is_some_and(|t| SLOPES.contains(&t))
+                && body["ttl"].as_u64().is_some_and(|t| t >= 1);
+            if !valid {
+                return json_response(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": "invalid metric"}));
+            }
+            s.metrics.push((device, body));
+            json_response(StatusCode::OK, json!({"status": 200}))
+        }
+        _ => not_found(),
+    }
+}
