@@ -60,7 +60,20 @@ const TENANT_ALREADY_EXISTS: i64 = 20000;
 pub struct KillBill {
     http: reqwest::Client,
     settings: KillBillSettings,
+    known: std::sync::Mutex<Known>,
 }
+
+/// Ids of objects seen to exist. Accounts and subscriptions are never deleted in KillBill
+/// (closing and cancelling keep them), so an id once seen stays right; remembering it saves the
+/// lookup by key that every usage call would otherwise start with.
+#[derive(Debug, Default)]
+struct Known {
+    accounts: std::collections::HashMap<ProjectId, String>,
+    subscriptions: std::collections::HashMap<InstanceId, String>,
+}
+
+/// Beyond this many remembered ids the memory is cleared and refilled on demand.
+const KNOWN_MAX: usize = 200_000;
 
 /// An answer: status, body text.
 struct Answer {
@@ -186,7 +199,7 @@ impl KillBill {
             .pool_max_idle_per_host(settings.pool_max_idle)
             .build()
             .map_err(|source| BillingError::Http { what: "building the HTTP client".into(), source })?;
-        Ok(Self { http, settings })
+        Ok(Self { http, settings, known: std::sync::Mutex::new(Known::default()) })
     }
 
     fn request(&self, method: Method, path: &str, ctx: Option<Context<'_>>) -> RequestBuilder {
@@ -322,7 +335,40 @@ impl KillBill {
         }
     }
 
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn remember_account(&self, project: &ProjectId, id: &str) {
+        let mut known = self.known();
+        if known.accounts.len() >= KNOWN_MAX {
+            known.accounts.clear();
+        }
+        known.accounts.insert(project.clone(), id.to_owned());
+    }
+
+    fn remember_subscription(&self, instance: &InstanceId, id: &str) {
+        let mut known = self.known();
+        if known.subscriptions.len() >= KNOWN_MAX {
+            known.subscriptions.clear();
+        }
+        known.subscriptions.insert(instance.clone(), id.to_owned());
+    }
+
+    /// The subscription's id: remembered, or looked up by key.
+    async fn subscription_id(&self, instance: &InstanceId) -> Result<String, BillingError> {
+        if let Some(id) = self.known().subscriptions.get(instance) {
+            return Ok(id.clone());
+        }
+        let id = self.existing_subscription(instance).await?.subscription_id;
+        self.remember_subscription(instance, &id);
+        Ok(id)
+    }
+
     async fn account_id(&self, project: &ProjectId) -> Result<Option<String>, BillingError> {
+        if let Some(id) = self.known().accounts.get(project) {
+            return Ok(Some(id.clone()));
+        }
         let what = format!("find account {project}");
         let answer = self
             .send(
@@ -331,7 +377,11 @@ impl KillBill {
             )
             .await?;
         match answer.status {
-            StatusCode::OK => Ok(Some(Self::parse::<AccountJson>(&what, &answer)?.account_id)),
+            StatusCode::OK => {
+                let id = Self::parse::<AccountJson>(&what, &answer)?.account_id;
+                self.remember_account(project, &id);
+                Ok(Some(id))
+            }
             StatusCode::NOT_FOUND if answer.code() == Some(ACCOUNT_NOT_FOUND_BY_KEY) => Ok(None),
             _ => Err(Self::refused(&what, &answer)),
         }
@@ -416,6 +466,7 @@ impl KillBill {
         };
         // Also on 409: an earlier attempt may have stopped between the two calls.
         self.add_fields("accounts", &id, &[(FIELD_PROJECT, project.as_str())], ctx).await?;
+        self.remember_account(project, &id);
         Ok((id, applied))
     }
 
@@ -482,7 +533,11 @@ impl Billing for KillBill {
     }
 
     async fn ensure_subscription(&self, spec: &SubscriptionSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        if self.subscription(&spec.instance).await?.is_some() {
+        if self.known().subscriptions.contains_key(&spec.instance) {
+            return Ok(Applied::AlreadyDone);
+        }
+        if let Some(existing) = self.subscription(&spec.instance).await? {
+            self.remember_subscription(&spec.instance, &existing.subscription_id);
             return Ok(Applied::AlreadyDone);
         }
         let account_id = match self.account_id(&spec.project).await? {
@@ -517,6 +572,8 @@ impl Billing for KillBill {
         if let Some(closed_at) = self.closed_at(&account_id).await? {
             self.cancel(&id, closed_at.max(spec.start), ctx).await?;
         }
+        // Remembered only now: a retry after a failure above must run those steps again.
+        self.remember_subscription(&spec.instance, &id);
         Ok(Applied::Done)
     }
 
@@ -560,7 +617,7 @@ impl Billing for KillBill {
     }
 
     async fn record_usage(&self, usage: &UsageSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        let subscription = self.existing_subscription(&usage.instance).await?;
+        let subscription_id = self.subscription_id(&usage.instance).await?;
         let mut units: Vec<UnitRecords<'_>> = Vec::new();
         for record in &usage.records {
             let entry = Record {
@@ -573,11 +630,8 @@ impl Billing for KillBill {
             }
         }
         let what = format!("record usage {} on {}", usage.tracking_id, usage.instance);
-        let body = UsageBody {
-            subscription_id: &subscription.subscription_id,
-            tracking_id: &usage.tracking_id,
-            unit_usage_records: units,
-        };
+        let body =
+            UsageBody { subscription_id: &subscription_id, tracking_id: &usage.tracking_id, unit_usage_records: units };
         let answer = self.send(&what, self.request(Method::POST, "/1.0/kb/usages", Some(ctx)).json(&body)).await?;
         match answer.status {
             s if s.is_success() => Ok(Applied::Done),

@@ -44,6 +44,8 @@ struct Fake {
     catalogs: Vec<String>,
     violations: Vec<String>,
     requests: usize,
+    /// Every answer waits this long first (a server's latency).
+    latency: std::time::Duration,
     /// Credit (CBA) per account id, from `POST /1.0/kb/credits`.
     credits: BTreeMap<String, Decimal>,
     /// USD per unit of usage, for dry-run invoices (the test's own price list).
@@ -153,11 +155,15 @@ pub(crate) fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The OpenAPI definitions, for checking request bodies.
-fn spec() -> Option<Value> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/killbill/killbill-openapi.json");
-    let text = std::fs::read_to_string(&path).ok()?;
-    serde_json::from_str::<Value>(&text).ok().map(|s| s["definitions"].clone())
+/// The OpenAPI definitions, for checking request bodies (read once per process).
+fn spec() -> Option<&'static Value> {
+    static SPEC: std::sync::OnceLock<Option<Value>> = std::sync::OnceLock::new();
+    SPEC.get_or_init(|| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/killbill/killbill-openapi.json");
+        let text = std::fs::read_to_string(&path).ok()?;
+        serde_json::from_str::<Value>(&text).ok().map(|s| s["definitions"].clone())
+    })
+    .as_ref()
 }
 
 /// Checks `value` against a schema of the spec; every problem is a line in `problems`.
@@ -234,6 +240,11 @@ impl FakeKillBill {
             connect_timeout_ms: 1_000,
             pool_max_idle: 4,
         }
+    }
+
+    /// Every answer takes `latency` (requests are still served concurrently).
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        self.state.lock().unwrap().latency = latency;
     }
 
     /// Dry-run invoices price each unit of `unit` at `price` (other units cost nothing): the
@@ -353,6 +364,10 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let latency = state.lock().unwrap().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let mut s = state.lock().unwrap();
     s.requests += 1;
     if let Some(status) = s.fail_next.pop_front() {
@@ -433,7 +448,7 @@ async fn handle(
                 Some(item) => json!({"type": "array", "items": {"$ref": format!("#/definitions/{item}")}}),
                 None => json!({"$ref": format!("#/definitions/{name}")}),
             };
-            check(&definitions, &schema, value, name, &mut problems);
+            check(definitions, &schema, value, name, &mut problems);
             if !problems.is_empty() {
                 s.violations.extend(problems.iter().cloned());
                 return bad_request(&problems.join("; "));
