@@ -415,6 +415,14 @@ pub struct BusSettings {
     pub shutdown_deadline_ms: u64,
     /// Longest wait between reconnection attempts (ms).
     pub reconnect_max_ms: u64,
+    /// Shard queues of the sharded topology (0: off). With N shards, one replica at a time
+    /// (the intake) moves the main queue's messages to N queues by project id through the
+    /// consistent-hash exchange, and each shard has a single active consumer among the
+    /// replicas: each project is handled by one replica at a time, in order.
+    pub shards: u16,
+    /// How often a standby replica asks to become the intake in sharded mode (ms): the longest
+    /// the main queue waits after the intake replica stops.
+    pub intake_standby_ms: u64,
 }
 
 impl Default for BusSettings {
@@ -442,6 +450,8 @@ impl Default for BusSettings {
             backoff: BackoffSettings::default(),
             shutdown_deadline_ms: 30_000,
             reconnect_max_ms: 30_000,
+            shards: 0,
+            intake_standby_ms: 2_000,
         }
     }
 }
@@ -733,6 +743,12 @@ impl Settings {
         }
         if bus.max_attempts == 0 {
             return Err("bus.max_attempts must be at least 1".into());
+        }
+        if bus.shards > 256 {
+            return Err(format!("bus.shards is {}: it must be between 0 (off) and 256", bus.shards));
+        }
+        if bus.shards > 0 && bus.intake_standby_ms == 0 {
+            return Err("bus.intake_standby_ms must be at least 1 when bus.shards is set".into());
         }
         if bus.delivery_limit == 0 {
             return Err("bus.delivery_limit must be at least 1".into());

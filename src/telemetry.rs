@@ -22,6 +22,10 @@ pub const IN_FLIGHT: &str = "concertim_billing_in_flight";
 /// Concertim updates by kind (`device_status`, `refresh_team`, …) and result (`changed`,
 /// `unchanged`, `not_found`, `stale`, `scheduled`, `failed`).
 pub const CONCERTIM_UPDATES: &str = "concertim_billing_concertim_updates_total";
+/// Sharded mode: messages the intake moved from the main queue to the shards.
+pub const INTAKE_MOVED: &str = "concertim_billing_intake_moved_total";
+/// Sharded mode: 1 while this replica is the intake, 0 while it stands by.
+pub const INTAKE_ACTIVE: &str = "concertim_billing_intake_active";
 /// 1 while consuming, 0 while the broker is away.
 pub const CONNECTED: &str = "concertim_billing_broker_connected";
 

@@ -3,7 +3,8 @@
 #
 # Integration tests talk to a real RabbitMQ at 127.0.0.1:5672 (guest/guest). When none answers,
 # this script starts one, installing Debian's rabbitmq-server first when it is missing (as root,
-# or through sudo). Extra arguments go to `cargo test`.
+# or through sudo), and enables the consistent-hash exchange plugin the sharding tests use.
+# Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -38,7 +39,20 @@ start_broker() {
     return 1
 }
 
+# The sharded topology's exchange type comes from a plugin shipped with RabbitMQ (enabling an
+# enabled plugin changes nothing).
+enable_shard_plugin() {
+    local plugins
+    plugins=$(command -v rabbitmq-plugins || echo /usr/sbin/rabbitmq-plugins)
+    if [ ! -x "$plugins" ]; then
+        echo "test.sh: rabbitmq-plugins not found; the sharding tests need rabbitmq_consistent_hash_exchange enabled on the broker" >&2
+        return 0
+    fi
+    as_root "$plugins" enable --quiet rabbitmq_consistent_hash_exchange >/dev/null
+}
+
 broker_answers || start_broker
+enable_shard_plugin
 
 cargo test --all-targets "$@"
 cargo test --doc "$@"

@@ -34,7 +34,7 @@ pub const ORIGINAL_EXCHANGE: &str = "x-concertim-original-exchange";
 pub const ORIGINAL_ROUTING_KEY: &str = "x-concertim-original-routing-key";
 
 /// How long a republish may wait for the broker's confirm.
-const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub(crate) const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What should happen to a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,6 +221,20 @@ fn integer(value: &AMQPValue) -> Option<i64> {
     })
 }
 
+/// The delivery's properties with the original exchange and routing key recorded, unless an
+/// earlier hop recorded them: what a message moved between our own queues keeps, so that its
+/// dead letter still says where it came from.
+pub(crate) fn with_original_route(delivery: &Delivery) -> BasicProperties {
+    let properties = &delivery.properties;
+    if header(properties, ORIGINAL_EXCHANGE).is_some() {
+        return properties.clone();
+    }
+    let mut headers: FieldTable = properties.headers().clone().unwrap_or_default();
+    headers.insert(ORIGINAL_EXCHANGE.into(), text(delivery.exchange.as_str()));
+    headers.insert(ORIGINAL_ROUTING_KEY.into(), text(delivery.routing_key.as_str()));
+    properties.clone().with_headers(headers)
+}
+
 /// The delivery's properties plus the failure headers. The first failure time and the original
 /// exchange and routing key are kept from an earlier failure, when there was one.
 fn with_failure_headers(
@@ -246,4 +260,26 @@ fn with_failure_headers(
     headers.insert(ORIGINAL_EXCHANGE.into(), text(&exchange));
     headers.insert(ORIGINAL_ROUTING_KEY.into(), text(&routing_key));
     properties.clone().with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_moved_message_records_its_first_route_and_keeps_it_on_later_hops() {
+        let upstream = Delivery::mock(1, "nova".into(), "notifications.info".into(), false, b"{}".to_vec());
+        let moved = with_original_route(&upstream);
+        assert_eq!(header_text(&moved, ORIGINAL_EXCHANGE).as_deref(), Some("nova"));
+        assert_eq!(header_text(&moved, ORIGINAL_ROUTING_KEY).as_deref(), Some("notifications.info"));
+
+        let mut on_shard = Delivery::mock(2, "billing.shard".into(), "project-1".into(), false, b"{}".to_vec());
+        on_shard.properties = moved;
+        let failed = with_failure_headers(&on_shard, ErrorClass::Invalid, "bad", 1, "now".into());
+        assert_eq!(header_text(&failed, ORIGINAL_EXCHANGE).as_deref(), Some("nova"));
+        assert_eq!(
+            header_text(&with_original_route(&on_shard), ORIGINAL_ROUTING_KEY).as_deref(),
+            Some("notifications.info")
+        );
+    }
 }

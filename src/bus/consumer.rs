@@ -31,7 +31,7 @@ use tracing::{info, warn, Instrument as _};
 
 use super::{
     ack::{self, Settled, Settler, Verdict},
-    broker_error, connect, topology, BusError, Names,
+    broker_error, connect, intake, topology, BusError, Names,
 };
 use crate::{
     billing::Billing,
@@ -98,8 +98,22 @@ pub async fn run_both<B: Billing + 'static>(
 ) -> Result<(), BusError> {
     // Either loop failing for good stops the other.
     let stop = shutdown.child_token();
+    // Sharded: the billing consumer reads every shard (the broker makes it the active consumer
+    // of some), and the intake feeds the shards from the main queue.
+    let sharded = bus.shards > 0;
+    let queues = if sharded { spread(topology::shard_queues(bus)) } else { vec![Names::new(bus).queue] };
+    let intake = async {
+        if !sharded {
+            return Ok(());
+        }
+        let result = intake_loop(bus, &executor, &stop).await;
+        if result.is_err() {
+            stop.cancel();
+        }
+        result
+    };
     let billing = Consumer {
-        queue: Names::new(bus).queue,
+        queues,
         names: Names::new(bus),
         tag: "concertim-billing",
         prefetch: bus.prefetch,
@@ -107,7 +121,7 @@ pub async fn run_both<B: Billing + 'static>(
         max_attempts: bus.max_attempts,
     };
     let forward = settings.concertim.as_ref().map(|_| Names::concertim(bus).queue);
-    let handler = Arc::new(BillingHandler { executor, backoff: bus.backoff.clone(), forward });
+    let handler = Arc::new(BillingHandler { executor: Arc::clone(&executor), backoff: bus.backoff.clone(), forward });
     let billing = async {
         let result = consume(bus, settings, billing, handler, &stop, Some(&health)).await;
         if result.is_err() {
@@ -116,11 +130,12 @@ pub async fn run_both<B: Billing + 'static>(
         result
     };
     let (Some(worker), Some(concertim_settings)) = (worker, settings.concertim.clone()) else {
-        return billing.await;
+        let (billing, intake) = tokio::join!(billing, intake);
+        return billing.and(intake);
     };
     let names = Names::concertim(bus);
     let consumer = Consumer {
-        queue: names.queue.clone(),
+        queues: vec![names.queue.clone()],
         names,
         tag: "concertim-billing-concertim",
         prefetch: bus.prefetch,
@@ -135,13 +150,32 @@ pub async fn run_both<B: Billing + 'static>(
         }
         result
     };
-    let (billing, concertim) = tokio::join!(billing, concertim);
-    billing.and(concertim)
+    let (billing, concertim, intake) = tokio::join!(billing, concertim, intake);
+    billing.and(concertim).and(intake)
+}
+
+/// The shard queues in the order this replica registers on them: rotated by a per-process
+/// offset, so that replicas starting together become the active consumers of different shards.
+///
+/// FIXME: a single active consumer stays active until it goes away, so a replica started after
+/// the others took every shard is a hot standby: sharding gives per-project order and failover,
+/// not more throughput than one replica, unless the replicas start together. Rebalancing needs
+/// consumer priorities with single active consumer (RabbitMQ 4.x) or a hand-over protocol.
+fn spread(mut queues: Vec<String>) -> Vec<String> {
+    if queues.len() > 1 {
+        let mut hasher = DefaultHasher::new();
+        std::process::id().hash(&mut hasher);
+        std::time::SystemTime::now().hash(&mut hasher);
+        let offset = (hasher.finish() % queues.len() as u64) as usize;
+        queues.rotate_left(offset);
+    }
+    queues
 }
 
 /// What a consumer reads and how it settles.
 struct Consumer {
-    queue: String,
+    /// One queue, or the shard queues.
+    queues: Vec<String>,
     names: Names,
     tag: &'static str,
     prefetch: u16,
@@ -183,25 +217,61 @@ async fn consume<H: Handler>(
     shutdown: &CancellationToken,
     health: Option<&Health>,
 ) -> Result<(), BusError> {
+    let what = consumer.queues.join(", ");
+    reconnecting(bus, &what, shutdown, || async {
+        let session = session(bus, settings, &consumer, &handler, shutdown, health).await;
+        if let Some(health) = health {
+            health.set_consuming(false);
+        }
+        session
+    })
+    .await
+}
+
+/// The sharded topology's intake, reconnecting like the consumers.
+async fn intake_loop<B: Billing + 'static>(
+    bus: &BusSettings,
+    executor: &Arc<Executor<B>>,
+    shutdown: &CancellationToken,
+) -> Result<(), BusError> {
+    let what = format!("{} (intake)", Names::new(bus).queue);
+    reconnecting(bus, &what, shutdown, || async {
+        Ok(match intake::session(bus, executor, shutdown).await? {
+            intake::IntakeEnd::Shutdown => End::Shutdown,
+            // Moving messages counts as consuming: the next failure waits from the start.
+            intake::IntakeEnd::Lost => End::Lost { consumed: true },
+        })
+    })
+    .await
+}
+
+/// Runs `session` again and again, waiting with backoff after each failure, until shutdown or
+/// a permanent error.
+async fn reconnecting<F, Fut>(
+    bus: &BusSettings,
+    what: &str,
+    shutdown: &CancellationToken,
+    mut session: F,
+) -> Result<(), BusError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<End, BusError>>,
+{
     let mut reconnect = retry::reconnect(std::time::Duration::from_millis(bus.reconnect_max_ms));
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        let session = session(bus, settings, &consumer, &handler, shutdown, health).await;
-        if let Some(health) = health {
-            health.set_consuming(false);
-        }
-        match session {
+        match session().await {
             Ok(End::Shutdown) => return Ok(()),
             Ok(End::Lost { consumed }) => {
                 if consumed {
                     reconnect.reset();
                 }
-                warn!(queue = %consumer.queue, "lost the broker; reconnecting");
+                warn!(queue = %what, "lost the broker; reconnecting");
             }
             Err(e) if e.class() == ErrorClass::Permanent => return Err(e),
-            Err(e) => warn!(queue = %consumer.queue, error.message = %e, "cannot consume; retrying"),
+            Err(e) => warn!(queue = %what, error.message = %e, "cannot consume; retrying"),
         }
         let wait = reconnect.next_wait().unwrap_or(std::time::Duration::from_millis(bus.reconnect_max_ms));
         tokio::select! {
@@ -240,16 +310,24 @@ async fn session<H: Handler>(
     publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(&broker)?;
     let consuming = connection.create_channel().await.map_err(&broker)?;
     consuming.basic_qos(consumer.prefetch, BasicQosOptions::default()).await.map_err(&broker)?;
-    let mut deliveries = consuming
-        .basic_consume(
-            consumer.queue.as_str().into(),
-            consumer.tag.into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(&broker)?;
-    info!(queue = %consumer.queue, url = %bus.url, lanes = consumer.lanes, "consuming");
+    let mut tags = Vec::with_capacity(consumer.queues.len());
+    let mut streams = Vec::with_capacity(consumer.queues.len());
+    for (i, queue) in consumer.queues.iter().enumerate() {
+        let tag = if consumer.queues.len() == 1 { consumer.tag.to_owned() } else { format!("{}-{i}", consumer.tag) };
+        let stream = consuming
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(&broker)?;
+        tags.push(tag);
+        streams.push(stream);
+    }
+    let (mut deliveries, _forwarders) = merge(streams, consumer.prefetch);
+    info!(queue = %consumer.queues.join(", "), url = %bus.url, lanes = consumer.lanes, "consuming");
     if let Some(health) = health {
         health.set_consuming(true);
     }
@@ -270,11 +348,13 @@ async fn session<H: Handler>(
             biased;
             () = shutdown.cancelled() => {
                 // Stop new deliveries; what was already delivered is finished below.
-                let _ = consuming.basic_cancel(consumer.tag.into(), BasicCancelOptions::default()).await;
+                for tag in &tags {
+                    let _ = consuming.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                }
                 break End::Shutdown;
             }
             () = trouble.cancelled() => break End::Lost { consumed },
-            next = deliveries.next() => match next {
+            next = deliveries.recv() => match next.flatten() {
                 Some(Ok(delivery)) => {
                     consumed = true;
                     metrics::gauge!(telemetry::IN_FLIGHT).increment(1.0);
@@ -320,9 +400,36 @@ async fn session<H: Handler>(
     while lanes.join_next().await.is_some() {}
     if matches!(end, End::Shutdown) {
         let _ = connection.close(200, "shutting down".into()).await;
-        info!(queue = %consumer.queue, "stopped consuming");
+        info!(queue = %consumer.queues.join(", "), "stopped consuming");
     }
     Ok(end)
+}
+
+/// One stream of deliveries from one or more consumers. A consumer whose stream ends (its
+/// channel closed, or the broker cancelled it) ends the merged stream with `None`: the session
+/// then reconnects rather than go on with a shard unread.
+fn merge(
+    streams: Vec<lapin::Consumer>,
+    prefetch: u16,
+) -> (mpsc::Receiver<Option<Result<Delivery, lapin::Error>>>, tokio_util::task::AbortOnDropHandle<()>) {
+    let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
+    let forward = async move {
+        let mut tasks = JoinSet::new();
+        for mut stream in streams {
+            let tx = tx.clone();
+            tasks.spawn(async move {
+                while let Some(next) = stream.next().await {
+                    if tx.send(Some(next)).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(None).await;
+            });
+        }
+        drop(tx);
+        while tasks.join_next().await.is_some() {}
+    };
+    (rx, tokio_util::task::AbortOnDropHandle::new(tokio::spawn(forward)))
 }
 
 /// One project's messages always map to the same lane; messages without a project spread out.

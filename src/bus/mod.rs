@@ -6,6 +6,7 @@
 
 pub mod ack;
 pub mod consumer;
+mod intake;
 pub mod publish;
 pub mod topology;
 
@@ -102,5 +103,13 @@ pub(crate) fn broker_error(url: &SecretUrl) -> impl Fn(lapin::Error) -> BusError
         } else {
             BusError::Broker { url: url.redacted(), source }
         }
+    }
+}
+
+/// The AMQP reply code of a broker's refusal (403 access refused, 406 precondition failed…).
+pub(crate) fn amqp_code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some(e.get_id()),
+        _ => None,
     }
 }

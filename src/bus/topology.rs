@@ -6,7 +6,11 @@
 //!   dead-letter through the default exchange straight back to the main queue;
 //! - dead exchange + classic queue `<prefix><queue>.dead`: where operators look;
 //! - the main queue bound to each configured (exchange, routing key). OpenStack's own
-//!   `notifications.info` queue is never declared, bound or consumed.
+//!   `notifications.info` queue is never declared, bound or consumed;
+//! - in sharded mode (`bus.shards` = N > 0): the consistent-hash exchange `<prefix><queue>.shard`
+//!   and N quorum queues `<prefix><queue>.shard.<i>`, each bound with weight 1, with a single
+//!   active consumer, dead-lettering and a delivery limit like the main queue. The intake moves
+//!   messages from the main queue to the exchange with the project id as routing key.
 
 use lapin::{
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
@@ -59,6 +63,27 @@ impl Names {
         }
     }
 }
+
+/// The consistent-hash exchange of the sharded topology.
+pub fn shard_exchange(bus: &BusSettings) -> String {
+    format!("{}.shard", Names::new(bus).queue)
+}
+
+/// The shard queues of the sharded topology (none when sharding is off).
+pub fn shard_queues(bus: &BusSettings) -> Vec<String> {
+    let queue = Names::new(bus).queue;
+    (0..bus.shards).map(|i| format!("{queue}.shard.{i}")).collect()
+}
+
+/// A shard queue's arguments: the main queue's, plus a single active consumer.
+pub fn shard_queue_arguments(bus: &BusSettings, names: &Names) -> FieldTable {
+    let mut args = main_queue_arguments(bus, names);
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    args
+}
+
+/// The plugin the sharded topology needs.
+pub const SHARD_PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
 
 fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
@@ -221,12 +246,64 @@ pub async fn declare(channel: &Channel, bus: &BusSettings) -> Result<Names, BusE
             .await
             .map_err(ours(format!("binding {} -> {}", binding.exchange, names.queue)))?;
     }
+    if bus.shards > 0 {
+        declare_shards(channel, bus, &names).await?;
+    }
     Ok(names)
+}
+
+async fn declare_shards(channel: &Channel, bus: &BusSettings, names: &Names) -> Result<(), BusError> {
+    let exchange = shard_exchange(bus);
+    let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let queue_options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Custom("x-consistent-hash".into()),
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| {
+            let fix = if e.to_string().contains("invalid exchange type") {
+                format!(
+                    "enable the plugin on the broker: rabbitmq-plugins enable {SHARD_PLUGIN} (or set bus.shards = 0)"
+                )
+            } else {
+                "it was declared with other arguments: delete it (it is ours) or choose another bus.prefix/bus.queue"
+                    .into()
+            };
+            classify(e, format!("exchange {exchange}"), fix, bus)
+        })?;
+    let fix = || {
+        "it was declared with other arguments: delete it when empty (it is ours) or choose another bus.prefix/bus.queue"
+    };
+    for queue in shard_queues(bus) {
+        channel
+            .queue_declare(queue.as_str().into(), queue_options, shard_queue_arguments(bus, names))
+            .await
+            .map_err(|e| classify(e, format!("queue {queue}"), fix().into(), bus))?;
+        // The binding key of a consistent-hash exchange is the queue's weight.
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "1".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| classify(e, format!("binding {exchange} -> {queue}"), fix().into(), bus))?;
+    }
+    Ok(())
 }
 
 fn classify(error: lapin::Error, what: String, fix: String, bus: &BusSettings) -> BusError {
     let text = error.to_string();
-    if text.contains("PRECONDITION_FAILED") || text.contains("PreconditionFailed") || text.contains("inequivalent arg")
+    if text.contains("PRECONDITION_FAILED")
+        || text.contains("PreconditionFailed")
+        || text.contains("inequivalent arg")
+        || text.contains("invalid exchange type")
     {
         BusError::Precondition { what, detail: text, fix }
     } else {
@@ -256,6 +333,22 @@ pub fn describe(bus: &BusSettings) -> String {
         "dead     exchange {} (fanout) -> queue {}  classic (read and returned in place by dlq)\n",
         names.dead_exchange, names.dead_queue
     ));
+    let shards = shard_queues(bus);
+    if !shards.is_empty() {
+        out.push_str(&format!(
+            "intake   {} -> exchange {} (x-consistent-hash, routing key = project id; plugin {SHARD_PLUGIN}); one replica at a time, holding the exclusive queue {}.intake; the others ask every {} ms\n",
+            names.queue,
+            shard_exchange(bus),
+            names.queue,
+            bus.intake_standby_ms
+        ));
+        for queue in shards {
+            out.push_str(&format!(
+                "shard    {queue}  quorum, durable, x-single-active-consumer, x-dead-letter-exchange={}, x-delivery-limit={}, bound with weight 1\n",
+                names.dead_exchange, bus.delivery_limit
+            ));
+        }
+    }
     out
 }
 
@@ -283,6 +376,23 @@ mod tests {
         assert_eq!(names.retry_queue, "t1-concertim-billing.retry");
         assert_eq!(names.dead_exchange, "t1-concertim-billing.dead");
         assert!(describe(&bus).lines().all(|l| !l.contains("queue notifications.info")));
+    }
+
+    #[test]
+    fn sharding_adds_an_exchange_and_single_active_consumer_queues_only_when_asked() {
+        let off = BusSettings::default();
+        assert!(shard_queues(&off).is_empty());
+        assert!(!describe(&off).contains("shard"));
+        let on = BusSettings { shards: 3, ..BusSettings::default() };
+        assert_eq!(
+            shard_queues(&on),
+            ["concertim-billing.shard.0", "concertim-billing.shard.1", "concertim-billing.shard.2"]
+        );
+        assert_eq!(shard_exchange(&on), "concertim-billing.shard");
+        let args = shard_queue_arguments(&on, &Names::new(&on));
+        assert_eq!(args.inner().get("x-single-active-consumer"), Some(&AMQPValue::Boolean(true)));
+        assert_eq!(args.inner().get("x-delivery-limit"), Some(&AMQPValue::LongLongInt(20)));
+        assert_eq!(describe(&on).lines().filter(|l| l.starts_with("shard ")).count(), 3);
     }
 
     #[test]

@@ -13,3 +13,4 @@ mod http;
 mod killbill;
 mod properties;
 mod replay;
+mod shard;

@@ -12,12 +12,13 @@ use std::{
 
 use concertim_billing::{
     billing::{Applied, Billing, BillingError, Context, Ledger},
-    bus::{self, BusError, Names},
+    bus::{self, topology, BusError, Names},
     config::{Binding, SecretUrl, Settings},
     event::{InstanceId, PlanName, ProjectId, Timestamp},
     executor::Executor,
     plan::{SubscriptionSpec, UsageSpec},
     replay::fixture::FixtureDelivery,
+    telemetry::Health,
 };
 use lapin::{
     message::BasicGetMessage,
@@ -207,10 +208,17 @@ impl TestBus {
         let names = self.names();
         let channel = self.connection.create_channel().await.unwrap();
         let concertim = Names::concertim(&self.settings.bus);
-        for queue in [&names.queue, &names.retry_queue, &names.dead_queue, &concertim.queue, &concertim.retry_queue] {
+        let mut queues = vec![names.queue, names.retry_queue, names.dead_queue, concertim.queue, concertim.retry_queue];
+        queues.extend(topology::shard_queues(&self.settings.bus));
+        for queue in queues {
             let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
         }
-        let mut exchanges = vec![names.retry_exchange.clone(), names.dead_exchange.clone(), concertim.retry_exchange];
+        let mut exchanges = vec![
+            names.retry_exchange.clone(),
+            names.dead_exchange.clone(),
+            concertim.retry_exchange,
+            topology::shard_exchange(&self.settings.bus),
+        ];
         exchanges.extend(["nova", "keystone", "ceilometer", "heat"].map(|e| self.exchange(e)));
         for exchange in exchanges {
             let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
@@ -222,6 +230,8 @@ impl TestBus {
 pub struct TestApp<B> {
     /// The executor the consumer uses (and its billing backend).
     pub executor: Arc<Executor<B>>,
+    /// Whether it consumes now (what `/readyz` reports).
+    pub health: Arc<Health>,
     shutdown: CancellationToken,
     handle: JoinHandle<Result<(), BusError>>,
 }
@@ -236,17 +246,16 @@ pub async fn spawn_app<B: Billing + 'static>(bus: &TestBus, billing: B, url: Opt
     let bus_settings = settings.bus.clone();
     let executor = Arc::new(Executor::new(settings, billing));
     let shutdown = CancellationToken::new();
+    let health = Arc::new(Health::default());
     let handle = tokio::spawn({
         let executor = Arc::clone(&executor);
         let shutdown = shutdown.clone();
-        async move { bus::run(&bus_settings, executor, shutdown).await }
+        let health = Arc::clone(&health);
+        async move { bus::run_with_health(&bus_settings, executor, shutdown, health).await }
     });
-    let queue = bus.names().queue;
-    eventually("the consumer to start", Duration::from_secs(20), || async {
-        (bus.consumers(&queue).await.unwrap_or(0) > 0).then_some(())
-    })
-    .await;
-    TestApp { executor, shutdown, handle }
+    eventually("the consumer to start", Duration::from_secs(20), || async { health.is_consuming().then_some(()) })
+        .await;
+    TestApp { executor, shutdown, handle, health }
 }
 
 impl<B: Billing + 'static> TestApp<B> {

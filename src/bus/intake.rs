@@ -1,0 +1,210 @@
+//! The intake of the sharded topology: one replica at a time moves the main queue's messages to
+//! the consistent-hash exchange, with the project id as routing key, so that each project's
+//! messages land on one shard queue, in the order they arrived.
+//!
+//! One replica at a time: the intake holds a lock, the exclusive queue `<queue>.intake`, before
+//! it consumes the main queue, on the same connection. The broker lets one connection declare
+//! an exclusive queue and deletes it when that connection closes, which also returns the
+//! intake's unacknowledged messages; the other replicas stand by and try again every
+//! `bus.intake_standby_ms`. (Quorum queues do not enforce exclusive consumers, and a
+//! single-active-consumer argument on the main queue would make sharding impossible to switch
+//! on without redeclaring, and so emptying, the main queue.)
+//!
+//! Publishes are pipelined: a second task waits for the broker's confirms in publish order and
+//! acknowledges each message once its copy is confirmed, so nothing is lost in between. A crash
+//! between the confirm and the ack moves a message twice, which billing absorbs (every action
+//! is idempotent).
+
+use std::sync::Arc;
+
+use futures_lite::StreamExt;
+use lapin::{
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        QueueDeclareOptions,
+    },
+    types::FieldTable,
+    Confirmation, PublisherConfirm,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{ack, broker_error, connect, topology, BusError, Names};
+use crate::{billing::Billing, config::BusSettings, executor::Executor, telemetry};
+
+const TAG: &str = "concertim-billing-intake";
+
+/// AMQP `RESOURCE_LOCKED`: an exclusive queue another connection owns.
+const RESOURCE_LOCKED: u16 = 405;
+
+/// How an intake session ended.
+pub(super) enum IntakeEnd {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// The broker went away, or a publish was not confirmed: reconnect.
+    Lost,
+}
+
+/// The routing key of a message: its project id, so the consistent-hash exchange sends every
+/// message of a project to the same shard. Messages without a usable project (invalid ones,
+/// events of no project) spread by delivery tag; the shard's consumer deals with them.
+pub(super) fn routing_key<B: Billing>(executor: &Executor<B>, delivery: &Delivery) -> String {
+    let decoded = executor.decode(&delivery.data);
+    match decoded.as_ref().ok().and_then(|n| n.event.project()) {
+        // A routing key is a short string: at most 255 bytes.
+        Some(project) if !project.as_str().is_empty() && project.as_str().len() <= 255 => project.as_str().to_owned(),
+        _ => delivery.delivery_tag.to_string(),
+    }
+}
+
+/// One connection's worth of intake: stand by until the broker grants the exclusive consumer,
+/// then move messages until shutdown or a broker failure.
+pub(super) async fn session<B: Billing + 'static>(
+    bus: &BusSettings,
+    executor: &Arc<Executor<B>>,
+    shutdown: &CancellationToken,
+) -> Result<IntakeEnd, BusError> {
+    let broker = broker_error(&bus.url);
+    let names = Names::new(bus);
+    let exchange = topology::shard_exchange(bus);
+    let connection = connect(&bus.url, TAG).await?;
+    let setup = connection.create_channel().await.map_err(&broker)?;
+    topology::declare(&setup, bus).await?;
+    let publisher = connection.create_channel().await.map_err(&broker)?;
+    publisher.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.map_err(&broker)?;
+
+    let lock = format!("{}.intake", names.queue);
+    let mut standing_by = false;
+    loop {
+        let channel = connection.create_channel().await.map_err(&broker)?;
+        let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
+        match channel.queue_declare(lock.as_str().into(), exclusive, FieldTable::default()).await {
+            Ok(_) => break,
+            // Another replica holds the lock (the refusal closed only this channel).
+            Err(e) if super::amqp_code(&e) == Some(RESOURCE_LOCKED) => {
+                if !standing_by {
+                    info!(queue = %names.queue, "another replica is the intake; standing by");
+                    standing_by = true;
+                }
+                debug!(error.message = %e, "intake lock held elsewhere");
+            }
+            Err(e) => return Err(broker(e)),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = connection.close(200, "shutting down".into()).await;
+                return Ok(IntakeEnd::Shutdown);
+            }
+            () = tokio::time::sleep(std::time::Duration::from_millis(bus.intake_standby_ms)) => {}
+        }
+    }
+    let consuming = connection.create_channel().await.map_err(&broker)?;
+    consuming.basic_qos(bus.prefetch, BasicQosOptions::default()).await.map_err(&broker)?;
+    let mut deliveries = consuming
+        .basic_consume(names.queue.as_str().into(), TAG.into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .map_err(&broker)?;
+    info!(queue = %names.queue, exchange = %exchange, "intake: moving the main queue to the shards");
+    metrics::gauge!(telemetry::INTAKE_ACTIVE).set(1.0);
+
+    let trouble = CancellationToken::new();
+    let (confirms, pending) = mpsc::channel(usize::from(bus.prefetch.max(1)));
+    let acker = tokio::spawn(confirm_then_ack(pending, trouble.clone()));
+    let end = loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                let _ = consuming.basic_cancel(TAG.into(), BasicCancelOptions::default()).await;
+                break IntakeEnd::Shutdown;
+            }
+            () = trouble.cancelled() => break IntakeEnd::Lost,
+            next = deliveries.next() => match next {
+                Some(Ok(delivery)) => {
+                    let key = routing_key(executor, &delivery);
+                    let properties = ack::with_original_route(&delivery);
+                    let published = publisher
+                        .basic_publish(
+                            exchange.as_str().into(),
+                            key.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &delivery.data,
+                            properties,
+                        )
+                        .await;
+                    match published {
+                        Ok(confirm) => {
+                            if confirms.send((confirm, delivery)).await.is_err() {
+                                break IntakeEnd::Lost;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error.message = %e, "intake: cannot publish to the shards; reconnecting");
+                            break IntakeEnd::Lost;
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    warn!(error.message = %e, "intake: the consumer failed");
+                    break IntakeEnd::Lost;
+                }
+                None => break IntakeEnd::Lost,
+            },
+        }
+    };
+    metrics::gauge!(telemetry::INTAKE_ACTIVE).set(0.0);
+    drop(confirms);
+    match end {
+        // What was published is confirmed and acknowledged before the connection closes.
+        IntakeEnd::Shutdown => {
+            if tokio::time::timeout(bus.shutdown_deadline(), acker).await.is_err() {
+                warn!("intake: confirms did not arrive within the shutdown deadline; the broker will redeliver those messages");
+            }
+            let _ = connection.close(200, "shutting down".into()).await;
+            info!("intake stopped");
+        }
+        // Unacknowledged messages go back to the main queue with the connection, which must
+        // really close: while it lives, its exclusive consumer locks every replica out.
+        IntakeEnd::Lost => {
+            acker.abort();
+            let closing = connection.close(320, "reconnecting".into());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closing).await;
+        }
+    }
+    Ok(end)
+}
+
+/// Acknowledges each moved message once the broker confirmed its copy, in publish order.
+async fn confirm_then_ack(mut pending: mpsc::Receiver<(PublisherConfirm, Delivery)>, trouble: CancellationToken) {
+    while let Some((confirm, delivery)) = pending.recv().await {
+        let confirmed = tokio::time::timeout(ack::CONFIRM_TIMEOUT, confirm).await;
+        let acked = match confirmed {
+            Ok(Ok(Confirmation::Ack(_))) => delivery.acker.ack(BasicAckOptions::default()).await.is_ok(),
+            _ => false,
+        };
+        if !acked {
+            // Left unacknowledged, so the broker hands it (and what follows) to the next intake.
+            warn!("intake: a move was not confirmed; reconnecting");
+            trouble.cancel();
+            return;
+        }
+        metrics::counter!(telemetry::INTAKE_MOVED).increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{billing::Ledger, config::Settings};
+
+    #[test]
+    fn a_message_is_routed_by_its_project_and_one_without_a_project_by_its_delivery() {
+        let executor = Executor::new(Settings::embedded(), Ledger::in_memory());
+        let created = br#"{"message_id":"m1","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p1"}}"#;
+        let delivery = Delivery::mock(7, "keystone".into(), "notifications.info".into(), false, created.to_vec());
+        assert_eq!(routing_key(&executor, &delivery), "p1");
+        let invalid = Delivery::mock(8, "keystone".into(), "notifications.info".into(), false, b"{".to_vec());
+        assert_eq!(routing_key(&executor, &invalid), "8");
+    }
+}

@@ -1,0 +1,203 @@
+//! The sharded topology: replicas share the shards through single active consumers, each
+//! project handled by one replica at a time and in order, and a stopped replica's shards move
+//! to the others.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use concertim_billing::{
+    billing::{Applied, Billing, BillingError, Context, Ledger},
+    bus::ack,
+    event::{InstanceId, PlanName, ProjectId, Timestamp},
+    executor::{Delivery, Executor},
+    plan::{SubscriptionSpec, UsageSpec},
+    replay::fixture::FixtureDelivery,
+};
+use lapin::BasicProperties;
+
+use crate::support::{
+    self,
+    bus::{eventually, spawn_app, Proxy, TestBus},
+};
+
+/// One recorded usage call: which replica, which project, which message of that project.
+#[derive(Debug, Clone)]
+struct Call {
+    replica: &'static str,
+    project: String,
+    seq: usize,
+    done: bool,
+}
+
+/// The shared ledger behind every replica, recording the order of usage calls.
+struct Recording {
+    replica: &'static str,
+    ledger: Arc<Ledger>,
+    calls: Arc<Mutex<Vec<Call>>>,
+}
+
+impl Billing for Recording {
+    async fn ensure_account(&self, p: &ProjectId, ctx: Context<'_>) -> Result<Applied, BillingError> {
+        self.ledger.ensure_account(p, ctx).await
+    }
+    async fn close_account(&self, p: &ProjectId, at: Timestamp, ctx: Context<'_>) -> Result<Applied, BillingError> {
+        self.ledger.close_account(p, at, ctx).await
+    }
+    async fn ensure_subscription(&self, s: &SubscriptionSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
+        self.ledger.ensure_subscription(s, ctx).await
+    }
+    async fn change_plan(
+        &self,
+        i: &InstanceId,
+        p: &PlanName,
+        at: Timestamp,
+        ctx: Context<'_>,
+    ) -> Result<Applied, BillingError> {
+        self.ledger.change_plan(i, p, at, ctx).await
+    }
+    async fn cancel_subscription(
+        &self,
+        i: &InstanceId,
+        at: Timestamp,
+        ctx: Context<'_>,
+    ) -> Result<Applied, BillingError> {
+        self.ledger.cancel_subscription(i, at, ctx).await
+    }
+    async fn record_usage(&self, u: &UsageSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
+        let applied = self.ledger.record_usage(u, ctx).await?;
+        // Message ids are "<project>-<seq>".
+        let id = ctx.meta.message_id.to_string();
+        let (project, seq) = id.rsplit_once('-').expect("a test message id");
+        self.calls.lock().unwrap().push(Call {
+            replica: self.replica,
+            project: project.to_owned(),
+            seq: seq.parse().unwrap(),
+            done: applied == Applied::Done,
+        });
+        Ok(applied)
+    }
+}
+
+/// `per_project` Ceilometer messages for each of `projects` projects (one instance each),
+/// interleaved round-robin as many projects' traffic is; message ids are `<project>-<seq>`.
+fn interleaved(template: &FixtureDelivery, projects: usize, per_project: usize) -> Vec<FixtureDelivery> {
+    let envelope: serde_json::Value = serde_json::from_slice(&template.body).unwrap();
+    let mut message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+    let sample = message["payload"].as_array().unwrap().iter().find(|s| s["counter_name"] == "vcpus").unwrap().clone();
+    let mut out = Vec::with_capacity(projects * per_project);
+    for seq in 0..per_project {
+        for p in 0..projects {
+            let project = format!("{p:032x}");
+            let mut sample = sample.clone();
+            sample["project_id"] = project.clone().into();
+            sample["resource_id"] = format!("00000000-0000-4000-8000-{p:012x}").into();
+            sample["message_id"] = format!("{project}-{seq:05}-sample").into();
+            message["payload"] = serde_json::json!([sample]);
+            message["message_id"] = format!("{project}-{seq:05}").into();
+            let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
+            out.push(FixtureDelivery { body: serde_json::to_vec(&body).unwrap(), ..template.clone() });
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sharded_replicas_keep_each_projects_order_and_a_stopped_ones_shards_move_to_the_other() {
+    const PROJECTS: usize = 40;
+    const PER_PROJECT: usize = 50;
+    let mut bus = TestBus::new("shard").await;
+    bus.settings.bus.shards = 4;
+    bus.settings.bus.intake_standby_ms = 100;
+    let template = support::deliveries("out-of-order")
+        .into_iter()
+        .find(|d| d.routing_key.as_deref() == Some("metering.sample"))
+        .expect("a Ceilometer fixture");
+    let messages = interleaved(&template, PROJECTS, PER_PROJECT);
+
+    let ledger = Arc::new(Ledger::in_memory());
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let replica = |name| Recording { replica: name, ledger: Arc::clone(&ledger), calls: Arc::clone(&calls) };
+    // Replica "a" reaches the broker through a proxy, so that it can vanish as a crashed
+    // process does: its connections drop and it cannot reconnect.
+    let proxy = Proxy::start().await;
+    let a = spawn_app(&bus, replica("a"), Some(proxy.url.clone())).await;
+    let b = spawn_app(&bus, replica("b"), None).await;
+    // An invalid message goes through the intake and a shard to the dead-letter queue, still
+    // naming the exchange it was published to.
+    let ceilometer = bus.exchange("ceilometer");
+    bus.publish_raw(&ceilometer, "metering.sample", b"{not json", BasicProperties::default()).await;
+    let publisher = {
+        let messages = messages.clone();
+        let bus = TestBus::new("shard-publisher").await;
+        let exchange = ceilometer.clone();
+        tokio::spawn(async move {
+            for m in &messages {
+                bus.publish_raw(&exchange, "metering.sample", &m.body, BasicProperties::default()).await;
+            }
+        })
+    };
+
+    let done = |calls: &Mutex<Vec<Call>>| calls.lock().unwrap().iter().filter(|c| c.done).count();
+    eventually("a third of the messages billed", Duration::from_secs(60), || async {
+        (done(&calls) >= messages.len() / 3).then_some(())
+    })
+    .await;
+    proxy.set_down(true);
+    let stopped = Instant::now();
+    let calls_at_stop = calls.lock().unwrap().len();
+    eventually("the other replica to take over", Duration::from_secs(30), || async {
+        calls.lock().unwrap()[calls_at_stop..].iter().any(|c| c.replica == "b").then_some(())
+    })
+    .await;
+    let takeover = stopped.elapsed();
+    publisher.await.unwrap();
+    eventually("every message billed", Duration::from_secs(60), || async {
+        (done(&calls) >= messages.len()).then_some(())
+    })
+    .await;
+    eprintln!("sharded failover: the other replica billed again {takeover:?} after the first stopped");
+
+    let calls = calls.lock().unwrap().clone();
+    // Every message billed exactly once (a redelivered one finds its usage recorded).
+    let mut billed: BTreeMap<(String, usize), usize> = BTreeMap::new();
+    for c in calls.iter().filter(|c| c.done) {
+        *billed.entry((c.project.clone(), c.seq)).or_default() += 1;
+    }
+    assert_eq!(billed.len(), messages.len(), "every message billed");
+    assert!(billed.values().all(|n| *n == 1), "no message billed twice");
+    // Per project: billed in publication order, by one replica until the stop, then by the other.
+    let mut by_project: BTreeMap<&str, Vec<&Call>> = BTreeMap::new();
+    for c in calls.iter().filter(|c| c.done) {
+        by_project.entry(&c.project).or_default().push(c);
+    }
+    for (project, calls) in &by_project {
+        let seqs: Vec<usize> = calls.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, (0..PER_PROJECT).collect::<Vec<_>>(), "project {project} in order");
+        let replicas: Vec<&str> = calls.iter().map(|c| c.replica).collect();
+        let switches = replicas.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(switches <= 1, "project {project} moved back and forth: {replicas:?}");
+        assert!(!replicas.windows(2).any(|w| w == ["b", "a"]), "project {project} went back to the stopped replica");
+    }
+    let replicas: BTreeSet<&str> = calls.iter().filter(|c| c.done).map(|c| c.replica).collect();
+    assert_eq!(replicas, BTreeSet::from(["a", "b"]), "both replicas billed");
+    // The ledger holds what one process billing every message once holds.
+    let offline = Executor::new(bus.settings.clone(), Ledger::in_memory());
+    for m in &messages {
+        offline.handle(Delivery { body: &m.body, redelivered: false }).await;
+    }
+    assert_eq!(ledger.snapshot(), offline.billing().snapshot());
+
+    let dead = bus.drain(&bus.names().dead_queue).await;
+    assert_eq!(dead.len(), 1, "only the invalid message is dead-lettered");
+    let properties = &dead[0].delivery.properties;
+    assert_eq!(ack::header_text(properties, ack::ORIGINAL_EXCHANGE).as_deref(), Some(ceilometer.as_str()));
+    assert_eq!(ack::header_text(properties, ack::ORIGINAL_ROUTING_KEY).as_deref(), Some("metering.sample"));
+    assert_eq!(ack::header_text(properties, ack::CLASS).as_deref(), Some("invalid"));
+
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+    bus.cleanup().await;
+}
