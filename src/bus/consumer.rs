@@ -326,7 +326,7 @@ async fn session<H: Handler>(
         tags.push(tag);
         streams.push(stream);
     }
-    let (mut deliveries, _forwarders) = merge(streams, consumer.prefetch);
+    let mut deliveries = Deliveries::new(streams, consumer.prefetch);
     info!(queue = %consumer.queues.join(", "), url = %bus.url, lanes = consumer.lanes, "consuming");
     if let Some(health) = health {
         health.set_consuming(true);
@@ -354,7 +354,7 @@ async fn session<H: Handler>(
                 break End::Shutdown;
             }
             () = trouble.cancelled() => break End::Lost { consumed },
-            next = deliveries.recv() => match next.flatten() {
+            next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
                     consumed = true;
                     metrics::gauge!(telemetry::IN_FLIGHT).increment(1.0);
@@ -405,31 +405,54 @@ async fn session<H: Handler>(
     Ok(end)
 }
 
-/// One stream of deliveries from one or more consumers. A consumer whose stream ends (its
-/// channel closed, or the broker cancelled it) ends the merged stream with `None`: the session
-/// then reconnects rather than go on with a shard unread.
-fn merge(
-    streams: Vec<lapin::Consumer>,
-    prefetch: u16,
-) -> (mpsc::Receiver<Option<Result<Delivery, lapin::Error>>>, tokio_util::task::AbortOnDropHandle<()>) {
-    let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
-    let forward = async move {
-        let mut tasks = JoinSet::new();
-        for mut stream in streams {
-            let tx = tx.clone();
-            tasks.spawn(async move {
-                while let Some(next) = stream.next().await {
-                    if tx.send(Some(next)).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = tx.send(None).await;
-            });
+/// The deliveries of one consumer, or of several merged. A consumer whose stream ends (its
+/// channel closed, or the broker cancelled it) ends the merged stream: the session then
+/// reconnects rather than go on with a shard unread.
+enum Deliveries {
+    /// One queue: read directly, without a hop.
+    One(lapin::Consumer),
+    /// Several queues (the shards): a task per consumer forwards into one channel.
+    Many {
+        /// What the forwarders send; `None` when one of them ended.
+        merged: mpsc::Receiver<Option<Result<Delivery, lapin::Error>>>,
+        /// The forwarders, stopped when the session drops this.
+        _forwarders: tokio_util::task::AbortOnDropHandle<()>,
+    },
+}
+
+impl Deliveries {
+    fn new(mut streams: Vec<lapin::Consumer>, prefetch: u16) -> Self {
+        if streams.len() == 1 {
+            if let Some(one) = streams.pop() {
+                return Self::One(one);
+            }
         }
-        drop(tx);
-        while tasks.join_next().await.is_some() {}
-    };
-    (rx, tokio_util::task::AbortOnDropHandle::new(tokio::spawn(forward)))
+        let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
+        let forward = async move {
+            let mut tasks = JoinSet::new();
+            for mut stream in streams {
+                let tx = tx.clone();
+                tasks.spawn(async move {
+                    while let Some(next) = stream.next().await {
+                        if tx.send(Some(next)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = tx.send(None).await;
+                });
+            }
+            drop(tx);
+            while tasks.join_next().await.is_some() {}
+        };
+        Self::Many { merged: rx, _forwarders: tokio_util::task::AbortOnDropHandle::new(tokio::spawn(forward)) }
+    }
+
+    async fn next(&mut self) -> Option<Result<Delivery, lapin::Error>> {
+        match self {
+            Self::One(stream) => stream.next().await,
+            Self::Many { merged, .. } => merged.recv().await.flatten(),
+        }
+    }
 }
 
 /// One project's messages always map to the same lane; messages without a project spread out.
