@@ -132,22 +132,138 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Notification, DecodeE
     if body.len() > limits.max_body_bytes {
         return Err(DecodeError::TooLarge { size: body.len(), limit: limits.max_body_bytes });
     }
+    if let Some((version, message)) = usual_envelope(body) {
+        return decode_envelope(&version, &message);
+    }
     let outer: Wire<'_> = serde_json::from_slice(body).map_err(|e| DecodeError::json("body", e))?;
     match (&outer.oslo_version, &outer.oslo_message) {
-        (Some(version), Some(message)) => {
-            if !(version == "2.0" || version.starts_with("2.")) {
-                return Err(DecodeError::UnsupportedVersion(version.chars().take(32).collect()));
-            }
-            let inner: Wire<'_> = serde_json::from_str(message).map_err(|e| DecodeError::json("oslo.message", e))?;
-            if inner.oslo_message.is_some() {
-                return Err(DecodeError::Missing("event_type (oslo.message holds another envelope)"));
-            }
-            decode_message(inner)
-        }
+        (Some(version), Some(message)) => decode_envelope(version, message),
         (None, Some(_)) => Err(DecodeError::Missing("oslo.version")),
         (Some(_), None) => Err(DecodeError::Missing("oslo.message")),
         (None, None) => decode_message(outer),
     }
+}
+
+/// The inner message of a 2.x envelope.
+fn decode_envelope(version: &str, message: &str) -> Result<Notification, DecodeError> {
+    if !(version == "2.0" || version.starts_with("2.")) {
+        return Err(DecodeError::UnsupportedVersion(version.chars().take(32).collect()));
+    }
+    let inner: Wire<'_> = serde_json::from_str(message).map_err(|e| DecodeError::json("oslo.message", e))?;
+    if inner.oslo_message.is_some() {
+        return Err(DecodeError::Missing("event_type (oslo.message holds another envelope)"));
+    }
+    decode_message(inner)
+}
+
+/// The envelope as oslo.messaging writes it: `{"oslo.version": "…", "oslo.message": "…"}`,
+/// those two keys once each in either order, and no `\u` escape. It is read in one pass that
+/// unescapes `oslo.message` straight into its own buffer; that string is most of every body,
+/// and serde's reader restarts its scan at each of its many `\"`.
+///
+/// `None` for any other body, valid or not: serde then reads it, accepting and rejecting
+/// exactly what it always did, with its own error messages. So for every body this returns,
+/// serde would have read the same two strings.
+fn usual_envelope(body: &[u8]) -> Option<(String, String)> {
+    fn skip_ws(b: &[u8], mut i: usize) -> usize {
+        while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            i += 1;
+        }
+        i
+    }
+    fn expect(b: &[u8], i: usize, byte: u8) -> Option<usize> {
+        let i = skip_ws(b, i);
+        (b.get(i) == Some(&byte)).then_some(i + 1)
+    }
+    let (mut version, mut message) = (None, None);
+    let mut i = expect(body, 0, b'{')?;
+    for n in 0..2 {
+        if n == 1 {
+            i = expect(body, i, b',')?;
+        }
+        i = expect(body, i, b'"')?;
+        let key = match body.get(i..i + 13)? {
+            b"oslo.version\"" => &mut version,
+            b"oslo.message\"" => &mut message,
+            _ => return None,
+        };
+        i = expect(body, i + 13, b':')?;
+        i = expect(body, i, b'"')?;
+        if key.is_some() {
+            return None;
+        }
+        let (text, read) = unescape(&body[i..])?;
+        *key = Some(text);
+        i += read;
+    }
+    i = expect(body, i, b'}')?;
+    (skip_ws(body, i) == body.len()).then_some((version?, message?))
+}
+
+/// Unescapes a JSON string's content, `text` starting after its opening quote: the string and
+/// the length read, closing quote included. `None` for a `\u` escape (left to serde, which
+/// pairs surrogates), a control character, an unknown escape, no closing quote or bad UTF-8.
+fn unescape(text: &[u8]) -> Option<(String, usize)> {
+    // The output is never longer than the input; the margin lets every copy be a whole word,
+    // of which only the bytes before a special one count.
+    let mut out = vec![0u8; text.len() + 8];
+    let (mut i, mut o) = (0, 0);
+    loop {
+        while let Some(chunk) = text.get(i..i + 8) {
+            let word: [u8; 8] = chunk.try_into().ok()?;
+            out[o..o + 8].copy_from_slice(&word);
+            match first_special(u64::from_le_bytes(word)) {
+                None => {
+                    i += 8;
+                    o += 8;
+                }
+                Some(k) => {
+                    i += k;
+                    o += k;
+                    break;
+                }
+            }
+        }
+        let byte = match *text.get(i)? {
+            b'"' => {
+                out.truncate(o);
+                return String::from_utf8(out).ok().map(|s| (s, i + 1));
+            }
+            b'\\' => {
+                i += 2;
+                match text.get(i - 1)? {
+                    b'"' => b'"',
+                    b'\\' => b'\\',
+                    b'/' => b'/',
+                    b'b' => 0x08,
+                    b'f' => 0x0c,
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    _ => return None,
+                }
+            }
+            0..=0x1f => return None,
+            b => {
+                i += 1;
+                b
+            }
+        };
+        out[o] = byte;
+        o += 1;
+    }
+}
+
+/// The index of the first `"`, `\\` or control character among eight bytes (little-endian).
+/// Each test sets the high bit of the bytes that match; a borrow can only mark bytes above a
+/// true match, so the lowest mark is exact.
+fn first_special(word: u64) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
+    let mask =
+        below(word ^ (ONES * u64::from(b'"')), 1) | below(word ^ (ONES * u64::from(b'\\')), 1) | below(word, 0x20);
+    (mask != 0).then(|| mask.trailing_zeros() as usize / 8)
 }
 
 fn decode_message(wire: Wire<'_>) -> Result<Notification, DecodeError> {
@@ -271,6 +387,10 @@ pub(crate) fn opt_time(field: &'static str, value: Option<&str>) -> Result<Optio
 
 /// Text copied into the domain is bounded, so a hostile message cannot inflate logs or headers.
 pub(crate) fn bounded(text: &str, max_chars: usize) -> String {
+    // A text of at most `max_chars` bytes has at most that many characters: copied whole.
+    if text.len() <= max_chars {
+        return text.to_owned();
+    }
     text.chars().take(max_chars).collect()
 }
 
@@ -299,6 +419,71 @@ mod tests {
         let body = br#"{"message_id":"m","event_type":"volume.create.end","timestamp":"2016-03-07T16:23:08+00:00","payload":"not even an object"}"#;
         let n = decode(body, DecodeLimits::default()).unwrap();
         assert!(matches!(n.event, Event::Ignored { .. }));
+    }
+
+    /// What serde reads of an envelope: its version and message, when it reads both.
+    fn serde_envelope(body: &[u8]) -> Option<(String, String)> {
+        let wire: Wire<'_> = serde_json::from_slice(body).ok()?;
+        Some((wire.oslo_version?.into_owned(), wire.oslo_message?.into_owned()))
+    }
+
+    #[test]
+    fn the_one_pass_envelope_reader_reads_what_serde_reads_or_leaves_it_to_serde() {
+        let cases: [&[u8]; 14] = [
+            br#"{"oslo.version": "2.0", "oslo.message": "{\"a\": \"b\\n\\\"c\"}"}"#,
+            br#"{"oslo.message":"x\/y\b\f\n\r\t\\","oslo.version":"2.0"}"#,
+            b" \r\n{ \"oslo.version\" :\t\"2.0\" , \"oslo.message\" : \"\xc3\xa9t\xc3\xa9\" } \n",
+            br#"{"oslo.version": "2.0", "oslo.message": "\u00e9"}"#,
+            br#"{"oslo.version": "2.0", "oslo.message": "\ud800"}"#,
+            br#"{"oslo.version": "2.0", "oslo.message": "a\qb"}"#,
+            b"{\"oslo.version\": \"2.0\", \"oslo.message\": \"a\x01b\"}",
+            b"{\"oslo.version\": \"2.0\", \"oslo.message\": \"\xff\"}",
+            br#"{"oslo.version": "2.0", "oslo.message": "x", "oslo.message": "y"}"#,
+            br#"{"oslo.version": "2.0", "oslo.message": "x"} trailing"#,
+            br#"{"oslo.version": "2.0", "oslo.message": "x", "other": 1}"#,
+            br#"{"oslo.version": "2.0", "oslo.message": "x""#,
+            br#"{"oslo.version": "2.0"}"#,
+            br#"{"oslo.version": "2.0", "oslo.message": "unterminated}"#,
+        ];
+        let mut read = 0;
+        for body in cases {
+            if let Some(fast) = usual_envelope(body) {
+                read += 1;
+                assert_eq!(Some(fast), serde_envelope(body), "{:?}", String::from_utf8_lossy(body));
+            }
+        }
+        assert_eq!(read, 3, "the usual shapes are read in one pass");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_message_comes_out_of_the_one_pass_reader_as_serde_reads_it(message in ".*", pretty: bool) {
+            let value = serde_json::json!({"oslo.version": "2.0", "oslo.message": message});
+            let body = if pretty { serde_json::to_vec_pretty(&value) } else { serde_json::to_vec(&value) }.unwrap();
+            if let Some(fast) = usual_envelope(&body) {
+                proptest::prop_assert_eq!(Some(fast), serde_envelope(&body));
+            }
+        }
+
+        #[test]
+        fn the_eight_byte_scan_finds_the_first_quote_backslash_or_control_character(bytes: [u8; 8]) {
+            let naive = bytes.iter().position(|b| matches!(b, b'"' | b'\\' | 0..=0x1f));
+            proptest::prop_assert_eq!(first_special(u64::from_le_bytes(bytes)), naive);
+        }
+
+        #[test]
+        fn any_bytes_the_one_pass_reader_accepts_serde_reads_the_same(
+            tail in proptest::collection::vec(
+                proptest::sample::select(b"\"\\}, u0nx/\x01\xc3\xa9\xff".to_vec()),
+                0..16,
+            ),
+        ) {
+            let mut body = br#"{"oslo.version": "2.0", "oslo.message": "a"#.to_vec();
+            body.extend_from_slice(&tail);
+            if let Some(fast) = usual_envelope(&body) {
+                proptest::prop_assert_eq!(Some(fast), serde_envelope(&body));
+            }
+        }
     }
 
     #[test]
