@@ -7,7 +7,7 @@
 //! cargo run --release --example loadgen -- --messages 20000 --mix ignored
 //! cargo run --release --example loadgen -- --messages 20000 --mix usage
 //! cargo run --release --example loadgen -- --messages 20000 --rate 1000
-//! cargo run --release --example loadgen -- --messages 20000 --backend killbill --latency-ms 2 --lanes 32
+//! cargo run --release --example loadgen -- --messages 20000 --backend killbill --latency-ms 2
 //! cargo run --release --example loadgen -- --messages 100000 --prefetch 1000
 //! ```
 //!
@@ -65,12 +65,13 @@ struct Args {
     /// Every answer of the fake KillBill waits this long (a server's latency).
     #[arg(long, default_value_t = 2)]
     latency_ms: u64,
-    /// `bus.prefetch`: unacknowledged messages the broker hands over at once.
-    #[arg(long, default_value_t = 64)]
-    prefetch: u16,
-    /// `bus.lanes`: projects handled concurrently.
-    #[arg(long, default_value_t = 8)]
-    lanes: usize,
+    /// `bus.prefetch`: unacknowledged messages the broker hands over at once [default: the
+    /// service's default].
+    #[arg(long)]
+    prefetch: Option<u16>,
+    /// `bus.lanes`: projects handled concurrently [default: the service's default].
+    #[arg(long)]
+    lanes: Option<usize>,
     /// Projects the messages spread over (each project is one lane's worth of order).
     #[arg(long, default_value_t = 100)]
     projects: usize,
@@ -318,15 +319,15 @@ async fn main() {
             routing_key: if e == "ceilometer" { "metering.sample" } else { "notifications.info" }.into(),
         })
         .collect();
-    settings.bus.prefetch = args.prefetch;
-    settings.bus.lanes = args.lanes;
+    settings.bus.prefetch = args.prefetch.unwrap_or(settings.bus.prefetch);
+    settings.bus.lanes = args.lanes.unwrap_or(settings.bus.lanes);
     match args.backend {
         BackendKind::Ledger => run(&args, settings, Ledger::in_memory(), None).await,
         BackendKind::Killbill => {
             let fake = fake_killbill::FakeKillBill::start().await;
             let mut kb = fake.settings();
             // One idle connection per lane, so every lane keeps its connection alive.
-            kb.pool_max_idle = args.lanes;
+            kb.pool_max_idle = settings.bus.lanes;
             let client = KillBill::new(kb).expect("an HTTP client");
             run(&args, settings, client, Some(fake)).await;
         }
