@@ -99,7 +99,7 @@ impl Default for DecodeLimits {
 
 /// The oslo message dict, as found either inside `oslo.message` or as the whole body (1.0).
 /// Unknown keys (`_unique_id`, `_context_*`) are skipped without being parsed into values.
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct Wire<'a> {
     #[serde(rename = "oslo.version", default, borrow)]
     oslo_version: Option<Cow<'a, str>>,
@@ -149,11 +149,141 @@ fn decode_envelope(version: &str, message: &str) -> Result<Notification, DecodeE
     if !(version == "2.0" || version.starts_with("2.")) {
         return Err(DecodeError::UnsupportedVersion(version.chars().take(32).collect()));
     }
+    if let Ok(OnePass { wire, event }) = serde_json::from_str::<OnePass<'_>>(message) {
+        return decode_message_with(wire, event);
+    }
     let inner: Wire<'_> = serde_json::from_str(message).map_err(|e| DecodeError::json("oslo.message", e))?;
     if inner.oslo_message.is_some() {
         return Err(DecodeError::Missing("event_type (oslo.message holds another envelope)"));
     }
     decode_message(inner)
+}
+
+/// An inner message read in one pass: when `event_type` comes before `payload`, as oslo writes
+/// them, the payload is decoded straight from the parser instead of being delimited first and
+/// parsed again. Any failure (of the JSON, of the payload, a repeated or unexpected key) leaves
+/// the message to the two-pass reader, which accepts and rejects exactly what it always did,
+/// with its own error text: so what this returns, the two-pass reader would have returned.
+struct OnePass<'a> {
+    wire: Wire<'a>,
+    /// The payload's event, when it was decoded in the pass.
+    event: Option<Event>,
+}
+
+impl<'de> Deserialize<'de> for OnePass<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OnePass<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an oslo message")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<OnePass<'de>, A::Error> {
+                use serde::de::{Error, IgnoredAny};
+                let mut wire = Wire::default();
+                let mut event = None;
+                let mut seen = [false; 6];
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let (slot, n) = match &*key {
+                        "message_id" => (&mut wire.message_id, 0),
+                        "event_type" => (&mut wire.event_type, 1),
+                        "publisher_id" => (&mut wire.publisher_id, 2),
+                        "priority" => (&mut wire.priority, 3),
+                        "timestamp" => (&mut wire.timestamp, 4),
+                        "payload" => {
+                            if std::mem::replace(&mut seen[5], true) {
+                                return Err(A::Error::custom("a second payload"));
+                            }
+                            match wire.event_type.as_deref() {
+                                Some(event_type) => event = Some(map.next_value_seed(EventOf { event_type })?),
+                                None => wire.payload = map.next_value()?,
+                            }
+                            continue;
+                        }
+                        "oslo.version" | "oslo.message" => return Err(A::Error::custom("an envelope field")),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if std::mem::replace(&mut seen[n], true) {
+                        return Err(A::Error::custom("a repeated field"));
+                    }
+                    *slot = map.next_value()?;
+                }
+                Ok(OnePass { wire, event })
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+/// Decodes the payload of `event_type` from wherever the parser stands.
+struct EventOf<'e> {
+    event_type: &'e str,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EventOf<'_> {
+    type Value = Event;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Event, D::Error> {
+        use serde::de::{Error, IgnoredAny};
+        let Some(service) = service_of(self.event_type) else {
+            IgnoredAny::deserialize(d)?;
+            return Ok(Event::Ignored { reason: "unhandled event type" });
+        };
+        let mut parser = Some(d);
+        let event = decode_service(service, self.event_type, Stream { parser: &mut parser });
+        // A decoder that ignores the event leaves its payload unread; it must still be valid JSON.
+        if let Some(d) = parser.take() {
+            IgnoredAny::deserialize(d)?;
+        }
+        event.map_err(|_| D::Error::custom("left to the two-pass reader"))
+    }
+}
+
+/// Where a service decoder reads its payload from.
+pub(crate) trait Source<'de> {
+    /// The payload as `T`; it must be a JSON object.
+    fn object<T: Deserialize<'de>>(self) -> Result<T, PayloadError>;
+    /// The payload as `T`, whatever its JSON type.
+    fn any<T: Deserialize<'de>>(self) -> Result<T, PayloadError>;
+}
+
+/// A payload already delimited: parsed from its text.
+impl<'de> Source<'de> for &'de RawValue {
+    fn object<T: Deserialize<'de>>(self) -> Result<T, PayloadError> {
+        object(self)
+    }
+    fn any<T: Deserialize<'de>>(self) -> Result<T, PayloadError> {
+        Ok(serde_json::from_str(self.get())?)
+    }
+}
+
+/// The parser standing at the payload, read at most once. Its errors are not kept: the
+/// two-pass reader reports them.
+struct Stream<'p, D> {
+    parser: &'p mut Option<D>,
+}
+
+impl<'de, D: serde::Deserializer<'de>> Source<'de> for Stream<'_, D> {
+    fn object<T: Deserialize<'de>>(self) -> Result<T, PayloadError> {
+        struct ObjectOf<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOf<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        let parser = self.parser.take().ok_or(PayloadError::Shape("a payload read once"))?;
+        parser.deserialize_map(ObjectOf(std::marker::PhantomData)).map_err(|_| PayloadError::Shape("a JSON object"))
+    }
+    fn any<T: Deserialize<'de>>(self) -> Result<T, PayloadError> {
+        let parser = self.parser.take().ok_or(PayloadError::Shape("a payload read once"))?;
+        T::deserialize(parser).map_err(|_| PayloadError::Shape("a payload of its service's shape"))
+    }
 }
 
 /// The envelope as oslo.messaging writes it: `{"oslo.version": "…", "oslo.message": "…"}`,
@@ -267,6 +397,11 @@ fn first_special(word: u64) -> Option<usize> {
 }
 
 fn decode_message(wire: Wire<'_>) -> Result<Notification, DecodeError> {
+    decode_message_with(wire, None)
+}
+
+/// Checks the envelope fields and decodes the payload, unless its event was decoded already.
+fn decode_message_with(wire: Wire<'_>, event: Option<Event>) -> Result<Notification, DecodeError> {
     let event_type = wire.event_type.ok_or(DecodeError::Missing("event_type"))?;
     if event_type.is_empty() {
         return Err(DecodeError::Missing("event_type"));
@@ -277,7 +412,10 @@ fn decode_message(wire: Wire<'_>) -> Result<Notification, DecodeError> {
     let timestamp = wire.timestamp.ok_or(DecodeError::Missing("timestamp"))?;
     let timestamp =
         Timestamp::parse(&timestamp).map_err(|source| DecodeError::Timestamp { field: "timestamp", source })?;
-    let event = decode_event(&event_type, wire.payload)?;
+    let event = match event {
+        Some(event) => event,
+        None => decode_event(&event_type, wire.payload)?,
+    };
     Ok(Notification {
         meta: Meta {
             message_id,
@@ -293,7 +431,18 @@ fn decode_message(wire: Wire<'_>) -> Result<Notification, DecodeError> {
 /// Routes by event type to the service decoders. The payload is parsed only for handled types,
 /// so ignored traffic costs one envelope parse.
 fn decode_event(event_type: &str, payload: Option<&RawValue>) -> Result<Event, DecodeError> {
-    let service = if let Some(rest) = event_type.strip_prefix("identity.") {
+    let Some(service) = service_of(event_type) else {
+        return Ok(Event::Ignored { reason: "unhandled event type" });
+    };
+    let Some(payload) = payload else {
+        return Err(DecodeError::Missing("payload"));
+    };
+    decode_service(service, event_type, payload).map_err(|e| e.into_decode(event_type))
+}
+
+/// The service whose decoder reads this event type, if any.
+fn service_of(event_type: &str) -> Option<Service<'_>> {
+    Some(if let Some(rest) = event_type.strip_prefix("identity.") {
         Service::Keystone(rest)
     } else if let Some(rest) = event_type.strip_prefix("compute.instance.") {
         Service::NovaLegacy(rest)
@@ -304,19 +453,23 @@ fn decode_event(event_type: &str, payload: Option<&RawValue>) -> Result<Event, D
     } else if let Some(rest) = event_type.strip_prefix("orchestration.stack.") {
         Service::Heat(rest)
     } else {
-        return Ok(Event::Ignored { reason: "unhandled event type" });
-    };
-    let Some(payload) = payload else {
-        return Err(DecodeError::Missing("payload"));
-    };
-    let decoded = match service {
-        Service::Keystone(rest) => keystone::decode(rest, payload),
-        Service::NovaLegacy(rest) => nova::decode_legacy(rest, payload),
-        Service::NovaVersioned(rest) => nova::decode_versioned(rest, payload),
-        Service::Ceilometer => ceilometer::decode(event_type, payload),
-        Service::Heat(rest) => heat::decode(rest, payload),
-    };
-    decoded.map_err(|e| e.into_decode(event_type))
+        return None;
+    })
+}
+
+/// Runs the service's decoder on the payload.
+fn decode_service<'de>(
+    service: Service<'_>,
+    event_type: &str,
+    payload: impl Source<'de>,
+) -> Result<Event, PayloadError> {
+    match service {
+        Service::Keystone(rest) => keystone::decode_from(rest, payload),
+        Service::NovaLegacy(rest) => nova::decode_legacy_from(rest, payload),
+        Service::NovaVersioned(rest) => nova::decode_versioned_from(rest, payload),
+        Service::Ceilometer => ceilometer::decode_from(event_type, payload),
+        Service::Heat(rest) => heat::decode_from(rest, payload),
+    }
 }
 
 enum Service<'a> {
@@ -483,6 +636,81 @@ mod tests {
             if let Some(fast) = usual_envelope(&body) {
                 proptest::prop_assert_eq!(Some(fast), serde_envelope(&body));
             }
+        }
+    }
+
+    /// Decoding as it was before the one-pass readers: serde for the envelope, the inner message
+    /// with its payload delimited, then the payload parsed by its service's decoder.
+    fn two_pass(body: &[u8]) -> Result<Notification, DecodeError> {
+        let outer: Wire<'_> = serde_json::from_slice(body).map_err(|e| DecodeError::json("body", e))?;
+        match (&outer.oslo_version, &outer.oslo_message) {
+            (Some(version), Some(message)) => {
+                if !(version == "2.0" || version.starts_with("2.")) {
+                    return Err(DecodeError::UnsupportedVersion(version.chars().take(32).collect()));
+                }
+                let inner: Wire<'_> =
+                    serde_json::from_str(message).map_err(|e| DecodeError::json("oslo.message", e))?;
+                if inner.oslo_message.is_some() {
+                    return Err(DecodeError::Missing("event_type (oslo.message holds another envelope)"));
+                }
+                decode_message(inner)
+            }
+            (None, Some(_)) => Err(DecodeError::Missing("oslo.version")),
+            (Some(_), None) => Err(DecodeError::Missing("oslo.message")),
+            (None, None) => decode_message(outer),
+        }
+    }
+
+    fn same_as_two_pass(body: &[u8]) {
+        let text = String::from_utf8_lossy(body);
+        match (decode(body, DecodeLimits::default()), two_pass(body)) {
+            (Ok(fast), Ok(slow)) => assert_eq!(fast, slow, "{text}"),
+            (Err(fast), Err(slow)) => assert_eq!(fast.to_string(), slow.to_string(), "{text}"),
+            (fast, slow) => panic!("{text}: {fast:?} but two passes give {slow:?}"),
+        }
+    }
+
+    #[test]
+    fn every_fixture_decodes_in_one_pass_as_in_two() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let files = crate::replay::fixture::collect_files(&[root]).unwrap();
+        let mut bodies = 0;
+        for (_, delivery) in crate::replay::fixture::read_all(&files) {
+            if let Ok(delivery) = delivery {
+                same_as_two_pass(&delivery.body);
+                bodies += 1;
+            }
+        }
+        assert!(bodies > 40, "{bodies}");
+    }
+
+    #[test]
+    fn odd_inner_messages_decode_in_one_pass_as_in_two() {
+        let payload =
+            r#"{"tenant_id":"p1","instance_id":"i1","instance_type":"m1.small","created_at":"2025-01-01 00:00:00"}"#;
+        let messages = [
+            format!(r#"{{"message_id":"m","event_type":"compute.instance.create.end","timestamp":"2025-01-01 00:00:00","payload":{payload}}}"#),
+            format!(r#"{{"payload":{payload},"message_id":"m","event_type":"compute.instance.create.end","timestamp":"2025-01-01 00:00:00"}}"#),
+            format!(r#"{{"message_id":"m","event_type":"compute.instance.create.end","payload":{payload},"payload":{payload},"timestamp":"2025-01-01 00:00:00"}}"#),
+            format!(r#"{{"message_id":"m","event_type":"compute.instance.create.end","event_type":"x","timestamp":"2025-01-01 00:00:00","payload":{payload}}}"#),
+            r#"{"message_id":"m","event_type":"compute.instance.create.end","timestamp":"2025-01-01 00:00:00","payload":[1]}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"compute.instance.create.end","timestamp":"2025-01-01 00:00:00","payload":null}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"compute.instance.create.end","timestamp":"2025-01-01 00:00:00","payload":{"tenant_id":"p1"}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"compute.instance.create.end","timestamp":"2025-01-01 00:00:00","payload":{"tenant_id":}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"identity.thing.created","timestamp":"2025-01-01 00:00:00","payload":{"x":[}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"identity.thing.created","timestamp":"2025-01-01 00:00:00","payload":{"x":[]}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"image.update","timestamp":"2025-01-01 00:00:00","payload":"text"}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"metering","timestamp":"2025-01-01 00:00:00","payload":{"not":"a list"}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"telemetry.polling","timestamp":"2025-01-01 00:00:00","payload":[]}"#.to_owned(),
+            r#"{"message_id":"m b","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p"}}"#.to_owned(),
+            r#"{"event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p"}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p"}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p"},"oslo.message":"{}"}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p"}} x"#.to_owned(),
+        ];
+        for message in messages {
+            same_as_two_pass(message.as_bytes());
+            same_as_two_pass(&envelope(&message));
         }
     }
 
