@@ -365,6 +365,8 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
         publish_rate = Some(count as f64 / published.elapsed().as_secs_f64());
     }
 
+    // What the backlog's publishing left resident, before the consumer starts.
+    let rss_published_kb = proc_value("/proc/self/status", "VmRSS:").unwrap_or(0);
     let shutdown = CancellationToken::new();
     let cpu_before = cpu_seconds();
     let started = Instant::now();
@@ -380,17 +382,26 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
         tokio::spawn(async move { publish(&channel, &generator, 0..count, rate).await })
     });
     // Done when every message had its effect, nothing is queued and nothing is unacknowledged.
-    let check = connection.create_channel().await.unwrap();
+    let mut check = connection.create_channel().await.unwrap();
     let (mut progress, mut progressed) = (usize::MAX, Instant::now());
     loop {
-        let q = check
+        let declared = check
             .queue_declare(
                 names.queue.as_str().into(),
                 lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
                 Default::default(),
             )
-            .await
-            .unwrap();
+            .await;
+        let q = match declared {
+            Ok(q) => q,
+            Err(e) => {
+                // The broker closes a channel on any error; a fresh one asks again.
+                eprintln!("checking the queue failed ({e}); asking again on a new channel");
+                check = connection.create_channel().await.expect("a channel to check the queue");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let effects = executor.billing().done.load(Ordering::Relaxed);
         let published = publisher.as_ref().is_none_or(tokio::task::JoinHandle::is_finished);
         if published && q.message_count() == 0 && (args.mix == Mix::Ignored || effects >= count) {
@@ -443,7 +454,11 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
         println!("  KillBill requests       {:>10.0} req/s  ({requests})", requests as f64 / elapsed.as_secs_f64());
     }
     println!("  CPU                     {:>10.3} s per 1,000 messages", cpu / count as f64 * 1000.0);
-    println!("  peak RSS                {:>10.1} MiB", rss_kb as f64 / 1024.0);
+    println!(
+        "  peak RSS                {:>10.1} MiB  ({:.1} MiB resident before consuming)",
+        rss_kb as f64 / 1024.0,
+        rss_published_kb as f64 / 1024.0
+    );
     if args.mix != Mix::Ignored {
         let what = if args.rate == 0 { "publish-to-effect (backlog)" } else { "bus-to-effect" };
         println!(
@@ -462,6 +477,7 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
             "publish_per_s": publish_rate.map(f64::round), "consume_per_s": rate.round(),
             "requests_per_s": fake.is_some().then(|| (requests as f64 / elapsed.as_secs_f64()).round()),
             "cpu_s_per_1000": (cpu / count as f64 * 1e6).round() / 1000.0, "peak_rss_mib": (rss_kb as f64 / 102.4).round() / 10.0,
+            "rss_before_consuming_mib": (rss_published_kb as f64 / 102.4).round() / 10.0,
             "lag_ms_p50": pct(0.5), "lag_ms_p95": pct(0.95), "lag_ms_p99": pct(0.99), "lag_ms_max": pct(1.0)})
     );
     for q in [&names.queue, &names.retry_queue, &names.dead_queue] {
