@@ -209,7 +209,7 @@ impl<'de> Deserialize<'de> for OnePass<'de> {
                     if std::mem::replace(&mut seen[n], true) {
                         return Err(A::Error::custom("a repeated field"));
                     }
-                    *slot = map.next_value()?;
+                    *slot = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0);
                 }
                 Ok(OnePass { wire, event })
             }
@@ -217,6 +217,11 @@ impl<'de> Deserialize<'de> for OnePass<'de> {
         d.deserialize_map(Visitor)
     }
 }
+
+/// A string field, borrowed from the message when it has no escapes (as the derived `Wire`
+/// reads it).
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// Decodes the payload of `event_type` from wherever the parser stands.
 struct EventOf<'e> {
@@ -335,30 +340,24 @@ fn usual_envelope(body: &[u8]) -> Option<(String, String)> {
 /// pairs surrogates), a control character, an unknown escape, no closing quote or bad UTF-8.
 fn unescape(text: &[u8]) -> Option<(String, usize)> {
     // The output is never longer than the input; the margin lets every copy be a whole word,
-    // of which only the bytes before a special one count.
-    let mut out = vec![0u8; text.len() + 8];
-    let (mut i, mut o) = (0, 0);
+    // of which only the bytes before a special one are kept.
+    let mut out = Vec::with_capacity(text.len() + 8);
+    let mut i = 0;
     loop {
         while let Some(chunk) = text.get(i..i + 8) {
             let word: [u8; 8] = chunk.try_into().ok()?;
-            out[o..o + 8].copy_from_slice(&word);
+            out.extend_from_slice(&word);
             match first_special(u64::from_le_bytes(word)) {
-                None => {
-                    i += 8;
-                    o += 8;
-                }
+                None => i += 8,
                 Some(k) => {
+                    out.truncate(out.len() - (8 - k));
                     i += k;
-                    o += k;
                     break;
                 }
             }
         }
         let byte = match *text.get(i)? {
-            b'"' => {
-                out.truncate(o);
-                return String::from_utf8(out).ok().map(|s| (s, i + 1));
-            }
+            b'"' => return String::from_utf8(out).ok().map(|s| (s, i + 1)),
             b'\\' => {
                 i += 2;
                 match text.get(i - 1)? {
@@ -379,8 +378,7 @@ fn unescape(text: &[u8]) -> Option<(String, usize)> {
                 b
             }
         };
-        out[o] = byte;
-        o += 1;
+        out.push(byte);
     }
 }
 
