@@ -1,14 +1,17 @@
 //! Load generator: publishes fixture-derived messages to the upstream exchanges of a fresh,
 //! prefixed topology on the local RabbitMQ, runs the real consumer in this process against the
-//! embedded ledger, and reports throughput, bus-to-effect latency, peak RSS and CPU time.
+//! embedded ledger or the fake KillBill of `tests/support/killbill.rs`, and reports throughput,
+//! bus-to-effect latency, peak RSS and CPU time, as a table and as one JSON line.
 //!
 //! ```sh
 //! cargo run --release --example loadgen -- --messages 20000 --mix ignored
 //! cargo run --release --example loadgen -- --messages 20000 --mix usage
+//! cargo run --release --example loadgen -- --messages 20000 --rate 1000
+//! cargo run --release --example loadgen -- --messages 20000 --backend killbill --latency-ms 2
+//! cargo run --release --example loadgen -- --messages 100000 --prefetch 1000
 //! ```
 //!
-//! Messages are published first (as a backlog), then consumed; throughput is the consumer's,
-//! from its first to its last effect. Output: a table, and one JSON line.
+//! `benches/run-all.sh` runs every measurement the README reports.
 
 use std::{
     sync::{
@@ -18,44 +21,124 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clap::{Parser, ValueEnum};
 use concertim_billing::{
-    billing::{Applied, Billing, BillingError, Context, Ledger},
+    billing::{Applied, Billing, BillingError, Context, KillBill, Ledger},
     bus::{self, topology},
     config::{Binding, Settings},
     event::{InstanceId, PlanName, ProjectId, Timestamp},
-    executor::Executor,
+    executor::{Delivery, Executor, Outcome},
     plan::{SubscriptionSpec, UsageSpec},
+    replay::fixture,
 };
-use lapin::{options::BasicPublishOptions, BasicProperties};
+use lapin::{options::BasicPublishOptions, BasicProperties, Channel};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-/// The ledger, timing each message's first effect against its notification timestamp.
-struct Timed {
-    ledger: Ledger,
+/// The contract-faithful fake KillBill of the integration tests, served from this process.
+#[allow(dead_code)]
+#[path = "../tests/support/killbill.rs"]
+mod fake_killbill;
+
+/// Measures the consumer through the real broker: throughput, bus-to-effect latency, peak RSS
+/// and CPU time per 1,000 messages.
+///
+/// Without `--rate`, the messages are published first (a backlog) and then consumed as fast
+/// as possible: that measures throughput. With `--rate N`, they are published at N messages/s
+/// while the consumer runs: that measures latency, from the notification's timestamp (set when
+/// it is published, to the microsecond) to its billing effect.
+#[derive(Parser, Debug)]
+#[command(name = "loadgen")]
+struct Args {
+    /// Messages to publish (each with a unique message id).
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// What they are.
+    #[arg(long, value_enum, default_value_t = Mix::Usage)]
+    mix: Mix,
+    /// Publish at this many messages/s while consuming (0: publish a backlog first).
+    #[arg(long, default_value_t = 0)]
+    rate: u32,
+    /// Where billing goes.
+    #[arg(long, value_enum, default_value_t = BackendKind::Ledger)]
+    backend: BackendKind,
+    /// Every answer of the fake KillBill waits this long (a server's latency).
+    #[arg(long, default_value_t = 2)]
+    latency_ms: u64,
+    /// `bus.prefetch`: unacknowledged messages the broker hands over at once [default: the
+    /// service's default].
+    #[arg(long)]
+    prefetch: Option<u16>,
+    /// `bus.lanes`: projects handled concurrently [default: the service's default].
+    #[arg(long)]
+    lanes: Option<usize>,
+    /// Projects the messages spread over (each project is one lane's worth of order).
+    #[arg(long, default_value_t = 100)]
+    projects: usize,
+    /// Instances the usage messages spread over.
+    #[arg(long, default_value_t = 1_000)]
+    instances: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mix {
+    /// An event type nobody handles (`image.update`): decode, ignore, acknowledge.
+    Ignored,
+    /// Ceilometer `metering` of known instances: after a warm-up that creates their accounts
+    /// and subscriptions, one usage record (one KillBill request) per notification.
+    Usage,
+    /// Legacy Nova `compute.instance.create.end` of new instances: the create path (account
+    /// once per project, then subscription, custom fields, account state: several requests).
+    Lifecycle,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BackendKind {
+    /// The embedded in-memory ledger.
+    Ledger,
+    /// The real KillBill client against the fake KillBill, in this process.
+    Killbill,
+}
+
+/// A backend, timing each message's effect against its notification timestamp. The effect is
+/// the usage record (`usage`) or the subscription (`lifecycle`).
+struct Timed<B> {
+    inner: B,
+    mix: Mix,
     latencies: Mutex<Vec<Duration>>,
-    first: Mutex<Option<Instant>>,
     done: AtomicUsize,
 }
 
-impl Timed {
+impl<B> Timed<B> {
+    fn new(inner: B, mix: Mix) -> Self {
+        Self { inner, mix, latencies: Mutex::new(Vec::new()), done: AtomicUsize::new(0) }
+    }
+
     fn effect(&self, ctx: Context<'_>) {
-        let now = time::OffsetDateTime::now_utc();
-        let lag = now - ctx.meta.timestamp.as_offset();
+        let lag = time::OffsetDateTime::now_utc() - ctx.meta.timestamp.as_offset();
         self.latencies.lock().unwrap().push(lag.try_into().unwrap_or_default());
-        self.first.lock().unwrap().get_or_insert_with(Instant::now);
         self.done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn reset(&self) {
+        self.latencies.lock().unwrap().clear();
+        self.done.store(0, Ordering::Relaxed);
     }
 }
 
-impl Billing for Timed {
+impl<B: Billing> Billing for Timed<B> {
     async fn ensure_account(&self, p: &ProjectId, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        self.ledger.ensure_account(p, ctx).await
+        self.inner.ensure_account(p, ctx).await
     }
     async fn close_account(&self, p: &ProjectId, at: Timestamp, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        self.ledger.close_account(p, at, ctx).await
+        self.inner.close_account(p, at, ctx).await
     }
     async fn ensure_subscription(&self, s: &SubscriptionSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        self.ledger.ensure_subscription(s, ctx).await
+        let applied = self.inner.ensure_subscription(s, ctx).await;
+        if self.mix == Mix::Lifecycle {
+            self.effect(ctx);
+        }
+        applied
     }
     async fn change_plan(
         &self,
@@ -64,7 +147,7 @@ impl Billing for Timed {
         at: Timestamp,
         ctx: Context<'_>,
     ) -> Result<Applied, BillingError> {
-        self.ledger.change_plan(i, p, at, ctx).await
+        self.inner.change_plan(i, p, at, ctx).await
     }
     async fn cancel_subscription(
         &self,
@@ -72,15 +155,21 @@ impl Billing for Timed {
         at: Timestamp,
         ctx: Context<'_>,
     ) -> Result<Applied, BillingError> {
-        self.ledger.cancel_subscription(i, at, ctx).await
+        self.inner.cancel_subscription(i, at, ctx).await
     }
     async fn record_usage(&self, u: &UsageSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        let applied = self.ledger.record_usage(u, ctx).await;
-        self.effect(ctx);
+        let applied = self.inner.record_usage(u, ctx).await;
+        if self.mix == Mix::Usage {
+            self.effect(ctx);
+        }
         applied
+    }
+    async fn commit(&self) -> Result<(), BillingError> {
+        self.inner.commit().await
     }
 }
 
+/// The oslo envelope timestamp of now, with microseconds.
 fn now_oslo() -> String {
     let t = time::OffsetDateTime::now_utc();
     format!(
@@ -95,29 +184,74 @@ fn now_oslo() -> String {
     )
 }
 
-/// An oslo 2.0 envelope; `usage` ones carry one vCPU sample of one of 1,000 instances in 100
-/// projects, the others an event type nobody handles.
-fn message(i: usize, usage: bool) -> Vec<u8> {
-    let payload = if usage {
-        serde_json::json!([{
-            "counter_name": "vcpus", "counter_type": "gauge", "counter_unit": "vcpu", "counter_volume": 2,
-            "project_id": format!("project-{:03}", i % 100), "resource_id": format!("instance-{:04}", i % 1000),
-            "timestamp": "2025-03-03T09:10:00+00:00",
-            "resource_metadata": {"flavor_name": "m1.small", "launched_at": "2025-03-03T09:00:00"}
-        }])
-    } else {
-        serde_json::json!({"id": format!("image-{i}"), "status": "active"})
-    };
-    let event_type = if usage { "metering" } else { "image.update" };
-    let inner = serde_json::json!({"message_id": format!("load-{i}"), "event_type": event_type, "publisher_id": "loadgen",
-        "priority": "INFO", "timestamp": now_oslo(), "payload": payload});
-    serde_json::to_vec(&serde_json::json!({"oslo.version": "2.0", "oslo.message": inner.to_string()})).unwrap()
+/// Messages made from a fixture of `fixtures/nova-legacy`, with fresh ids.
+struct Generator {
+    mix: Mix,
+    /// The fixture's inner oslo message.
+    template: Value,
+    exchange: String,
+    routing_key: &'static str,
+    projects: usize,
+    instances: usize,
+}
+
+impl Generator {
+    fn new(mix: Mix, prefix: &str, projects: usize, instances: usize) -> Self {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/nova-legacy");
+        let files = fixture::collect_files(&[root]).expect("fixtures/nova-legacy is readable");
+        let needle = match mix {
+            Mix::Usage => "\\\"event_type\\\": \\\"metering\\\"",
+            Mix::Lifecycle => "\\\"event_type\\\": \\\"compute.instance.create.end\\\"",
+            // The ignored mix reuses a Nova payload under an event type nobody handles.
+            Mix::Ignored => "\\\"event_type\\\": \\\"compute.instance.create.start\\\"",
+        };
+        let body = fixture::read_all(&files)
+            .into_iter()
+            .filter_map(|(_, d)| d.ok())
+            .find(|d| String::from_utf8_lossy(&d.body).contains(needle))
+            .expect("the fixture exists")
+            .body;
+        let envelope: Value = serde_json::from_slice(&body).unwrap();
+        let template: Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+        let (exchange, routing_key) = match mix {
+            Mix::Usage => ("ceilometer", "metering.sample"),
+            Mix::Lifecycle => ("nova", "notifications.info"),
+            Mix::Ignored => ("glance", "notifications.info"),
+        };
+        Self { mix, template, exchange: format!("{prefix}{exchange}"), routing_key, projects, instances }
+    }
+
+    /// The `i`th message's body, its timestamp now. Instance `n` always belongs to the same
+    /// project, so usage matches the subscriptions the warm-up created.
+    fn body(&self, id: &str, i: usize) -> Vec<u8> {
+        let mut m = self.template.clone();
+        let instance_no = if self.mix == Mix::Lifecycle { i } else { i % self.instances };
+        let instance = format!("00000000-0000-4000-8000-{instance_no:012x}");
+        let project = format!("{:032x}", instance_no % self.projects);
+        m["message_id"] = id.into();
+        m["timestamp"] = now_oslo().into();
+        match self.mix {
+            Mix::Usage => {
+                for sample in m["payload"].as_array_mut().unwrap() {
+                    sample["project_id"] = project.as_str().into();
+                    sample["resource_id"] = instance.as_str().into();
+                }
+            }
+            Mix::Lifecycle => {
+                m["payload"]["tenant_id"] = project.into();
+                m["payload"]["instance_id"] = instance.into();
+            }
+            Mix::Ignored => m["event_type"] = "image.update".into(),
+        }
+        serde_json::to_vec(&serde_json::json!({"oslo.version": "2.0", "oslo.message": m.to_string()})).unwrap()
+    }
 }
 
 fn proc_value(path: &str, key: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// User + system CPU seconds of this process (the consumer, and the fake when there is one).
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, rest)| rest.split(' ').collect()).unwrap_or_default();
@@ -126,68 +260,113 @@ fn cpu_seconds() -> f64 {
     ticks as f64 / 100.0
 }
 
+/// Publishes `range` with publisher confirms, at `rate` messages/s or as fast as the broker
+/// confirms (0).
+async fn publish(channel: &Channel, generator: &Generator, range: std::ops::Range<usize>, rate: u32) {
+    let started = Instant::now();
+    let first = range.start;
+    let mut confirms = Vec::with_capacity(1000);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut i = range.start;
+    while i < range.end {
+        let due = if rate == 0 {
+            range.end
+        } else {
+            tick.tick().await;
+            (first + (started.elapsed().as_secs_f64() * f64::from(rate)) as usize).min(range.end)
+        };
+        while i < due {
+            let body = generator.body(&format!("load-{i}"), i);
+            let props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+            let confirm = channel
+                .basic_publish(
+                    generator.exchange.as_str().into(),
+                    generator.routing_key.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await
+                .expect("the broker takes the message");
+            confirms.push(confirm);
+            if confirms.len() == 1000 {
+                for c in confirms.drain(..) {
+                    c.await.expect("the broker confirms");
+                }
+            }
+            i += 1;
+        }
+    }
+    for c in confirms.drain(..) {
+        c.await.expect("the broker confirms");
+    }
+}
+
+/// The fake KillBill, when it is the backend.
+type Fake = Option<fake_killbill::FakeKillBill>;
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: &str| {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_owned())
-    };
-    let count: usize = arg("--messages", "20000").parse().expect("--messages N");
-    let mix = arg("--mix", "usage");
-    let usage = match mix.as_str() {
-        "usage" => true,
-        "ignored" => false,
-        other => panic!("--mix usage|ignored, not {other}"),
-    };
-
+    let args = Args::parse();
     let prefix = format!("loadgen-{}-", std::process::id());
     let mut settings = Settings::embedded();
     settings.bus.prefix = prefix.clone();
-    settings.bus.bindings = vec![
-        Binding { exchange: format!("{prefix}ceilometer"), routing_key: "metering.sample".into() },
-        Binding { exchange: format!("{prefix}glance"), routing_key: "notifications.info".into() },
-    ];
-    settings.bus.prefetch = arg("--prefetch", "256").parse().unwrap();
-    settings.bus.lanes = arg("--lanes", "8").parse().unwrap();
+    settings.bus.bindings = ["ceilometer", "nova", "glance"]
+        .into_iter()
+        .map(|e| Binding {
+            exchange: format!("{prefix}{e}"),
+            routing_key: if e == "ceilometer" { "metering.sample" } else { "notifications.info" }.into(),
+        })
+        .collect();
+    settings.bus.prefetch = args.prefetch.unwrap_or(settings.bus.prefetch);
+    settings.bus.lanes = args.lanes.unwrap_or(settings.bus.lanes);
+    match args.backend {
+        BackendKind::Ledger => run(&args, settings, Ledger::in_memory(), None).await,
+        BackendKind::Killbill => {
+            let fake = fake_killbill::FakeKillBill::start().await;
+            let mut kb = fake.settings();
+            // One idle connection per lane, so every lane keeps its connection alive.
+            kb.pool_max_idle = settings.bus.lanes;
+            let client = KillBill::new(kb).expect("an HTTP client");
+            run(&args, settings, client, Some(fake)).await;
+        }
+    }
+}
+
+async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, fake: Fake) {
+    let generator = Generator::new(args.mix, &settings.bus.prefix, args.projects, args.instances);
     let connection = bus::connect(&settings.bus.url, "loadgen").await.expect("RabbitMQ at 127.0.0.1:5672");
     let channel = connection.create_channel().await.unwrap();
     let names = topology::declare(&channel, &settings.bus).await.unwrap();
     channel.confirm_select(Default::default()).await.unwrap();
+    let executor = Arc::new(Executor::new(settings.clone(), Timed::new(billing, args.mix)));
 
-    let (exchange, key) = if usage {
-        (format!("{prefix}ceilometer"), "metering.sample")
-    } else {
-        (format!("{prefix}glance"), "notifications.info")
-    };
-    let published = Instant::now();
-    let mut confirms = Vec::with_capacity(1000);
-    for i in 0..count {
-        let body = message(i, usage);
-        let props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
-        confirms.push(
-            channel
-                .basic_publish(exchange.as_str().into(), key.into(), BasicPublishOptions::default(), &body, props)
-                .await
-                .unwrap(),
-        );
-        if confirms.len() == 1000 {
-            for c in confirms.drain(..) {
-                c.await.unwrap();
-            }
+    // Warm-up: every usage instance gets its account and subscription (and the client learns
+    // their ids), so the measured steady state is one usage record per notification.
+    if args.mix == Mix::Usage {
+        for i in 0..args.instances.min(args.messages) {
+            let body = generator.body(&format!("warm-{i}"), i);
+            let outcome = executor.handle(Delivery { body: &body, redelivered: false }).await;
+            assert!(matches!(outcome, Outcome::Processed { .. }), "warm-up: {outcome:?}");
         }
+        executor.billing().reset();
     }
-    for c in confirms.drain(..) {
-        c.await.unwrap();
+    if let Some(fake) = &fake {
+        fake.set_latency(Duration::from_millis(args.latency_ms));
     }
-    let publish_rate = count as f64 / published.elapsed().as_secs_f64();
+    let requests_before = fake.as_ref().map_or(0, fake_killbill::FakeKillBill::requests);
 
-    let timed = Timed {
-        ledger: Ledger::in_memory(),
-        latencies: Mutex::new(Vec::new()),
-        first: Mutex::new(None),
-        done: AtomicUsize::new(0),
-    };
-    let executor = Arc::new(Executor::new(settings.clone(), timed));
+    let count = args.messages;
+    let mut publish_rate = None;
+    if args.rate == 0 {
+        let published = Instant::now();
+        publish(&channel, &generator, 0..count, 0).await;
+        publish_rate = Some(count as f64 / published.elapsed().as_secs_f64());
+    }
+
+    // What the backlog's publishing left resident, before the consumer starts.
+    let rss_published_kb = proc_value("/proc/self/status", "VmRSS:").unwrap_or(0);
     let shutdown = CancellationToken::new();
     let cpu_before = cpu_seconds();
     let started = Instant::now();
@@ -197,19 +376,41 @@ async fn main() {
         let bus = settings.bus.clone();
         async move { bus::run(&bus, executor, shutdown).await }
     });
-    // Done when the queue is empty and nothing is unacknowledged.
-    let check = connection.create_channel().await.unwrap();
+    let publisher = (args.rate > 0).then(|| {
+        let channel = channel.clone();
+        let rate = args.rate;
+        tokio::spawn(async move { publish(&channel, &generator, 0..count, rate).await })
+    });
+    // Done when every message had its effect, nothing is queued and nothing is unacknowledged.
+    let mut check = connection.create_channel().await.unwrap();
+    let (mut progress, mut progressed) = (usize::MAX, Instant::now());
     loop {
-        let q = check
+        let declared = check
             .queue_declare(
                 names.queue.as_str().into(),
                 lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
                 Default::default(),
             )
-            .await
-            .unwrap();
-        let billed = executor.billing().done.load(Ordering::Relaxed);
-        if q.message_count() == 0 && (!usage || billed >= count) {
+            .await;
+        let q = match declared {
+            Ok(q) => q,
+            Err(e) => {
+                // The broker closes a channel on any error; a fresh one asks again.
+                eprintln!("checking the queue failed ({e}); asking again on a new channel");
+                check = connection.create_channel().await.expect("a channel to check the queue");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let effects = executor.billing().done.load(Ordering::Relaxed);
+        let published = publisher.as_ref().is_none_or(tokio::task::JoinHandle::is_finished);
+        if published && q.message_count() == 0 && (args.mix == Mix::Ignored || effects >= count) {
+            break;
+        }
+        if effects != progress {
+            (progress, progressed) = (effects, Instant::now());
+        } else if progressed.elapsed() > Duration::from_secs(30) && q.message_count() == 0 {
+            eprintln!("stalled: {effects} of {count} messages had their effect (see the dead-letter queue)");
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -217,39 +418,75 @@ async fn main() {
     let elapsed = started.elapsed();
     shutdown.cancel();
     consumer.await.unwrap().unwrap();
+    if let Some(publisher) = publisher {
+        publisher.await.unwrap();
+    }
     let cpu = cpu_seconds() - cpu_before;
+    let requests = fake.as_ref().map_or(0, fake_killbill::FakeKillBill::requests) - requests_before;
+    if let Some(fake) = &fake {
+        assert!(fake.violations().is_empty(), "bodies the OpenAPI spec rejects: {:?}", fake.violations());
+    }
 
     let mut lat = executor.billing().latencies.lock().unwrap().clone();
     lat.sort();
+    // Milliseconds, to the microsecond.
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+            .map_or(0.0, |d| (d.as_secs_f64() * 1e6).round() / 1000.0)
     };
     let rss_kb = proc_value("/proc/self/status", "VmHWM:").unwrap_or(0);
     let rate = count as f64 / elapsed.as_secs_f64();
-    println!("mix {mix}: {count} messages, prefetch {}, lanes {}", settings.bus.prefetch, settings.bus.lanes);
-    println!("  published (confirmed)   {publish_rate:>10.0} msg/s");
+    let backend = match args.backend {
+        BackendKind::Ledger => "ledger".to_owned(),
+        BackendKind::Killbill => format!("killbill ({} ms per request)", args.latency_ms),
+    };
+    let mode = if args.rate == 0 { "backlog".to_owned() } else { format!("{}/s", args.rate) };
+    let mix = format!("{:?}", args.mix).to_lowercase();
+    println!(
+        "mix {mix}, {backend}, {mode}: {count} messages, prefetch {}, lanes {}",
+        settings.bus.prefetch, settings.bus.lanes
+    );
+    if let Some(p) = publish_rate {
+        println!("  published (confirmed)   {p:>10.0} msg/s");
+    }
     println!("  consumed, effects, acks {rate:>10.0} msg/s  ({:.2} s)", elapsed.as_secs_f64());
+    if fake.is_some() {
+        println!("  KillBill requests       {:>10.0} req/s  ({requests})", requests as f64 / elapsed.as_secs_f64());
+    }
     println!("  CPU                     {:>10.3} s per 1,000 messages", cpu / count as f64 * 1000.0);
-    println!("  peak RSS                {:>10.1} MiB", rss_kb as f64 / 1024.0);
-    if usage {
+    println!(
+        "  peak RSS                {:>10.1} MiB  ({:.1} MiB resident before consuming)",
+        rss_kb as f64 / 1024.0,
+        rss_published_kb as f64 / 1024.0
+    );
+    if args.mix != Mix::Ignored {
+        let what = if args.rate == 0 { "publish-to-effect (backlog)" } else { "bus-to-effect" };
         println!(
-            "  publish-to-effect (backlog) p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            "  {what} p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             pct(0.5),
+            pct(0.95),
             pct(0.99),
             pct(1.0)
         );
     }
     println!(
         "{}",
-        serde_json::json!({"mix": mix, "messages": count, "publish_per_s": publish_rate.round(), "consume_per_s": rate.round(),
-            "cpu_s_per_1000": cpu / count as f64 * 1000.0, "peak_rss_mib": rss_kb as f64 / 1024.0,
-            "lag_ms_p50": pct(0.5), "lag_ms_p99": pct(0.99), "lag_ms_max": pct(1.0)})
+        serde_json::json!({"mix": mix, "backend": args.backend.to_possible_value().map(|v| v.get_name().to_owned()),
+            "latency_ms": (args.backend == BackendKind::Killbill).then_some(args.latency_ms),
+            "rate": args.rate, "messages": count, "prefetch": settings.bus.prefetch, "lanes": settings.bus.lanes,
+            "publish_per_s": publish_rate.map(f64::round), "consume_per_s": rate.round(),
+            "requests_per_s": fake.is_some().then(|| (requests as f64 / elapsed.as_secs_f64()).round()),
+            "cpu_s_per_1000": (cpu / count as f64 * 1e6).round() / 1000.0, "peak_rss_mib": (rss_kb as f64 / 102.4).round() / 10.0,
+            "rss_before_consuming_mib": (rss_published_kb as f64 / 102.4).round() / 10.0,
+            "lag_ms_p50": pct(0.5), "lag_ms_p95": pct(0.95), "lag_ms_p99": pct(0.99), "lag_ms_max": pct(1.0)})
     );
     for q in [&names.queue, &names.retry_queue, &names.dead_queue] {
         let _ = channel.queue_delete(q.as_str().into(), Default::default()).await;
     }
-    for e in [names.retry_exchange, names.dead_exchange, format!("{prefix}ceilometer"), format!("{prefix}glance")] {
+    for e in [names.retry_exchange.clone(), names.dead_exchange.clone()]
+        .into_iter()
+        .chain(settings.bus.bindings.iter().map(|b| b.exchange.clone()))
+    {
         let _ = channel.exchange_delete(e.as_str().into(), Default::default()).await;
     }
 }

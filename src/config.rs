@@ -315,7 +315,7 @@ fn default_connect_timeout_ms() -> u64 {
     3_000
 }
 fn default_pool_max_idle() -> usize {
-    16
+    32
 }
 
 /// A broker URL whose password never appears in `Debug`, `Display` or `config check`.
@@ -442,8 +442,8 @@ impl Default for BusSettings {
                 binding("heat", "notifications.info"),
             ],
             upstream_durable: false,
-            prefetch: 64,
-            lanes: 8,
+            prefetch: 256,
+            lanes: 32,
             delivery_limit: 20,
             retry_delay_ms: 30_000,
             max_attempts: 5,

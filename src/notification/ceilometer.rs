@@ -9,9 +9,10 @@
 //! silently lose usage.
 
 use serde::Deserialize;
+#[cfg(test)]
 use serde_json::value::RawValue;
 
-use super::{bounded, fields, opt_time, DecodeError, PayloadError};
+use super::{bounded, fields, opt_time, DecodeError, PayloadError, Source};
 use crate::event::{Event, InstanceId, ProjectId, Sample, Timestamp};
 
 #[derive(Deserialize)]
@@ -51,13 +52,16 @@ struct Polling {
     samples: Vec<WireSample>,
 }
 
-/// Decodes a `metering` or `telemetry.polling` payload.
+/// As [`decode_from`], from a payload already read as raw JSON.
+#[cfg(test)]
 pub(super) fn decode(event_type: &str, raw: &RawValue) -> Result<Event, PayloadError> {
-    let wire: Vec<WireSample> = if event_type == "metering" {
-        serde_json::from_str(raw.get())?
-    } else {
-        super::object::<Polling>(raw)?.samples
-    };
+    decode_from(event_type, raw)
+}
+
+/// Decodes a `metering` or `telemetry.polling` payload.
+pub(super) fn decode_from<'de>(event_type: &str, payload: impl Source<'de>) -> Result<Event, PayloadError> {
+    let wire: Vec<WireSample> =
+        if event_type == "metering" { payload.any()? } else { payload.object::<Polling>()?.samples };
     let mut samples = Vec::with_capacity(wire.len());
     let mut unattributed = 0;
     for w in wire {

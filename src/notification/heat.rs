@@ -4,9 +4,10 @@
 //! (`arn:openstack:heat::<tenant>:stacks/<name>/<id>`), whose last path segment is the uuid.
 
 use serde::Deserialize;
+#[cfg(test)]
 use serde_json::value::RawValue;
 
-use super::{bounded, fields, id, PayloadError};
+use super::{bounded, fields, id, PayloadError, Source};
 use crate::event::{Event, ProjectId, Stack, StackId};
 
 #[derive(Deserialize)]
@@ -23,9 +24,15 @@ struct Payload {
     state_reason: Option<String>,
 }
 
+/// As [`decode_from`], from a payload already read as raw JSON.
+#[cfg(test)]
+pub(super) fn decode(rest: &str, raw: &RawValue) -> Result<Event, PayloadError> {
+    decode_from(rest, raw)
+}
+
 /// Decodes the part of the event type after `orchestration.stack.`.
-pub(super) fn decode(_rest: &str, raw: &RawValue) -> Result<Event, PayloadError> {
-    let p: Payload = super::object(raw)?;
+pub(super) fn decode_from<'de>(_rest: &str, payload: impl Source<'de>) -> Result<Event, PayloadError> {
+    let p: Payload = payload.object()?;
     let stack_id = p.stack_identity.map(|s| match s.rsplit_once('/') {
         Some((_, last)) if s.starts_with("arn:") => last.to_owned(),
         _ => s,

@@ -6,9 +6,10 @@
 //! `success` describes something that did not happen and is ignored.
 
 use serde::Deserialize;
+#[cfg(test)]
 use serde_json::value::RawValue;
 
-use super::{fields, id, PayloadError};
+use super::{fields, id, PayloadError, Source};
 use crate::event::{Event, IdentityChange, ProjectId, UserId};
 
 #[derive(Deserialize)]
@@ -38,8 +39,14 @@ impl Payload {
     }
 }
 
-/// Decodes the part of the event type after `identity.`.
+/// As [`decode_from`], from a payload already read as raw JSON.
+#[cfg(test)]
 pub(super) fn decode(rest: &str, raw: &RawValue) -> Result<Event, PayloadError> {
+    decode_from(rest, raw)
+}
+
+/// Decodes the part of the event type after `identity.`.
+pub(super) fn decode_from<'de>(rest: &str, payload: impl Source<'de>) -> Result<Event, PayloadError> {
     let Some((resource, operation)) = rest.rsplit_once('.') else {
         return Ok(Event::Ignored { reason: "unhandled identity event" });
     };
@@ -48,7 +55,7 @@ pub(super) fn decode(rest: &str, raw: &RawValue) -> Result<Event, PayloadError> 
     {
         return Ok(Event::Ignored { reason: "unhandled identity event" });
     }
-    let payload: Payload = super::object(raw)?;
+    let payload: Payload = payload.object()?;
     if payload.outcome.as_deref().is_some_and(|o| o != "success") {
         return Ok(Event::Ignored { reason: "identity event outcome is not success" });
     }

@@ -99,7 +99,7 @@ impl Default for DecodeLimits {
 
 /// The oslo message dict, as found either inside `oslo.message` or as the whole body (1.0).
 /// Unknown keys (`_unique_id`, `_context_*`) are skipped without being parsed into values.
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct Wire<'a> {
     #[serde(rename = "oslo.version", default, borrow)]
     oslo_version: Option<Cow<'a, str>>,
@@ -132,25 +132,274 @@ pub fn decode(body: &[u8], limits: DecodeLimits) -> Result<Notification, DecodeE
     if body.len() > limits.max_body_bytes {
         return Err(DecodeError::TooLarge { size: body.len(), limit: limits.max_body_bytes });
     }
+    if let Some((version, message)) = usual_envelope(body) {
+        return decode_envelope(&version, &message);
+    }
     let outer: Wire<'_> = serde_json::from_slice(body).map_err(|e| DecodeError::json("body", e))?;
     match (&outer.oslo_version, &outer.oslo_message) {
-        (Some(version), Some(message)) => {
-            if !(version == "2.0" || version.starts_with("2.")) {
-                return Err(DecodeError::UnsupportedVersion(version.chars().take(32).collect()));
-            }
-            let inner: Wire<'_> = serde_json::from_str(message).map_err(|e| DecodeError::json("oslo.message", e))?;
-            if inner.oslo_message.is_some() {
-                return Err(DecodeError::Missing("event_type (oslo.message holds another envelope)"));
-            }
-            decode_message(inner)
-        }
+        (Some(version), Some(message)) => decode_envelope(version, message),
         (None, Some(_)) => Err(DecodeError::Missing("oslo.version")),
         (Some(_), None) => Err(DecodeError::Missing("oslo.message")),
         (None, None) => decode_message(outer),
     }
 }
 
+/// The inner message of a 2.x envelope.
+fn decode_envelope(version: &str, message: &str) -> Result<Notification, DecodeError> {
+    if !(version == "2.0" || version.starts_with("2.")) {
+        return Err(DecodeError::UnsupportedVersion(version.chars().take(32).collect()));
+    }
+    if let Ok(OnePass { wire, event }) = serde_json::from_str::<OnePass<'_>>(message) {
+        return decode_message_with(wire, event);
+    }
+    let inner: Wire<'_> = serde_json::from_str(message).map_err(|e| DecodeError::json("oslo.message", e))?;
+    if inner.oslo_message.is_some() {
+        return Err(DecodeError::Missing("event_type (oslo.message holds another envelope)"));
+    }
+    decode_message(inner)
+}
+
+/// An inner message read in one pass: when `event_type` comes before `payload`, as oslo writes
+/// them, the payload is decoded straight from the parser instead of being delimited first and
+/// parsed again. Any failure (of the JSON, of the payload, a repeated or unexpected key) leaves
+/// the message to the two-pass reader, which accepts and rejects exactly what it always did,
+/// with its own error text: so what this returns, the two-pass reader would have returned.
+struct OnePass<'a> {
+    wire: Wire<'a>,
+    /// The payload's event, when it was decoded in the pass.
+    event: Option<Event>,
+}
+
+impl<'de> Deserialize<'de> for OnePass<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OnePass<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an oslo message")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<OnePass<'de>, A::Error> {
+                use serde::de::{Error, IgnoredAny};
+                let mut wire = Wire::default();
+                let mut event = None;
+                let mut seen = [false; 6];
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let (slot, n) = match &*key {
+                        "message_id" => (&mut wire.message_id, 0),
+                        "event_type" => (&mut wire.event_type, 1),
+                        "publisher_id" => (&mut wire.publisher_id, 2),
+                        "priority" => (&mut wire.priority, 3),
+                        "timestamp" => (&mut wire.timestamp, 4),
+                        "payload" => {
+                            if std::mem::replace(&mut seen[5], true) {
+                                return Err(A::Error::custom("a second payload"));
+                            }
+                            match wire.event_type.as_deref() {
+                                Some(event_type) => event = Some(map.next_value_seed(EventOf { event_type })?),
+                                None => wire.payload = map.next_value()?,
+                            }
+                            continue;
+                        }
+                        "oslo.version" | "oslo.message" => return Err(A::Error::custom("an envelope field")),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if std::mem::replace(&mut seen[n], true) {
+                        return Err(A::Error::custom("a repeated field"));
+                    }
+                    *slot = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0);
+                }
+                Ok(OnePass { wire, event })
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+/// A string field, borrowed from the message when it has no escapes (as the derived `Wire`
+/// reads it).
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// Decodes the payload of `event_type` from wherever the parser stands.
+struct EventOf<'e> {
+    event_type: &'e str,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EventOf<'_> {
+    type Value = Event;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Event, D::Error> {
+        use serde::de::{Error, IgnoredAny};
+        let Some(service) = service_of(self.event_type) else {
+            IgnoredAny::deserialize(d)?;
+            return Ok(Event::Ignored { reason: "unhandled event type" });
+        };
+        let mut parser = Some(d);
+        let event = decode_service(service, self.event_type, Stream { parser: &mut parser });
+        // A decoder that ignores the event leaves its payload unread; it must still be valid JSON.
+        if let Some(d) = parser.take() {
+            IgnoredAny::deserialize(d)?;
+        }
+        event.map_err(|_| D::Error::custom("left to the two-pass reader"))
+    }
+}
+
+/// Where a service decoder reads its payload from.
+pub(crate) trait Source<'de> {
+    /// The payload as `T`; it must be a JSON object.
+    fn object<T: Deserialize<'de>>(self) -> Result<T, PayloadError>;
+    /// The payload as `T`, whatever its JSON type.
+    fn any<T: Deserialize<'de>>(self) -> Result<T, PayloadError>;
+}
+
+/// A payload already delimited: parsed from its text.
+impl<'de> Source<'de> for &'de RawValue {
+    fn object<T: Deserialize<'de>>(self) -> Result<T, PayloadError> {
+        object(self)
+    }
+    fn any<T: Deserialize<'de>>(self) -> Result<T, PayloadError> {
+        Ok(serde_json::from_str(self.get())?)
+    }
+}
+
+/// The parser standing at the payload, read at most once. Its errors are not kept: the
+/// two-pass reader reports them.
+struct Stream<'p, D> {
+    parser: &'p mut Option<D>,
+}
+
+impl<'de, D: serde::Deserializer<'de>> Source<'de> for Stream<'_, D> {
+    fn object<T: Deserialize<'de>>(self) -> Result<T, PayloadError> {
+        struct ObjectOf<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOf<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        let parser = self.parser.take().ok_or(PayloadError::Shape("a payload read once"))?;
+        parser.deserialize_map(ObjectOf(std::marker::PhantomData)).map_err(|_| PayloadError::Shape("a JSON object"))
+    }
+    fn any<T: Deserialize<'de>>(self) -> Result<T, PayloadError> {
+        let parser = self.parser.take().ok_or(PayloadError::Shape("a payload read once"))?;
+        T::deserialize(parser).map_err(|_| PayloadError::Shape("a payload of its service's shape"))
+    }
+}
+
+/// The envelope as oslo.messaging writes it: `{"oslo.version": "…", "oslo.message": "…"}`,
+/// those two keys once each in either order, and no `\u` escape. It is read in one pass that
+/// unescapes `oslo.message` straight into its own buffer; that string is most of every body,
+/// and serde's reader restarts its scan at each of its many `\"`.
+///
+/// `None` for any other body, valid or not: serde then reads it, accepting and rejecting
+/// exactly what it always did, with its own error messages. So for every body this returns,
+/// serde would have read the same two strings.
+fn usual_envelope(body: &[u8]) -> Option<(String, String)> {
+    fn skip_ws(b: &[u8], mut i: usize) -> usize {
+        while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            i += 1;
+        }
+        i
+    }
+    fn expect(b: &[u8], i: usize, byte: u8) -> Option<usize> {
+        let i = skip_ws(b, i);
+        (b.get(i) == Some(&byte)).then_some(i + 1)
+    }
+    let (mut version, mut message) = (None, None);
+    let mut i = expect(body, 0, b'{')?;
+    for n in 0..2 {
+        if n == 1 {
+            i = expect(body, i, b',')?;
+        }
+        i = expect(body, i, b'"')?;
+        let key = match body.get(i..i + 13)? {
+            b"oslo.version\"" => &mut version,
+            b"oslo.message\"" => &mut message,
+            _ => return None,
+        };
+        i = expect(body, i + 13, b':')?;
+        i = expect(body, i, b'"')?;
+        if key.is_some() {
+            return None;
+        }
+        let (text, read) = unescape(&body[i..])?;
+        *key = Some(text);
+        i += read;
+    }
+    i = expect(body, i, b'}')?;
+    (skip_ws(body, i) == body.len()).then_some((version?, message?))
+}
+
+/// Unescapes a JSON string's content, `text` starting after its opening quote: the string and
+/// the length read, closing quote included. `None` for a `\u` escape (left to serde, which
+/// pairs surrogates), a control character, an unknown escape, no closing quote or bad UTF-8.
+fn unescape(text: &[u8]) -> Option<(String, usize)> {
+    // The output is never longer than the input; the margin lets every copy be a whole word,
+    // of which only the bytes before a special one are kept.
+    let mut out = Vec::with_capacity(text.len() + 8);
+    let mut i = 0;
+    loop {
+        while let Some(chunk) = text.get(i..i + 8) {
+            let word: [u8; 8] = chunk.try_into().ok()?;
+            out.extend_from_slice(&word);
+            match first_special(u64::from_le_bytes(word)) {
+                None => i += 8,
+                Some(k) => {
+                    out.truncate(out.len() - (8 - k));
+                    i += k;
+                    break;
+                }
+            }
+        }
+        let byte = match *text.get(i)? {
+            b'"' => return String::from_utf8(out).ok().map(|s| (s, i + 1)),
+            b'\\' => {
+                i += 2;
+                match text.get(i - 1)? {
+                    b'"' => b'"',
+                    b'\\' => b'\\',
+                    b'/' => b'/',
+                    b'b' => 0x08,
+                    b'f' => 0x0c,
+                    b'n' => b'\n',
+                    b'r' => b'\r',
+                    b't' => b'\t',
+                    _ => return None,
+                }
+            }
+            0..=0x1f => return None,
+            b => {
+                i += 1;
+                b
+            }
+        };
+        out.push(byte);
+    }
+}
+
+/// The index of the first `"`, `\\` or control character among eight bytes (little-endian).
+/// Each test sets the high bit of the bytes that match; a borrow can only mark bytes above a
+/// true match, so the lowest mark is exact.
+fn first_special(word: u64) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
+    let mask =
+        below(word ^ (ONES * u64::from(b'"')), 1) | below(word ^ (ONES * u64::from(b'\\')), 1) | below(word, 0x20);
+    (mask != 0).then(|| mask.trailing_zeros() as usize / 8)
+}
+
 fn decode_message(wire: Wire<'_>) -> Result<Notification, DecodeError> {
+    decode_message_with(wire, None)
+}
+
+/// Checks the envelope fields and decodes the payload, unless its event was decoded already.
+fn decode_message_with(wire: Wire<'_>, event: Option<Event>) -> Result<Notification, DecodeError> {
     let event_type = wire.event_type.ok_or(DecodeError::Missing("event_type"))?;
     if event_type.is_empty() {
         return Err(DecodeError::Missing("event_type"));
@@ -161,7 +410,10 @@ fn decode_message(wire: Wire<'_>) -> Result<Notification, DecodeError> {
     let timestamp = wire.timestamp.ok_or(DecodeError::Missing("timestamp"))?;
     let timestamp =
         Timestamp::parse(&timestamp).map_err(|source| DecodeError::Timestamp { field: "timestamp", source })?;
-    let event = decode_event(&event_type, wire.payload)?;
+    let event = match event {
+        Some(event) => event,
+        None => decode_event(&event_type, wire.payload)?,
+    };
     Ok(Notification {
         meta: Meta {
             message_id,
@@ -177,7 +429,18 @@ fn decode_message(wire: Wire<'_>) -> Result<Notification, DecodeError> {
 /// Routes by event type to the service decoders. The payload is parsed only for handled types,
 /// so ignored traffic costs one envelope parse.
 fn decode_event(event_type: &str, payload: Option<&RawValue>) -> Result<Event, DecodeError> {
-    let service = if let Some(rest) = event_type.strip_prefix("identity.") {
+    let Some(service) = service_of(event_type) else {
+        return Ok(Event::Ignored { reason: "unhandled event type" });
+    };
+    let Some(payload) = payload else {
+        return Err(DecodeError::Missing("payload"));
+    };
+    decode_service(service, event_type, payload).map_err(|e| e.into_decode(event_type))
+}
+
+/// The service whose decoder reads this event type, if any.
+fn service_of(event_type: &str) -> Option<Service<'_>> {
+    Some(if let Some(rest) = event_type.strip_prefix("identity.") {
         Service::Keystone(rest)
     } else if let Some(rest) = event_type.strip_prefix("compute.instance.") {
         Service::NovaLegacy(rest)
@@ -188,19 +451,23 @@ fn decode_event(event_type: &str, payload: Option<&RawValue>) -> Result<Event, D
     } else if let Some(rest) = event_type.strip_prefix("orchestration.stack.") {
         Service::Heat(rest)
     } else {
-        return Ok(Event::Ignored { reason: "unhandled event type" });
-    };
-    let Some(payload) = payload else {
-        return Err(DecodeError::Missing("payload"));
-    };
-    let decoded = match service {
-        Service::Keystone(rest) => keystone::decode(rest, payload),
-        Service::NovaLegacy(rest) => nova::decode_legacy(rest, payload),
-        Service::NovaVersioned(rest) => nova::decode_versioned(rest, payload),
-        Service::Ceilometer => ceilometer::decode(event_type, payload),
-        Service::Heat(rest) => heat::decode(rest, payload),
-    };
-    decoded.map_err(|e| e.into_decode(event_type))
+        return None;
+    })
+}
+
+/// Runs the service's decoder on the payload.
+fn decode_service<'de>(
+    service: Service<'_>,
+    event_type: &str,
+    payload: impl Source<'de>,
+) -> Result<Event, PayloadError> {
+    match service {
+        Service::Keystone(rest) => keystone::decode_from(rest, payload),
+        Service::NovaLegacy(rest) => nova::decode_legacy_from(rest, payload),
+        Service::NovaVersioned(rest) => nova::decode_versioned_from(rest, payload),
+        Service::Ceilometer => ceilometer::decode_from(event_type, payload),
+        Service::Heat(rest) => heat::decode_from(rest, payload),
+    }
 }
 
 enum Service<'a> {
@@ -271,6 +538,10 @@ pub(crate) fn opt_time(field: &'static str, value: Option<&str>) -> Result<Optio
 
 /// Text copied into the domain is bounded, so a hostile message cannot inflate logs or headers.
 pub(crate) fn bounded(text: &str, max_chars: usize) -> String {
+    // A text of at most `max_chars` bytes has at most that many characters: copied whole.
+    if text.len() <= max_chars {
+        return text.to_owned();
+    }
     text.chars().take(max_chars).collect()
 }
 
@@ -299,6 +570,146 @@ mod tests {
         let body = br#"{"message_id":"m","event_type":"volume.create.end","timestamp":"2016-03-07T16:23:08+00:00","payload":"not even an object"}"#;
         let n = decode(body, DecodeLimits::default()).unwrap();
         assert!(matches!(n.event, Event::Ignored { .. }));
+    }
+
+    /// What serde reads of an envelope: its version and message, when it reads both.
+    fn serde_envelope(body: &[u8]) -> Option<(String, String)> {
+        let wire: Wire<'_> = serde_json::from_slice(body).ok()?;
+        Some((wire.oslo_version?.into_owned(), wire.oslo_message?.into_owned()))
+    }
+
+    #[test]
+    fn the_one_pass_envelope_reader_reads_what_serde_reads_or_leaves_it_to_serde() {
+        let cases: [&[u8]; 14] = [
+            br#"{"oslo.version": "2.0", "oslo.message": "{\"a\": \"b\\n\\\"c\"}"}"#,
+            br#"{"oslo.message":"x\/y\b\f\n\r\t\\","oslo.version":"2.0"}"#,
+            b" \r\n{ \"oslo.version\" :\t\"2.0\" , \"oslo.message\" : \"\xc3\xa9t\xc3\xa9\" } \n",
+            br#"{"oslo.version": "2.0", "oslo.message": "\u00e9"}"#,
+            br#"{"oslo.version": "2.0", "oslo.message": "\ud800"}"#,
+            br#"{"oslo.version": "2.0", "oslo.message": "a\qb"}"#,
+            b"{\"oslo.version\": \"2.0\", \"oslo.message\": \"a\x01b\"}",
+            b"{\"oslo.version\": \"2.0\", \"oslo.message\": \"\xff\"}",
+            br#"{"oslo.version": "2.0", "oslo.message": "x", "oslo.message": "y"}"#,
+            br#"{"oslo.version": "2.0", "oslo.message": "x"} trailing"#,
+            br#"{"oslo.version": "2.0", "oslo.message": "x", "other": 1}"#,
+            br#"{"oslo.version": "2.0", "oslo.message": "x""#,
+            br#"{"oslo.version": "2.0"}"#,
+            br#"{"oslo.version": "2.0", "oslo.message": "unterminated}"#,
+        ];
+        let mut read = 0;
+        for body in cases {
+            if let Some(fast) = usual_envelope(body) {
+                read += 1;
+                assert_eq!(Some(fast), serde_envelope(body), "{:?}", String::from_utf8_lossy(body));
+            }
+        }
+        assert_eq!(read, 3, "the usual shapes are read in one pass");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_message_comes_out_of_the_one_pass_reader_as_serde_reads_it(message in ".*", pretty: bool) {
+            let value = serde_json::json!({"oslo.version": "2.0", "oslo.message": message});
+            let body = if pretty { serde_json::to_vec_pretty(&value) } else { serde_json::to_vec(&value) }.unwrap();
+            if let Some(fast) = usual_envelope(&body) {
+                proptest::prop_assert_eq!(Some(fast), serde_envelope(&body));
+            }
+        }
+
+        #[test]
+        fn the_eight_byte_scan_finds_the_first_quote_backslash_or_control_character(bytes: [u8; 8]) {
+            let naive = bytes.iter().position(|b| matches!(b, b'"' | b'\\' | 0..=0x1f));
+            proptest::prop_assert_eq!(first_special(u64::from_le_bytes(bytes)), naive);
+        }
+
+        #[test]
+        fn any_bytes_the_one_pass_reader_accepts_serde_reads_the_same(
+            tail in proptest::collection::vec(
+                proptest::sample::select(b"\"\\}, u0nx/\x01\xc3\xa9\xff".to_vec()),
+                0..16,
+            ),
+        ) {
+            let mut body = br#"{"oslo.version": "2.0", "oslo.message": "a"#.to_vec();
+            body.extend_from_slice(&tail);
+            if let Some(fast) = usual_envelope(&body) {
+                proptest::prop_assert_eq!(Some(fast), serde_envelope(&body));
+            }
+        }
+    }
+
+    /// Decoding as it was before the one-pass readers: serde for the envelope, the inner message
+    /// with its payload delimited, then the payload parsed by its service's decoder.
+    fn two_pass(body: &[u8]) -> Result<Notification, DecodeError> {
+        let outer: Wire<'_> = serde_json::from_slice(body).map_err(|e| DecodeError::json("body", e))?;
+        match (&outer.oslo_version, &outer.oslo_message) {
+            (Some(version), Some(message)) => {
+                if !(version == "2.0" || version.starts_with("2.")) {
+                    return Err(DecodeError::UnsupportedVersion(version.chars().take(32).collect()));
+                }
+                let inner: Wire<'_> =
+                    serde_json::from_str(message).map_err(|e| DecodeError::json("oslo.message", e))?;
+                if inner.oslo_message.is_some() {
+                    return Err(DecodeError::Missing("event_type (oslo.message holds another envelope)"));
+                }
+                decode_message(inner)
+            }
+            (None, Some(_)) => Err(DecodeError::Missing("oslo.version")),
+            (Some(_), None) => Err(DecodeError::Missing("oslo.message")),
+            (None, None) => decode_message(outer),
+        }
+    }
+
+    fn same_as_two_pass(body: &[u8]) {
+        let text = String::from_utf8_lossy(body);
+        match (decode(body, DecodeLimits::default()), two_pass(body)) {
+            (Ok(fast), Ok(slow)) => assert_eq!(fast, slow, "{text}"),
+            (Err(fast), Err(slow)) => assert_eq!(fast.to_string(), slow.to_string(), "{text}"),
+            (fast, slow) => panic!("{text}: {fast:?} but two passes give {slow:?}"),
+        }
+    }
+
+    #[test]
+    fn every_fixture_decodes_in_one_pass_as_in_two() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let files = crate::replay::fixture::collect_files(&[root]).unwrap();
+        let mut bodies = 0;
+        for (_, delivery) in crate::replay::fixture::read_all(&files) {
+            if let Ok(delivery) = delivery {
+                same_as_two_pass(&delivery.body);
+                bodies += 1;
+            }
+        }
+        assert!(bodies > 40, "{bodies}");
+    }
+
+    #[test]
+    fn odd_inner_messages_decode_in_one_pass_as_in_two() {
+        let payload =
+            r#"{"tenant_id":"p1","instance_id":"i1","instance_type":"m1.small","created_at":"2025-01-01 00:00:00"}"#;
+        let messages = [
+            format!(r#"{{"message_id":"m","event_type":"compute.instance.create.end","timestamp":"2025-01-01 00:00:00","payload":{payload}}}"#),
+            format!(r#"{{"payload":{payload},"message_id":"m","event_type":"compute.instance.create.end","timestamp":"2025-01-01 00:00:00"}}"#),
+            format!(r#"{{"message_id":"m","event_type":"compute.instance.create.end","payload":{payload},"payload":{payload},"timestamp":"2025-01-01 00:00:00"}}"#),
+            format!(r#"{{"message_id":"m","event_type":"compute.instance.create.end","event_type":"x","timestamp":"2025-01-01 00:00:00","payload":{payload}}}"#),
+            r#"{"message_id":"m","event_type":"compute.instance.create.end","timestamp":"2025-01-01 00:00:00","payload":[1]}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"compute.instance.create.end","timestamp":"2025-01-01 00:00:00","payload":null}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"compute.instance.create.end","timestamp":"2025-01-01 00:00:00","payload":{"tenant_id":"p1"}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"compute.instance.create.end","timestamp":"2025-01-01 00:00:00","payload":{"tenant_id":}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"identity.thing.created","timestamp":"2025-01-01 00:00:00","payload":{"x":[}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"identity.thing.created","timestamp":"2025-01-01 00:00:00","payload":{"x":[]}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"image.update","timestamp":"2025-01-01 00:00:00","payload":"text"}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"metering","timestamp":"2025-01-01 00:00:00","payload":{"not":"a list"}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"telemetry.polling","timestamp":"2025-01-01 00:00:00","payload":[]}"#.to_owned(),
+            r#"{"message_id":"m b","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p"}}"#.to_owned(),
+            r#"{"event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p"}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p"}}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p"},"oslo.message":"{}"}"#.to_owned(),
+            r#"{"message_id":"m","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p"}} x"#.to_owned(),
+        ];
+        for message in messages {
+            same_as_two_pass(message.as_bytes());
+            same_as_two_pass(&envelope(&message));
+        }
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //! numbers; versioned Nova writes `null`.
 
 use serde::Deserialize;
+#[cfg(test)]
 use serde_json::value::RawValue;
 
-use super::{bounded, fields, id, opt_time, PayloadError};
+use super::{bounded, fields, id, opt_time, PayloadError, Source};
 use crate::event::{Event, Flavor, Instance, InstanceAction, InstanceId, ProjectId, UserId};
 
 #[derive(Deserialize)]
@@ -125,9 +126,15 @@ fn non_empty(value: Option<String>) -> Option<String> {
     value.filter(|v| !v.is_empty() && v != "None")
 }
 
-/// Decodes a legacy `compute.instance.<rest>` payload.
+/// As [`decode_legacy_from`], from a payload already read as raw JSON.
+#[cfg(test)]
 pub(super) fn decode_legacy(rest: &str, raw: &RawValue) -> Result<Event, PayloadError> {
-    let p: Legacy = super::object(raw)?;
+    decode_legacy_from(rest, raw)
+}
+
+/// Decodes a legacy `compute.instance.<rest>` payload.
+pub(super) fn decode_legacy_from<'de>(rest: &str, payload: impl Source<'de>) -> Result<Event, PayloadError> {
+    let p: Legacy = payload.object()?;
     let instance = Instance {
         id: id("payload.instance_id", p.instance_id, InstanceId::parse)?,
         project: id("payload.tenant_id", p.tenant_id, ProjectId::parse)?,
@@ -151,9 +158,15 @@ pub(super) fn decode_legacy(rest: &str, raw: &RawValue) -> Result<Event, Payload
     Ok(Event::Instance { action: legacy_action(rest), instance: Box::new(instance) })
 }
 
-/// Decodes a versioned `instance.<rest>` payload.
+/// As [`decode_versioned_from`], from a payload already read as raw JSON.
+#[cfg(test)]
 pub(super) fn decode_versioned(rest: &str, raw: &RawValue) -> Result<Event, PayloadError> {
-    let Versioned { data: p } = super::object(raw)?;
+    decode_versioned_from(rest, raw)
+}
+
+/// Decodes a versioned `instance.<rest>` payload.
+pub(super) fn decode_versioned_from<'de>(rest: &str, payload: impl Source<'de>) -> Result<Event, PayloadError> {
+    let Versioned { data: p } = payload.object()?;
     let flavor = p.flavor.map(|f| f.data);
     let instance = Instance {
         id: id("payload.nova_object.data.uuid", p.uuid, InstanceId::parse)?,

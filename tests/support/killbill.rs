@@ -39,6 +39,9 @@ struct Fake {
     subscriptions: Vec<Subscription>,
     fields: Vec<Field>,
     usage: Vec<Usage>,
+    /// (subscription id, tracking id) of every usage call recorded: the duplicate check stays
+    /// constant-time under load.
+    tracked: std::collections::HashSet<(String, String)>,
     fail_next: VecDeque<u16>,
     tenant: bool,
     catalogs: Vec<String>,
@@ -754,7 +757,7 @@ fn route(
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned)
                 .unwrap_or_else(|| format!("generated-{}", s.next_id));
-            if s.usage.iter().any(|u| u.subscription_id == sub_id && u.tracking_id == tracking) {
+            if s.tracked.contains(&(sub_id.clone(), tracking.clone())) {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "org.killbill.billing.usage.api.UsageApiException",
@@ -767,6 +770,7 @@ fn route(
                     return empty(StatusCode::BAD_REQUEST);
                 }
             }
+            s.tracked.insert((sub_id.clone(), tracking.clone()));
             for (unit, date, amount) in rows {
                 s.usage.push(Usage {
                     subscription_id: sub_id.clone(),
