@@ -72,6 +72,10 @@ struct Args {
     /// `bus.lanes`: projects handled concurrently [default: the service's default].
     #[arg(long)]
     lanes: Option<usize>,
+    /// `bus.shards`: 0 for one queue; N for the sharded topology (the intake moves every
+    /// message to one of N shard queues; needs the rabbitmq_consistent_hash_exchange plugin).
+    #[arg(long, default_value_t = 0)]
+    shards: u16,
     /// Projects the messages spread over (each project is one lane's worth of order).
     #[arg(long, default_value_t = 100)]
     projects: usize,
@@ -321,6 +325,7 @@ async fn main() {
         .collect();
     settings.bus.prefetch = args.prefetch.unwrap_or(settings.bus.prefetch);
     settings.bus.lanes = args.lanes.unwrap_or(settings.bus.lanes);
+    settings.bus.shards = args.shards;
     match args.backend {
         BackendKind::Ledger => run(&args, settings, Ledger::in_memory(), None).await,
         BackendKind::Killbill => {
@@ -384,32 +389,41 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
     // Done when every message had its effect, nothing is queued and nothing is unacknowledged.
     let mut check = connection.create_channel().await.unwrap();
     let (mut progress, mut progressed) = (usize::MAX, Instant::now());
+    let queues: Vec<String> =
+        std::iter::once(names.queue.clone()).chain(topology::shard_queues(&settings.bus)).collect();
     loop {
-        let declared = check
-            .queue_declare(
-                names.queue.as_str().into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-                Default::default(),
-            )
-            .await;
-        let q = match declared {
-            Ok(q) => q,
-            Err(e) => {
-                // The broker closes a channel on any error; a fresh one asks again.
-                eprintln!("checking the queue failed ({e}); asking again on a new channel");
-                check = connection.create_channel().await.expect("a channel to check the queue");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+        let mut queued = Some(0);
+        for queue in &queues {
+            let declared = check
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                    Default::default(),
+                )
+                .await;
+            match declared {
+                Ok(q) => queued = queued.map(|n| n + q.message_count()),
+                Err(e) => {
+                    // The broker closes a channel on any error; a fresh one asks again.
+                    eprintln!("checking the queue failed ({e}); asking again on a new channel");
+                    check = connection.create_channel().await.expect("a channel to check the queue");
+                    queued = None;
+                    break;
+                }
             }
+        }
+        let Some(queued) = queued else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         };
         let effects = executor.billing().done.load(Ordering::Relaxed);
         let published = publisher.as_ref().is_none_or(tokio::task::JoinHandle::is_finished);
-        if published && q.message_count() == 0 && (args.mix == Mix::Ignored || effects >= count) {
+        if published && queued == 0 && (args.mix == Mix::Ignored || effects >= count) {
             break;
         }
         if effects != progress {
             (progress, progressed) = (effects, Instant::now());
-        } else if progressed.elapsed() > Duration::from_secs(30) && q.message_count() == 0 {
+        } else if progressed.elapsed() > Duration::from_secs(30) && queued == 0 {
             eprintln!("stalled: {effects} of {count} messages had their effect (see the dead-letter queue)");
             break;
         }
@@ -443,8 +457,8 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
     let mode = if args.rate == 0 { "backlog".to_owned() } else { format!("{}/s", args.rate) };
     let mix = format!("{:?}", args.mix).to_lowercase();
     println!(
-        "mix {mix}, {backend}, {mode}: {count} messages, prefetch {}, lanes {}",
-        settings.bus.prefetch, settings.bus.lanes
+        "mix {mix}, {backend}, {mode}: {count} messages, prefetch {}, lanes {}, shards {}",
+        settings.bus.prefetch, settings.bus.lanes, settings.bus.shards
     );
     if let Some(p) = publish_rate {
         println!("  published (confirmed)   {p:>10.0} msg/s");
@@ -473,17 +487,17 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
         "{}",
         serde_json::json!({"mix": mix, "backend": args.backend.to_possible_value().map(|v| v.get_name().to_owned()),
             "latency_ms": (args.backend == BackendKind::Killbill).then_some(args.latency_ms),
-            "rate": args.rate, "messages": count, "prefetch": settings.bus.prefetch, "lanes": settings.bus.lanes,
+            "rate": args.rate, "messages": count, "prefetch": settings.bus.prefetch, "lanes": settings.bus.lanes, "shards": settings.bus.shards,
             "publish_per_s": publish_rate.map(f64::round), "consume_per_s": rate.round(),
             "requests_per_s": fake.is_some().then(|| (requests as f64 / elapsed.as_secs_f64()).round()),
             "cpu_s_per_1000": (cpu / count as f64 * 1e6).round() / 1000.0, "peak_rss_mib": (rss_kb as f64 / 102.4).round() / 10.0,
             "rss_before_consuming_mib": (rss_published_kb as f64 / 102.4).round() / 10.0,
             "lag_ms_p50": pct(0.5), "lag_ms_p95": pct(0.95), "lag_ms_p99": pct(0.99), "lag_ms_max": pct(1.0)})
     );
-    for q in [&names.queue, &names.retry_queue, &names.dead_queue] {
+    for q in queues.iter().chain([&names.retry_queue, &names.dead_queue]) {
         let _ = channel.queue_delete(q.as_str().into(), Default::default()).await;
     }
-    for e in [names.retry_exchange.clone(), names.dead_exchange.clone()]
+    for e in [names.retry_exchange.clone(), names.dead_exchange.clone(), topology::shard_exchange(&settings.bus)]
         .into_iter()
         .chain(settings.bus.bindings.iter().map(|b| b.exchange.clone()))
     {

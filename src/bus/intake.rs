@@ -10,6 +10,10 @@
 //! single-active-consumer argument on the main queue would make sharding impossible to switch
 //! on without redeclaring, and so emptying, the main queue.)
 //!
+//! The copies are published on a second connection: RabbitMQ's flow control throttles a
+//! connection that publishes faster than the shards take, and on the consuming connection that
+//! would hold up the acknowledgements too, stalling both.
+//!
 //! Publishes are pipelined: a second task waits for the broker's confirms in publish order and
 //! acknowledges each message once its copy is confirmed, so nothing is lost in between. A crash
 //! between the confirm and the ack moves a message twice, which billing absorbs (every action
@@ -35,6 +39,7 @@ use super::{ack, broker_error, connect, topology, BusError, Names};
 use crate::{billing::Billing, config::BusSettings, executor::Executor, telemetry};
 
 const TAG: &str = "concertim-billing-intake";
+const PUBLISH_TAG: &str = "concertim-billing-intake-publish";
 
 /// AMQP `RESOURCE_LOCKED`: an exclusive queue another connection owns.
 const RESOURCE_LOCKED: u16 = 405;
@@ -59,8 +64,8 @@ pub(super) fn routing_key<B: Billing>(executor: &Executor<B>, delivery: &Deliver
     }
 }
 
-/// One connection's worth of intake: stand by until the broker grants the exclusive consumer,
-/// then move messages until shutdown or a broker failure.
+/// One connection's worth of intake: stand by until the lock is granted, then move messages
+/// until shutdown or a broker failure.
 pub(super) async fn session<B: Billing + 'static>(
     bus: &BusSettings,
     executor: &Arc<Executor<B>>,
@@ -72,8 +77,6 @@ pub(super) async fn session<B: Billing + 'static>(
     let connection = connect(&bus.url, TAG).await?;
     let setup = connection.create_channel().await.map_err(&broker)?;
     topology::declare(&setup, bus).await?;
-    let publisher = connection.create_channel().await.map_err(&broker)?;
-    publisher.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.map_err(&broker)?;
 
     let lock = format!("{}.intake", names.queue);
     let mut standing_by = false;
@@ -100,6 +103,9 @@ pub(super) async fn session<B: Billing + 'static>(
             () = tokio::time::sleep(std::time::Duration::from_millis(bus.intake_standby_ms)) => {}
         }
     }
+    let publishing = connect(&bus.url, PUBLISH_TAG).await?;
+    let publisher = publishing.create_channel().await.map_err(&broker)?;
+    publisher.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.map_err(&broker)?;
     let consuming = connection.create_channel().await.map_err(&broker)?;
     consuming.basic_qos(bus.prefetch, BasicQosOptions::default()).await.map_err(&broker)?;
     let mut deliveries = consuming
@@ -162,13 +168,17 @@ pub(super) async fn session<B: Billing + 'static>(
                 warn!("intake: confirms did not arrive within the shutdown deadline; the broker will redeliver those messages");
             }
             let _ = connection.close(200, "shutting down".into()).await;
+            let _ = publishing.close(200, "shutting down".into()).await;
             info!("intake stopped");
         }
         // Unacknowledged messages go back to the main queue with the connection, which must
         // really close: while it lives, its exclusive consumer locks every replica out.
         IntakeEnd::Lost => {
             acker.abort();
-            let closing = connection.close(320, "reconnecting".into());
+            let closing = async {
+                let _ = connection.close(320, "reconnecting".into()).await;
+                let _ = publishing.close(320, "reconnecting".into()).await;
+            };
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closing).await;
         }
     }
