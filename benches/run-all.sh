@@ -65,6 +65,7 @@ best "usage, ledger, 1000/s" lag_ms_p99 min --messages 20000 --rate 1000
 best "usage, killbill 2 ms, 1000/s" lag_ms_p99 min --messages 20000 --rate 1000 --backend killbill --latency-ms 2
 best "ignored, prefetch 1000, 100k" peak_rss_mib min --messages 100000 --prefetch 1000 --mix ignored
 best "usage, ledger, prefetch 1000, 100k" peak_rss_mib min --messages 100000 --prefetch 1000
+best "ignored, sharded (4), backlog" consume_per_s max --messages 30000 --mix ignored --shards 4
 fi
 
 if [[ $SECTIONS == *sweep* ]]; then
