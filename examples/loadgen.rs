@@ -26,7 +26,6 @@ use concertim_billing::{
     billing::{Applied, Billing, BillingError, Context, KillBill, Ledger},
     bus::{self, topology},
     config::{Binding, Settings},
-    event::{InstanceId, PlanName, ProjectId, Timestamp},
     executor::{Delivery, Executor, Outcome},
     plan::{SubscriptionSpec, UsageSpec},
     replay::fixture,
@@ -39,6 +38,10 @@ use tokio_util::sync::CancellationToken;
 #[allow(dead_code)]
 #[path = "../tests/support/killbill.rs"]
 mod fake_killbill;
+
+/// The backend wrapper the tests use to watch effects.
+#[path = "../tests/support/watch.rs"]
+mod watch;
 
 /// Measures the consumer through the real broker: throughput, bus-to-effect latency, peak RSS
 /// and CPU time per 1,000 messages.
@@ -104,18 +107,17 @@ enum BackendKind {
     Killbill,
 }
 
-/// A backend, timing each message's effect against its notification timestamp. The effect is
-/// the usage record (`usage`) or the subscription (`lifecycle`).
-struct Timed<B> {
-    inner: B,
+/// Times each message's effect against its notification timestamp. The effect is the usage
+/// record (`usage`) or the subscription (`lifecycle`).
+struct Timing {
     mix: Mix,
     latencies: Mutex<Vec<Duration>>,
     done: AtomicUsize,
 }
 
-impl<B> Timed<B> {
-    fn new(inner: B, mix: Mix) -> Self {
-        Self { inner, mix, latencies: Mutex::new(Vec::new()), done: AtomicUsize::new(0) }
+impl Timing {
+    fn new(mix: Mix) -> Self {
+        Self { mix, latencies: Mutex::new(Vec::new()), done: AtomicUsize::new(0) }
     }
 
     fn effect(&self, ctx: Context<'_>) {
@@ -130,46 +132,16 @@ impl<B> Timed<B> {
     }
 }
 
-impl<B: Billing> Billing for Timed<B> {
-    async fn ensure_account(&self, p: &ProjectId, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        self.inner.ensure_account(p, ctx).await
-    }
-    async fn close_account(&self, p: &ProjectId, at: Timestamp, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        self.inner.close_account(p, at, ctx).await
-    }
-    async fn ensure_subscription(&self, s: &SubscriptionSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        let applied = self.inner.ensure_subscription(s, ctx).await;
+impl watch::Watch for Timing {
+    fn subscription(&self, _: &SubscriptionSpec, ctx: Context<'_>, _: &Result<Applied, BillingError>) {
         if self.mix == Mix::Lifecycle {
             self.effect(ctx);
         }
-        applied
     }
-    async fn change_plan(
-        &self,
-        i: &InstanceId,
-        p: &PlanName,
-        at: Timestamp,
-        ctx: Context<'_>,
-    ) -> Result<Applied, BillingError> {
-        self.inner.change_plan(i, p, at, ctx).await
-    }
-    async fn cancel_subscription(
-        &self,
-        i: &InstanceId,
-        at: Timestamp,
-        ctx: Context<'_>,
-    ) -> Result<Applied, BillingError> {
-        self.inner.cancel_subscription(i, at, ctx).await
-    }
-    async fn record_usage(&self, u: &UsageSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        let applied = self.inner.record_usage(u, ctx).await;
+    fn usage(&self, _: &UsageSpec, ctx: Context<'_>, _: &Result<Applied, BillingError>) {
         if self.mix == Mix::Usage {
             self.effect(ctx);
         }
-        applied
-    }
-    async fn commit(&self) -> Result<(), BillingError> {
-        self.inner.commit().await
     }
 }
 
@@ -345,7 +317,8 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
     let channel = connection.create_channel().await.unwrap();
     let names = topology::declare(&channel, &settings.bus).await.unwrap();
     channel.confirm_select(Default::default()).await.unwrap();
-    let executor = Arc::new(Executor::new(settings.clone(), Timed::new(billing, args.mix)));
+    let executor =
+        Arc::new(Executor::new(settings.clone(), watch::Watched { inner: billing, watch: Timing::new(args.mix) }));
 
     // Warm-up: every usage instance gets its account and subscription (and the client learns
     // their ids), so the measured steady state is one usage record per notification.
@@ -355,7 +328,7 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
             let outcome = executor.handle(Delivery { body: &body, redelivered: false }).await;
             assert!(matches!(outcome, Outcome::Processed { .. }), "warm-up: {outcome:?}");
         }
-        executor.billing().reset();
+        executor.billing().watch.reset();
     }
     if let Some(fake) = &fake {
         fake.set_latency(Duration::from_millis(args.latency_ms));
@@ -416,7 +389,7 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let effects = executor.billing().done.load(Ordering::Relaxed);
+        let effects = executor.billing().watch.done.load(Ordering::Relaxed);
         let published = publisher.as_ref().is_none_or(tokio::task::JoinHandle::is_finished);
         if published && queued == 0 && (args.mix == Mix::Ignored || effects >= count) {
             break;
@@ -441,7 +414,7 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
         assert!(fake.violations().is_empty(), "bodies the OpenAPI spec rejects: {:?}", fake.violations());
     }
 
-    let mut lat = executor.billing().latencies.lock().unwrap().clone();
+    let mut lat = executor.billing().watch.latencies.lock().unwrap().clone();
     lat.sort();
     // Milliseconds, to the microsecond.
     let pct = |p: f64| {

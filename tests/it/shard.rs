@@ -9,11 +9,10 @@ use std::{
 };
 
 use concertim_billing::{
-    billing::{Applied, Billing, BillingError, Context, Ledger},
+    billing::{Applied, BillingError, Context, Ledger},
     bus::ack,
-    event::{InstanceId, PlanName, ProjectId, Timestamp},
     executor::{Delivery, Executor},
-    plan::{SubscriptionSpec, UsageSpec},
+    plan::UsageSpec,
     replay::fixture::FixtureDelivery,
 };
 use lapin::BasicProperties;
@@ -21,6 +20,7 @@ use lapin::BasicProperties;
 use crate::support::{
     self,
     bus::{eventually, spawn_app, Proxy, TestBus},
+    watch::{Watch, Watched},
 };
 
 /// One recorded usage call: which replica, which project, which message of that project.
@@ -32,42 +32,14 @@ struct Call {
     done: bool,
 }
 
-/// The shared ledger behind every replica, recording the order of usage calls.
-struct Recording {
+/// Records, for the ledger every replica shares, the order of usage calls.
+struct Log {
     replica: &'static str,
-    ledger: Arc<Ledger>,
     calls: Arc<Mutex<Vec<Call>>>,
 }
 
-impl Billing for Recording {
-    async fn ensure_account(&self, p: &ProjectId, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        self.ledger.ensure_account(p, ctx).await
-    }
-    async fn close_account(&self, p: &ProjectId, at: Timestamp, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        self.ledger.close_account(p, at, ctx).await
-    }
-    async fn ensure_subscription(&self, s: &SubscriptionSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        self.ledger.ensure_subscription(s, ctx).await
-    }
-    async fn change_plan(
-        &self,
-        i: &InstanceId,
-        p: &PlanName,
-        at: Timestamp,
-        ctx: Context<'_>,
-    ) -> Result<Applied, BillingError> {
-        self.ledger.change_plan(i, p, at, ctx).await
-    }
-    async fn cancel_subscription(
-        &self,
-        i: &InstanceId,
-        at: Timestamp,
-        ctx: Context<'_>,
-    ) -> Result<Applied, BillingError> {
-        self.ledger.cancel_subscription(i, at, ctx).await
-    }
-    async fn record_usage(&self, u: &UsageSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        let applied = self.ledger.record_usage(u, ctx).await?;
+impl Watch for Log {
+    fn usage(&self, _: &UsageSpec, ctx: Context<'_>, result: &Result<Applied, BillingError>) {
         // Message ids are "<project>-<seq>".
         let id = ctx.meta.message_id.to_string();
         let (project, seq) = id.rsplit_once('-').expect("a test message id");
@@ -75,9 +47,8 @@ impl Billing for Recording {
             replica: self.replica,
             project: project.to_owned(),
             seq: seq.parse().unwrap(),
-            done: applied == Applied::Done,
+            done: matches!(result, Ok(Applied::Done)),
         });
-        Ok(applied)
     }
 }
 
@@ -119,7 +90,8 @@ async fn two_sharded_replicas_keep_each_projects_order_and_a_stopped_ones_shards
 
     let ledger = Arc::new(Ledger::in_memory());
     let calls = Arc::new(Mutex::new(Vec::new()));
-    let replica = |name| Recording { replica: name, ledger: Arc::clone(&ledger), calls: Arc::clone(&calls) };
+    let replica =
+        |name| Watched { inner: Arc::clone(&ledger), watch: Log { replica: name, calls: Arc::clone(&calls) } };
     // Replica "a" reaches the broker through a proxy, so that it can vanish as a crashed
     // process does: its connections drop and it cannot reconnect.
     let proxy = Proxy::start().await;

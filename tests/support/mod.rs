@@ -112,3 +112,4 @@ pub mod bus;
 pub mod concertim;
 pub mod hostbill;
 pub mod killbill;
+pub mod watch;
