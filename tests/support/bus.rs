@@ -106,6 +106,19 @@ impl TestBus {
         Self { prefix, settings, connection, channel }
     }
 
+    /// Connects again after the broker went away (a restart closes every connection), waiting
+    /// up to `limit` for it to answer.
+    pub async fn reconnect(&mut self, limit: Duration) {
+        let connection = eventually("the broker to accept connections again", limit, || async {
+            Connection::connect(BROKER, ConnectionProperties::default()).await.ok()
+        })
+        .await;
+        let channel = connection.create_channel().await.unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        self.connection = connection;
+        self.channel = channel;
+    }
+
     /// Our queue names.
     pub fn names(&self) -> Names {
         Names::new(&self.settings.bus)
