@@ -46,6 +46,9 @@ async fn the_binary_sigkilled_five_times_and_restarted_bills_every_message_exact
     let bus = TestBus::new("faults-kill").await;
     let dir = tempfile::tempdir().unwrap();
     let log: PathBuf = dir.path().join("service.log");
+    // The topology first, as an operator declares it, so the backlog waits in our queue.
+    let declared = cli_command(&bus).args(["topology", "declare"]).output().unwrap();
+    assert!(declared.status.success(), "{}", String::from_utf8_lossy(&declared.stderr));
     for m in &messages {
         m.publish(&bus).await;
     }

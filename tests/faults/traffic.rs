@@ -340,7 +340,7 @@ pub fn invalid(count: usize, rng: &mut Rng) -> Vec<Message> {
                 5 => {
                     let mut m = t.create_end.clone();
                     m["message_id"] = json!(format!("flood-{i}"));
-                    m["payload"]["instance_id"] = json!(i);
+                    m["payload"]["launched_at"] = json!([i]);
                     envelope(&m)
                 }
                 6 => {
