@@ -61,6 +61,10 @@ struct Fake {
     writes: usize,
     /// Error codes answered so far (1031, 50000, 3000, 9000 …), by code.
     codes: BTreeMap<i64, usize>,
+    /// The first cancel of each subscription takes this long to commit.
+    cancel_hold: Option<std::time::Duration>,
+    /// Subscriptions whose first cancel is committing, and when it commits.
+    cancel_locks: BTreeMap<String, std::time::Instant>,
 }
 
 struct Account {
@@ -306,6 +310,13 @@ impl FakeKillBill {
         s.lose_left = count;
     }
 
+    /// The first cancel of each subscription takes `hold` to commit, holding the subscription's
+    /// row meanwhile, as a slow KillBill does: a client that times out and cancels again waits
+    /// for the first cancel to commit, and then meets 500/1031.
+    pub fn slow_cancels(&self, hold: std::time::Duration) {
+        self.state.lock().unwrap().cancel_hold = Some(hold);
+    }
+
     /// Answers lost so far are all spent.
     pub fn lost_answers_left(&self) -> usize {
         self.state.lock().unwrap().lose_left
@@ -431,7 +442,7 @@ async fn handle(
         match s.outage_until {
             Some(until) if std::time::Instant::now() < until => {
                 s.requests += 1;
-                if s.requests % 2 == 0 {
+                if s.requests.is_multiple_of(2) {
                     return empty(StatusCode::SERVICE_UNAVAILABLE);
                 }
                 Some(s.hang)
@@ -443,12 +454,30 @@ async fn handle(
         tokio::time::sleep(hang).await;
         return empty(StatusCode::SERVICE_UNAVAILABLE);
     }
+    match cancel_wait(&state, &method, &uri) {
+        Some(Wait::Commit(hold)) => {
+            // The server commits whether or not the client is still waiting: the work goes on
+            // in a task of its own, which a client's disconnection does not cancel.
+            let task = tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                finish(&state, method, uri, headers, body)
+            });
+            return task.await.unwrap();
+        }
+        Some(Wait::Row(wait)) => tokio::time::sleep(wait).await,
+        None => {}
+    }
+    finish(&state, method, uri, headers, body)
+}
+
+/// Serves a request that has waited whatever it had to, losing its answer when told to.
+fn finish(state: &Arc<Mutex<Fake>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let lose = {
         let mut s = state.lock().unwrap();
         let write = matches!(method, Method::POST | Method::PUT | Method::DELETE);
         if write && s.lose_left > 0 {
             s.writes += 1;
-            let lose = s.writes % s.lose_every == 0;
+            let lose = s.writes.is_multiple_of(s.lose_every);
             if lose {
                 s.lose_left -= 1;
             }
@@ -457,7 +486,7 @@ async fn handle(
             false
         }
     };
-    let answer = serve(&state, method, uri, headers, body);
+    let answer = serve(state, method, uri, headers, body);
     let mut s = state.lock().unwrap();
     if let Some(code) = answer.1 {
         *s.codes.entry(code).or_default() += 1;
@@ -466,6 +495,30 @@ async fn handle(
         return empty(StatusCode::GATEWAY_TIMEOUT);
     }
     answer.0
+}
+
+/// What a cancel waits for before it is served.
+enum Wait {
+    /// The subscription's first cancel: it commits after this long.
+    Commit(std::time::Duration),
+    /// A cancel that finds the row held: it is served just after the first one commits.
+    Row(std::time::Duration),
+}
+
+fn cancel_wait(state: &Arc<Mutex<Fake>>, method: &Method, uri: &Uri) -> Option<Wait> {
+    let mut s = state.lock().unwrap();
+    let hold = s.cancel_hold?;
+    let id = uri.path().strip_prefix("/1.0/kb/subscriptions/").filter(|_| method == Method::DELETE)?;
+    let now = std::time::Instant::now();
+    match s.cancel_locks.get(id) {
+        // Served just after the first cancel commits.
+        Some(commit) if *commit > now => Some(Wait::Row(*commit - now + std::time::Duration::from_millis(5))),
+        Some(_) => None,
+        None => {
+            s.cancel_locks.insert(id.to_owned(), now + hold);
+            Some(Wait::Commit(hold))
+        }
+    }
 }
 
 /// Serves one request; returns the answer and the KillBill error code it carries.
