@@ -24,11 +24,11 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     assert_exact, dead_letters, settle, soak,
     support::{
-        bus::{eventually, spawn_app, Proxy, TestBus},
+        bus::{cli_command, eventually, spawn_app, Proxy, TestBus},
         concertim::FakeConcertim,
         killbill::FakeKillBill,
     },
-    traffic::{invalid, seed, Message, Rng, Traffic},
+    traffic::{invalid, publish_all, seed, Rng, Traffic},
     Row, BROKER_LOCK,
 };
 
@@ -45,12 +45,6 @@ async fn run_bus(test: &str) -> TestBus {
     bus.settings.bus.prefetch = 64;
     bus.settings.bus.lanes = 8;
     bus
-}
-
-async fn publish_all(bus: &TestBus, messages: &[Message]) {
-    for m in messages {
-        m.publish(bus).await;
-    }
 }
 
 /// Runs `rabbitmqctl <command>` (in `/usr/sbin` on Debian).
@@ -99,6 +93,11 @@ async fn proxy_cuts_every_two_seconds_and_a_broker_restart_lose_nothing_and_bill
     let fake = FakeKillBill::start().await;
     let mut bus = run_bus("faults-proxy").await;
     let proxy = Arc::new(Proxy::start().await);
+    // The whole run waits in the queue first, so that the faults meet a backlog: the topology
+    // declared as an operator does, then every message published.
+    let declared = cli_command(&bus).args(["topology", "declare"]).output().unwrap();
+    assert!(declared.status.success(), "{}", String::from_utf8_lossy(&declared.stderr));
+    publish_all(&bus, &messages).await;
     let backend = Backend::KillBill(KillBill::new(killbill(&fake)).unwrap());
     let app = spawn_app(&bus, backend, Some(proxy.url.clone())).await;
 
@@ -120,8 +119,12 @@ async fn proxy_cuts_every_two_seconds_and_a_broker_restart_lose_nothing_and_bill
             }
         }
     });
-    publish_all(&bus, &messages).await;
-
+    // The broker restarts once a third of the usage is in KillBill.
+    let rows = expected.usage_messages() * 2;
+    eventually("a third of the usage in KillBill", Duration::from_secs(600), || async {
+        (fake.usage_rows() * 3 >= rows).then_some(())
+    })
+    .await;
     let mut last_fault = None;
     let mut broker_fault = "";
     if restart {
@@ -148,7 +151,6 @@ async fn proxy_cuts_every_two_seconds_and_a_broker_restart_lose_nothing_and_bill
         last_fault = Some(Instant::now());
     }
     // Cutting goes on until 90 % of the usage is in KillBill.
-    let rows = expected.usage_messages() * 2;
     eventually("90 % of the usage in KillBill", Duration::from_secs(600), || async {
         (fake.usage_rows() * 10 >= rows * 9).then_some(())
     })

@@ -22,7 +22,7 @@ use crate::{
         deliveries,
         killbill::FakeKillBill,
     },
-    traffic::{envelope, Message},
+    traffic::{envelope, publish_all, Message},
     Row, BROKER_LOCK,
 };
 
@@ -284,9 +284,8 @@ async fn hostile_input_never_crashes_and_exactly_the_refused_messages_are_dead_l
     assert!(!refused.contains_key(&at_limit.message.body), "a body exactly at the limit is accepted");
 
     let app = spawn_app(&bus, Backend::KillBill(KillBill::new(fake.settings()).unwrap()), None).await;
-    for h in &messages {
-        h.message.publish(&bus).await;
-    }
+    let all: Vec<Message> = messages.iter().map(|h| h.message.clone()).collect();
+    publish_all(&bus, &all).await;
     let published = Instant::now();
     let names = bus.names();
     eventually("every hostile message handled", Duration::from_secs(300), || async {

@@ -13,7 +13,7 @@ use crate::{
         bus::{cli_command, eventually, signal, TestBus},
         killbill::FakeKillBill,
     },
-    traffic::{seed, Rng, Traffic},
+    traffic::{publish_all, seed, Rng, Traffic},
     Row, BROKER_LOCK,
 };
 
@@ -49,9 +49,7 @@ async fn the_binary_sigkilled_five_times_and_restarted_bills_every_message_exact
     // The topology first, as an operator declares it, so the backlog waits in our queue.
     let declared = cli_command(&bus).args(["topology", "declare"]).output().unwrap();
     assert!(declared.status.success(), "{}", String::from_utf8_lossy(&declared.stderr));
-    for m in &messages {
-        m.publish(&bus).await;
-    }
+    publish_all(&bus, &messages).await;
 
     // Kill points: random numbers of usage rows in KillBill, spread over the run.
     let rows = expected.usage_messages() * 2;
