@@ -432,9 +432,8 @@ pub fn cli_command(bus: &TestBus) -> std::process::Command {
         .iter()
         .map(|x| format!("{{exchange = \"{}\", routing_key = \"{}\"}}", x.exchange, x.routing_key))
         .collect();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_concertim-billing"));
+    let mut command = super::binary();
     command
-        .env_remove("CONCERTIM_BILLING_CONFIG")
         .env("CONCERTIM_BILLING_AMQP_URL", BROKER)
         .env("CONCERTIM_BILLING_BUS__PREFIX", &b.prefix)
         .env("CONCERTIM_BILLING_BUS__BINDINGS", format!("[{}]", bindings.join(", ")))
