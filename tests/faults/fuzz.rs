@@ -107,6 +107,15 @@ fn any_json() -> impl Strategy<Value = Value> {
     })
 }
 
+/// How many nodes `value` has, itself included.
+fn count_nodes(value: &Value) -> usize {
+    1 + match value {
+        Value::Array(items) => items.iter().map(count_nodes).sum(),
+        Value::Object(map) => map.values().map(count_nodes).sum(),
+        _ => 0,
+    }
+}
+
 /// Replaces the `pick`-th node (in depth-first order) of `value` by `with`.
 fn replace_node(value: &mut Value, pick: &mut usize, with: &Value) -> bool {
     if *pick == 0 {
@@ -173,8 +182,7 @@ proptest! {
     ) {
         let corpus = corpus();
         let mut message = corpus[pick.index(corpus.len())].clone();
-        let nodes = message.to_string().len();
-        let mut at = node.index(nodes.max(1));
+        let mut at = node.index(count_nodes(&message));
         replace_node(&mut message, &mut at, &with);
         never_panics(&wrap(&message, enveloped));
     }

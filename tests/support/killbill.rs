@@ -65,6 +65,9 @@ struct Fake {
     cancel_hold: Option<std::time::Duration>,
     /// Subscriptions whose first cancel is committing, and when it commits.
     cancel_locks: BTreeMap<String, std::time::Instant>,
+    /// (subscription id, trackingId) of every usage call stored: KillBill's unique index, so
+    /// that a long run does not scan every row per call.
+    tracking: std::collections::HashSet<(String, String)>,
 }
 
 struct Account {
@@ -925,7 +928,7 @@ fn route(
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned)
                 .unwrap_or_else(|| format!("generated-{}", s.next_id));
-            if s.usage.iter().any(|u| u.subscription_id == sub_id && u.tracking_id == tracking) {
+            if s.tracking.contains(&(sub_id.clone(), tracking.clone())) {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "org.killbill.billing.usage.api.UsageApiException",
@@ -938,6 +941,7 @@ fn route(
                     return empty(StatusCode::BAD_REQUEST);
                 }
             }
+            s.tracking.insert((sub_id.clone(), tracking.clone()));
             for (unit, date, amount) in rows {
                 s.usage.push(Usage {
                     subscription_id: sub_id.clone(),
