@@ -324,7 +324,7 @@ async fn hostile_input_never_crashes_and_exactly_the_refused_messages_are_dead_l
         messages: messages.len(),
         faults: format!(
             "size limit ±1 byte and ×4, nesting 129/10k/100k deep in 7 places, invalid UTF-8 ×6, \
-             {} wrong-typed fields over {} event kinds",
+             {} wrong-typed field values over {} event kinds",
             messages.len() - 3 - 42 - 6,
             kinds(&bus).len()
         ),
