@@ -182,9 +182,8 @@ async fn success_false_is_permanent_with_hostbills_own_words_and_5xx_is_transien
 
 #[test]
 fn config_check_names_the_missing_hostbill_settings() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_concertim-billing"))
+    let out = crate::support::binary()
         .args(["config", "check"])
-        .env_remove("CONCERTIM_BILLING_CONFIG")
         .env("CONCERTIM_BILLING_BILLING__BACKEND", "hostbill")
         .output()
         .unwrap();

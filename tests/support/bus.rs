@@ -107,6 +107,19 @@ impl TestBus {
         Self { prefix, settings, connection, channel }
     }
 
+    /// Connects again after the broker went away (a restart closes every connection), waiting
+    /// up to `limit` for it to answer.
+    pub async fn reconnect(&mut self, limit: Duration) {
+        let connection = eventually("the broker to accept connections again", limit, || async {
+            Connection::connect(BROKER, ConnectionProperties::default()).await.ok()
+        })
+        .await;
+        let channel = connection.create_channel().await.unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        self.connection = connection;
+        self.channel = channel;
+    }
+
     /// Our queue names.
     pub fn names(&self) -> Names {
         Names::new(&self.settings.bus)
@@ -428,9 +441,8 @@ pub fn cli_command(bus: &TestBus) -> std::process::Command {
         .iter()
         .map(|x| format!("{{exchange = \"{}\", routing_key = \"{}\"}}", x.exchange, x.routing_key))
         .collect();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_concertim-billing"));
+    let mut command = super::binary();
     command
-        .env_remove("CONCERTIM_BILLING_CONFIG")
         .env("CONCERTIM_BILLING_AMQP_URL", BROKER)
         .env("CONCERTIM_BILLING_BUS__PREFIX", &b.prefix)
         .env("CONCERTIM_BILLING_BUS__BINDINGS", format!("[{}]", bindings.join(", ")))

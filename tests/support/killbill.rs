@@ -39,9 +39,6 @@ struct Fake {
     subscriptions: Vec<Subscription>,
     fields: Vec<Field>,
     usage: Vec<Usage>,
-    /// (subscription id, tracking id) of every usage call recorded: the duplicate check stays
-    /// constant-time under load.
-    tracked: std::collections::HashSet<(String, String)>,
     fail_next: VecDeque<u16>,
     tenant: bool,
     catalogs: Vec<String>,
@@ -53,6 +50,24 @@ struct Fake {
     credits: BTreeMap<String, Decimal>,
     /// USD per unit of usage, for dry-run invoices (the test's own price list).
     prices: BTreeMap<String, Decimal>,
+    /// Until then, every request is answered 503 or left hanging (alternately).
+    outage_until: Option<std::time::Instant>,
+    /// How long a hanging request hangs before its (unread) 503.
+    hang: std::time::Duration,
+    /// Writes whose answer is lost after they took effect: every `lose_every`-th write, while
+    /// `lose_left` is above zero.
+    lose_every: usize,
+    lose_left: usize,
+    writes: usize,
+    /// Error codes answered so far (1031, 50000, 3000, 9000 …), by code.
+    codes: BTreeMap<i64, usize>,
+    /// The first cancel of each subscription takes this long to commit.
+    cancel_hold: Option<std::time::Duration>,
+    /// Subscriptions whose first cancel is committing, and when it commits.
+    cancel_locks: BTreeMap<String, std::time::Instant>,
+    /// (subscription id, trackingId) of every usage call stored: KillBill's unique index, so
+    /// that a long run does not scan every row per call.
+    tracking: std::collections::HashSet<(String, String)>,
 }
 
 struct Account {
@@ -97,7 +112,11 @@ pub struct FakeKillBill {
 
 fn error(status: StatusCode, class: &str, code: Option<i64>, message: &str) -> Response {
     let body = json!({"className": class, "code": code, "message": message, "causeClassName": null, "causeMessage": null, "stackTrace": []});
-    (status, [("content-type", "application/json")], body.to_string()).into_response()
+    let mut response = (status, [("content-type", "application/json")], body.to_string()).into_response();
+    if let Some(code) = code {
+        response.extensions_mut().insert(ErrorCode(code));
+    }
+    response
 }
 
 fn bad_request(message: &str) -> Response {
@@ -275,6 +294,56 @@ impl FakeKillBill {
         s.accounts.iter().find(|a| a.external_key == project).map(|a| a.id.clone())
     }
 
+    /// For `duration` from now, every request is answered 503 with an empty body (as the proxy
+    /// in front of a KillBill that is down does) or, alternately, hangs for `hang` first: a
+    /// client with a shorter timeout sees a timeout.
+    pub fn set_outage(&self, duration: std::time::Duration, hang: std::time::Duration) {
+        let mut s = self.state.lock().unwrap();
+        s.outage_until = Some(std::time::Instant::now() + duration);
+        s.hang = hang;
+    }
+
+    /// Every `every`-th write (POST, PUT, DELETE), `count` times, takes effect and then its
+    /// answer is lost: the client gets the empty 504 of the gateway in front of KillBill, as when
+    /// KillBill committed but answered too late. A retry then meets what KillBill answers to a
+    /// repeated write: 409/3000, 500/1031, 400/50000, 400/9000.
+    pub fn lose_answers(&self, every: usize, count: usize) {
+        let mut s = self.state.lock().unwrap();
+        s.lose_every = every.max(1);
+        s.lose_left = count;
+    }
+
+    /// The first cancel of each subscription takes `hold` to commit, holding the subscription's
+    /// row meanwhile, as a slow KillBill does: a client that times out and cancels again waits
+    /// for the first cancel to commit, and then meets 500/1031.
+    pub fn slow_cancels(&self, hold: std::time::Duration) {
+        self.state.lock().unwrap().cancel_hold = Some(hold);
+    }
+
+    /// Answers lost so far are all spent.
+    pub fn lost_answers_left(&self) -> usize {
+        self.state.lock().unwrap().lose_left
+    }
+
+    /// How many answers carried this KillBill error code (1031, 50000 …).
+    pub fn answered_code(&self, code: i64) -> usize {
+        self.state.lock().unwrap().codes.get(&code).copied().unwrap_or(0)
+    }
+
+    /// Every usage row stored: (subscription external key, unit, trackingId, amount).
+    pub fn usage_records(&self) -> Vec<(String, String, String, Decimal)> {
+        let s = self.state.lock().unwrap();
+        let keys: BTreeMap<&str, &str> =
+            s.subscriptions.iter().map(|x| (x.id.as_str(), x.external_key.as_str())).collect();
+        s.usage
+            .iter()
+            .map(|u| {
+                let key = keys.get(u.subscription_id.as_str()).copied().unwrap_or_default().to_owned();
+                (key, u.unit.clone(), u.tracking_id.clone(), u.amount)
+            })
+            .collect()
+    }
+
     /// The next requests are answered with these statuses (empty body), whatever they are.
     pub fn fail_next(&self, statuses: &[u16]) {
         self.state.lock().unwrap().fail_next.extend(statuses);
@@ -371,6 +440,108 @@ async fn handle(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
+    let hang = {
+        let mut s = state.lock().unwrap();
+        match s.outage_until {
+            Some(until) if std::time::Instant::now() < until => {
+                s.requests += 1;
+                if s.requests.is_multiple_of(2) {
+                    return empty(StatusCode::SERVICE_UNAVAILABLE);
+                }
+                Some(s.hang)
+            }
+            _ => None,
+        }
+    };
+    if let Some(hang) = hang {
+        tokio::time::sleep(hang).await;
+        return empty(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    match cancel_wait(&state, &method, &uri) {
+        Some(Wait::Commit(hold)) => {
+            // The server commits whether or not the client is still waiting: the work goes on
+            // in a task of its own, which a client's disconnection does not cancel.
+            let task = tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                finish(&state, method, uri, headers, body)
+            });
+            return task.await.unwrap();
+        }
+        Some(Wait::Row(wait)) => tokio::time::sleep(wait).await,
+        None => {}
+    }
+    finish(&state, method, uri, headers, body)
+}
+
+/// Serves a request that has waited whatever it had to, losing its answer when told to.
+fn finish(state: &Arc<Mutex<Fake>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let lose = {
+        let mut s = state.lock().unwrap();
+        let write = matches!(method, Method::POST | Method::PUT | Method::DELETE);
+        if write && s.lose_left > 0 {
+            s.writes += 1;
+            let lose = s.writes.is_multiple_of(s.lose_every);
+            if lose {
+                s.lose_left -= 1;
+            }
+            lose
+        } else {
+            false
+        }
+    };
+    let answer = serve(state, method, uri, headers, body);
+    let mut s = state.lock().unwrap();
+    if let Some(code) = answer.1 {
+        *s.codes.entry(code).or_default() += 1;
+    }
+    if lose {
+        return empty(StatusCode::GATEWAY_TIMEOUT);
+    }
+    answer.0
+}
+
+/// What a cancel waits for before it is served.
+enum Wait {
+    /// The subscription's first cancel: it commits after this long.
+    Commit(std::time::Duration),
+    /// A cancel that finds the row held: it is served just after the first one commits.
+    Row(std::time::Duration),
+}
+
+fn cancel_wait(state: &Arc<Mutex<Fake>>, method: &Method, uri: &Uri) -> Option<Wait> {
+    let mut s = state.lock().unwrap();
+    let hold = s.cancel_hold?;
+    let id = uri.path().strip_prefix("/1.0/kb/subscriptions/").filter(|_| method == Method::DELETE)?;
+    let now = std::time::Instant::now();
+    match s.cancel_locks.get(id) {
+        // Served just after the first cancel commits.
+        Some(commit) if *commit > now => Some(Wait::Row(*commit - now + std::time::Duration::from_millis(5))),
+        Some(_) => None,
+        None => {
+            s.cancel_locks.insert(id.to_owned(), now + hold);
+            Some(Wait::Commit(hold))
+        }
+    }
+}
+
+/// Serves one request; returns the answer and the KillBill error code it carries.
+fn serve(
+    state: &Arc<Mutex<Fake>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (Response, Option<i64>) {
+    let response = serve_inner(state, method, uri, headers, body);
+    let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
+    (response, code)
+}
+
+/// A response's KillBill error code, for [`FakeKillBill::answered_code`].
+#[derive(Clone, Copy)]
+struct ErrorCode(i64);
+
+fn serve_inner(state: &Arc<Mutex<Fake>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let mut s = state.lock().unwrap();
     s.requests += 1;
     if let Some(status) = s.fail_next.pop_front() {
@@ -757,7 +928,7 @@ fn route(
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned)
                 .unwrap_or_else(|| format!("generated-{}", s.next_id));
-            if s.tracked.contains(&(sub_id.clone(), tracking.clone())) {
+            if s.tracking.contains(&(sub_id.clone(), tracking.clone())) {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "org.killbill.billing.usage.api.UsageApiException",
@@ -770,7 +941,7 @@ fn route(
                     return empty(StatusCode::BAD_REQUEST);
                 }
             }
-            s.tracked.insert((sub_id.clone(), tracking.clone()));
+            s.tracking.insert((sub_id.clone(), tracking.clone()));
             for (unit, date, amount) in rows {
                 s.usage.push(Usage {
                     subscription_id: sub_id.clone(),

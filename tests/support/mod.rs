@@ -93,14 +93,30 @@ pub fn upstream_corpus() -> Option<PathBuf> {
     None
 }
 
+/// The test suite's own switches. They share the service's `CONCERTIM_BILLING_` prefix, under
+/// which the service reads every variable as a setting and refuses unknown ones, so they are
+/// never passed on to the binary.
+pub const TEST_SWITCHES: [&str; 4] = [
+    "CONCERTIM_BILLING_FAULTS_BROKER_RESTART",
+    "CONCERTIM_BILLING_FAULTS_SEED",
+    "CONCERTIM_BILLING_SOAK",
+    "CONCERTIM_BILLING_FUZZ_CASES",
+];
+
+/// The `concertim-billing` binary without the caller's `CONCERTIM_BILLING_CONFIG` or the
+/// suite's switches in its environment.
+pub fn binary() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_concertim-billing"));
+    command.env_remove("CONCERTIM_BILLING_CONFIG");
+    for switch in TEST_SWITCHES {
+        command.env_remove(switch);
+    }
+    command
+}
+
 /// Runs the `concertim-billing` binary with `args` in the project root.
 pub fn run_cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_concertim-billing"))
-        .args(args)
-        .current_dir(root())
-        .env_remove("CONCERTIM_BILLING_CONFIG")
-        .output()
-        .expect("the binary runs")
+    binary().args(args).current_dir(root()).output().expect("the binary runs")
 }
 
 /// A path as a `&str` argument.

@@ -1,0 +1,166 @@
+//! The fault-injection suite: the service under proxy cuts, a broker restart, SIGKILLs, KillBill
+//! outages and lost answers, Concertim down, floods of invalid messages and hostile input, each
+//! scenario ending with the fake KillBill's totals compared exactly with the totals computed
+//! from what was published. Each scenario prints its row of `RELIABILITY.md` on stderr
+//! (`cargo test --test faults -- --nocapture`).
+//!
+//! `CONCERTIM_BILLING_SOAK=1` runs the long variants; `CONCERTIM_BILLING_FAULTS_BROKER_RESTART=1`
+//! lets the proxy scenario restart the broker (`rabbitmqctl stop_app`/`start_app`), which
+//! every other user of the broker notices; `CONCERTIM_BILLING_FUZZ_CASES` sets the decoder fuzz
+//! run's length.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod bus;
+mod fuzz;
+mod hostile;
+mod kill;
+mod traffic;
+
+use std::time::{Duration, Instant};
+
+use concertim_billing::{billing::ledger::Snapshot, bus::ack};
+use lapin::types::AMQPValue;
+
+use crate::{
+    support::{bus::TestBus, killbill::FakeKillBill},
+    traffic::Expected,
+};
+
+/// Scenarios that use the broker hold this for reading; the broker restart holds it for
+/// writing, so that nothing else in this target runs while the broker is away.
+pub static BROKER_LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Whether the long soak variants run.
+pub fn soak() -> bool {
+    std::env::var("CONCERTIM_BILLING_SOAK").is_ok_and(|v| v == "1")
+}
+
+/// One row of the reliability table.
+pub struct Row {
+    /// The scenario.
+    pub scenario: &'static str,
+    /// Messages published.
+    pub messages: usize,
+    /// The faults injected, in words.
+    pub faults: String,
+    /// Usage messages lost.
+    pub lost: usize,
+    /// Usage messages billed more than once.
+    pub duplicated: usize,
+    /// Messages in the dead-letter queue.
+    pub dead_lettered: usize,
+    /// From the end of the last fault until everything was billed and acknowledged.
+    pub recovered: Duration,
+}
+
+impl Row {
+    /// Prints the row as a line of the Markdown table in `RELIABILITY.md`.
+    pub fn print(&self) {
+        eprintln!(
+            "RELIABILITY | {} | {} | {} | {} | {} | {} | {:.1} s |",
+            self.scenario,
+            self.messages,
+            self.faults,
+            self.lost,
+            self.duplicated,
+            self.dead_lettered,
+            self.recovered.as_secs_f64()
+        );
+    }
+}
+
+/// A dead letter as the suite checks it.
+pub struct DeadLetter {
+    /// The body, byte for byte.
+    pub body: Vec<u8>,
+    /// `x-concertim-class`.
+    pub class: String,
+    /// `x-concertim-reason`.
+    pub reason: String,
+}
+
+fn text_header(properties: &lapin::BasicProperties, name: &str) -> String {
+    match ack::header(properties, name) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Takes every dead letter off the test's dead-letter queue.
+pub async fn dead_letters(bus: &TestBus) -> Vec<DeadLetter> {
+    bus.drain(&bus.names().dead_queue)
+        .await
+        .into_iter()
+        .map(|m| DeadLetter {
+            class: text_header(&m.delivery.properties, ack::CLASS),
+            reason: text_header(&m.delivery.properties, ack::REASON),
+            body: m.delivery.data,
+        })
+        .collect()
+}
+
+/// Waits until KillBill holds every expected usage row, the main and retry queues are empty and
+/// the dead-letter queue holds `dead` messages, then until KillBill's snapshot equals the
+/// expected one; returns how long that took. On timeout it returns too: the caller's exact
+/// comparison then says what differs.
+pub async fn settle(bus: &TestBus, fake: &FakeKillBill, expected: &Expected, dead: u32, limit: Duration) -> Duration {
+    let start = Instant::now();
+    let want = expected.snapshot();
+    let names = bus.names();
+    while start.elapsed() < limit {
+        let cheap = fake.usage_rows() >= expected.usage_messages() * 2
+            && bus.depth(&names.queue).await == 0
+            && bus.depth(&names.retry_queue).await == 0
+            && bus.depth(&names.dead_queue).await >= dead;
+        if cheap && fake.snapshot() == want {
+            return start.elapsed();
+        }
+        // Polling observable state (KillBill's rows, queue depths); nothing to await instead.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    start.elapsed()
+}
+
+/// Asserts KillBill holds exactly what was published, and returns (lost, duplicated) usage
+/// messages, which are then 0.
+pub fn assert_exact(scenario: &str, fake: &FakeKillBill, expected: &Expected) -> (usize, usize) {
+    let (lost, duplicated) = expected.lost_and_duplicated(&fake.usage_records());
+    eprintln!("{scenario}: {lost} usage messages lost, {duplicated} billed twice");
+    let got: Snapshot = fake.snapshot();
+    let want = expected.snapshot();
+    assert_same(scenario, &got, &want);
+    assert_eq!((lost, duplicated), (0, 0), "{scenario}: lost, duplicated");
+    assert!(fake.violations().is_empty(), "{scenario}: bodies the OpenAPI spec rejects: {:?}", fake.violations());
+    (lost, duplicated)
+}
+
+/// Rows only one side has, at most a few of each, in words.
+fn differences<T: std::fmt::Debug>(got: &[T], want: &[T]) -> Option<String> {
+    let got: std::collections::BTreeSet<String> = got.iter().map(|r| format!("{r:?}")).collect();
+    let want: std::collections::BTreeSet<String> = want.iter().map(|r| format!("{r:?}")).collect();
+    if got == want {
+        return None;
+    }
+    let extra: Vec<&String> = got.difference(&want).take(5).collect();
+    let missing: Vec<&String> = want.difference(&got).take(5).collect();
+    Some(format!(
+        "{} rows only in KillBill, {} only expected; e.g. only in KillBill: {extra:#?}; only expected: {missing:#?}",
+        got.difference(&want).count(),
+        want.difference(&got).count()
+    ))
+}
+
+/// Fails with the differing rows when two snapshots differ in accounts, subscriptions or usage.
+pub fn assert_same(scenario: &str, got: &Snapshot, want: &Snapshot) {
+    let problems: Vec<String> = [
+        differences(&got.accounts, &want.accounts).map(|d| format!("accounts: {d}")),
+        differences(&got.subscriptions, &want.subscriptions).map(|d| format!("subscriptions: {d}")),
+        differences(&got.usage, &want.usage).map(|d| format!("usage: {d}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    assert!(problems.is_empty(), "{scenario}: KillBill differs from what was published:\n{}", problems.join("\n"));
+}
