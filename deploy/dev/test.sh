@@ -4,7 +4,13 @@
 # Integration tests talk to a real RabbitMQ at 127.0.0.1:5672 (guest/guest). When none answers,
 # this script starts one, installing Debian's rabbitmq-server first when it is missing (as root,
 # or through sudo), and enables the consistent-hash exchange plugin the sharding tests use.
-# Extra arguments go to `cargo test`.
+#
+# The KillBill tests run against a real KillBill (deploy/dev/killbill.sh: KillBill's war from
+# Maven Central on Jetty, with a private PostgreSQL from Debian, on 127.0.0.1). When none
+# answers, this script starts one (installing and fetching what is missing) and stops it by its
+# PID when the tests are done; one that was already running is left running. Set
+# CONCERTIM_BILLING_KILLBILL=fake to run them against the in-process fake instead (fast, no
+# Java). Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -53,6 +59,18 @@ enable_shard_plugin() {
 
 broker_answers || start_broker
 enable_shard_plugin
+
+# The real KillBill, unless the fake was asked for. Started here, it is stopped on exit (the
+# JVM only: the PostgreSQL cluster keeps its data for the next run, and postgres.sh stop ends it).
+if [ "${CONCERTIM_BILLING_KILLBILL:-real}" != fake ]; then
+    if ! deploy/dev/killbill.sh status >/dev/null 2>&1; then
+        deploy/dev/killbill.sh start
+        trap 'deploy/dev/killbill.sh stop || true' EXIT
+    fi
+    CONCERTIM_BILLING_KILLBILL_URL="$(deploy/dev/killbill.sh url)"
+    export CONCERTIM_BILLING_KILLBILL_URL
+    echo "test.sh: KillBill tests run against the real server at $CONCERTIM_BILLING_KILLBILL_URL" >&2
+fi
 
 # The fault-injection suite (tests/faults) may restart the broker once (rabbitmqctl stop_app /
 # start_app): cargo runs the test targets one after another, and that target holds its other
