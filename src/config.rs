@@ -300,6 +300,23 @@ pub struct KillBillSettings {
     /// Idle connections kept per host.
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle: usize,
+    /// The server's release line, which decides how dates and amounts are written.
+    #[serde(default)]
+    pub server_version: KillBillVersion,
+}
+
+/// The KillBill release lines this client speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum KillBillVersion {
+    /// 0.24: subscription and usage dates are date-times, usage amounts decimals.
+    #[default]
+    #[serde(rename = "0.24")]
+    V0_24,
+    /// 0.22: subscription and usage dates are days (`yyyy-MM-dd`, refused otherwise) and usage
+    /// amounts whole numbers (a fraction is silently truncated by the server, so this client
+    /// refuses to send one).
+    #[serde(rename = "0.22")]
+    V0_22,
 }
 
 fn default_created_by() -> String {

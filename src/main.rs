@@ -431,6 +431,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => concertim_billing::billing::killbill::CATALOG_XML.to_owned(),
             };
+            // Usage in a unit the catalog lacks is accepted by KillBill and never invoiced; a plan it
+            // lacks refuses every subscription. Both are refused here, before anything is sent.
+            let units = settings.billing.meters.values().map(|m| m.unit.as_str());
+            let plans = std::iter::once(settings.billing.default_plan.as_str())
+                .chain(settings.billing.plans.values().map(|p| p.as_str()));
+            let gaps = concertim_billing::billing::killbill::catalog_gaps(&xml, units, plans);
+            if !gaps.is_empty() {
+                anyhow::bail!(
+                    "the catalog{} does not declare {}, which the configuration bills: add them to the catalog \
+                     (and bump its effectiveDate) or change [billing.meters]/[billing.plans]",
+                    catalog.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default(),
+                    gaps.join(", ")
+                );
+            }
             let created_by = kb.created_by.clone();
             let url = kb.url.clone();
             let done = runtime()?.block_on(async { KillBill::new(kb)?.bootstrap(&xml, &created_by).await })?;

@@ -1,11 +1,19 @@
-//! The KillBill backend (KillBill 0.24 REST API, as `reference/billing-apis.md` §1 describes the
-//! server's real behaviour).
+//! The KillBill backend (the KillBill 0.22/0.24 REST API, as the real server answers it; the
+//! test suite runs against a real server).
 //!
 //! Objects are found by key, never by scanning: accounts by `externalKey` = project id,
 //! subscriptions by `externalKey` = instance uuid. "Already exists" answers are success:
 //! 409/3000 for an account, 400/9000 for a custom field, 400/50000 for a usage trackingId,
-//! 500/1031 for a second cancel. Connect errors, timeouts, 5xx and 429 are transient; other
-//! 4xx are permanent, with the status and body kept for the dead-letter reason.
+//! 500/1031 for a second cancel, 400/1014 or 1015 for a second subscription create (found
+//! again by key). Connect errors, timeouts, 5xx and 429 are transient; other 4xx are
+//! permanent, with the status and body kept for the dead-letter reason.
+//!
+//! Dates the server refuses are never sent: a cancellation or plan change is dated no earlier
+//! than the subscription's last transition (its start, or an earlier plan change), and a usage
+//! record no earlier than the subscription's start (KillBill stores earlier records but never
+//! invoices them). A deleted project's account is not closed in KillBill (closing switches
+//! invoicing off, and the last partial period would never be invoiced): its subscriptions are
+//! cancelled and the account carries `openstack_closed_at`.
 
 use std::time::Duration;
 
@@ -16,8 +24,8 @@ use rust_decimal::Decimal;
 
 use super::{AccountFigures, Applied, Billing, BillingError, Context};
 use crate::{
-    config::KillBillSettings,
-    event::{InstanceId, PlanName, ProjectId, Timestamp},
+    config::{KillBillSettings, KillBillVersion},
+    event::{InstanceId, PlanName, ProjectId, Timestamp, Unit},
     plan::{SubscriptionSpec, UsageSpec},
 };
 
@@ -51,6 +59,11 @@ const ACCOUNT_ALREADY_EXISTS: i64 = 3000;
 const ACCOUNT_NOT_FOUND_BY_KEY: i64 = 3003;
 const SUBSCRIPTION_NOT_FOUND_BY_KEY: i64 = 1083;
 const CANCEL_BAD_STATE: i64 = 1031;
+const CHANGE_NON_ACTIVE: i64 = 1021;
+const INVALID_REQUESTED_DATE: i64 = 1001;
+const BUNDLE_KEY_EXISTS: i64 = 1014;
+const BUNDLE_HAS_BASE: i64 = 1015;
+const CATALOG_INVALID_FOR_TENANT: i64 = 2080;
 const CUSTOM_FIELD_ALREADY_EXISTS: i64 = 9000;
 const TRACKING_ID_ALREADY_EXISTS: i64 = 50000;
 const TENANT_ALREADY_EXISTS: i64 = 20000;
@@ -69,7 +82,19 @@ pub struct KillBill {
 #[derive(Debug, Default)]
 struct Known {
     accounts: std::collections::HashMap<ProjectId, String>,
-    subscriptions: std::collections::HashMap<InstanceId, String>,
+    subscriptions: std::collections::HashMap<InstanceId, KnownSubscription>,
+}
+
+/// A subscription seen to exist, with its start and end as last seen: usage dated before the
+/// start is moved to it, where KillBill invoices it, and usage after the end is late (KillBill
+/// 0.22 compares days, so it would bill the rest of the end's day).
+#[derive(Debug, Clone)]
+struct KnownSubscription {
+    id: String,
+    start: Option<Timestamp>,
+    // FIXME(billing): an end set by another replica after this one remembered the
+    // subscription is not seen here; on KillBill 0.22 usage later that same day is then billed.
+    end: Option<Timestamp>,
 }
 
 /// Beyond this many remembered ids the memory is cleared and refilled on demand.
@@ -83,6 +108,24 @@ struct Answer {
 }
 
 impl Answer {
+    /// The usage call's answer to a record dated after the subscription's end: the resource
+    /// returns a bare 400, which 0.24 sends with an empty body and 0.22 (through Jetty) with the
+    /// container's `{"message":"Bad Request","url":…,"status":"400"}`: never KillBill's own error
+    /// JSON, which names a `className`.
+    fn after_end(&self) -> bool {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct ContainerError {
+            message: String,
+            #[serde(default)]
+            class_name: Option<String>,
+        }
+        let body = self.body.trim();
+        body.is_empty()
+            || serde_json::from_str::<ContainerError>(body)
+                .is_ok_and(|e| e.class_name.is_none() && e.message == "Bad Request")
+    }
+
     /// The KillBill error code of a JSON error body, when there is one.
     fn code(&self) -> Option<i64> {
         #[derive(Deserialize)]
@@ -139,9 +182,52 @@ struct PlanChange<'a> {
 struct SubscriptionJson {
     subscription_id: String,
     #[serde(default)]
+    account_id: Option<String>,
+    #[serde(default)]
     plan_name: Option<String>,
     #[serde(default)]
     state: Option<String>,
+    #[serde(default)]
+    start_date: Option<String>,
+    #[serde(default)]
+    billing_start_date: Option<String>,
+    #[serde(default)]
+    cancelled_date: Option<String>,
+    #[serde(default)]
+    billing_end_date: Option<String>,
+    #[serde(default)]
+    events: Vec<SubscriptionEventJson>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SubscriptionEventJson {
+    #[serde(default)]
+    effective_date: Option<String>,
+    #[serde(default)]
+    event_type: Option<String>,
+}
+
+impl SubscriptionJson {
+    /// When the subscription starts (entitlement or billing, whichever KillBill says is later).
+    fn start(&self) -> Option<Timestamp> {
+        [&self.start_date, &self.billing_start_date].into_iter().filter_map(|t| t.as_deref().and_then(kb_parse)).max()
+    }
+
+    /// When billing ends, if the subscription is cancelled (now or in the future).
+    fn end(&self) -> Option<Timestamp> {
+        [&self.billing_end_date, &self.cancelled_date].into_iter().filter_map(|t| t.as_deref().and_then(kb_parse)).min()
+    }
+
+    /// The earliest date KillBill accepts for a cancellation or a plan change: the previous
+    /// transition (`DefaultSubscriptionBaseApiService.validateEffectiveDate`), i.e. the start or
+    /// a later plan change.
+    fn floor(&self) -> Option<Timestamp> {
+        let changes = self.events.iter().filter(|e| {
+            matches!(e.event_type.as_deref(), Some("START_ENTITLEMENT" | "START_BILLING" | "CHANGE" | "PHASE"))
+        });
+        changes.filter_map(|e| e.effective_date.as_deref().and_then(kb_parse)).chain(self.start()).max()
+    }
 }
 
 #[derive(Deserialize)]
@@ -169,7 +255,56 @@ struct UnitRecords<'a> {
 #[serde(rename_all = "camelCase")]
 struct Record {
     record_date: String,
-    amount: f64,
+    amount: ExactAmount,
+}
+
+/// A decimal written as the JSON number it is, digit for digit (KillBill reads it into a
+/// `BigDecimal`; going through `f64` would change amounts like 0.1).
+struct ExactAmount(Decimal);
+
+impl Serialize for ExactAmount {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // `Decimal`'s text never has an exponent, so it is a valid JSON number.
+        let raw = serde_json::value::RawValue::from_string(self.0.normalize().to_string())
+            .map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
+    }
+}
+
+/// One usage call's body: the records grouped by unit, in their order.
+fn usage_body<'a>(
+    subscription_id: &'a str,
+    tracking_id: &'a str,
+    records: &'a [(Unit, Timestamp, Decimal)],
+    version: KillBillVersion,
+) -> UsageBody<'a> {
+    let mut units: Vec<UnitRecords<'a>> = Vec::new();
+    for (unit, date, amount) in records {
+        let record_date = match version {
+            KillBillVersion::V0_24 => kb_time(*date),
+            KillBillVersion::V0_22 => kb_day(*date),
+        };
+        let entry = Record { record_date, amount: ExactAmount(*amount) };
+        match units.iter_mut().find(|u| u.unit_type == unit.as_str()) {
+            Some(existing) => existing.usage_records.push(entry),
+            None => units.push(UnitRecords { unit_type: unit.as_str(), usage_records: vec![entry] }),
+        }
+    }
+    UsageBody { subscription_id, tracking_id, unit_usage_records: units }
+}
+
+/// A date KillBill wrote: a DateTime, or (0.22's subscription dates) a `LocalDate`, which is
+/// the start of that day in the account's time zone (UTC for the accounts made here).
+fn kb_parse(text: &str) -> Option<Timestamp> {
+    Timestamp::parse(text)
+        .ok()
+        .or_else(|| (text.len() == 10).then(|| Timestamp::parse(&format!("{text}T00:00:00Z")).ok()).flatten())
+}
+
+/// The UTC day of a time, as KillBill's `LocalDate`s are written.
+fn kb_day(t: Timestamp) -> String {
+    let t = t.as_offset();
+    format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day())
 }
 
 /// KillBill writes DateTimes as ISO-8601 UTC with milliseconds; it reads the same.
@@ -200,6 +335,24 @@ impl KillBill {
             .build()
             .map_err(|source| BillingError::Http { what: "building the HTTP client".into(), source })?;
         Ok(Self { http, settings, known: std::sync::Mutex::new(Known::default()) })
+    }
+
+    /// A subscription or usage date as this server reads it: a date-time (0.24) or the UTC day
+    /// (0.22, which refuses date-times).
+    fn date(&self, t: Timestamp) -> String {
+        match self.settings.server_version {
+            KillBillVersion::V0_24 => kb_time(t),
+            KillBillVersion::V0_22 => kb_day(t),
+        }
+    }
+
+    /// Whether a record dated `date` is within a subscription that ends at `end`, as the server
+    /// compares them (0.22 compares days).
+    fn within(&self, date: Timestamp, end: Timestamp) -> bool {
+        match self.settings.server_version {
+            KillBillVersion::V0_24 => date <= end,
+            KillBillVersion::V0_22 => kb_day(date) <= kb_day(end),
+        }
     }
 
     fn request(&self, method: Method, path: &str, ctx: Option<Context<'_>>) -> RequestBuilder {
@@ -281,45 +434,27 @@ impl KillBill {
                 .basic_auth(&self.settings.username, Some(self.settings.password.expose()))
                 .header("X-Killbill-CreatedBy", created_by)
         };
-        // Tenant calls take basic auth only: the tenant headers do not exist yet.
-        let what = "find the tenant";
-        let answer = self
-            .send(
-                what,
-                auth(self.http.get(format!("{base}/1.0/kb/tenants")))
-                    .query(&[("apiKey", self.settings.api_key.as_str())]),
-            )
-            .await?;
+        // Tenant calls take basic auth only: the tenant headers do not exist yet. The tenant is
+        // created outright, 409/20000 meaning it exists: a look-up first would not do, since
+        // KillBill answers an unknown apiKey with a 500 (its tenant cache finds nothing).
+        let what = "create the tenant";
+        let body = NewTenant { api_key: &self.settings.api_key, api_secret: self.settings.api_secret.expose() };
+        let answer = self.send(what, auth(self.http.post(format!("{base}/1.0/kb/tenants"))).json(&body)).await?;
         let tenant_created = match answer.status {
-            StatusCode::OK => false,
-            StatusCode::NOT_FOUND => {
-                let what = "create the tenant";
-                let body = NewTenant { api_key: &self.settings.api_key, api_secret: self.settings.api_secret.expose() };
-                let answer =
-                    self.send(what, auth(self.http.post(format!("{base}/1.0/kb/tenants"))).json(&body)).await?;
-                match answer.status {
-                    StatusCode::CREATED => true,
-                    StatusCode::CONFLICT if answer.code() == Some(TENANT_ALREADY_EXISTS) => false,
-                    _ => return Err(Self::refused(what, &answer)),
-                }
-            }
+            StatusCode::CREATED => true,
+            StatusCode::CONFLICT if answer.code() == Some(TENANT_ALREADY_EXISTS) => false,
             _ => return Err(Self::refused(what, &answer)),
         };
-        let effective = catalog_xml
-            .split("<effectiveDate>")
-            .nth(1)
-            .and_then(|rest| rest.split("</effectiveDate>").next())
-            .ok_or_else(|| BillingError::Protocol {
-                what: "read the catalog".into(),
-                detail: "no <effectiveDate>".into(),
-            })?;
+        let effective = catalog_effective_dates(catalog_xml).into_iter().next().ok_or_else(|| {
+            BillingError::Protocol { what: "read the catalog".into(), detail: "no <effectiveDate>".into() }
+        })?;
         let what = "read the catalog";
         let answer = self
             .send(what, self.request(Method::GET, "/1.0/kb/catalog/xml", None).header("Accept", "text/xml"))
             .await?;
-        if answer.status == StatusCode::OK
-            && answer.body.contains(&format!("<effectiveDate>{effective}</effectiveDate>"))
-        {
+        // KillBill answers its own rendering of every version (JAXB, `…T00:00:00Z`), not the
+        // text that was uploaded: versions are compared as instants.
+        if answer.status == StatusCode::OK && catalog_effective_dates(&answer.body).contains(&effective) {
             return Ok(Bootstrapped { tenant_created, catalog_uploaded: false });
         }
         let what = "upload the catalog";
@@ -331,6 +466,21 @@ impl KillBill {
         let answer = self.send(what, request).await?;
         match answer.status {
             StatusCode::CREATED => Ok(Bootstrapped { tenant_created, catalog_uploaded: true }),
+            // 2080 is also KillBill's answer to a version whose effectiveDate exists (a concurrent
+            // bootstrap uploaded it meanwhile); its message does not say which, so look again.
+            StatusCode::BAD_REQUEST if answer.code() == Some(CATALOG_INVALID_FOR_TENANT) => {
+                let again = self
+                    .send(
+                        "read the catalog",
+                        self.request(Method::GET, "/1.0/kb/catalog/xml", None).header("Accept", "text/xml"),
+                    )
+                    .await?;
+                if again.status == StatusCode::OK && catalog_effective_dates(&again.body).contains(&effective) {
+                    Ok(Bootstrapped { tenant_created, catalog_uploaded: false })
+                } else {
+                    Err(Self::refused(what, &answer))
+                }
+            }
             _ => Err(Self::refused(what, &answer)),
         }
     }
@@ -347,22 +497,31 @@ impl KillBill {
         known.accounts.insert(project.clone(), id.to_owned());
     }
 
-    fn remember_subscription(&self, instance: &InstanceId, id: &str) {
+    fn remember_subscription(&self, instance: &InstanceId, found: &SubscriptionJson) {
         let mut known = self.known();
         if known.subscriptions.len() >= KNOWN_MAX {
             known.subscriptions.clear();
         }
-        known.subscriptions.insert(instance.clone(), id.to_owned());
+        let entry = KnownSubscription { id: found.subscription_id.clone(), start: found.start(), end: found.end() };
+        known.subscriptions.insert(instance.clone(), entry);
     }
 
-    /// The subscription's id: remembered, or looked up by key.
-    async fn subscription_id(&self, instance: &InstanceId) -> Result<String, BillingError> {
-        if let Some(id) = self.known().subscriptions.get(instance) {
-            return Ok(id.clone());
+    /// Records an end this client set, on the subscription it remembers.
+    fn remember_end(&self, subscription_id: &str, at: Timestamp) {
+        let mut known = self.known();
+        if let Some(entry) = known.subscriptions.values_mut().find(|k| k.id == subscription_id) {
+            entry.end = Some(entry.end.map_or(at, |end| end.min(at)));
         }
-        let id = self.existing_subscription(instance).await?.subscription_id;
-        self.remember_subscription(instance, &id);
-        Ok(id)
+    }
+
+    /// The subscription's id and start: remembered, or looked up by key.
+    async fn known_subscription(&self, instance: &InstanceId) -> Result<KnownSubscription, BillingError> {
+        if let Some(known) = self.known().subscriptions.get(instance) {
+            return Ok(known.clone());
+        }
+        let found = self.existing_subscription(instance).await?;
+        self.remember_subscription(instance, &found);
+        Ok(KnownSubscription { id: found.subscription_id.clone(), start: found.start(), end: found.end() })
     }
 
     async fn account_id(&self, project: &ProjectId) -> Result<Option<String>, BillingError> {
@@ -402,11 +561,22 @@ impl KillBill {
         }
     }
 
+    async fn subscription_by_id(&self, id: &str) -> Result<SubscriptionJson, BillingError> {
+        let what = format!("read subscription {id}");
+        let answer = self.send(&what, self.request(Method::GET, &format!("/1.0/kb/subscriptions/{id}"), None)).await?;
+        match answer.status {
+            StatusCode::OK => Self::parse(&what, &answer),
+            _ => Err(Self::refused(&what, &answer)),
+        }
+    }
+
     async fn existing_subscription(&self, instance: &InstanceId) -> Result<SubscriptionJson, BillingError> {
         self.subscription(instance).await?.ok_or_else(|| BillingError::NoSubscription(instance.clone()))
     }
 
-    /// Adds custom fields; an identical field already there (400/9000) is success.
+    /// Adds custom fields; an identical field already there (400/9000) is success. KillBill
+    /// refuses the whole batch when one of its fields exists, so batches of more than one go
+    /// through [`KillBill::ensure_fields`].
     async fn add_fields(
         &self,
         object: &str,
@@ -430,6 +600,28 @@ impl KillBill {
             StatusCode::BAD_REQUEST if answer.code() == Some(CUSTOM_FIELD_ALREADY_EXISTS) => Ok(()),
             _ => Err(Self::refused(&what, &answer)),
         }
+    }
+
+    /// Adds the fields the object lacks (by name); true when it added any. A retry after a
+    /// failure between a create and its fields finishes the job this way.
+    async fn ensure_fields(
+        &self,
+        object: &str,
+        id: &str,
+        wanted: &[(&str, &str)],
+        ctx: Context<'_>,
+    ) -> Result<bool, BillingError> {
+        let present = self.fields(object, id).await?;
+        let missing: Vec<(&str, &str)> = wanted
+            .iter()
+            .filter(|(name, value)| !value.is_empty() && !present.iter().any(|f| f.name == *name))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return Ok(false);
+        }
+        self.add_fields(object, id, &missing, ctx).await?;
+        Ok(true)
     }
 
     async fn fields(&self, object: &str, id: &str) -> Result<Vec<CustomFieldJson>, BillingError> {
@@ -470,21 +662,86 @@ impl KillBill {
         Ok((id, applied))
     }
 
-    async fn cancel(&self, subscription_id: &str, at: Timestamp, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        let what = format!("cancel subscription {subscription_id}");
-        let path = format!("/1.0/kb/subscriptions/{subscription_id}");
+    /// Cancels at `at`, or at the subscription's last transition when `at` is earlier (KillBill
+    /// refuses earlier dates with 400/1001: a delete dated before its launch by clock skew, a
+    /// project deleted before an instance's resize). A cancel that finds the subscription
+    /// cancelled (500/1031) is success.
+    async fn cancel(
+        &self,
+        subscription: &SubscriptionJson,
+        at: Timestamp,
+        ctx: Context<'_>,
+    ) -> Result<Applied, BillingError> {
+        let id = &subscription.subscription_id;
+        let at = subscription.floor().map_or(at, |floor| at.max(floor));
+        let answer = self.send_cancel(id, at, ctx).await?;
+        match answer.status {
+            StatusCode::NO_CONTENT => {
+                self.remember_end(id, at);
+                Ok(Applied::Done)
+            }
+            StatusCode::INTERNAL_SERVER_ERROR if answer.code() == Some(CANCEL_BAD_STATE) => Ok(Applied::AlreadyDone),
+            // A transition we did not know of (a plan change made meanwhile): read it, once.
+            StatusCode::BAD_REQUEST if answer.code() == Some(INVALID_REQUESTED_DATE) => {
+                let fresh = self.subscription_by_id(id).await?;
+                let later = fresh.floor().map_or(at, |floor| at.max(floor));
+                let answer = self.send_cancel(id, later, ctx).await?;
+                match answer.status {
+                    StatusCode::NO_CONTENT => {
+                        self.remember_end(id, later);
+                        Ok(Applied::Done)
+                    }
+                    StatusCode::INTERNAL_SERVER_ERROR if answer.code() == Some(CANCEL_BAD_STATE) => {
+                        Ok(Applied::AlreadyDone)
+                    }
+                    _ => Err(Self::refused(&format!("cancel subscription {id}"), &answer)),
+                }
+            }
+            _ => Err(Self::refused(&format!("cancel subscription {id}"), &answer)),
+        }
+    }
+
+    async fn send_cancel(&self, id: &str, at: Timestamp, ctx: Context<'_>) -> Result<Answer, BillingError> {
+        let what = format!("cancel subscription {id}");
+        let path = format!("/1.0/kb/subscriptions/{id}");
         // A requested date with no policies: the date drives the entitlement, and
         // useRequestedDateForBilling makes billing stop then too (§1.8: policies would make
         // KillBill ignore the date and cancel now).
         let request = self
             .request(Method::DELETE, &path, Some(ctx))
-            .query(&[("requestedDate", kb_time(at).as_str()), ("useRequestedDateForBilling", "true")]);
-        let answer = self.send(&what, request).await?;
-        match answer.status {
-            StatusCode::NO_CONTENT => Ok(Applied::Done),
-            StatusCode::INTERNAL_SERVER_ERROR if answer.code() == Some(CANCEL_BAD_STATE) => Ok(Applied::AlreadyDone),
-            _ => Err(Self::refused(&what, &answer)),
+            .query(&[("requestedDate", self.date(at).as_str()), ("useRequestedDateForBilling", "true")]);
+        self.send(&what, request).await
+    }
+
+    /// What a subscription found by key (a retry, a restart, a lost answer) may still lack: its
+    /// custom fields, and its cancellation when its project was deleted. True when anything
+    /// was missing.
+    async fn finish_subscription(
+        &self,
+        spec: &SubscriptionSpec,
+        subscription: &SubscriptionJson,
+        account_id: &str,
+        ctx: Context<'_>,
+    ) -> Result<bool, BillingError> {
+        let fields = [
+            (FIELD_PROJECT, spec.project.as_str()),
+            (FIELD_INSTANCE, spec.instance.as_str()),
+            (FIELD_FLAVOR, spec.flavor.as_deref().unwrap_or_default()),
+            (FIELD_DISPLAY_NAME, spec.display_name.as_deref().unwrap_or_default()),
+        ];
+        let mut changed = self.ensure_fields("subscriptions", &subscription.subscription_id, &fields, ctx).await?;
+        // A late message for a deleted project: the subscription ends when the project did.
+        if subscription.state.as_deref() != Some("CANCELLED") && subscription.end().is_none() {
+            if let Some(closed_at) = self.closed_at(account_id).await? {
+                changed |= self.cancel(subscription, closed_at, ctx).await? == Applied::Done;
+            }
         }
+        Ok(changed)
+    }
+
+    /// Posts one usage call; the answer decides.
+    async fn post_usage(&self, what: &str, body: &UsageBody<'_>, ctx: Context<'_>) -> Result<Answer, BillingError> {
+        self.send(what, self.request(Method::POST, "/1.0/kb/usages", Some(ctx)).json(body)).await
     }
 }
 
@@ -496,19 +753,24 @@ impl Billing for KillBill {
         Ok(self.create_account(project, ctx).await?.1)
     }
 
+    /// The account stays open: closing it in KillBill tags it AUTO_INVOICING_OFF, and the
+    /// usage between its last invoice and the deletion would never be invoiced. Its
+    /// subscriptions end at `at`, and `openstack_closed_at` records the deletion; the next
+    /// scheduled invoice bills the last partial period. Every step is checked again on a
+    /// retry, so a failure halfway is finished by the next attempt.
     async fn close_account(
         &self,
         project: &ProjectId,
         at: Timestamp,
         ctx: Context<'_>,
     ) -> Result<Applied, BillingError> {
-        let id = match self.account_id(project).await? {
-            Some(id) => id,
-            None => self.create_account(project, ctx).await?.0,
+        let (id, mut changed) = match self.account_id(project).await? {
+            Some(id) => (id, false),
+            None => (self.create_account(project, ctx).await?.0, true),
         };
-        if self.closed_at(&id).await?.is_some() {
-            return Ok(Applied::AlreadyDone);
-        }
+        let closed_at = self.closed_at(&id).await?;
+        // A second deletion message keeps the first deletion's time.
+        let at = closed_at.map_or(at, |first| first.min(at));
         let what = format!("list subscriptions of account {project}");
         let answer =
             self.send(&what, self.request(Method::GET, &format!("/1.0/kb/accounts/{id}/bundles"), None)).await?;
@@ -517,19 +779,15 @@ impl Billing for KillBill {
         }
         let bundles: Vec<BundleJson> = Self::parse(&what, &answer)?;
         for subscription in bundles.iter().flat_map(|b| &b.subscriptions) {
-            if subscription.state.as_deref() != Some("CANCELLED") {
-                self.cancel(&subscription.subscription_id, at, ctx).await?;
+            if subscription.state.as_deref() != Some("CANCELLED") && subscription.end().is_none() {
+                changed |= self.cancel(subscription, at, ctx).await? == Applied::Done;
             }
         }
-        // Recorded before closing, so a retry after a crash between the two still closes.
-        self.add_fields("accounts", &id, &[(FIELD_CLOSED_AT, &kb_time(at))], ctx).await?;
-        let what = format!("close account {project}");
-        let answer =
-            self.send(&what, self.request(Method::DELETE, &format!("/1.0/kb/accounts/{id}"), Some(ctx))).await?;
-        match answer.status {
-            StatusCode::NO_CONTENT => Ok(Applied::Done),
-            _ => Err(Self::refused(&what, &answer)),
+        if closed_at.is_none() {
+            self.add_fields("accounts", &id, &[(FIELD_CLOSED_AT, &kb_time(at))], ctx).await?;
+            changed = true;
         }
+        Ok(if changed { Applied::Done } else { Applied::AlreadyDone })
     }
 
     async fn ensure_subscription(&self, spec: &SubscriptionSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
@@ -537,8 +795,10 @@ impl Billing for KillBill {
             return Ok(Applied::AlreadyDone);
         }
         if let Some(existing) = self.subscription(&spec.instance).await? {
-            self.remember_subscription(&spec.instance, &existing.subscription_id);
-            return Ok(Applied::AlreadyDone);
+            let account_id = existing.account_id.clone().unwrap_or_default();
+            let changed = self.finish_subscription(spec, &existing, &account_id, ctx).await?;
+            self.remember_subscription(&spec.instance, &existing);
+            return Ok(if changed { Applied::Done } else { Applied::AlreadyDone });
         }
         let account_id = match self.account_id(&spec.project).await? {
             Some(id) => id,
@@ -551,29 +811,31 @@ impl Billing for KillBill {
             bundle_external_key: spec.instance.as_str(),
             plan_name: spec.plan.as_str(),
         };
-        let start = kb_time(spec.start);
+        let start = self.date(spec.start);
         let request = self
             .request(Method::POST, "/1.0/kb/subscriptions", Some(ctx))
             .query(&[("entitlementDate", start.as_str()), ("billingDate", start.as_str())])
             .json(&body);
         let answer = self.send(&what, request).await?;
-        if answer.status != StatusCode::CREATED {
-            return Err(Self::refused(&what, &answer));
-        }
-        let id = Self::created_id(&what, &answer)?;
-        let fields = [
-            (FIELD_PROJECT, spec.project.as_str()),
-            (FIELD_INSTANCE, spec.instance.as_str()),
-            (FIELD_FLAVOR, spec.flavor.as_deref().unwrap_or_default()),
-            (FIELD_DISPLAY_NAME, spec.display_name.as_deref().unwrap_or_default()),
-        ];
-        self.add_fields("subscriptions", &id, &fields, ctx).await?;
-        // A late message for a deleted project: the subscription ends when the project did.
-        if let Some(closed_at) = self.closed_at(&account_id).await? {
-            self.cancel(&id, closed_at.max(spec.start), ctx).await?;
-        }
+        let created = match answer.status {
+            StatusCode::CREATED => {
+                let id = Self::created_id(&what, &answer)?;
+                self.subscription_by_id(&id).await?
+            }
+            // The bundle exists: an earlier attempt created it (its answer lost, or still
+            // committing when the retry looked). Found again by key, it is finished below.
+            StatusCode::BAD_REQUEST if matches!(answer.code(), Some(BUNDLE_KEY_EXISTS | BUNDLE_HAS_BASE)) => {
+                self.existing_subscription(&spec.instance).await?
+            }
+            s if s.is_server_error() => match self.subscription(&spec.instance).await? {
+                Some(found) => found,
+                None => return Err(Self::refused(&what, &answer)),
+            },
+            _ => return Err(Self::refused(&what, &answer)),
+        };
+        self.finish_subscription(spec, &created, &account_id, ctx).await?;
         // Remembered only now: a retry after a failure above must run those steps again.
-        self.remember_subscription(&spec.instance, &id);
+        self.remember_subscription(&spec.instance, &created);
         Ok(Applied::Done)
     }
 
@@ -592,13 +854,18 @@ impl Billing for KillBill {
         }
         let what = format!("change plan of {instance} to {plan}");
         let path = format!("/1.0/kb/subscriptions/{}", subscription.subscription_id);
+        // The date alone: KillBill refuses a date together with a billing policy (400), and a
+        // policy alone would ignore the date. It may not precede the last transition.
+        let at = subscription.floor().map_or(effective, |floor| effective.max(floor));
         let request = self
             .request(Method::PUT, &path, Some(ctx))
-            .query(&[("requestedDate", kb_time(effective).as_str()), ("billingPolicy", "IMMEDIATE")])
+            .query(&[("requestedDate", self.date(at).as_str())])
             .json(&PlanChange { plan_name: plan.as_str() });
         let answer = self.send(&what, request).await?;
         match answer.status {
-            StatusCode::NO_CONTENT => Ok(Applied::Done),
+            StatusCode::NO_CONTENT | StatusCode::OK => Ok(Applied::Done),
+            // Cancelled meanwhile: a cancelled subscription keeps its plan.
+            StatusCode::INTERNAL_SERVER_ERROR if answer.code() == Some(CHANGE_NON_ACTIVE) => Ok(Applied::AlreadyDone),
             _ => Err(Self::refused(&what, &answer)),
         }
     }
@@ -613,31 +880,61 @@ impl Billing for KillBill {
         if subscription.state.as_deref() == Some("CANCELLED") {
             return Ok(Applied::AlreadyDone);
         }
-        self.cancel(&subscription.subscription_id, at, ctx).await
+        self.cancel(&subscription, at, ctx).await
     }
 
     async fn record_usage(&self, usage: &UsageSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        let subscription_id = self.subscription_id(&usage.instance).await?;
-        let mut units: Vec<UnitRecords<'_>> = Vec::new();
-        for record in &usage.records {
-            let entry = Record {
-                record_date: kb_time(record.date),
-                amount: rust_decimal::prelude::ToPrimitive::to_f64(&record.amount).unwrap_or_default(),
-            };
-            match units.iter_mut().find(|u| u.unit_type == record.unit.as_str()) {
-                Some(unit) => unit.usage_records.push(entry),
-                None => units.push(UnitRecords { unit_type: record.unit.as_str(), usage_records: vec![entry] }),
-            }
+        let subscription = self.known_subscription(&usage.instance).await?;
+        // KillBill stores a record dated before the subscription's start and never invoices
+        // it; dated at the start, it is invoiced. (Only samples taken before `launched_at`
+        // are moved, which the plan's start makes rare.)
+        let records: Vec<(Unit, Timestamp, Decimal)> = usage
+            .records
+            .iter()
+            .filter(|r| subscription.end.is_none_or(|end| r.date <= end))
+            .map(|r| (r.unit.clone(), subscription.start.map_or(r.date, |start| r.date.max(start)), r.amount))
+            .collect();
+        if records.is_empty() {
+            return Ok(Applied::Late);
         }
         let what = format!("record usage {} on {}", usage.tracking_id, usage.instance);
-        let body =
-            UsageBody { subscription_id: &subscription_id, tracking_id: &usage.tracking_id, unit_usage_records: units };
-        let answer = self.send(&what, self.request(Method::POST, "/1.0/kb/usages", Some(ctx)).json(&body)).await?;
+        if self.settings.server_version == KillBillVersion::V0_22 {
+            if let Some((unit, _, amount)) = records.iter().find(|(_, _, amount)| !amount.fract().is_zero()) {
+                return Err(BillingError::Protocol {
+                    what: what.clone(),
+                    detail: format!(
+                        "KillBill 0.22 stores usage amounts as whole numbers and would truncate {amount} {unit}: \
+                         bill this meter in a smaller unit (a factor that makes its amounts whole)"
+                    ),
+                });
+            }
+        }
+        let body = usage_body(&subscription.id, &usage.tracking_id, &records, self.settings.server_version);
+        let answer = self.post_usage(&what, &body, ctx).await?;
         match answer.status {
             s if s.is_success() => Ok(Applied::Done),
             StatusCode::BAD_REQUEST if answer.code() == Some(TRACKING_ID_ALREADY_EXISTS) => Ok(Applied::AlreadyDone),
-            // The only empty-bodied 400 of this call: records dated after the subscription's end.
-            StatusCode::BAD_REQUEST if answer.body.trim().is_empty() => Ok(Applied::Late),
+            // A record dated after the subscription's end refuses the whole call. The records up
+            // to the end are posted again alone, under the same trackingId (nothing of the
+            // refused call was stored).
+            StatusCode::BAD_REQUEST if answer.after_end() => {
+                let end = self.subscription_by_id(&subscription.id).await?.end();
+                let within: Vec<(Unit, Timestamp, Decimal)> =
+                    records.into_iter().filter(|(_, date, _)| end.is_some_and(|end| self.within(*date, end))).collect();
+                if within.is_empty() {
+                    return Ok(Applied::Late);
+                }
+                let body = usage_body(&subscription.id, &usage.tracking_id, &within, self.settings.server_version);
+                let answer = self.post_usage(&what, &body, ctx).await?;
+                match answer.status {
+                    s if s.is_success() => Ok(Applied::Done),
+                    StatusCode::BAD_REQUEST if answer.code() == Some(TRACKING_ID_ALREADY_EXISTS) => {
+                        Ok(Applied::AlreadyDone)
+                    }
+                    StatusCode::BAD_REQUEST if answer.after_end() => Ok(Applied::Late),
+                    _ => Err(Self::refused(&what, &answer)),
+                }
+            }
             _ => Err(Self::refused(&what, &answer)),
         }
     }
@@ -704,6 +1001,43 @@ impl Billing for KillBill {
     }
 }
 
+/// Every `<effectiveDate>` of a catalog document (uploaded form or KillBill's rendering of its
+/// versions), as instants.
+pub fn catalog_effective_dates(xml: &str) -> Vec<Timestamp> {
+    xml.split("<effectiveDate>")
+        .skip(1)
+        .filter_map(|rest| rest.split("</effectiveDate>").next())
+        .filter_map(|text| Timestamp::parse(text.trim()).ok())
+        .collect()
+}
+
+/// The units and plans named in `wanted` that the catalog does not declare: usage in an
+/// unknown unit, or a subscription on an unknown plan, is accepted by KillBill and then never
+/// invoiced (units) or refused (plans), so `bootstrap` refuses such a catalog.
+pub fn catalog_gaps<'a>(
+    xml: &str,
+    units: impl IntoIterator<Item = &'a str>,
+    plans: impl IntoIterator<Item = &'a str>,
+) -> Vec<String> {
+    let declared = |tag: &str, name: &str| {
+        xml.contains(&format!("<{tag} name=\"{name}\"/>"))
+            || xml.contains(&format!("<{tag} name=\"{name}\">"))
+            || xml.contains(&format!("<{tag} name=\"{name}\" "))
+    };
+    let mut gaps: Vec<String> = Vec::new();
+    for unit in units {
+        if !declared("unit", unit) && !gaps.iter().any(|g| g.ends_with(&format!(" {unit}"))) {
+            gaps.push(format!("unit {unit}"));
+        }
+    }
+    for plan in plans {
+        if !declared("plan", plan) && !gaps.iter().any(|g| g == &format!("plan {plan}")) {
+            gaps.push(format!("plan {plan}"));
+        }
+    }
+    gaps
+}
+
 /// The first and last day of `day`'s calendar month: the billing period Concertim shows (as the
 /// Python service computed it), and the dry run's target date.
 pub fn month_of(day: time::Date) -> (time::Date, time::Date) {
@@ -720,6 +1054,70 @@ mod tests {
     fn a_month_runs_from_its_first_to_its_last_day() {
         let (start, end) = month_of(time::macros::date!(2024 - 02 - 10));
         assert_eq!((start.to_string(), end.to_string()), ("2024-02-01".into(), "2024-02-29".into()));
+    }
+
+    #[test]
+    fn usage_amounts_go_out_as_the_exact_decimal_never_through_f64() {
+        let t = Timestamp::parse("2025-03-03T09:10:00Z").unwrap();
+        let unit = Unit::parse("openstack-billed-memory").unwrap();
+        // 0.1 + 0.2 in f64 is 0.30000000000000004; 1/3 to 9 places stays 9 places.
+        let records = vec![
+            (unit.clone(), t, "0.3".parse::<Decimal>().unwrap()),
+            (unit, t, "0.333333333".parse::<Decimal>().unwrap()),
+        ];
+        let json = serde_json::to_string(&usage_body("sub", "track", &records, KillBillVersion::V0_24)).unwrap();
+        assert!(json.contains(r#""amount":0.3}"#) && json.contains(r#""amount":0.333333333}"#), "{json}");
+    }
+
+    #[test]
+    fn a_catalogs_versions_are_compared_as_instants_whatever_their_spelling() {
+        let uploaded = "<catalog><effectiveDate>2025-01-01T00:00:00+00:00</effectiveDate></catalog>";
+        // KillBill's rendering of its versions (GET /1.0/kb/catalog/xml).
+        let served = "<catalogs><versions><version><effectiveDate>2024-06-01T00:00:00Z</effectiveDate></version>\
+                      <version><effectiveDate>2025-01-01T00:00:00Z</effectiveDate></version></versions></catalogs>";
+        let ours = catalog_effective_dates(uploaded)[0];
+        assert!(catalog_effective_dates(served).contains(&ours));
+        assert_eq!(catalog_effective_dates(served).len(), 2);
+    }
+
+    #[test]
+    fn the_bundled_catalog_lacks_nothing_the_default_config_bills_and_a_missing_unit_is_named() {
+        let settings = crate::config::Settings::embedded();
+        let units: Vec<&str> = settings.billing.meters.values().map(|m| m.unit.as_str()).collect();
+        let plans: Vec<&str> = std::iter::once(settings.billing.default_plan.as_str())
+            .chain(settings.billing.plans.values().map(PlanName::as_str))
+            .collect();
+        assert_eq!(catalog_gaps(CATALOG_XML, units.iter().copied(), plans.iter().copied()), Vec::<String>::new());
+        let gaps = catalog_gaps(CATALOG_XML, ["openstack-volume-gib-seconds"], ["openstack-nothing"]);
+        assert_eq!(gaps, vec!["unit openstack-volume-gib-seconds".to_owned(), "plan openstack-nothing".to_owned()]);
+    }
+
+    #[test]
+    fn a_cancellation_or_plan_change_is_never_dated_before_the_last_transition() {
+        let json = r#"{"subscriptionId":"s","startDate":"2025-03-03T09:00:41.000Z","billingStartDate":"2025-03-03T09:00:41.000Z",
+            "events":[{"eventType":"START_ENTITLEMENT","effectiveDate":"2025-03-03T09:00:41.000Z"},
+                      {"eventType":"CHANGE","effectiveDate":"2025-03-03T09:26:30.000Z"},
+                      {"eventType":"STOP_BILLING","effectiveDate":"2025-03-03T10:00:00.000Z"}]}"#;
+        let subscription: SubscriptionJson = serde_json::from_str(json).unwrap();
+        assert_eq!(subscription.floor(), Some(Timestamp::parse("2025-03-03T09:26:30Z").unwrap()));
+    }
+
+    #[test]
+    fn usage_after_the_end_is_recognised_in_both_servers_words_and_nothing_else_is() {
+        let answer = |body: &str| Answer { status: StatusCode::BAD_REQUEST, location: None, body: body.into() };
+        assert!(answer("").after_end(), "0.24: an empty 400");
+        assert!(answer(r#"{"message":"Bad Request","url":"/1.0/kb/usages","status":"400"}"#).after_end(), "0.22");
+        let killbill_error =
+            r#"{"className":"java.lang.IllegalArgumentException","code":null,"message":"Bad Request"}"#;
+        assert!(!answer(killbill_error).after_end());
+        assert!(!answer("<html>Bad Request</html>").after_end());
+    }
+
+    #[test]
+    fn a_killbill_local_date_is_the_start_of_that_day() {
+        assert_eq!(kb_parse("2026-12-05"), Timestamp::parse("2026-12-05T00:00:00Z").ok());
+        assert_eq!(kb_parse("2026-12-05T10:00:00.000Z"), Timestamp::parse("2026-12-05T10:00:00Z").ok());
+        assert_eq!(kb_parse("garbage"), None);
     }
 
     #[test]

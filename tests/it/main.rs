@@ -11,6 +11,7 @@ mod dlq;
 mod hostbill;
 mod http;
 mod killbill;
+mod killbill_differential;
 mod properties;
 mod replay;
 mod shard;

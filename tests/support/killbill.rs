@@ -42,6 +42,10 @@ struct Fake {
     fail_next: VecDeque<u16>,
     tenant: bool,
     catalogs: Vec<String>,
+    /// Effective dates, plans and units of the uploaded catalogs.
+    versions: Vec<Timestamp>,
+    plans: std::collections::BTreeSet<String>,
+    units: std::collections::BTreeSet<String>,
     violations: Vec<String>,
     requests: usize,
     /// Every answer waits this long first (a server's latency).
@@ -74,7 +78,9 @@ struct Account {
     id: String,
     external_key: String,
     currency: Option<String>,
-    closed: bool,
+    /// When `DELETE /1.0/kb/accounts/{id}` closed it: KillBill then tags it
+    /// AUTO_INVOICING_OFF and blocks changes (400/6000) from then on.
+    closed: Option<Timestamp>,
 }
 
 struct Subscription {
@@ -85,6 +91,15 @@ struct Subscription {
     plan: String,
     start: Timestamp,
     cancelled: Option<Timestamp>,
+    /// Dates of its plan changes: a cancel or change dated before the last one is refused.
+    changes: Vec<Timestamp>,
+}
+
+impl Subscription {
+    /// The previous transition: KillBill refuses cancellations and changes dated before it.
+    fn last_transition(&self) -> Timestamp {
+        self.changes.iter().copied().fold(self.start, Timestamp::max)
+    }
 }
 
 struct Field {
@@ -201,7 +216,8 @@ fn check(definitions: &Value, schema: &Value, value: &Value, at: &str, problems:
     let ok = match expected {
         "string" => value.as_str().is_some_and(|s| match schema["format"].as_str() {
             Some("uuid") => s.len() == 36 && s.chars().filter(|c| *c == '-').count() == 4,
-            Some("date-time") => Timestamp::parse(s).is_ok(),
+            // KillBill 0.22 takes days where the spec (0.24) says date-time.
+            Some("date-time") => parse_time(Some(&s.to_owned())).is_some(),
             Some("date") => s.len() == 10,
             _ => schema["enum"].as_array().is_none_or(|e| e.iter().any(|v| v == value)),
         }),
@@ -238,8 +254,21 @@ fn check(definitions: &Value, schema: &Value, value: &Value, at: &str, problems:
 }
 
 impl FakeKillBill {
-    /// Starts the fake on a free port.
+    /// Starts the fake on a free port, as `killbill bootstrap` leaves a server: the tenant
+    /// exists and the bundled catalog is uploaded.
     pub async fn start() -> Self {
+        let fake = Self::start_empty().await;
+        {
+            let mut s = fake.state.lock().unwrap();
+            s.tenant = true;
+            upload_catalog(&mut s, concertim_billing::billing::killbill::CATALOG_XML);
+            s.catalogs.clear();
+        }
+        fake
+    }
+
+    /// Starts the fake on a free port with no tenant and no catalog.
+    pub async fn start_empty() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(Fake { base: url.clone(), ..Fake::default() }));
@@ -261,6 +290,7 @@ impl FakeKillBill {
             timeout_ms: 5_000,
             connect_timeout_ms: 1_000,
             pool_max_idle: 4,
+            server_version: Default::default(),
         }
     }
 
@@ -390,7 +420,14 @@ impl FakeKillBill {
             .iter()
             .map(|a| AccountRow {
                 project_id: ProjectId::parse(a.external_key.clone()).unwrap(),
-                state: if a.closed { "closed" } else { "open" },
+                // The service's deletion policy keeps the account open in KillBill and marks it.
+                state: if a.closed.is_some()
+                    || s.fields.iter().any(|f| f.object_id == a.id && f.name == "openstack_closed_at")
+                {
+                    "closed"
+                } else {
+                    "open"
+                },
             })
             .collect();
         accounts.sort_by(|a, b| a.project_id.cmp(&b.project_id));
@@ -413,7 +450,8 @@ impl FakeKillBill {
         let mut totals: BTreeMap<(String, String), Decimal> = BTreeMap::new();
         for u in &s.usage {
             let sub = s.subscriptions.iter().find(|x| x.id == u.subscription_id).unwrap();
-            if sub.cancelled.is_none_or(|end| u.date <= end) {
+            // What an invoice bills: records from the start up to the end, in catalog units.
+            if u.date >= sub.start && sub.cancelled.is_none_or(|end| u.date <= end) && s.units.contains(&u.unit) {
                 *totals.entry((sub.external_key.clone(), u.unit.clone())).or_default() += u.amount;
             }
         }
@@ -566,11 +604,44 @@ fn serve_inner(state: &Arc<Mutex<Fake>>, method: Method, uri: Uri, headers: Head
     if path == "/1.0/kb/catalog/xml" {
         return match method {
             Method::POST if header("content-type").starts_with("text/xml") => {
-                s.catalogs.push(String::from_utf8_lossy(&body).into_owned());
+                let xml = String::from_utf8_lossy(&body).into_owned();
+                let dates = concertim_billing::billing::killbill::catalog_effective_dates(&xml);
+                let Some(date) = dates.first() else {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "org.killbill.billing.catalog.api.CatalogApiException",
+                        Some(2080),
+                        "Invalid catalog for tenant : no effectiveDate",
+                    );
+                };
+                if s.versions.contains(date) {
+                    let message = format!("Invalid catalog for tenant : Catalog effective date '{}' already exists for a previous version", kb_time(*date));
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "org.killbill.billing.catalog.api.CatalogApiException",
+                        Some(2080),
+                        &message,
+                    );
+                }
+                upload_catalog(&mut s, &xml);
                 created(&s, "/1.0/kb/catalog")
             }
             Method::POST => empty(StatusCode::UNSUPPORTED_MEDIA_TYPE),
-            _ => (StatusCode::OK, [("content-type", "text/xml")], s.catalogs.join("\n")).into_response(),
+            // KillBill renders its versions (JAXB), never the uploaded text.
+            _ => {
+                let versions: String = s
+                    .versions
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "<version><effectiveDate>{}</effectiveDate><catalogName>OpenStack</catalogName></version>",
+                            d.to_rfc3339()
+                        )
+                    })
+                    .collect();
+                let xml = format!("<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"yes\"?><catalogs><versions>{versions}</versions><catalogName>OpenStack</catalogName></catalogs>");
+                (StatusCode::OK, [("content-type", "text/xml")], xml).into_response()
+            }
         };
     }
     let json: Option<Value> = if body.is_empty() { None } else { serde_json::from_slice(&body).ok() };
@@ -632,6 +703,51 @@ fn serve_inner(state: &Arc<Mutex<Fake>>, method: Method, uri: Uri, headers: Head
     route(&mut s, &method, &segments, &q, json)
 }
 
+/// The fake's clock: the real time (KillBill's, outside its test mode).
+fn now() -> Timestamp {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Timestamp::from_unix(since.as_secs() as i64).unwrap()
+}
+
+/// 400/1001: a date before the subscription's previous transition.
+fn invalid_date(at: Timestamp, previous: Timestamp) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "org.killbill.billing.subscription.api.user.SubscriptionBaseApiException",
+        Some(1001),
+        &format!(
+            "Requested date {} is not allowed to be prior to the previous transition {}",
+            kb_time(at),
+            kb_time(previous)
+        ),
+    )
+}
+
+/// 400/6000: a change on a closed account (its CLOSE_ACCOUNT blocking state blocks changes).
+fn blocked(account_id: &str) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "org.killbill.billing.entitlement.api.BlockingApiException",
+        Some(6000),
+        &format!("The action CHANGE is block on this ACCOUNT with id={account_id}"),
+    )
+}
+
+/// Records a catalog version with its plans and units.
+fn upload_catalog(s: &mut Fake, xml: &str) {
+    s.catalogs.push(xml.to_owned());
+    s.versions.extend(concertim_billing::billing::killbill::catalog_effective_dates(xml).first().copied());
+    let names = |tag: &str| -> Vec<String> {
+        xml.split(&format!("<{tag} name=\""))
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .map(str::to_owned)
+            .collect()
+    };
+    s.plans.extend(names("plan"));
+    s.units.extend(names("unit"));
+}
+
 fn id(s: &mut Fake) -> String {
     s.next_id += 1;
     format!("00000000-0000-4000-8000-{:012x}", s.next_id)
@@ -643,6 +759,10 @@ fn created(s: &Fake, path: &str) -> Response {
 
 fn subscription_json(x: &Subscription) -> Value {
     let cancelled = x.cancelled.map(kb_time);
+    let event = |kind: &str, at: Timestamp| json!({"eventType": kind, "effectiveDate": kb_time(at), "plan": x.plan});
+    let mut events = vec![event("START_ENTITLEMENT", x.start), event("START_BILLING", x.start)];
+    events.extend(x.changes.iter().map(|at| event("CHANGE", *at)));
+    events.extend(x.cancelled.iter().flat_map(|at| [event("STOP_ENTITLEMENT", *at), event("STOP_BILLING", *at)]));
     json!({
         "accountId": x.account_id, "bundleId": x.bundle_id, "bundleExternalKey": x.external_key,
         "subscriptionId": x.id, "externalKey": x.external_key, "startDate": kb_time(x.start),
@@ -650,7 +770,7 @@ fn subscription_json(x: &Subscription) -> Value {
         "phaseType": "EVERGREEN", "priceList": "DEFAULT", "planName": x.plan,
         "state": if x.cancelled.is_some() { "CANCELLED" } else { "ACTIVE" }, "sourceType": "NATIVE",
         "cancelledDate": cancelled, "chargedThroughDate": null, "billingStartDate": kb_time(x.start),
-        "billingEndDate": cancelled, "billCycleDayLocal": 1, "quantity": 1, "events": [],
+        "billingEndDate": cancelled, "billCycleDayLocal": 1, "quantity": 1, "events": events,
         "priceOverrides": null, "prices": [], "auditLogs": [],
     })
 }
@@ -710,7 +830,7 @@ fn route(
             let account_id = id(s);
             let external_key = key.unwrap_or_else(|| account_id.clone());
             let currency = body["currency"].as_str().map(str::to_owned);
-            s.accounts.push(Account { id: account_id.clone(), external_key, currency, closed: false });
+            s.accounts.push(Account { id: account_id.clone(), external_key, currency, closed: None });
             created(s, &format!("/1.0/kb/accounts/{account_id}"))
         }
         (&Method::GET, ["accounts"]) => {
@@ -739,7 +859,7 @@ fn route(
         },
         (&Method::DELETE, ["accounts", account]) => match s.accounts.iter_mut().find(|a| a.id == *account) {
             Some(a) => {
-                a.closed = true;
+                a.closed.get_or_insert_with(now);
                 empty(StatusCode::NO_CONTENT)
             }
             None => not_found_object(account, "ACCOUNT"),
@@ -816,13 +936,36 @@ fn route(
                 (Some(plan), false) => plan,
                 (None, _) => return bad_request("SubscriptionJson planName or productName, productCategory, billingPeriod and priceList need to be set"),
             };
-            if !s.accounts.iter().any(|a| a.id == account_id) {
+            let Some(account) = s.accounts.iter().find(|a| a.id == account_id) else {
                 return not_found_object(&account_id, "ACCOUNT");
+            };
+            if !s.plans.contains(&plan) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "org.killbill.billing.catalog.api.CatalogApiException",
+                    Some(2021),
+                    &format!("Could not find any plans named '{plan}'"),
+                );
+            }
+            let start = parse_time(q.get("entitlementDate")).unwrap_or_else(now);
+            if account.closed.is_some_and(|closed| start >= closed) {
+                return blocked(&account_id);
             }
             let subscription_id = id(s);
             let external_key = body["externalKey"].as_str().map_or_else(|| subscription_id.clone(), str::to_owned);
+            let bundle_key = body["bundleExternalKey"].as_str().unwrap_or(&external_key).to_owned();
+            if s.subscriptions.iter().any(|x| x.external_key == bundle_key && x.cancelled.is_none()) {
+                // The bundle check runs before the subscription key's unique index (0.24 may
+                // answer 1014 for an active bundle key; 0.22.26 answers 1015).
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "org.killbill.billing.entitlement.api.EntitlementApiException",
+                    Some(1015),
+                    &format!("Subscription bundle {bundle_key} already has a base subscription"),
+                );
+            }
             if s.subscriptions.iter().any(|x| x.external_key == external_key) {
-                // killbill#2095: no pre-check, the unique index fails.
+                // A cancelled bundle is renamed, then the subscription key's unique index fails.
                 return error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "java.sql.SQLIntegrityConstraintViolationException",
@@ -830,8 +973,6 @@ fn route(
                     "Duplicate entry for key 'subscriptions_external_key'",
                 );
             }
-            let start = parse_time(q.get("entitlementDate"))
-                .unwrap_or_else(|| Timestamp::parse("2025-01-01T00:00:00Z").unwrap());
             let bundle_id = id(s);
             s.subscriptions.push(Subscription {
                 id: subscription_id.clone(),
@@ -841,6 +982,7 @@ fn route(
                 plan,
                 start,
                 cancelled: None,
+                changes: Vec::new(),
             });
             created(s, &format!("/1.0/kb/subscriptions/{subscription_id}"))
         }
@@ -856,23 +998,61 @@ fn route(
                 ),
             }
         }
+        (&Method::GET, ["subscriptions", sub]) => match s.subscriptions.iter().find(|x| x.id == *sub) {
+            Some(x) => json_ok(subscription_json(x)),
+            None => not_found_object(sub, "SUBSCRIPTION"),
+        },
         (&Method::PUT, ["subscriptions", sub]) => {
+            if q.contains_key("requestedDate") && q.contains_key("billingPolicy") {
+                // SubscriptionResource: a Preconditions check, mapped to a 400 without a code.
+                return bad_request("Only one of requestedDate or billingPolicy should be specified");
+            }
             let Some(plan) = body["planName"].as_str().map(str::to_owned) else {
                 return bad_request("SubscriptionJson planName needs to be set");
             };
-            match s.subscriptions.iter_mut().find(|x| x.id == *sub) {
-                Some(x) if x.cancelled.is_none() => {
-                    x.plan = plan;
-                    empty(StatusCode::NO_CONTENT)
-                }
-                Some(_) => error(
+            if !s.plans.contains(&plan) {
+                return error(
                     StatusCode::BAD_REQUEST,
+                    "org.killbill.billing.catalog.api.CatalogApiException",
+                    Some(2021),
+                    &format!("Could not find any plans named '{plan}'"),
+                );
+            }
+            let at = parse_time(q.get("requestedDate")).unwrap_or_else(now);
+            let Some(x) = s.subscriptions.iter().find(|x| x.id == *sub) else {
+                return not_found_object(sub, "SUBSCRIPTION");
+            };
+            if x.cancelled.is_some() {
+                // A cancelled entitlement is blocked (BLOCK_BLOCKED_ACTION).
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "org.killbill.billing.entitlement.api.BlockingApiException",
+                    Some(6000),
+                    &format!("The action CHANGE is block on this SUBSCRIPTION with id={sub}"),
+                );
+            }
+            if at < x.start {
+                // SUB_CHANGE_NON_ACTIVE, a server error: before its start the subscription is
+                // not active at the requested date.
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
                     "org.killbill.billing.entitlement.api.EntitlementApiException",
                     Some(1021),
-                    "Subscription is not active",
-                ),
-                None => not_found_object(sub, "SUBSCRIPTION"),
+                    &format!("Subscription {sub} is in state ACTIVE: Failed to change plan"),
+                );
             }
+            if at < x.last_transition() {
+                return invalid_date(at, x.last_transition());
+            }
+            let account_closed = s.accounts.iter().find(|a| a.id == x.account_id).and_then(|a| a.closed);
+            if account_closed.is_some_and(|closed| at >= closed) {
+                let account_id = x.account_id.clone();
+                return blocked(&account_id);
+            }
+            let x = s.subscriptions.iter_mut().find(|x| x.id == *sub).unwrap();
+            x.plan = plan;
+            x.changes.push(at);
+            empty(StatusCode::NO_CONTENT)
         }
         (&Method::DELETE, ["subscriptions", sub]) => {
             let at = if q.contains_key("entitlementPolicy") {
@@ -889,7 +1069,11 @@ fn route(
                     "Subscription is already cancelled",
                 ),
                 Some(x) => {
-                    x.cancelled = Some(at.unwrap_or_else(|| Timestamp::parse("2026-11-25T00:00:00Z").unwrap()));
+                    let at = at.unwrap_or_else(now);
+                    if at < x.last_transition() {
+                        return invalid_date(at, x.last_transition());
+                    }
+                    x.cancelled = Some(at);
                     empty(StatusCode::NO_CONTENT)
                 }
                 None => not_found_object(sub, "SUBSCRIPTION"),
@@ -912,7 +1096,7 @@ fn route(
                 };
                 for r in records {
                     let (Some(date), Some(amount)) =
-                        (r["recordDate"].as_str().and_then(|d| Timestamp::parse(d).ok()), r["amount"].as_f64())
+                        (parse_time(r["recordDate"].as_str().map(str::to_owned).as_ref()), r["amount"].as_f64())
                     else {
                         return bad_request("UsageRecordJson recordDate and amount need to be set");
                     };
@@ -928,6 +1112,15 @@ fn route(
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned)
                 .unwrap_or_else(|| format!("generated-{}", s.next_id));
+            // UsageResource checks the end before the trackingId, and answers a bare 400, which
+            // Jetty (0.22's container here) writes as its own JSON error page.
+            if let Some(end) = sub.cancelled {
+                if rows.iter().any(|(_, date, _)| *date > end) {
+                    let page = json!({"message": "Bad Request", "url": "/1.0/kb/usages", "status": "400"});
+                    return (StatusCode::BAD_REQUEST, [("content-type", "application/json")], page.to_string())
+                        .into_response();
+                }
+            }
             if s.tracking.contains(&(sub_id.clone(), tracking.clone())) {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -935,11 +1128,6 @@ fn route(
                     Some(50000),
                     &format!("A usage record with tracking ID {tracking} already exists"),
                 );
-            }
-            if let Some(end) = sub.cancelled {
-                if rows.iter().any(|(_, date, _)| *date > end) {
-                    return empty(StatusCode::BAD_REQUEST);
-                }
             }
             s.tracking.insert((sub_id.clone(), tracking.clone()));
             for (unit, date, amount) in rows {
@@ -955,7 +1143,7 @@ fn route(
         }
         (&Method::GET, ["usages", sub, rest @ ..]) => {
             let (Some(start), Some(end)) = (parse_time(q.get("startDate")), parse_time(q.get("endDate"))) else {
-                return empty(StatusCode::BAD_REQUEST);
+                return bad_request("startDate and endDate need to be set");
             };
             let mut totals: BTreeMap<String, Decimal> = BTreeMap::new();
             for u in s.usage.iter().filter(|u| u.subscription_id == *sub && u.date >= start && u.date < end) {

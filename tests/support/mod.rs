@@ -96,7 +96,9 @@ pub fn upstream_corpus() -> Option<PathBuf> {
 /// The test suite's own switches. They share the service's `CONCERTIM_BILLING_` prefix, under
 /// which the service reads every variable as a setting and refuses unknown ones, so they are
 /// never passed on to the binary.
-pub const TEST_SWITCHES: [&str; 4] = [
+pub const TEST_SWITCHES: [&str; 6] = [
+    "CONCERTIM_BILLING_KILLBILL_URL",
+    "CONCERTIM_BILLING_KILLBILL",
     "CONCERTIM_BILLING_FAULTS_BROKER_RESTART",
     "CONCERTIM_BILLING_FAULTS_SEED",
     "CONCERTIM_BILLING_SOAK",
@@ -128,4 +130,5 @@ pub mod bus;
 pub mod concertim;
 pub mod hostbill;
 pub mod killbill;
+pub mod killbill_server;
 pub mod watch;
