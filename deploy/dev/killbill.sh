@@ -237,9 +237,18 @@ start() {
     if (exec 3<>"/dev/tcp/127.0.0.1/$KB_PORT") 2>/dev/null; then
         die "127.0.0.1:$KB_PORT is taken by something that is not a healthy KillBill; set CONCERTIM_BILLING_KILLBILL_PORT"
     fi
-    command -v "$JAVA" >/dev/null || die "no java ($JAVA); install openjdk-17-jre-headless"
-    command -v unzip >/dev/null || die "unzip is needed (apt-get install unzip)"
-    command -v curl >/dev/null || die "curl is needed (apt-get install curl)"
+    local missing=""
+    command -v "$JAVA" >/dev/null || missing="$missing openjdk-17-jre-headless"
+    command -v unzip >/dev/null || missing="$missing unzip"
+    command -v curl >/dev/null || missing="$missing curl"
+    command -v mvn >/dev/null || missing="$missing maven"
+    if [ -n "$missing" ]; then
+        [ "$(id -u)" -eq 0 ] || die "needs:$missing (apt-get install$missing, as root)"
+        say "installing Debian's$missing"
+        env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        # shellcheck disable=SC2086
+        env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+    fi
 
     mkdir -p "$KB_DIR" "$KB_DIR/bundles" "$KB_DIR/osgi" "$KB_DIR/tmp" "$KB_DIR/logs"
     local war runner

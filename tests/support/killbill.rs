@@ -1,10 +1,22 @@
-//! A fake KillBill 0.24 that follows `../shared/reference/billing-apis.md` §1.12: basic auth and
-//! tenant headers (401), `X-Killbill-CreatedBy` on writes (400), creates as 201 with an empty
-//! body and an absolute `Location` (usage: no `Location`), 409/3000, 404/3003, 404/1083,
-//! 500/1031, 400/9000, 400/50000, the empty-bodied 400 for usage after a subscription's end, and
-//! the half-open window of `GET /1.0/kb/usages`. Every request body is checked against the
-//! definitions of `../shared/killbill/killbill-openapi.json` (ignoring its known-wrong
-//! `required` lists); a body the spec would reject is answered 400 and recorded as a violation.
+//! A fake KillBill that answers as the real server does (KillBill 0.22.26, the one
+//! `deploy/dev/killbill.sh` runs; the differential test `tests/it/killbill_differential.rs`
+//! checks every scripted answer against it): basic auth and tenant headers (401),
+//! `X-Killbill-CreatedBy` on writes (400), creates as 201 with an empty body and an absolute
+//! `Location` (usage: no `Location`), 409/3000, 404/3003, 404/1083, 500/1031, 400/9000,
+//! 400/50000, 400/1015 for a second subscription on an active bundle key, 400/2021 for an
+//! unknown plan, 400 (no code) for a plan change with a date and a policy, 500/1021 for one dated
+//! before the start, 400/1001 for a cancel or change before the last transition, 400/6000 for a
+//! change of a cancelled subscription or on a closed account, 400/2080 for a catalog version
+//! uploaded twice (and the catalog read back as KillBill renders it), Jetty's JSON 400 for usage
+//! after a subscription's end, and the half-open window of `GET /1.0/kb/usages`. Dates may be
+//! days or date-times. Every request body is checked against the definitions of
+//! `../shared/killbill/killbill-openapi.json` (ignoring its known-wrong `required` lists); a body
+//! the spec would reject is answered 400 and recorded as a violation.
+//!
+//! What it cannot reproduce: invoices (its dry run sums usage at the test's own prices, not
+//! KillBill's invoice of the bill cycle), the test clock, usage amounts truncated to whole
+//! numbers by 0.22, two concurrent usage calls with one trackingId both being stored (its check
+//! and insert are atomic; KillBill's are not), and column limits (field sizes, 4-byte UTF-8).
 
 use std::{
     collections::{BTreeMap, VecDeque},
