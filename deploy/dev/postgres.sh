@@ -18,7 +18,10 @@
 # Environment:
 #   CONCERTIM_BILLING_DEV_DIR           work dir (default <project>/target/dev); the cluster is in
 #                                       <dev dir>/postgres, its log in <dev dir>/postgres.log and
-#                                       the postmaster's PID in <dev dir>/postgres.pid
+#                                       the postmaster's PID in <dev dir>/postgres.pid. When the
+#                                       postgres user cannot enter the dev dir (it is under a
+#                                       private directory), the cluster and its log are in
+#                                       /var/tmp/concertim-billing-dev-<hash of the dev dir>.
 #   CONCERTIM_BILLING_PG_PORT           TCP port (default 55432)
 #   CONCERTIM_BILLING_PG_START_TIMEOUT  seconds to wait for pg_isready at start (default 60)
 set -euo pipefail
@@ -27,10 +30,29 @@ PROJECT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 DEV_DIR=${CONCERTIM_BILLING_DEV_DIR:-$PROJECT_DIR/target/dev}
 PG_PORT=${CONCERTIM_BILLING_PG_PORT:-55432}
 PG_START_TIMEOUT=${CONCERTIM_BILLING_PG_START_TIMEOUT:-60}
-PG_DATA=$DEV_DIR/postgres
-PG_LOG=$DEV_DIR/postgres.log
 PG_PID_FILE=$DEV_DIR/postgres.pid
 PG_USER=postgres
+
+# The server runs as the `postgres` user, which must be able to enter every directory above its
+# data. When the dev dir is under a private directory (a clone in a mktemp dir, say), the
+# cluster lives in /var/tmp instead, in a directory named after the dev dir.
+world_reachable() {
+    local d=$1 mode
+    while [ "$d" != / ] && [ -n "$d" ]; do
+        if [ -e "$d" ]; then
+            mode=$(stat -c %A "$d")
+            case "${mode:9:1}" in x | t) ;; *) return 1 ;; esac
+        fi
+        d=$(dirname "$d")
+    done
+}
+if world_reachable "$DEV_DIR"; then
+    PG_HOME=$DEV_DIR
+else
+    PG_HOME=/var/tmp/concertim-billing-dev-$(printf '%s' "$DEV_DIR" | md5sum | cut -c1-12)
+fi
+PG_DATA=$PG_HOME/postgres
+PG_LOG=$PG_HOME/postgres.log
 
 usage() {
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
@@ -60,7 +82,8 @@ as_pg() {
     if [ "$(id -u)" -eq "$(id -u "$PG_USER")" ]; then
         "$@"
     elif [ "$(id -u)" -eq 0 ]; then
-        runuser -u "$PG_USER" -- "$@"
+        # From /: the caller's directory may be closed to that user.
+        (cd / && runuser -u "$PG_USER" -- "$@")
     else
         die "run as root (or as $PG_USER): the server runs as the '$PG_USER' user"
     fi
@@ -84,9 +107,9 @@ postmaster_pid() {
 init_cluster() {
     local bin=$1
     say "creating the cluster in $PG_DATA"
-    mkdir -p "$DEV_DIR"
-    # The postgres user must be able to reach the dev dir.
-    local d=$DEV_DIR
+    mkdir -p "$DEV_DIR" "$PG_HOME"
+    # The postgres user must be able to reach the cluster's directory.
+    local d=$PG_HOME
     while [ "$d" != / ]; do
         if ! runuser -u "$PG_USER" -- test -x "$d" 2>/dev/null; then
             die "the '$PG_USER' user cannot enter $d; set CONCERTIM_BILLING_DEV_DIR to a directory it can reach, or chmod o+x $d"
