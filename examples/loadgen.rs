@@ -8,6 +8,7 @@
 //! cargo run --release --example loadgen -- --messages 20000 --mix usage
 //! cargo run --release --example loadgen -- --messages 20000 --rate 1000
 //! cargo run --release --example loadgen -- --messages 20000 --backend killbill --latency-ms 2
+//! cargo run --release --example loadgen -- --messages 5000 --backend killbill --killbill-url http://127.0.0.1:18080
 //! cargo run --release --example loadgen -- --messages 100000 --prefetch 1000
 //! ```
 //!
@@ -68,6 +69,12 @@ struct Args {
     /// Every answer of the fake KillBill waits this long (a server's latency).
     #[arg(long, default_value_t = 2)]
     latency_ms: u64,
+    /// With `--backend killbill`: a real KillBill (as `deploy/dev/killbill.sh` runs it,
+    /// admin/password, release 0.22) instead of the fake. A fresh tenant is bootstrapped with the
+    /// bundled catalog. Requests are not counted there: in the usage mix's steady state each
+    /// notification is one request.
+    #[arg(long)]
+    killbill_url: Option<String>,
     /// `bus.prefetch`: unacknowledged messages the broker hands over at once [default: the
     /// service's default].
     #[arg(long)]
@@ -300,6 +307,30 @@ async fn main() {
     settings.bus.shards = args.shards;
     match args.backend {
         BackendKind::Ledger => run(&args, settings, Ledger::in_memory(), None).await,
+        BackendKind::Killbill if args.killbill_url.is_some() => {
+            let url = args.killbill_url.clone().unwrap_or_default();
+            let tenant = format!("loadgen-{}", std::process::id());
+            let kb = concertim_billing::config::KillBillSettings {
+                url: url.clone(),
+                username: "admin".into(),
+                password: concertim_billing::config::Secret::new("password"),
+                api_key: tenant.clone(),
+                api_secret: concertim_billing::config::Secret::new(format!("{tenant}-secret")),
+                created_by: "loadgen".into(),
+                currency: "USD".into(),
+                timeout_ms: 60_000,
+                connect_timeout_ms: 3_000,
+                // One idle connection per lane, so every lane keeps its connection alive.
+                pool_max_idle: settings.bus.lanes,
+                server_version: concertim_billing::config::KillBillVersion::V0_22,
+            };
+            let client = KillBill::new(kb).expect("an HTTP client");
+            client
+                .bootstrap(concertim_billing::billing::killbill::CATALOG_XML, "loadgen")
+                .await
+                .unwrap_or_else(|e| panic!("cannot bootstrap a tenant on the KillBill at {url}: {e}"));
+            run(&args, settings, client, None).await;
+        }
         BackendKind::Killbill => {
             let fake = fake_killbill::FakeKillBill::start().await;
             let mut kb = fake.settings();
@@ -425,7 +456,10 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
     let rate = count as f64 / elapsed.as_secs_f64();
     let backend = match args.backend {
         BackendKind::Ledger => "ledger".to_owned(),
-        BackendKind::Killbill => format!("killbill ({} ms per request)", args.latency_ms),
+        BackendKind::Killbill => match &args.killbill_url {
+            Some(url) => format!("real killbill at {url}"),
+            None => format!("killbill ({} ms per request)", args.latency_ms),
+        },
     };
     let mode = if args.rate == 0 { "backlog".to_owned() } else { format!("{}/s", args.rate) };
     let mix = format!("{:?}", args.mix).to_lowercase();
@@ -459,7 +493,8 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
     println!(
         "{}",
         serde_json::json!({"mix": mix, "backend": args.backend.to_possible_value().map(|v| v.get_name().to_owned()),
-            "latency_ms": (args.backend == BackendKind::Killbill).then_some(args.latency_ms),
+            "latency_ms": (args.backend == BackendKind::Killbill && args.killbill_url.is_none()).then_some(args.latency_ms),
+            "killbill_url": args.killbill_url,
             "rate": args.rate, "messages": count, "prefetch": settings.bus.prefetch, "lanes": settings.bus.lanes, "shards": settings.bus.shards,
             "publish_per_s": publish_rate.map(f64::round), "consume_per_s": rate.round(),
             "requests_per_s": fake.is_some().then(|| (requests as f64 / elapsed.as_secs_f64()).round()),

@@ -362,3 +362,173 @@ async fn the_fake_sums_usage_over_a_half_open_window_and_wants_both_dates() {
     let after: serde_json::Value = get("startDate=2025-03-03&endDate=2025-03-04").await.unwrap().json().await.unwrap();
     assert_eq!(after["rolledUpUnits"].as_array().unwrap().len(), 3);
 }
+
+/// Direct calls on the backend, for the cases no fixture produces.
+mod calls {
+    use concertim_billing::{
+        billing::{Applied, Billing, BillingError, Context},
+        class::ErrorClass,
+        event::{InstanceId, MessageId, Meta, PlanName, ProjectId, Timestamp, Unit},
+        plan::{SubscriptionSpec, UsageRecord, UsageSpec},
+    };
+    use rust_decimal::Decimal;
+
+    use crate::support::killbill_server::{unique, KillBillServer};
+
+    pub fn t(text: &str) -> Timestamp {
+        Timestamp::parse(text).unwrap()
+    }
+
+    pub fn meta() -> Meta {
+        Meta {
+            message_id: MessageId::parse(unique("m")).unwrap(),
+            event_type: "compute.instance.create.end".into(),
+            publisher_id: "tests".into(),
+            priority: "INFO".into(),
+            timestamp: t("2025-03-03T09:00:00Z"),
+        }
+    }
+
+    pub fn ctx(meta: &Meta) -> Context<'_> {
+        Context { meta, redelivered: false }
+    }
+
+    /// A project and an instance no other test uses, subscribed from `start`.
+    pub fn spec(start: &str) -> SubscriptionSpec {
+        SubscriptionSpec {
+            instance: InstanceId::parse(unique("i")).unwrap(),
+            project: ProjectId::parse(unique("p")).unwrap(),
+            plan: PlanName::parse("openstack-standard-monthly").unwrap(),
+            start: t(start),
+            flavor: Some("m1.small".into()),
+            display_name: Some("vm".into()),
+        }
+    }
+
+    pub fn usage(instance: &InstanceId, records: &[(&str, &str)]) -> UsageSpec {
+        UsageSpec {
+            instance: instance.clone(),
+            tracking_id: unique("u"),
+            records: records
+                .iter()
+                .map(|(date, amount)| UsageRecord {
+                    unit: Unit::parse("openstack-billed-vcpus").unwrap(),
+                    date: t(date),
+                    amount: amount.parse::<Decimal>().unwrap(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The vCPU usage KillBill holds for the instance.
+    pub async fn vcpus(server: &KillBillServer, instance: &InstanceId) -> Decimal {
+        let snapshot = server.snapshot().await;
+        snapshot
+            .usage
+            .iter()
+            .filter(|u| &u.instance_id == instance && u.unit.as_str() == "openstack-billed-vcpus")
+            .map(|u| u.amount)
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_project_deleted_before_its_instance_launched_still_closes() {
+        // Keystone's clock a day behind Nova's: the deletion is dated before the launch, which
+        // KillBill refuses as a cancellation date (400/1001); the close used to abort there.
+        let server = KillBillServer::start().await;
+        let (client, meta) = (server.client(), meta());
+        let spec = spec("2025-03-03T09:00:00Z");
+        client.ensure_subscription(&spec, ctx(&meta)).await.unwrap();
+        let closed = client.close_account(&spec.project, t("2025-03-02T08:00:00Z"), ctx(&meta)).await.unwrap();
+        assert_eq!(closed, Applied::Done);
+        let snapshot = server.snapshot().await;
+        assert_eq!(snapshot.accounts[0].state, "closed");
+        let sub = &snapshot.subscriptions[0];
+        assert_eq!(
+            (sub.state, sub.end.map(|e| e.to_rfc3339()[..10].to_owned())),
+            ("cancelled", Some("2025-03-03".into()))
+        );
+        let again = client.close_account(&spec.project, t("2025-03-02T08:00:00Z"), ctx(&meta)).await.unwrap();
+        assert_eq!(again, Applied::AlreadyDone);
+    }
+
+    #[tokio::test]
+    async fn a_delete_dated_before_a_resize_cancels_at_the_resize() {
+        let server = KillBillServer::start().await;
+        let (client, meta) = (server.client(), meta());
+        let spec = spec("2025-03-03T09:00:00Z");
+        client.ensure_subscription(&spec, ctx(&meta)).await.unwrap();
+        let large = PlanName::parse("openstack-large-monthly").unwrap();
+        client.change_plan(&spec.instance, &large, t("2025-03-05T10:00:00Z"), ctx(&meta)).await.unwrap();
+        let cancelled =
+            client.cancel_subscription(&spec.instance, t("2025-03-04T10:00:00Z"), ctx(&meta)).await.unwrap();
+        assert_eq!(cancelled, Applied::Done);
+        // (Which plan KillBill 0.22 then names is not asserted: a change and a cancellation on
+        // the same day leave the new plan no time, and it names the earlier one.)
+        let sub = server.snapshot().await.subscriptions.remove(0);
+        assert_eq!(sub.state, "cancelled");
+        assert_eq!(sub.end.unwrap().to_rfc3339()[..10], *"2025-03-05");
+    }
+
+    #[tokio::test]
+    async fn a_subscription_found_by_key_gets_the_fields_an_earlier_attempt_did_not_add() {
+        // An earlier attempt created the subscription and failed before its custom fields: a
+        // fresh client (a retry after a restart) finds it by key and finishes it.
+        let server = KillBillServer::start().await;
+        let meta = meta();
+        let spec = spec("2025-03-03T09:00:00Z");
+        server.client().ensure_subscription(&spec, ctx(&meta)).await.unwrap();
+        server.delete_subscription_fields(spec.instance.as_str()).await;
+        assert!(server.subscription_fields(spec.instance.as_str()).await.is_empty());
+        let applied = server.client().ensure_subscription(&spec, ctx(&meta)).await.unwrap();
+        assert_eq!(applied, Applied::Done, "the missing fields were added");
+        let fields = server.subscription_fields(spec.instance.as_str()).await;
+        assert!(fields.contains(&("openstack_flavor".into(), "m1.small".into())), "{fields:?}");
+        assert_eq!(fields.len(), 4, "{fields:?}");
+    }
+
+    #[tokio::test]
+    async fn usage_dated_before_the_subscriptions_start_is_billed_at_the_start() {
+        let server = KillBillServer::start().await;
+        let (client, meta) = (server.client(), meta());
+        let spec = spec("2025-03-05T09:00:00Z");
+        client.ensure_subscription(&spec, ctx(&meta)).await.unwrap();
+        let early = usage(&spec.instance, &[("2025-03-04T23:00:00Z", "7")]);
+        assert_eq!(client.record_usage(&early, ctx(&meta)).await.unwrap(), Applied::Done);
+        // Read back from the start's day on: a record left before it would not be there.
+        assert_eq!(server.usage_since(spec.instance.as_str(), "2025-03-05").await, Decimal::from(7));
+    }
+
+    #[tokio::test]
+    async fn a_late_record_no_longer_drops_the_in_window_records_of_its_call() {
+        let server = KillBillServer::start().await;
+        let meta = meta();
+        let spec = spec("2025-03-03T09:00:00Z");
+        server.client().ensure_subscription(&spec, ctx(&meta)).await.unwrap();
+        server.client().cancel_subscription(&spec.instance, t("2025-03-05T12:00:00Z"), ctx(&meta)).await.unwrap();
+        // A client that does not know the end (another replica cancelled): the server refuses
+        // the whole call for the record of the 7th.
+        let fresh = server.client();
+        let call = usage(&spec.instance, &[("2025-03-04T10:00:00Z", "5"), ("2025-03-07T10:00:00Z", "9")]);
+        assert_eq!(fresh.record_usage(&call, ctx(&meta)).await.unwrap(), Applied::Done);
+        assert_eq!(vcpus(&server, &spec.instance).await, Decimal::from(5));
+        assert_eq!(fresh.record_usage(&call, ctx(&meta)).await.unwrap(), Applied::AlreadyDone, "a redelivery");
+        assert_eq!(vcpus(&server, &spec.instance).await, Decimal::from(5));
+    }
+
+    #[tokio::test]
+    async fn a_fractional_amount_is_refused_loudly_by_a_client_of_killbill_0_22_never_truncated() {
+        let server = KillBillServer::start().await;
+        let mut settings = server.settings();
+        settings.server_version = concertim_billing::config::KillBillVersion::V0_22;
+        let client = concertim_billing::billing::KillBill::new(settings).unwrap();
+        let meta = meta();
+        let spec = spec("2025-03-03T09:00:00Z");
+        client.ensure_subscription(&spec, ctx(&meta)).await.unwrap();
+        let error = client.record_usage(&usage(&spec.instance, &[("2025-03-04T10:00:00Z", "2.5")]), ctx(&meta)).await;
+        let error: BillingError = error.unwrap_err();
+        assert_eq!(error.class(), ErrorClass::Permanent);
+        assert!(error.to_string().contains("2.5 openstack-billed-vcpus"), "{error}");
+        assert_eq!(vcpus(&server, &spec.instance).await, Decimal::ZERO);
+    }
+}

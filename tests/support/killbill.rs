@@ -417,6 +417,19 @@ impl FakeKillBill {
         s.fields.iter().filter(|f| f.object_id == object_id).map(|f| (f.name.clone(), f.value.clone())).collect()
     }
 
+    /// Removes every custom field of the object with this id.
+    pub fn delete_fields(&self, object_id: &str) {
+        self.state.lock().unwrap().fields.retain(|f| f.object_id != object_id);
+    }
+
+    /// The usage recorded for the subscription with this key, dated `day` or later.
+    pub fn usage_since(&self, key: &str, day: &str) -> Decimal {
+        let s = self.state.lock().unwrap();
+        let from = parse_time(Some(&day.to_owned())).unwrap();
+        let Some(sub) = s.subscriptions.iter().find(|x| x.external_key == key) else { return Decimal::ZERO };
+        s.usage.iter().filter(|u| u.subscription_id == sub.id && u.date >= from).map(|u| u.amount).sum()
+    }
+
     /// The id of the subscription with this key.
     pub fn subscription_id(&self, key: &str) -> Option<String> {
         let s = self.state.lock().unwrap();

@@ -103,6 +103,42 @@ impl KillBillServer {
         }
     }
 
+    /// Removes every custom field of the subscription with this key (as if the call that adds
+    /// them had never been made).
+    pub async fn delete_subscription_fields(&self, key: &str) {
+        match self {
+            Self::Fake(fake) => fake.delete_fields(&fake.subscription_id(key).expect("the subscription exists")),
+            Self::Real(real) => {
+                let sub = real.get(&format!("/1.0/kb/subscriptions?externalKey={key}")).await;
+                let id = sub["subscriptionId"].as_str().unwrap().to_owned();
+                let fields = real.get(&format!("/1.0/kb/subscriptions/{id}/customFields")).await;
+                let ids: Vec<&str> =
+                    fields.as_array().unwrap().iter().map(|f| f["customFieldId"].as_str().unwrap()).collect();
+                let path = format!("/1.0/kb/subscriptions/{id}/customFields?customField={}", ids.join("&customField="));
+                let (status, body) = real.call(reqwest::Method::DELETE, &path, None).await;
+                assert_eq!(status, 204, "{body}");
+            }
+        }
+    }
+
+    /// The subscription's rolled-up usage of every unit, from `day` on.
+    pub async fn usage_since(&self, key: &str, day: &str) -> Decimal {
+        match self {
+            Self::Fake(fake) => fake.usage_since(key, day),
+            Self::Real(real) => {
+                let sub = real.get(&format!("/1.0/kb/subscriptions?externalKey={key}")).await;
+                let id = sub["subscriptionId"].as_str().unwrap();
+                let usage = real.get(&format!("/1.0/kb/usages/{id}?startDate={day}&endDate=2100-01-01")).await;
+                usage["rolledUpUnits"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|u| u["amount"].to_string().parse::<Decimal>().unwrap())
+                    .sum()
+            }
+        }
+    }
+
     /// Bodies the fake's OpenAPI check rejected (the real server has its own checks, and
     /// answers them).
     pub fn violations(&self) -> Vec<String> {

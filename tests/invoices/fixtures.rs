@@ -1,0 +1,114 @@
+//! The bundled fixtures, invoiced.
+
+use std::collections::BTreeMap;
+
+use concertim_billing::{billing::killbill::CATALOG_XML, replay::fixture::FixtureDelivery};
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde_json::Value;
+
+use crate::support::{
+    assert_no_failures, billable,
+    killbill_server::{real_url, RealKillBill},
+    run_through, through_ledger,
+};
+
+/// The catalog's price of each (plan, unit), read from the bundled catalog file.
+fn catalog_prices() -> BTreeMap<(String, String), Decimal> {
+    let mut prices = BTreeMap::new();
+    for plan in CATALOG_XML.split("<plan name=\"").skip(1) {
+        let name = plan.split('"').next().unwrap().to_owned();
+        for block in plan.split("<tieredBlock>").skip(1) {
+            let unit = block.split("<unit>").nth(1).unwrap().split("</unit>").next().unwrap();
+            let value = block.split("<value>").nth(1).unwrap().split("</value>").next().unwrap();
+            prices.insert((name.clone(), unit.to_owned()), value.parse().unwrap());
+        }
+    }
+    prices
+}
+
+fn decimal(v: &Value) -> Decimal {
+    v.to_string().parse().unwrap_or_else(|_| panic!("{v} is not a decimal"))
+}
+
+/// One test at a time moves the server's clock.
+pub static CLOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn set_clock(real: &RealKillBill, to: Option<&str>) -> Value {
+    let path = match to {
+        Some(to) => format!("/1.0/kb/test/clock?requestedDate={to}"),
+        None => "/1.0/kb/test/clock".to_owned(),
+    };
+    let (status, body) = real.call(reqwest::Method::POST, &path, None).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test]
+async fn the_fixture_lifecycles_are_invoiced_as_the_ledger_prices_them() {
+    // real_url() fails the test when CONCERTIM_BILLING_REQUIRE_KILLBILL is set (CI).
+    let Some(url) = real_url() else {
+        eprintln!("skipped: no real KillBill (CONCERTIM_BILLING_KILLBILL_URL); deploy/dev/test.sh starts one");
+        return;
+    };
+    let _clock = CLOCK.lock().await;
+    let real = RealKillBill::start(&url).await;
+    // Just after the fixtures' last notification, so every date they carry is past.
+    set_clock(&real, Some("2025-03-09T00:00:00.000Z")).await;
+    let all = billable();
+    let fixtures: Vec<&FixtureDelivery> = all.iter().collect();
+    let mut settings = real.settings();
+    settings.server_version = concertim_billing::config::KillBillVersion::V0_22;
+    let (_, outcomes) = run_through(concertim_billing::billing::KillBill::new(settings).unwrap(), &fixtures).await;
+    assert_no_failures(&outcomes);
+    // Past every account's billing day (the 3rd to the 8th, from each first subscription's
+    // start day): every usage period of March is invoiced.
+    set_clock(&real, Some("2025-04-10T00:00:00.000Z")).await;
+    let prices = catalog_prices();
+    let mut invoiced: BTreeMap<(String, String), Decimal> = BTreeMap::new();
+    let mut items = 0;
+    let accounts = real.get("/1.0/kb/accounts/pagination?offset=0&limit=1000").await;
+    for account in accounts.as_array().unwrap() {
+        let id = account["accountId"].as_str().unwrap();
+        let invoices = real.get(&format!("/1.0/kb/accounts/{id}/invoices?withItems=true")).await;
+        for invoice in invoices.as_array().unwrap() {
+            let mut total = Decimal::ZERO;
+            for item in invoice["items"].as_array().unwrap().iter().filter(|i| i["itemType"] == "USAGE") {
+                items += 1;
+                let plan = item["planName"].as_str().unwrap();
+                let sub =
+                    real.get(&format!("/1.0/kb/subscriptions/{}", item["subscriptionId"].as_str().unwrap())).await;
+                let instance = sub["externalKey"].as_str().unwrap().to_owned();
+                let details: Value = serde_json::from_str(item["itemDetails"].as_str().unwrap()).unwrap();
+                let mut exact = Decimal::ZERO;
+                for tier in details["tierDetails"].as_array().unwrap() {
+                    let unit = tier["tierUnit"].as_str().unwrap().to_owned();
+                    let quantity = decimal(&tier["quantity"]);
+                    let price = prices[&(plan.to_owned(), unit.clone())];
+                    // The catalog's price, times the quantity, exactly.
+                    assert_eq!(decimal(&tier["tierPrice"]), price, "{plan} {unit}");
+                    assert_eq!(decimal(&tier["amount"]), quantity * price, "{instance} {unit}: {quantity} × {price}");
+                    exact += quantity * price;
+                    *invoiced.entry((instance.clone(), unit)).or_default() += quantity;
+                }
+                // One rounding per item, to the currency's cents, half up.
+                let amount = decimal(&item["amount"]);
+                assert_eq!(
+                    amount,
+                    exact.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero),
+                    "{instance}"
+                );
+                total += amount;
+            }
+            assert_eq!(decimal(&invoice["amount"]), total, "invoice {}", invoice["invoiceNumber"]);
+        }
+    }
+    set_clock(&real, None).await;
+    assert!(items > 0, "KillBill invoiced nothing");
+    // Every quantity the ledger bills was invoiced, and nothing else: the deleted project's
+    // instance too, whose account was left open (closed, KillBill would never invoice it).
+    let ledger = through_ledger(&fixtures).await;
+    let expected: BTreeMap<(String, String), Decimal> =
+        ledger.usage.iter().map(|u| ((u.instance_id.to_string(), u.unit.to_string()), u.amount)).collect();
+    invoiced.retain(|_, quantity| !quantity.is_zero());
+    assert_eq!(invoiced, expected);
+}
