@@ -673,31 +673,26 @@ impl KillBill {
         ctx: Context<'_>,
     ) -> Result<Applied, BillingError> {
         let id = &subscription.subscription_id;
-        let at = subscription.floor().map_or(at, |floor| at.max(floor));
-        let answer = self.send_cancel(id, at, ctx).await?;
-        match answer.status {
-            StatusCode::NO_CONTENT => {
-                self.remember_end(id, at);
-                Ok(Applied::Done)
-            }
-            StatusCode::INTERNAL_SERVER_ERROR if answer.code() == Some(CANCEL_BAD_STATE) => Ok(Applied::AlreadyDone),
-            // A transition we did not know of (a plan change made meanwhile): read it, once.
-            StatusCode::BAD_REQUEST if answer.code() == Some(INVALID_REQUESTED_DATE) => {
-                let fresh = self.subscription_by_id(id).await?;
-                let later = fresh.floor().map_or(at, |floor| at.max(floor));
-                let answer = self.send_cancel(id, later, ctx).await?;
-                match answer.status {
-                    StatusCode::NO_CONTENT => {
-                        self.remember_end(id, later);
-                        Ok(Applied::Done)
-                    }
-                    StatusCode::INTERNAL_SERVER_ERROR if answer.code() == Some(CANCEL_BAD_STATE) => {
-                        Ok(Applied::AlreadyDone)
-                    }
-                    _ => Err(Self::refused(&format!("cancel subscription {id}"), &answer)),
+        let mut at = subscription.floor().map_or(at, |floor| at.max(floor));
+        let mut reread = false;
+        loop {
+            let answer = self.send_cancel(id, at, ctx).await?;
+            match answer.status {
+                StatusCode::NO_CONTENT => {
+                    self.remember_end(id, at);
+                    return Ok(Applied::Done);
                 }
+                StatusCode::INTERNAL_SERVER_ERROR if answer.code() == Some(CANCEL_BAD_STATE) => {
+                    return Ok(Applied::AlreadyDone)
+                }
+                // A transition we did not know of (a plan change made meanwhile): read it, once.
+                StatusCode::BAD_REQUEST if answer.code() == Some(INVALID_REQUESTED_DATE) && !reread => {
+                    reread = true;
+                    let fresh = self.subscription_by_id(id).await?;
+                    at = fresh.floor().map_or(at, |floor| at.max(floor));
+                }
+                _ => return Err(Self::refused(&format!("cancel subscription {id}"), &answer)),
             }
-            _ => Err(Self::refused(&format!("cancel subscription {id}"), &answer)),
         }
     }
 

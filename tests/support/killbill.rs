@@ -748,6 +748,16 @@ fn invalid_date(at: Timestamp, previous: Timestamp) -> Response {
     )
 }
 
+/// 400/2021: a plan the tenant's catalog does not have.
+fn no_such_plan(plan: &str) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "org.killbill.billing.catalog.api.CatalogApiException",
+        Some(2021),
+        &format!("Could not find any plans named '{plan}'"),
+    )
+}
+
 /// 400/6000: a change on a closed account (its CLOSE_ACCOUNT blocking state blocks changes).
 fn blocked(account_id: &str) -> Response {
     error(
@@ -965,12 +975,7 @@ fn route(
                 return not_found_object(&account_id, "ACCOUNT");
             };
             if !s.plans.contains(&plan) {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "org.killbill.billing.catalog.api.CatalogApiException",
-                    Some(2021),
-                    &format!("Could not find any plans named '{plan}'"),
-                );
+                return no_such_plan(&plan);
             }
             let start = parse_time(q.get("entitlementDate")).unwrap_or_else(now);
             if account.closed.is_some_and(|closed| start >= closed) {
@@ -1036,12 +1041,7 @@ fn route(
                 return bad_request("SubscriptionJson planName needs to be set");
             };
             if !s.plans.contains(&plan) {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "org.killbill.billing.catalog.api.CatalogApiException",
-                    Some(2021),
-                    &format!("Could not find any plans named '{plan}'"),
-                );
+                return no_such_plan(&plan);
             }
             let at = parse_time(q.get("requestedDate")).unwrap_or_else(now);
             let Some(x) = s.subscriptions.iter().find(|x| x.id == *sub) else {
