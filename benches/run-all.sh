@@ -6,6 +6,7 @@
 #   benches/run-all.sh            # everything (about 10 minutes)
 #   REPEAT=1 benches/run-all.sh   # one run each
 #   SECTIONS="broker sweep" benches/run-all.sh   # some of: offline broker sweep
+#   KILLBILL_URL=http://127.0.0.1:18080 benches/run-all.sh   # also against a real KillBill
 #
 # Needs RabbitMQ at 127.0.0.1:5672 (guest/guest). Every run uses its own queue prefix and
 # deletes its topology afterwards. The JSON lines of every run are kept in
@@ -66,6 +67,14 @@ best "usage, killbill 2 ms, 1000/s" lag_ms_p99 min --messages 20000 --rate 1000 
 best "ignored, prefetch 1000, 100k" peak_rss_mib min --messages 100000 --prefetch 1000 --mix ignored
 best "usage, ledger, prefetch 1000, 100k" peak_rss_mib min --messages 100000 --prefetch 1000
 best "ignored, sharded (4), backlog" consume_per_s max --messages 30000 --mix ignored --shards 4
+fi
+
+# Against a real KillBill: deploy/dev/killbill.sh start, then KILLBILL_URL=$(deploy/dev/killbill.sh url).
+if [[ -n "${KILLBILL_URL:-}" ]]; then
+echo "== against the real KillBill at $KILLBILL_URL"
+best "usage, real killbill, backlog" consume_per_s max --messages 5000 --backend killbill --killbill-url "$KILLBILL_URL"
+best "usage, real killbill, 100/s" lag_ms_p99 min --messages 3000 --rate 100 --backend killbill --killbill-url "$KILLBILL_URL"
+best "lifecycle, real killbill, backlog" consume_per_s max --messages 1000 --mix lifecycle --backend killbill --killbill-url "$KILLBILL_URL"
 fi
 
 if [[ $SECTIONS == *sweep* ]]; then

@@ -209,6 +209,21 @@ struct SubscriptionEventJson {
 }
 
 impl SubscriptionJson {
+    /// A subscription this client has just created, as KillBill holds it.
+    fn created(subscription_id: String, start: Timestamp) -> Self {
+        Self {
+            subscription_id,
+            account_id: None,
+            plan_name: None,
+            state: Some("ACTIVE".into()),
+            start_date: Some(kb_time(start)),
+            billing_start_date: None,
+            cancelled_date: None,
+            billing_end_date: None,
+            events: Vec::new(),
+        }
+    }
+
     /// When the subscription starts (entitlement or billing, whichever KillBill says is later).
     fn start(&self) -> Option<Timestamp> {
         [&self.start_date, &self.billing_start_date].into_iter().filter_map(|t| t.as_deref().and_then(kb_parse)).max()
@@ -711,11 +726,13 @@ impl KillBill {
     /// What a subscription found by key (a retry, a restart, a lost answer) may still lack: its
     /// custom fields, and its cancellation when its project was deleted. True when anything
     /// was missing.
+    /// `fresh`: created by this very call, so it has no fields yet.
     async fn finish_subscription(
         &self,
         spec: &SubscriptionSpec,
         subscription: &SubscriptionJson,
         account_id: &str,
+        fresh: bool,
         ctx: Context<'_>,
     ) -> Result<bool, BillingError> {
         let fields = [
@@ -724,7 +741,13 @@ impl KillBill {
             (FIELD_FLAVOR, spec.flavor.as_deref().unwrap_or_default()),
             (FIELD_DISPLAY_NAME, spec.display_name.as_deref().unwrap_or_default()),
         ];
-        let mut changed = self.ensure_fields("subscriptions", &subscription.subscription_id, &fields, ctx).await?;
+        let id = &subscription.subscription_id;
+        let mut changed = if fresh {
+            self.add_fields("subscriptions", id, &fields, ctx).await?;
+            true
+        } else {
+            self.ensure_fields("subscriptions", id, &fields, ctx).await?
+        };
         // A late message for a deleted project: the subscription ends when the project did.
         if subscription.state.as_deref() != Some("CANCELLED") && subscription.end().is_none() {
             if let Some(closed_at) = self.closed_at(account_id).await? {
@@ -791,7 +814,7 @@ impl Billing for KillBill {
         }
         if let Some(existing) = self.subscription(&spec.instance).await? {
             let account_id = existing.account_id.clone().unwrap_or_default();
-            let changed = self.finish_subscription(spec, &existing, &account_id, ctx).await?;
+            let changed = self.finish_subscription(spec, &existing, &account_id, false, ctx).await?;
             self.remember_subscription(&spec.instance, &existing);
             return Ok(if changed { Applied::Done } else { Applied::AlreadyDone });
         }
@@ -813,10 +836,8 @@ impl Billing for KillBill {
             .json(&body);
         let answer = self.send(&what, request).await?;
         let created = match answer.status {
-            StatusCode::CREATED => {
-                let id = Self::created_id(&what, &answer)?;
-                self.subscription_by_id(&id).await?
-            }
+            // Just created: what KillBill holds is what was sent, so nothing is read back.
+            StatusCode::CREATED => SubscriptionJson::created(Self::created_id(&what, &answer)?, spec.start),
             // The bundle exists: an earlier attempt created it (its answer lost, or still
             // committing when the retry looked). Found again by key, it is finished below.
             StatusCode::BAD_REQUEST if matches!(answer.code(), Some(BUNDLE_KEY_EXISTS | BUNDLE_HAS_BASE)) => {
@@ -828,7 +849,8 @@ impl Billing for KillBill {
             },
             _ => return Err(Self::refused(&what, &answer)),
         };
-        self.finish_subscription(spec, &created, &account_id, ctx).await?;
+        let fresh = answer.status == StatusCode::CREATED;
+        self.finish_subscription(spec, &created, &account_id, fresh, ctx).await?;
         // Remembered only now: a retry after a failure above must run those steps again.
         self.remember_subscription(&spec.instance, &created);
         Ok(Applied::Done)
