@@ -26,8 +26,8 @@ pub enum Action {
         /// The account's external key.
         project: ProjectId,
     },
-    /// Cancel every subscription of the project at `at`, then close the account; when there is
-    /// no account yet, create it closed, so a late "project created" leaves it closed.
+    /// Cancel every subscription of the project at `at`, then mark the account closed; when
+    /// there is no account yet, create it closed, so a late "project created" leaves it closed.
     CloseAccount {
         /// The account's external key.
         project: ProjectId,

@@ -134,8 +134,9 @@ pub trait Billing: Send + Sync {
         ctx: Context<'_>,
     ) -> impl Future<Output = Result<Applied, BillingError>> + Send;
 
-    /// Cancels the project's subscriptions at `at` and closes its account, creating it closed
-    /// when it does not exist.
+    /// Cancels the project's subscriptions at `at` and marks its account closed (the backend
+    /// decides what closed means: KillBill keeps the account open so that its last period is
+    /// invoiced), creating it closed when it does not exist.
     fn close_account(
         &self,
         project: &ProjectId,
