@@ -489,11 +489,13 @@ impl BusSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackoffSettings {
-    /// First wait (ms).
+    /// First wait (ms); each next one is 1.5 times longer, plus a random jitter of up to
+    /// itself.
     pub initial_ms: u64,
-    /// Longest single wait (ms).
+    /// Longest single wait before its jitter (ms).
     pub max_ms: u64,
-    /// Give up retrying in process after this long in all (ms); 0 disables in-process retries.
+    /// Give up retrying in process once the waits add up to this (ms); 0 disables in-process
+    /// retries.
     pub max_elapsed_ms: u64,
 }
 
