@@ -14,7 +14,7 @@
 //! - [`replay`]: fixture files through the executor, and the report.
 //! - [`class`]: the failure classes that decide a failed message's fate.
 //! - [`bus`]: RabbitMQ: topology, the consumer and its lanes, acknowledgement, publishing.
-//! - [`retry`]: every backoff schedule.
+//! - [`retry`]: every backoff schedule; [`outbound`]: what every outbound HTTP client shares.
 //! - [`telemetry`], [`http`]: metrics, health, and `/healthz` `/readyz` `/metrics`.
 //! - [`dlq`], [`capture`]: operator tools over the dead-letter queue and the live bus;
 //!   [`redact`] keeps credentials out of what they print and write.
@@ -30,6 +30,7 @@ pub mod event;
 pub mod executor;
 pub mod http;
 pub mod notification;
+pub mod outbound;
 pub mod plan;
 pub mod redact;
 pub mod replay;

@@ -162,11 +162,12 @@ impl HostBill {
             what: "configure HostBill".into(),
             detail: "hostbill.url is not set".into(),
         })?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(settings.timeout_ms))
-            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
-            .build()
-            .map_err(|source| BillingError::Http { what: "building the HTTP client".into(), source })?;
+        let http = crate::outbound::client(
+            Duration::from_millis(settings.timeout_ms),
+            Duration::from_millis(settings.connect_timeout_ms),
+        )
+        .build()
+        .map_err(|source| BillingError::Http { what: "building the HTTP client".into(), source })?;
         Ok(Self {
             http,
             endpoint: format!("{}/admin/api.php", url.trim_end_matches('/')),
@@ -196,7 +197,12 @@ impl HostBill {
             .await
             .map_err(|source| BillingError::Http { what: what.clone(), source })?;
         let status = response.status();
-        let body = response.text().await.map_err(|source| BillingError::Http { what: what.clone(), source })?;
+        if let Some(location) = crate::outbound::redirect_target(&response) {
+            return Err(BillingError::Redirected { what, status: status.as_u16(), location });
+        }
+        let body = crate::outbound::text(response, crate::outbound::MAX_BODY_BYTES)
+            .await
+            .map_err(|e| BillingError::from_body(&what, status.as_u16(), e))?;
         let envelope: Result<Envelope, _> = serde_json::from_str(&body);
         match envelope {
             Ok(e) if e.success => serde_json::from_str(&body).map_err(|err| BillingError::Protocol {

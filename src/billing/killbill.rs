@@ -343,12 +343,13 @@ impl KillBill {
     /// # Errors
     /// When the HTTP client cannot be built (TLS roots unavailable).
     pub fn new(settings: KillBillSettings) -> Result<Self, BillingError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(settings.timeout_ms))
-            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
-            .pool_max_idle_per_host(settings.pool_max_idle)
-            .build()
-            .map_err(|source| BillingError::Http { what: "building the HTTP client".into(), source })?;
+        let http = crate::outbound::client(
+            Duration::from_millis(settings.timeout_ms),
+            Duration::from_millis(settings.connect_timeout_ms),
+        )
+        .pool_max_idle_per_host(settings.pool_max_idle)
+        .build()
+        .map_err(|source| BillingError::Http { what: "building the HTTP client".into(), source })?;
         Ok(Self { http, settings, known: std::sync::Mutex::new(Known::default()) })
     }
 
@@ -397,12 +398,20 @@ impl KillBill {
         let response: Response =
             request.send().await.map_err(|source| BillingError::Http { what: what.to_owned(), source })?;
         let status = response.status();
+        if let Some(location) = crate::outbound::redirect_target(&response) {
+            return Err(BillingError::Redirected { what: what.to_owned(), status: status.as_u16(), location });
+        }
         let location = response.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let body = response.text().await.map_err(|source| BillingError::Http { what: what.to_owned(), source })?;
+        let body = crate::outbound::text(response, crate::outbound::MAX_BODY_BYTES)
+            .await
+            .map_err(|e| BillingError::from_body(what, status.as_u16(), e))?;
         Ok(Answer { status, location, body })
     }
 
     fn refused(what: &str, answer: &Answer) -> BillingError {
+        if answer.status.is_success() {
+            return Self::not_the_answer(what, answer);
+        }
         BillingError::Status {
             what: what.to_owned(),
             status: answer.status.as_u16(),
@@ -411,10 +420,14 @@ impl KillBill {
     }
 
     fn parse<T: DeserializeOwned>(what: &str, answer: &Answer) -> Result<T, BillingError> {
-        serde_json::from_str(&answer.body).map_err(|e| BillingError::Protocol {
-            what: what.to_owned(),
-            detail: format!("unreadable answer ({e}): {}", answer.body.chars().take(300).collect::<String>()),
+        serde_json::from_str(&answer.body).map_err(|e| {
+            BillingError::unexpected(what, answer.status.as_u16(), &format!("unreadable answer ({e})"), &answer.body)
         })
+    }
+
+    /// A 2xx that is not the one the call promises (a proxy's page, a login form).
+    fn not_the_answer(what: &str, answer: &Answer) -> BillingError {
+        BillingError::unexpected(what, answer.status.as_u16(), "not the answer KillBill gives this call", &answer.body)
     }
 
     /// The id at the end of a `Location` header.
@@ -880,7 +893,7 @@ impl Billing for KillBill {
             .json(&PlanChange { plan_name: plan.as_str() });
         let answer = self.send(&what, request).await?;
         match answer.status {
-            StatusCode::NO_CONTENT | StatusCode::OK => Ok(Applied::Done),
+            StatusCode::NO_CONTENT => Ok(Applied::Done),
             // Cancelled meanwhile: a cancelled subscription keeps its plan.
             StatusCode::INTERNAL_SERVER_ERROR if answer.code() == Some(CHANGE_NON_ACTIVE) => Ok(Applied::AlreadyDone),
             _ => Err(Self::refused(&what, &answer)),
@@ -929,13 +942,20 @@ impl Billing for KillBill {
         let body = usage_body(&subscription.id, &usage.tracking_id, &records, self.settings.server_version);
         let answer = self.post_usage(&what, &body, ctx).await?;
         match answer.status {
-            s if s.is_success() => Ok(Applied::Done),
+            // KillBill records usage with a 201 and nothing else: any other 2xx is someone else's.
+            StatusCode::CREATED => Ok(Applied::Done),
+            s if s.is_success() => Err(Self::not_the_answer(&what, &answer)),
             StatusCode::BAD_REQUEST if answer.code() == Some(TRACKING_ID_ALREADY_EXISTS) => Ok(Applied::AlreadyDone),
             // A record dated after the subscription's end refuses the whole call. The records up
             // to the end are posted again alone, under the same trackingId (nothing of the
             // refused call was stored).
             StatusCode::BAD_REQUEST if answer.after_end() => {
-                let end = self.subscription_by_id(&subscription.id).await?.end();
+                // Only a subscription with an end refuses records after it: a bare 400 for one
+                // without is an intermediary's, and nothing is taken as late.
+                let Some(end) = self.subscription_by_id(&subscription.id).await?.end() else {
+                    return Err(Self::not_the_answer(&what, &answer));
+                };
+                let end = Some(end);
                 let within: Vec<(Unit, Timestamp, Decimal)> =
                     records.into_iter().filter(|(_, date, _)| end.is_some_and(|end| self.within(*date, end))).collect();
                 if within.is_empty() {
@@ -944,7 +964,8 @@ impl Billing for KillBill {
                 let body = usage_body(&subscription.id, &usage.tracking_id, &within, self.settings.server_version);
                 let answer = self.post_usage(&what, &body, ctx).await?;
                 match answer.status {
-                    s if s.is_success() => Ok(Applied::Done),
+                    StatusCode::CREATED => Ok(Applied::Done),
+                    s if s.is_success() => Err(Self::not_the_answer(&what, &answer)),
                     StatusCode::BAD_REQUEST if answer.code() == Some(TRACKING_ID_ALREADY_EXISTS) => {
                         Ok(Applied::AlreadyDone)
                     }

@@ -97,6 +97,29 @@ pub enum BillingError {
         /// The server's error text.
         error: String,
     },
+    /// The billing server answered with a redirect, which is never followed (it would carry
+    /// the credentials elsewhere): the configured URL is not the server's.
+    #[error("{what}: HTTP {status} redirecting to {location}: redirects are never followed; set the URL to the server's own address")]
+    Redirected {
+        /// The operation.
+        what: String,
+        /// The HTTP status.
+        status: u16,
+        /// Where it pointed.
+        location: String,
+    },
+    /// An answer that is not the one the protocol promises (a proxy's or maintenance page, a
+    /// 200 where a 201 is due, an unreadable or oversized body): nothing is taken as done, and
+    /// the call is tried again.
+    #[error("{what}: not the server's answer (HTTP {status}): {excerpt}")]
+    Unexpected {
+        /// The operation.
+        what: String,
+        /// The HTTP status.
+        status: u16,
+        /// What was wrong, with a short excerpt of the body.
+        excerpt: String,
+    },
     /// The billing server answered something that is not its protocol.
     #[error("{what}: {detail}")]
     Protocol {
@@ -108,6 +131,22 @@ pub enum BillingError {
 }
 
 impl BillingError {
+    /// A non-protocol answer: the status and the start of the body, on one line.
+    pub fn unexpected(what: &str, status: u16, why: &str, body: &str) -> Self {
+        let excerpt: String = body.chars().take(200).map(|c| if c.is_control() { ' ' } else { c }).collect();
+        BillingError::Unexpected { what: what.to_owned(), status, excerpt: format!("{why}: {excerpt}") }
+    }
+
+    /// The error of a body that could not be read.
+    pub fn from_body(what: &str, status: u16, error: crate::outbound::BodyError) -> Self {
+        match error {
+            crate::outbound::BodyError::Http(source) => BillingError::Http { what: what.to_owned(), source },
+            e @ crate::outbound::BodyError::TooLarge { .. } => {
+                BillingError::Unexpected { what: what.to_owned(), status, excerpt: e.to_string() }
+            }
+        }
+    }
+
     /// The failure class, which decides between retry and dead-letter.
     pub fn class(&self) -> ErrorClass {
         match self {
@@ -116,7 +155,10 @@ impl BillingError {
             BillingError::LedgerCorrupt { .. }
             | BillingError::NoSubscription(_)
             | BillingError::Protocol { .. }
+            | BillingError::Redirected { .. }
             | BillingError::Refused { .. } => ErrorClass::Permanent,
+            // A proxy's page or a maintenance answer passes; the message is tried again.
+            BillingError::Unexpected { .. } => ErrorClass::Transient,
             // Connection refused, reset, timed out: the server may be back soon.
             BillingError::Http { .. } => ErrorClass::Transient,
             BillingError::Status { status, .. } if *status >= 500 || *status == 429 => ErrorClass::Transient,

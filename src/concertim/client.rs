@@ -48,6 +48,17 @@ pub enum ConcertimError {
         /// The response body (bounded).
         body: String,
     },
+    /// Concertim answered with a redirect, which is never followed (it would carry the login
+    /// and the token elsewhere): `concertim.url` is not the app's own address.
+    #[error("{what}: HTTP {status} redirecting to {location}: redirects are never followed; set concertim.url to the app's own address")]
+    Redirected {
+        /// The operation.
+        what: String,
+        /// The HTTP status.
+        status: u16,
+        /// Where it pointed.
+        location: String,
+    },
     /// Concertim answered something that is not its protocol.
     #[error("{what}: {detail}")]
     Protocol {
@@ -66,9 +77,10 @@ impl ConcertimError {
             ConcertimError::Status { status, .. } if *status >= 500 || *status == 429 || *status == 408 => {
                 ErrorClass::Transient
             }
-            ConcertimError::Status { .. } | ConcertimError::MissingField { .. } | ConcertimError::Protocol { .. } => {
-                ErrorClass::Permanent
-            }
+            ConcertimError::Status { .. }
+            | ConcertimError::MissingField { .. }
+            | ConcertimError::Protocol { .. }
+            | ConcertimError::Redirected { .. } => ErrorClass::Permanent,
         }
     }
 }
@@ -179,12 +191,13 @@ impl Client {
     /// # Errors
     /// When the HTTP client cannot be built (TLS roots unavailable).
     pub fn new(settings: ConcertimSettings) -> Result<Self, ConcertimError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(settings.timeout_ms))
-            .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
-            .danger_accept_invalid_certs(!settings.tls_verify)
-            .build()
-            .map_err(|source| ConcertimError::Http { what: "building the HTTP client".into(), source })?;
+        let http = crate::outbound::client(
+            Duration::from_millis(settings.timeout_ms),
+            Duration::from_millis(settings.connect_timeout_ms),
+        )
+        .danger_accept_invalid_certs(!settings.tls_verify)
+        .build()
+        .map_err(|source| ConcertimError::Http { what: "building the HTTP client".into(), source })?;
         Ok(Self {
             http,
             base: settings.url.trim_end_matches('/').to_owned(),
@@ -227,9 +240,12 @@ impl Client {
             .map_err(|source| ConcertimError::Http { what: what.clone(), source })?;
         self.logins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let status = response.status();
+        if let Some(location) = crate::outbound::redirect_target(&response) {
+            return Err(ConcertimError::Redirected { what, status: status.as_u16(), location });
+        }
         let header = response.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
         if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
+            let body = read_body(&what, response).await.unwrap_or_default();
             let what = match status {
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                     format!("{what} (check concertim.username and concertim.password)")
@@ -264,7 +280,10 @@ impl Client {
         }
         let response = request.send().await.map_err(|source| ConcertimError::Http { what: what.to_owned(), source })?;
         let status = response.status();
-        let body = response.text().await.map_err(|source| ConcertimError::Http { what: what.to_owned(), source })?;
+        if let Some(location) = crate::outbound::redirect_target(&response) {
+            return Err(ConcertimError::Redirected { what: what.to_owned(), status: status.as_u16(), location });
+        }
+        let body = read_body(what, response).await?;
         Ok(Answer { status, body })
     }
 
@@ -370,6 +389,16 @@ impl Client {
             s => Err(refused(&what, s, &answer.body)),
         }
     }
+}
+
+/// An answer's body, read up to the shared limit.
+async fn read_body(what: &str, response: reqwest::Response) -> Result<String, ConcertimError> {
+    crate::outbound::text(response, crate::outbound::MAX_BODY_BYTES).await.map_err(|e| match e {
+        crate::outbound::BodyError::Http(source) => ConcertimError::Http { what: what.to_owned(), source },
+        e @ crate::outbound::BodyError::TooLarge { .. } => {
+            ConcertimError::Protocol { what: what.to_owned(), detail: e.to_string() }
+        }
+    })
 }
 
 fn refused(what: &str, status: StatusCode, body: &str) -> ConcertimError {
