@@ -305,6 +305,15 @@ pub struct KillBillSettings {
     pub server_version: KillBillVersion,
 }
 
+impl std::fmt::Display for KillBillVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KillBillVersion::V0_24 => "0.24",
+            KillBillVersion::V0_22 => "0.22",
+        })
+    }
+}
+
 /// The KillBill release lines this client speaks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub enum KillBillVersion {

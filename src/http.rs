@@ -15,6 +15,8 @@ pub struct HttpState {
     pub health: Arc<Health>,
     /// The metrics, when this process installed the recorder.
     pub metrics: Option<PrometheusHandle>,
+    /// Where billing goes, as `/readyz` reports it.
+    pub backend: String,
 }
 
 /// The routes.
@@ -28,9 +30,12 @@ pub fn router(state: HttpState) -> Router {
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     if state.health.is_consuming() {
-        (StatusCode::OK, "ready: consuming\n")
+        (StatusCode::OK, format!("ready: consuming; billing to {}\n", state.backend))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: not consuming from the broker\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: not consuming from the broker; billing to {}\n", state.backend),
+        )
     }
 }
 

@@ -44,16 +44,22 @@ enum Command {
     /// messages in flight and exit 0.
     ///
     /// Declares its own queues first (see `topology show`); never touches OpenStack's shared
-    /// notifications.info queue. With no billing backend configured, billing goes to the
-    /// embedded ledger: in memory, or in FILE with --ledger (written before each message is
-    /// acknowledged).
+    /// notifications.info queue. Billing goes to the configured backend (billing.backend:
+    /// KillBill or HostBill). The embedded ledger is used only when asked for: in FILE with
+    /// --ledger (written before each message is acknowledged), or in memory with
+    /// --ledger-in-memory (lost at exit). Without either, a configuration that names no backend
+    /// is refused: a replica started without its config would otherwise bill into memory and
+    /// acknowledge its share of the messages.
     #[command(
         after_help = "Examples:\n  concertim-billing run --ledger /var/lib/concertim-billing/ledger.json\n  CONCERTIM_BILLING_AMQP_URL=amqps://billing:…@rabbit:5671/openstack concertim-billing run --config /etc/concertim-billing.toml"
     )]
     Run {
-        /// Keep the ledger in this file.
-        #[arg(long, value_name = "FILE")]
+        /// Bill into the embedded ledger, kept in this file.
+        #[arg(long, value_name = "FILE", conflicts_with = "ledger_in_memory")]
         ledger: Option<PathBuf>,
+        /// Bill into an embedded ledger in memory, lost at exit (to try the service out).
+        #[arg(long)]
+        ledger_in_memory: bool,
     },
     /// Declare or describe this service's queues, exchanges and bindings.
     #[command(
@@ -371,8 +377,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             replay_locally(settings, &paths, ledger, report)
         }
-        Command::Run { ledger, .. } => {
+        Command::Run { ledger, ledger_in_memory } => {
+            if settings.billing.backend == BackendKind::Ledger && ledger.is_none() && !ledger_in_memory {
+                anyhow::bail!(
+                    "no billing backend is configured (billing.backend is \"ledger\", the embedded default): \
+                     this replica would bill into memory and lose it. Set billing.backend with its [killbill] or \
+                     [hostbill] section (--config FILE), or ask for the embedded ledger with --ledger FILE \
+                     (or --ledger-in-memory to try the service out)"
+                );
+            }
             let backend = backend(&settings, ledger.as_deref())?;
+            let described = describe_backend(&settings, ledger.as_deref());
+            tracing::info!(backend = %described, "billing backend");
             let bus = settings.bus.clone();
             let settings_listen = settings.http.listen.clone();
             let executor = Arc::new(Executor::new(settings, backend));
@@ -386,6 +402,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let state = concertim_billing::http::HttpState {
                         health: Arc::clone(&health),
                         metrics: concertim_billing::telemetry::install_prometheus(),
+                        backend: described.clone(),
                     };
                     let router = concertim_billing::http::router(state);
                     let listener = tokio::net::TcpListener::bind(addr)
@@ -482,9 +499,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Config { action: ConfigAction::Check } => {
             println!("# effective configuration: valid");
+            println!("# billing backend: {}", describe_backend(&settings, None));
             print!("{}", settings.to_toml());
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Where billing goes, in one line for the start-up log, `config check` and `/readyz`
+/// (no secrets: the URL's password, if any, is never part of these URLs' settings).
+fn describe_backend(settings: &Settings, ledger_file: Option<&std::path::Path>) -> String {
+    match settings.billing.backend {
+        BackendKind::Ledger => match ledger_file {
+            Some(path) => format!("embedded ledger in {}", path.display()),
+            None => "embedded ledger (run needs --ledger FILE or --ledger-in-memory)".to_owned(),
+        },
+        BackendKind::Killbill => match &settings.killbill {
+            Some(kb) => format!("KillBill {} at {} (tenant {})", kb.server_version, kb.url, kb.api_key),
+            None => "KillBill, but the [killbill] section is missing".to_owned(),
+        },
+        BackendKind::Hostbill => match settings.hostbill.as_ref().and_then(|h| h.url.as_deref()) {
+            Some(url) => format!("HostBill at {url}"),
+            None => "HostBill, but hostbill.url is missing".to_owned(),
+        },
     }
 }
 

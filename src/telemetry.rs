@@ -52,8 +52,22 @@ pub fn install_prometheus() -> Option<PrometheusHandle> {
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).ok()?;
+    // Histogram samples pile up in the recorder until upkeep folds them in; rendering does it
+    // too, but an unscraped process would grow without bound. A thread of its own, since this
+    // runs once per process and must not depend on a runtime.
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            upkeep.run_upkeep();
+        })
+        .ok()?;
     Some(handle)
 }
+
+/// How often the recorder's upkeep runs, scraped or not.
+pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What `/healthz` and `/readyz` report.
 #[derive(Debug, Default)]

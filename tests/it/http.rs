@@ -43,7 +43,8 @@ async fn metrics_count_what_happened_and_readiness_follows_the_broker() {
         .spawn()
         .unwrap();
     let ready = format!("{base}/readyz");
-    eventually("ready", LIMIT, || async { get(&ready).await.filter(|(s, _)| *s == 200) }).await;
+    let (_, body) = eventually("ready", LIMIT, || async { get(&ready).await.filter(|(s, _)| *s == 200) }).await;
+    assert!(body.contains("billing to embedded ledger in "), "/readyz names where billing goes: {body}");
     assert_eq!(get(&format!("{base}/healthz")).await.unwrap().0, 200);
 
     // What the fixtures should count, from an offline run.
@@ -131,4 +132,16 @@ async fn json_logs_of_a_whole_run_never_contain_the_configured_passwords() {
     assert!(!logs.contains(password) && !logs.contains(killbill_password), "a password reached the logs");
     run(&["delete_user", &user]);
     bus.cleanup().await;
+}
+
+#[test]
+fn run_without_a_configured_backend_refuses_to_bill_into_memory_and_says_what_to_do() {
+    // A replica started without its config: before, it billed into an in-memory ledger and
+    // acknowledged its share of the messages.
+    let output = crate::support::binary().args(["--amqp-url", "amqp://127.0.0.1:1/%2f", "run"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no billing backend is configured") && stderr.contains("--ledger FILE"), "{stderr}");
+    let check = crate::support::run_cli(&["config", "check"]);
+    assert!(String::from_utf8_lossy(&check.stdout).contains("# billing backend: embedded ledger"));
 }
