@@ -121,7 +121,10 @@ enum Command {
     /// delivery, an oslo envelope, or a bare notification.
     ///
     /// Billing goes to the embedded ledger: in memory, or in FILE with --ledger, so that
-    /// several replays add up and a second replay of the same messages changes nothing.
+    /// several replays add up and a second replay of the same messages changes nothing. It goes
+    /// to the billing application the configuration names (billing.backend: KillBill or
+    /// HostBill) only with --apply, which says where first: replay never writes to a real
+    /// billing application unless told to.
     ///
     /// Exit status: 0 when every message was processed or ignored, 3 when any was invalid or
     /// failed (each is listed on stderr with its file, line and reason), 2 on a usage error.
@@ -142,6 +145,10 @@ enum Command {
         /// confirms) instead of replaying them locally, to exercise a running deployment.
         #[arg(long)]
         publish: bool,
+        /// Bill into the billing application the configuration names (billing.backend) instead
+        /// of the embedded ledger.
+        #[arg(long, conflicts_with_all = ["ledger", "publish"])]
+        apply: bool,
     },
 }
 
@@ -367,7 +374,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             runtime()?.block_on(publish(&settings, &paths))
         }
-        Command::Replay { paths, ledger, report, .. } => {
+        Command::Replay { paths, ledger, report, apply, .. } => {
+            if apply && settings.billing.backend == BackendKind::Ledger {
+                return Err(UsageError(
+                    "--apply sends billing to the configured billing application, but billing.backend is the embedded ledger: \
+                     give --config naming KillBill or HostBill, or leave --apply out"
+                        .into(),
+                )
+                .into());
+            }
             if paths.is_empty() && ledger.is_none() {
                 return Err(UsageError(
                     "nothing to replay: give fixture PATHS, or --ledger FILE to show a stored ledger (see --help)"
@@ -375,7 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
                 .into());
             }
-            replay_locally(settings, &paths, ledger, report)
+            replay_locally(settings, &paths, ledger, report, apply)
         }
         Command::Run { ledger, ledger_in_memory } => {
             if settings.billing.backend == BackendKind::Ledger && ledger.is_none() && !ledger_in_memory {
@@ -688,9 +703,24 @@ fn replay_locally(
     paths: &[PathBuf],
     ledger: Option<PathBuf>,
     report: ReportFormat,
+    apply: bool,
 ) -> anyhow::Result<ExitCode> {
     let files = fixture::collect_files(paths)?;
-    let backend = backend(&settings, ledger.as_deref())?;
+    let backend = if apply {
+        eprintln!("applying to {}", describe_backend(&settings, None));
+        backend(&settings, None)?
+    } else {
+        if settings.billing.backend != BackendKind::Ledger {
+            eprintln!(
+                "note: replaying into the embedded ledger, not into {} (--apply sends it there)",
+                describe_backend(&settings, None)
+            );
+        }
+        Backend::Ledger(match &ledger {
+            Some(path) => Ledger::open(path)?,
+            None => Ledger::in_memory(),
+        })
+    };
     let executor = Executor::new(settings, backend);
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;

@@ -161,3 +161,37 @@ fn a_config_file_maps_flavors_to_plans_and_rejects_unknown_keys() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("default_plann"));
 }
+
+/// `replay fixtures/nova-legacy` with KillBill configured through the environment.
+fn replay_with_killbill(kb: concertim_billing::config::KillBillSettings, apply: bool) -> std::process::Output {
+    let mut command = crate::support::binary();
+    command
+        .current_dir(crate::support::root())
+        .arg("replay")
+        .args(apply.then_some("--apply"))
+        .arg("fixtures/nova-legacy")
+        .env("CONCERTIM_BILLING_BILLING__BACKEND", "killbill")
+        .env("CONCERTIM_BILLING_KILLBILL__URL", &kb.url)
+        .env("CONCERTIM_BILLING_KILLBILL__USERNAME", &kb.username)
+        .env("CONCERTIM_BILLING_KILLBILL__PASSWORD", kb.password.expose())
+        .env("CONCERTIM_BILLING_KILLBILL__API_KEY", &kb.api_key)
+        .env("CONCERTIM_BILLING_KILLBILL__API_SECRET", kb.api_secret.expose());
+    command.output().unwrap()
+}
+
+#[tokio::test]
+async fn replay_writes_to_the_configured_billing_application_only_with_apply() {
+    let fake = crate::support::killbill::FakeKillBill::start().await;
+    // Before: a config naming KillBill made `replay` bill into it.
+    let kb = fake.settings();
+    let dry = tokio::task::spawn_blocking(move || replay_with_killbill(kb, false)).await.unwrap();
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+    assert_eq!(fake.requests(), 0, "a replay without --apply wrote to KillBill");
+    assert!(String::from_utf8_lossy(&dry.stderr).contains("--apply sends it there"));
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("Usage ("), "the ledger's tables are shown");
+    let kb = fake.settings();
+    let applied = tokio::task::spawn_blocking(move || replay_with_killbill(kb, true)).await.unwrap();
+    let stderr = String::from_utf8_lossy(&applied.stderr);
+    assert!(stderr.contains("applying to KillBill 0.24 at http://127.0.0.1:"), "{stderr}");
+    assert!(fake.usage_rows() > 0);
+}
