@@ -529,6 +529,15 @@ pub struct BillingSettings {
     /// Ceilometer meter name → billing unit and factor. Meters not listed are not billed.
     #[serde(default)]
     pub meters: BTreeMap<String, MeterRule>,
+    /// The largest amount one usage record may carry (in its unit). A sample whose amount is
+    /// above it, negative, or dated far from its notification is invalid and dead-lettered
+    /// with the reason, never billed (nor credited).
+    #[serde(default = "default_max_record_amount")]
+    pub max_record_amount: Decimal,
+}
+
+fn default_max_record_amount() -> Decimal {
+    Decimal::from(1_000_000_000u64)
 }
 
 impl BillingSettings {

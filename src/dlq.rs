@@ -145,7 +145,7 @@ impl DeadLetter {
                     "(no reason recorded)".into()
                 }
             }),
-            attempts: ack::attempts(&message.delivery),
+            attempts: ack::recorded_attempts(&message.delivery.properties),
             last_failure,
             age_seconds,
             original_exchange,
@@ -257,10 +257,14 @@ pub async fn list(settings: &Settings, selector: &Selector) -> Result<Vec<DeadLe
 /// What `requeue` or `purge` does to each selected dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Republish to its original exchange and routing key.
+    /// Republish to our own queue it failed in: the main queue for a notification from
+    /// upstream, the queue named by its route when that route is ours (the Concertim queue).
     Requeue,
     /// Republish straight to our main queue.
     RequeueToQueue,
+    /// Republish to its original exchange and routing key (upstream: every consumer bound
+    /// there gets it again).
+    RequeueToOriginal,
     /// Remove it.
     Purge,
 }
@@ -293,8 +297,12 @@ pub async fn apply(
             }
             if action != Action::Purge {
                 let (exchange, routing_key) = match action {
-                    Action::RequeueToQueue => (String::new(), reader.names.queue.clone()),
-                    _ => (dead.original_exchange.clone(), dead.original_routing_key.clone()),
+                    Action::RequeueToOriginal => (dead.original_exchange.clone(), dead.original_routing_key.clone()),
+                    // Ours already (through the default exchange): back to that queue.
+                    Action::Requeue if dead.original_exchange.is_empty() => {
+                        (String::new(), dead.original_routing_key.clone())
+                    }
+                    _ => (String::new(), reader.names.queue.clone()),
                 };
                 republish(&reader.channel, &exchange, &routing_key, &dead, bus).await?;
             }

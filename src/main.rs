@@ -238,17 +238,25 @@ enum DlqAction {
         #[arg(long)]
         no_redact: bool,
     },
-    /// Send the selected dead letters back to their original exchange and routing key (with
+    /// Send the selected dead letters back to this service's own queue they failed in (with
     /// publisher confirms), then remove them from the dead-letter queue.
+    ///
+    /// A notification goes to the main queue, a Concertim update to the Concertim queue: never
+    /// to the upstream exchange, where every other consumer (Ceilometer, CloudKitty) would get
+    /// it again, unless --to-original-exchange says so.
     Requeue {
         #[command(flatten)]
         filters: Filters,
         /// Every dead letter (needed when no filter is given).
         #[arg(long)]
         all: bool,
-        /// Send them straight to our main queue instead of their original route.
-        #[arg(long)]
+        /// Send them to our main queue (the default for notifications; kept for scripts).
+        #[arg(long, conflicts_with = "to_original_exchange")]
         to_queue: bool,
+        /// Send them back to their original upstream exchange and routing key instead: every
+        /// queue bound there gets a copy, OpenStack's own consumers included.
+        #[arg(long)]
+        to_original_exchange: bool,
         /// Only list what would move.
         #[arg(long)]
         dry_run: bool,
@@ -603,12 +611,22 @@ async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<
             std::fs::write(&out, text).with_context(|| format!("cannot write {}", out.display()))?;
             println!("exported {} dead letter(s) to {}", letters.len(), out.display());
         }
-        DlqAction::Requeue { filters, all, to_queue, dry_run } => {
+        DlqAction::Requeue { filters, all, to_queue, to_original_exchange, dry_run } => {
             let selector = filters.selector();
             if selector.is_empty() && !all {
                 return Err(UsageError("requeue what? give --id or a filter, or --all".into()).into());
             }
-            let action = if to_queue { dlq::Action::RequeueToQueue } else { dlq::Action::Requeue };
+            let action = if to_original_exchange {
+                eprintln!(
+                    "warning: --to-original-exchange republishes to the upstream exchanges: every queue bound there \
+                     (OpenStack's notifications.info, Ceilometer, CloudKitty) gets these messages again"
+                );
+                dlq::Action::RequeueToOriginal
+            } else if to_queue {
+                dlq::Action::RequeueToQueue
+            } else {
+                dlq::Action::Requeue
+            };
             let moved = dlq::apply(settings, &selector, action, dry_run).await?;
             if dry_run {
                 print!("{}", dlq::table(&moved));

@@ -109,6 +109,36 @@ pub enum PlanError {
         /// The sample's volume.
         volume: Decimal,
     },
+    /// A negative volume: usage is never a credit.
+    #[error("meter {meter}: negative volume {volume}; usage is never billed as a credit")]
+    Negative {
+        /// The meter.
+        meter: String,
+        /// The sample's volume.
+        volume: Decimal,
+    },
+    /// An amount above `billing.max_record_amount`.
+    #[error(
+        "meter {meter}: amount {amount} is above billing.max_record_amount ({bound}); raise it if this is real usage"
+    )]
+    Absurd {
+        /// The meter.
+        meter: String,
+        /// The record's amount.
+        amount: Decimal,
+        /// The configured bound.
+        bound: Decimal,
+    },
+    /// A sample dated far from the notification that carries it.
+    #[error("meter {meter}: sample dated {sample}, more than a year before or a day after its notification ({sent})")]
+    OutOfRange {
+        /// The meter.
+        meter: String,
+        /// The sample's time.
+        sample: Timestamp,
+        /// The notification's time.
+        sent: Timestamp,
+    },
 }
 
 /// The usage trackingId: the notification's `message_id`. KillBill scopes trackingIds per
@@ -186,6 +216,34 @@ fn plan_instance(
     }
 }
 
+/// A sample's billed amount: volume × factor, refused when it is negative, above the bound, or
+/// dated far from its notification (a year before, a day after).
+fn amount(
+    sample: &Sample,
+    notification: &Notification,
+    rule: &crate::config::MeterRule,
+    settings: &Settings,
+) -> Result<Decimal, PlanError> {
+    let meter = || sample.meter.clone();
+    if sample.volume.is_sign_negative() && !sample.volume.is_zero() {
+        return Err(PlanError::Negative { meter: meter(), volume: sample.volume });
+    }
+    let sent = notification.meta.timestamp;
+    let (earliest, latest) = (sent.unix() - 366 * 86_400, sent.unix() + 86_400);
+    if sample.timestamp.unix() < earliest || sample.timestamp.unix() > latest {
+        return Err(PlanError::OutOfRange { meter: meter(), sample: sample.timestamp, sent });
+    }
+    let amount = rule
+        .factor
+        .apply(sample.volume)
+        .ok_or_else(|| PlanError::Overflow { meter: meter(), volume: sample.volume })?;
+    let bound = settings.billing.max_record_amount;
+    if amount > bound {
+        return Err(PlanError::Absurd { meter: meter(), amount, bound });
+    }
+    Ok(amount)
+}
+
 fn plan_usage(samples: &[Sample], notification: &Notification, settings: &Settings) -> Result<Plan, PlanError> {
     // Group by instance, keeping first-seen order so the plan is deterministic.
     let mut order: Vec<&InstanceId> = Vec::new();
@@ -223,11 +281,11 @@ fn plan_usage(samples: &[Sample], notification: &Notification, settings: &Settin
         let mut records = Vec::with_capacity(group.len());
         for sample in group {
             let rule = &settings.billing.meters[&sample.meter];
-            let amount = rule
-                .factor
-                .apply(sample.volume)
-                .ok_or_else(|| PlanError::Overflow { meter: sample.meter.clone(), volume: sample.volume })?;
-            records.push(UsageRecord { unit: rule.unit.clone(), date: sample.timestamp, amount });
+            records.push(UsageRecord {
+                unit: rule.unit.clone(),
+                date: sample.timestamp,
+                amount: amount(sample, notification, rule, settings)?,
+            });
         }
         actions.push(Action::RecordUsage(UsageSpec {
             instance: instance.clone(),
@@ -354,6 +412,34 @@ mod tests {
         assert_eq!(usage.tracking_id, "msg-1");
         let amounts: Vec<String> = usage.records.iter().map(|r| format!("{}={}", r.unit, r.amount)).collect();
         assert_eq!(amounts, ["openstack-billed-vcpus=20", "openstack-billed-memory=10"]);
+    }
+
+    #[test]
+    fn a_negative_volume_is_invalid_never_a_credit() {
+        let n = notification(Event::Usage { samples: vec![sample("vcpus", -5)], unattributed: 0 });
+        let error = plan(&n, &Settings::embedded()).unwrap_err();
+        assert!(matches!(error, PlanError::Negative { .. }), "{error}");
+        assert!(error.to_string().contains("never billed as a credit"));
+    }
+
+    #[test]
+    fn an_amount_above_the_configured_bound_is_invalid_and_names_the_setting() {
+        let n = notification(Event::Usage { samples: vec![sample("vcpus", 100_000_000_000)], unattributed: 0 });
+        let error = plan(&n, &Settings::embedded()).unwrap_err();
+        assert!(error.to_string().contains("billing.max_record_amount"), "{error}");
+        let mut settings = Settings::embedded();
+        settings.billing.max_record_amount = Decimal::from(2_000_000_000_000u64);
+        assert!(plan(&n, &settings).is_ok(), "a raised bound admits it");
+    }
+
+    #[test]
+    fn a_sample_dated_far_from_its_notification_is_invalid() {
+        for when in ["0001-01-01T00:00:00Z", "9999-12-31T00:00:00Z", "2023-12-01T00:00:00Z", "2025-01-03T12:00:00Z"] {
+            let mut far = sample("vcpus", 1);
+            far.timestamp = ts(when);
+            let n = notification(Event::Usage { samples: vec![far], unattributed: 0 });
+            assert!(matches!(plan(&n, &Settings::embedded()), Err(PlanError::OutOfRange { .. })), "{when}");
+        }
     }
 
     #[test]

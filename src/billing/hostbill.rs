@@ -459,7 +459,10 @@ impl Billing for HostBill {
         for r in &usage.records {
             match totals.iter_mut().find(|(u, _, _)| *u == r.unit.as_str()) {
                 Some((_, amount, date)) => {
-                    *amount += r.amount;
+                    *amount = amount.checked_add(r.amount).ok_or_else(|| BillingError::Protocol {
+                        what: format!("record usage {} on {}", usage.tracking_id, usage.instance),
+                        detail: format!("the {} records of one notification overflow when summed", r.unit),
+                    })?;
                     *date = (*date).max(r.date);
                 }
                 None => totals.push((r.unit.as_str(), r.amount, r.date)),

@@ -235,7 +235,10 @@ impl Ledger {
                 if end.is_some_and(|end| record.date > end) {
                     late_records += 1;
                 } else {
-                    *totals.entry(&record.unit).or_default() += record.amount;
+                    // Each record is at most billing.max_record_amount, so no real sum comes
+                    // near Decimal's range; saturating keeps a forged ledger file from panicking.
+                    let total = totals.entry(&record.unit).or_default();
+                    *total = total.saturating_add(record.amount);
                 }
             }
             usage.extend(totals.into_iter().map(|(unit, amount)| UsageRow {

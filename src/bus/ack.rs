@@ -81,6 +81,11 @@ impl Settler {
         Self { channel, names, max_attempts }
     }
 
+    /// The queue this settler serves.
+    pub fn queue(&self) -> &str {
+        &self.names.queue
+    }
+
     /// `"billing"` or `"concertim"`: which queue this settler serves, as a metric label.
     pub fn target(&self) -> &'static str {
         if self.names.queue.ends_with(".concertim") {
@@ -112,7 +117,7 @@ impl Settler {
         let settled = match verdict {
             Verdict::Ack => Settled::Acked,
             Verdict::Retry { reason } => {
-                let attempt = attempts(&delivery) + 1;
+                let attempt = attempts(&delivery, &self.names.queue) + 1;
                 if attempt >= self.max_attempts {
                     let reason = format!("exhausted after {attempt} attempts: {reason}");
                     self.republish(&delivery, &self.names.dead_exchange, ErrorClass::Transient, &reason, attempt)
@@ -125,7 +130,7 @@ impl Settler {
                 }
             }
             Verdict::DeadLetter { class, reason } => {
-                let attempt = attempts(&delivery) + 1;
+                let attempt = attempts(&delivery, &self.names.queue) + 1;
                 self.republish(&delivery, &self.names.dead_exchange, class, &reason, attempt).await?;
                 Settled::DeadLettered(attempt)
             }
@@ -146,7 +151,7 @@ impl Settler {
         reason: &str,
         attempt: u32,
     ) -> Result<(), BusError> {
-        let properties = with_failure_headers(delivery, class, reason, attempt, now());
+        let properties = with_failure_headers(delivery, &self.names.queue, class, reason, attempt, now());
         self.publish(exchange, delivery.routing_key.as_str(), &delivery.data, properties).await
     }
 
@@ -189,9 +194,33 @@ fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
 }
 
-/// The attempts recorded in the message's headers (0 when it never failed).
-pub fn attempts(delivery: &Delivery) -> u32 {
-    header(&delivery.properties, ATTEMPTS).and_then(integer).map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+/// Whether the delivery came through this service's own exchanges: the default exchange (by
+/// which the retry queue hands messages back and billing hands work to Concertim) or one named
+/// after `queue` (retry, shard). Only then are its `x-concertim-*` headers ours: an upstream
+/// publisher's copies of them (a forged route, a forged attempt count) are ignored.
+pub fn from_us(delivery: &Delivery, queue: &str) -> bool {
+    let exchange = delivery.exchange.as_str();
+    exchange.is_empty() || exchange.strip_prefix(queue).is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// One of our headers, when the delivery came through our own exchanges.
+fn our_header(delivery: &Delivery, queue: &str, name: &str) -> Option<String> {
+    from_us(delivery, queue).then(|| header_text(&delivery.properties, name)).flatten()
+}
+
+/// The attempts recorded in the message's headers (0 when it never failed, or when it came
+/// from upstream, whose headers are not ours).
+pub fn attempts(delivery: &Delivery, queue: &str) -> u32 {
+    if !from_us(delivery, queue) {
+        return 0;
+    }
+    recorded_attempts(&delivery.properties)
+}
+
+/// The attempts a message's headers record, whoever wrote them: for the dead-letter queue's
+/// messages, which only this service publishes there.
+pub fn recorded_attempts(properties: &BasicProperties) -> u32 {
+    header(properties, ATTEMPTS).and_then(integer).map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
 /// A header's value.
@@ -224,9 +253,9 @@ fn integer(value: &AMQPValue) -> Option<i64> {
 /// The delivery's properties with the original exchange and routing key recorded, unless an
 /// earlier hop recorded them: what a message moved between our own queues keeps, so that its
 /// dead letter still says where it came from.
-pub(crate) fn with_original_route(delivery: &Delivery) -> BasicProperties {
+pub(crate) fn with_original_route(delivery: &Delivery, queue: &str) -> BasicProperties {
     let properties = &delivery.properties;
-    if header(properties, ORIGINAL_EXCHANGE).is_some() {
+    if our_header(delivery, queue, ORIGINAL_EXCHANGE).is_some() {
         return properties.clone();
     }
     let mut headers: FieldTable = properties.headers().clone().unwrap_or_default();
@@ -239,6 +268,7 @@ pub(crate) fn with_original_route(delivery: &Delivery) -> BasicProperties {
 /// exchange and routing key are kept from an earlier failure, when there was one.
 fn with_failure_headers(
     delivery: &Delivery,
+    queue: &str,
     class: ErrorClass,
     reason: &str,
     attempt: u32,
@@ -246,10 +276,11 @@ fn with_failure_headers(
 ) -> BasicProperties {
     let properties = &delivery.properties;
     let mut headers: FieldTable = properties.headers().clone().unwrap_or_default();
-    let first = header_text(properties, FIRST_FAILURE).unwrap_or_else(|| now.clone());
-    let exchange = header_text(properties, ORIGINAL_EXCHANGE).unwrap_or_else(|| delivery.exchange.as_str().to_owned());
+    let first = our_header(delivery, queue, FIRST_FAILURE).unwrap_or_else(|| now.clone());
+    let exchange =
+        our_header(delivery, queue, ORIGINAL_EXCHANGE).unwrap_or_else(|| delivery.exchange.as_str().to_owned());
     let routing_key =
-        header_text(properties, ORIGINAL_ROUTING_KEY).unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
+        our_header(delivery, queue, ORIGINAL_ROUTING_KEY).unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
     // Headers are bounded like everything copied from a message: a reason can quote input.
     let reason: String = reason.chars().take(2000).collect();
     headers.insert(REASON.into(), text(&reason));
@@ -269,17 +300,38 @@ mod tests {
     #[test]
     fn a_moved_message_records_its_first_route_and_keeps_it_on_later_hops() {
         let upstream = Delivery::mock(1, "nova".into(), "notifications.info".into(), false, b"{}".to_vec());
-        let moved = with_original_route(&upstream);
+        let moved = with_original_route(&upstream, "billing");
         assert_eq!(header_text(&moved, ORIGINAL_EXCHANGE).as_deref(), Some("nova"));
         assert_eq!(header_text(&moved, ORIGINAL_ROUTING_KEY).as_deref(), Some("notifications.info"));
 
         let mut on_shard = Delivery::mock(2, "billing.shard".into(), "project-1".into(), false, b"{}".to_vec());
         on_shard.properties = moved;
-        let failed = with_failure_headers(&on_shard, ErrorClass::Invalid, "bad", 1, "now".into());
+        let failed = with_failure_headers(&on_shard, "billing", ErrorClass::Invalid, "bad", 1, "now".into());
         assert_eq!(header_text(&failed, ORIGINAL_EXCHANGE).as_deref(), Some("nova"));
         assert_eq!(
-            header_text(&with_original_route(&on_shard), ORIGINAL_ROUTING_KEY).as_deref(),
+            header_text(&with_original_route(&on_shard, "billing"), ORIGINAL_ROUTING_KEY).as_deref(),
             Some("notifications.info")
         );
+    }
+
+    #[test]
+    fn our_headers_forged_by_an_upstream_publisher_change_nothing() {
+        let mut forged = Delivery::mock(1, "nova".into(), "notifications.info".into(), false, b"{}".to_vec());
+        let mut headers = FieldTable::default();
+        headers.insert(ORIGINAL_EXCHANGE.into(), text("amq.topic"));
+        headers.insert(ORIGINAL_ROUTING_KEY.into(), text("somewhere.else"));
+        headers.insert(ATTEMPTS.into(), AMQPValue::LongLongInt(99));
+        forged.properties = BasicProperties::default().with_headers(headers);
+        // A forged attempt count skips no retry; a forged route is not where requeue sends it.
+        assert_eq!(attempts(&forged, "billing"), 0);
+        let failed = with_failure_headers(&forged, "billing", ErrorClass::Transient, "down", 1, "now".into());
+        assert_eq!(header_text(&failed, ORIGINAL_EXCHANGE).as_deref(), Some("nova"));
+        assert_eq!(header_text(&failed, ORIGINAL_ROUTING_KEY).as_deref(), Some("notifications.info"));
+        assert_eq!(header_text(&with_original_route(&forged, "billing"), ORIGINAL_EXCHANGE).as_deref(), Some("nova"));
+        // Back from our own retry queue (the default exchange), the headers are ours.
+        let mut retried = Delivery::mock(2, "".into(), "billing".into(), false, b"{}".to_vec());
+        retried.properties = failed;
+        assert_eq!(attempts(&retried, "billing"), 1);
+        assert!(!from_us(&Delivery::mock(3, "billingx.retry".into(), "".into(), false, vec![]), "billing"));
     }
 }

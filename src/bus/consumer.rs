@@ -485,7 +485,7 @@ async fn handle_job<H: Handler>(
     delivery: Delivery,
     prepared: H::Prepared,
 ) {
-    let redelivered = delivery.redelivered || ack::attempts(&delivery) > 0;
+    let redelivered = delivery.redelivered || ack::attempts(&delivery, settler.queue()) > 0;
     let Processed { verdict, label, forward } = handler.process(prepared, redelivered).await;
     if let Some((queue, work)) = forward {
         // The Concertim work is on its queue before the notification is acknowledged: a crash

@@ -129,7 +129,7 @@ pub(super) async fn session<B: Billing + 'static>(
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
                     let key = routing_key(executor, &delivery);
-                    let properties = ack::with_original_route(&delivery);
+                    let properties = ack::with_original_route(&delivery, &names.queue);
                     let published = publisher
                         .basic_publish(
                             exchange.as_str().into(),

@@ -120,8 +120,24 @@ async fn requeue_all_after_the_cause_is_fixed_empties_the_dead_letters_and_bills
     let dry = String::from_utf8(cli(&bus, &["dlq", "requeue", "--all", "--dry-run"]).stdout).unwrap();
     assert!(dry.contains("4 dead letter(s)") && dry.contains("dry run"), "{dry}");
     assert_eq!(bus.depth(&dead).await, 4);
+    // Ceilometer's own queue on the upstream exchange: a requeue must not hand it copies.
+    let neighbour = format!("{}metering.sample", bus.prefix);
+    let channel = bus.channel();
+    channel.queue_declare(neighbour.as_str().into(), Default::default(), FieldTable::default()).await.unwrap();
+    let upstream = bus.exchange("ceilometer");
+    channel
+        .queue_bind(
+            neighbour.as_str().into(),
+            upstream.as_str().into(),
+            "metering.sample".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     cli(&bus, &["dlq", "requeue", "--all"]);
     assert_eq!(bus.depth(&dead).await, 0);
+    assert_eq!(bus.depth(&neighbour).await, 0, "the requeue went to the upstream exchange");
     let executor = &app.executor;
     eventually("every message billed", LIMIT, || async {
         (executor.billing().usage_recorded.load(Ordering::SeqCst) == 4).then_some(())
@@ -131,6 +147,7 @@ async fn requeue_all_after_the_cause_is_fixed_empties_the_dead_letters_and_bills
     eventually("the main queue to empty", LIMIT, || async { (bus.depth(&queue).await == 0).then_some(()) }).await;
     assert_eq!(executor.billing().usage_recorded.load(Ordering::SeqCst), 4, "each once");
     assert_eq!(bus.depth(&dead).await, 0);
+    let _ = bus.channel().queue_delete(neighbour.as_str().into(), Default::default()).await;
     app.shutdown().await.unwrap();
     bus.cleanup().await;
 }

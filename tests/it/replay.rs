@@ -195,3 +195,30 @@ async fn replay_writes_to_the_configured_billing_application_only_with_apply() {
     assert!(stderr.contains("applying to KillBill 0.24 at http://127.0.0.1:"), "{stderr}");
     assert!(fake.usage_rows() > 0);
 }
+
+#[test]
+fn negative_or_absurd_volumes_are_invalid_with_their_reason_and_never_crash_the_ledger() {
+    // Two samples of 7e27 used to overflow the ledger's sum and panic replay (exit 101), and a
+    // negative volume was billed as a credit.
+    let line = std::fs::read_to_string(crate::support::fixtures("nova-legacy/lifecycle.jsonl"))
+        .unwrap()
+        .lines()
+        .find(|l| l.contains("\"exchange\":\"ceilometer\""))
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hostile.jsonl");
+    let huge = line.replace("\\\"counter_volume\\\": 1,", "\\\"counter_volume\\\": 7e27,");
+    let negative =
+        line.replace("\\\"counter_volume\\\": 1,", "\\\"counter_volume\\\": -5,").replace("b4f5d873", "c4f5d873");
+    assert!(huge != line && negative != line, "the fixture's vcpus volume is 1");
+    std::fs::write(&file, format!("{huge}\n{}\n{negative}\n", huge.replace("b4f5d873", "d4f5d873"))).unwrap();
+    let ledger = dir.path().join("ledger.json");
+    let out = run_cli(&["replay", "--ledger", arg(&ledger), arg(&file)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert_eq!(stderr.matches("billing.max_record_amount").count(), 2, "{stderr}");
+    assert!(stderr.contains("never billed as a credit"), "{stderr}");
+    // The ledger is intact and readable again.
+    assert_eq!(run_cli(&["replay", "--ledger", arg(&ledger)]).status.code(), Some(0));
+}
