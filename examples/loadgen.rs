@@ -346,7 +346,17 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
     let generator = Generator::new(args.mix, &settings.bus.prefix, args.projects, args.instances);
     let connection = bus::connect(&settings.bus.url, "loadgen").await.expect("RabbitMQ at 127.0.0.1:5672");
     let channel = connection.create_channel().await.unwrap();
+    // The upstream exchanges, as OpenStack's publishers declare them (the service only checks).
+    for binding in &settings.bus.bindings {
+        let options =
+            lapin::options::ExchangeDeclareOptions { durable: settings.bus.upstream_durable, ..Default::default() };
+        channel
+            .exchange_declare(binding.exchange.as_str().into(), lapin::ExchangeKind::Topic, options, Default::default())
+            .await
+            .unwrap();
+    }
     let names = topology::declare(&channel, &settings.bus).await.unwrap();
+    assert!(topology::bind_upstream(&settings.bus).await.unwrap().is_empty(), "every upstream exchange is declared");
     channel.confirm_select(Default::default()).await.unwrap();
     let executor =
         Arc::new(Executor::new(settings.clone(), watch::Watched { inner: billing, watch: Timing::new(args.mix) }));

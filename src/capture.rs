@@ -8,9 +8,8 @@ use std::{io::Write, time::Duration};
 
 use futures_lite::StreamExt;
 use lapin::{
-    options::{BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
     types::FieldTable,
-    ExchangeKind,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -61,11 +60,14 @@ pub async fn capture(
     let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
     let queue = channel.queue_declare("".into(), options, FieldTable::default()).await.map_err(&broker)?;
     for binding in &bus.bindings {
-        let upstream = ExchangeDeclareOptions { durable: bus.upstream_durable, ..ExchangeDeclareOptions::default() };
-        channel
-            .exchange_declare(binding.exchange.as_str().into(), ExchangeKind::Topic, upstream, FieldTable::default())
-            .await
-            .map_err(&broker)?;
+        // Checked, never created: see `topology::check_upstream`.
+        if !crate::bus::topology::upstream_exists(bus, &binding.exchange).await? {
+            tracing::warn!(
+                "{}; not captured",
+                crate::bus::BusError::UpstreamAbsent { exchange: binding.exchange.clone() }
+            );
+            continue;
+        }
         channel
             .queue_bind(
                 queue.name().clone(),

@@ -419,8 +419,10 @@ pub struct BusSettings {
     pub queue: String,
     /// Upstream exchanges and routing keys our queue is bound to.
     pub bindings: Vec<Binding>,
-    /// Whether the upstream exchanges are durable: must match the OpenStack services'
-    /// `[oslo_messaging_rabbit] amqp_durable_queues` (true with `rabbit_quorum_queue`).
+    /// The durability with which `replay --publish` declares the upstream exchanges it
+    /// publishes to, as OpenStack's publishers would: their `[oslo_messaging_rabbit]
+    /// amqp_durable_queues` (true with `rabbit_quorum_queue`). The service itself never
+    /// declares an upstream exchange; it checks them passively.
     pub upstream_durable: bool,
     /// Unacknowledged messages the broker may hand us at once.
     pub prefetch: u16,

@@ -456,6 +456,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if let Some(concertim) = &settings.concertim {
                     topology::declare_concertim(&channel, &settings.bus, concertim).await?;
                 }
+                for absent in topology::bind_upstream(&settings.bus).await? {
+                    eprintln!(
+                        "note: not bound to {} ({}): {}",
+                        absent.exchange,
+                        absent.routing_key,
+                        concertim_billing::bus::BusError::UpstreamAbsent { exchange: absent.exchange.clone() }
+                    );
+                }
                 let _ = connection.close(200, "done".into()).await;
                 anyhow::Ok(())
             })?;
@@ -689,6 +697,18 @@ async fn publish(settings: &Settings, paths: &[PathBuf]) -> anyhow::Result<ExitC
     }
     let files = fixture::collect_files(paths)?;
     let mut publisher = Publisher::connect(&settings.bus.url).await?;
+    // Standing in for OpenStack's publishers, which declare their exchanges before publishing.
+    let mut declared = std::collections::BTreeSet::new();
+    for (_, delivery) in files.iter().flat_map(|f| fixture::read_all(std::slice::from_ref(f))) {
+        if let Some(exchange) = delivery.ok().and_then(|d| d.exchange) {
+            if declared.insert(exchange.clone()) {
+                publisher.ensure_upstream(&exchange, settings.bus.upstream_durable).await?;
+            }
+        }
+    }
+    // A service started just before waits for those exchanges and then binds its queue: a
+    // message with no queue bound yet is tried again for a while rather than lost.
+    let patience = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let (mut sent, mut failed) = (0, 0);
     for (position, delivery) in files.iter().flat_map(|f| fixture::read_all(std::slice::from_ref(f))) {
         let delivery = match delivery {
@@ -704,7 +724,12 @@ async fn publish(settings: &Settings, paths: &[PathBuf]) -> anyhow::Result<ExitC
             failed += 1;
             continue;
         };
-        match publisher.publish(exchange, &delivery).await {
+        let mut result = publisher.publish(exchange, &delivery).await;
+        while matches!(result, Err(bus::BusError::NotConfirmed { .. })) && std::time::Instant::now() < patience {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            result = publisher.publish(exchange, &delivery).await;
+        }
+        match result {
             Ok(()) => sent += 1,
             Err(e) => {
                 eprintln!("{position}: not published: {e}");

@@ -60,6 +60,18 @@ enable_shard_plugin() {
 broker_answers || start_broker
 enable_shard_plugin
 
+# OpenStack's own publishing code for the tests that publish as Nova does: oslo.messaging from
+# PyPI, in a virtualenv of the project's (reused when already there).
+oslo_venv=target/dev/oslo-venv
+if ! "$oslo_venv/bin/python" -c 'import oslo_messaging' 2>/dev/null; then
+    echo "test.sh: installing oslo.messaging from PyPI into $oslo_venv" >&2
+    mkdir -p target/dev
+    python3 -m venv "$oslo_venv"
+    "$oslo_venv/bin/pip" install --quiet --disable-pip-version-check oslo.messaging
+fi
+CONCERTIM_BILLING_OSLO_PYTHON="$(pwd)/$oslo_venv/bin/python"
+export CONCERTIM_BILLING_OSLO_PYTHON
+
 # The real KillBill, unless the fake was asked for. Started here, it is stopped on exit (the
 # JVM only: the PostgreSQL cluster keeps its data for the next run, and postgres.sh stop ends it).
 if [ "${CONCERTIM_BILLING_KILLBILL:-real}" != fake ]; then

@@ -218,7 +218,12 @@ impl HostBill {
                 };
                 Err(BillingError::Refused { what, status: status.as_u16(), error: text })
             }
-            // Not HostBill's envelope: a 5xx page from a proxy is transient, the rest permanent.
+            // Not HostBill's envelope. A 2xx page (a maintenance page, a proxy's answer) is not
+            // HostBill's word: tried again. A 4xx (a proxy refusing the credentials) is
+            // permanent, a 5xx transient, by status.
+            Err(_) if status.is_success() => {
+                Err(BillingError::unexpected(&what, status.as_u16(), "not HostBill's JSON envelope", &body))
+            }
             Err(_) => {
                 Err(BillingError::Status { what, status: status.as_u16(), body: body.chars().take(2000).collect() })
             }

@@ -114,6 +114,7 @@ pub async fn run_both<B: Billing + 'static>(
     };
     let billing = Consumer {
         queues,
+        upstream: true,
         names: Names::new(bus),
         tag: "concertim-billing",
         prefetch: bus.prefetch,
@@ -136,6 +137,7 @@ pub async fn run_both<B: Billing + 'static>(
     let names = Names::concertim(bus);
     let consumer = Consumer {
         queues: vec![names.queue.clone()],
+        upstream: false,
         names,
         tag: "concertim-billing-concertim",
         prefetch: bus.prefetch,
@@ -176,6 +178,8 @@ fn spread(mut queues: Vec<String>) -> Vec<String> {
 struct Consumer {
     /// One queue, or the shard queues.
     queues: Vec<String>,
+    /// Whether this consumer binds the main queue to OpenStack's exchanges (billing does).
+    upstream: bool,
     names: Names,
     tag: &'static str,
     prefetch: u16,
@@ -281,6 +285,35 @@ where
     }
 }
 
+/// How often an absent upstream exchange is looked for again.
+const UPSTREAM_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Looks for the absent upstream exchanges until each is bound (OpenStack declares them when
+/// its services first publish).
+async fn watch_upstream(bus: BusSettings, mut absent: Vec<crate::config::Binding>) {
+    while !absent.is_empty() {
+        tokio::time::sleep(UPSTREAM_POLL).await;
+        match topology::bind_some(&bus, &absent).await {
+            Ok(still) => {
+                for bound in absent.iter().filter(|b| !still.contains(b)) {
+                    info!(exchange = %bound.exchange, routing_key = %bound.routing_key, "bound to the upstream exchange");
+                }
+                absent = still;
+            }
+            Err(e) => warn!(error.message = %e, "cannot look for the upstream exchanges; trying again"),
+        }
+    }
+}
+
+/// A task that ends with the value that holds it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 enum End {
     Shutdown,
     Lost { consumed: bool },
@@ -306,6 +339,16 @@ async fn session<H: Handler>(
     if let Some(concertim) = &settings.concertim {
         topology::declare_concertim(&setup, bus, concertim).await?;
     }
+    // Bound to what OpenStack has declared; the rest is looked for while this session lasts.
+    let _watcher = if consumer.upstream {
+        let absent = topology::bind_upstream(bus).await?;
+        for binding in &absent {
+            warn!(exchange = %binding.exchange, routing_key = %binding.routing_key, error.message = %BusError::UpstreamAbsent { exchange: binding.exchange.clone() }, "not bound yet");
+        }
+        (!absent.is_empty()).then(|| AbortOnDrop(tokio::spawn(watch_upstream(bus.clone(), absent))))
+    } else {
+        None
+    };
     let publisher = connection.create_channel().await.map_err(&broker)?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(&broker)?;
     let consuming = connection.create_channel().await.map_err(&broker)?;

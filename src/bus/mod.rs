@@ -62,6 +62,18 @@ pub enum BusError {
         /// The exchange.
         exchange: String,
     },
+    /// An upstream exchange this service binds to does not exist yet. OpenStack's services
+    /// declare their exchanges (with their own durability) when they first publish; this
+    /// service never creates them, so it waits.
+    #[error(
+        "upstream exchange {exchange} does not exist yet: OpenStack's services declare it when they first publish \
+         (this service never creates it: one declared with another durability makes their publishes fail); \
+         waiting for it. Remove it from bus.bindings if that service is not deployed"
+    )]
+    UpstreamAbsent {
+        /// The exchange.
+        exchange: String,
+    },
     /// A consumer could not be set up from the configuration.
     #[error("{detail}")]
     Config {
@@ -75,9 +87,10 @@ impl BusError {
     pub fn class(&self) -> ErrorClass {
         match self {
             BusError::Precondition { .. } | BusError::Missing { .. } | BusError::Config { .. } => ErrorClass::Permanent,
-            BusError::Unreachable { .. } | BusError::Broker { .. } | BusError::NotConfirmed { .. } => {
-                ErrorClass::Transient
-            }
+            BusError::Unreachable { .. }
+            | BusError::Broker { .. }
+            | BusError::NotConfirmed { .. }
+            | BusError::UpstreamAbsent { .. } => ErrorClass::Transient,
         }
     }
 }

@@ -19,7 +19,7 @@ use lapin::{
 };
 
 use super::BusError;
-use crate::config::{BusSettings, ConcertimSettings};
+use crate::config::{Binding, BusSettings, ConcertimSettings};
 
 /// The names of everything this service owns on the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,8 +166,8 @@ pub async fn declare_concertim(
     Ok(names)
 }
 
-/// Declares every queue, exchange and binding (idempotent: the broker accepts identical
-/// re-declarations).
+/// Declares every queue, exchange and binding of our own (idempotent: the broker accepts
+/// identical re-declarations). The bindings to OpenStack's exchanges are [`bind_upstream`]'s.
 ///
 /// # Errors
 /// [`BusError::Precondition`] naming the option to change when an object exists with other
@@ -219,33 +219,6 @@ pub async fn declare(channel: &Channel, bus: &BusSettings) -> Result<Names, BusE
         .queue_declare(names.queue.as_str().into(), queue_options, main_queue_arguments(bus, &names))
         .await
         .map_err(ours(format!("queue {}", names.queue)))?;
-    for binding in &bus.bindings {
-        let upstream = ExchangeDeclareOptions { durable: bus.upstream_durable, ..ExchangeDeclareOptions::default() };
-        channel
-            .exchange_declare(binding.exchange.as_str().into(), ExchangeKind::Topic, upstream, FieldTable::default())
-            .await
-            .map_err(|e| {
-                classify(
-                    e,
-                    format!("upstream exchange {}", binding.exchange),
-                    format!(
-                        "set bus.upstream_durable = {} to match how OpenStack declared it ([oslo_messaging_rabbit] amqp_durable_queues)",
-                        !bus.upstream_durable
-                    ),
-                    bus,
-                )
-            })?;
-        channel
-            .queue_bind(
-                names.queue.as_str().into(),
-                binding.exchange.as_str().into(),
-                binding.routing_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(ours(format!("binding {} -> {}", binding.exchange, names.queue)))?;
-    }
     if bus.shards > 0 {
         declare_shards(channel, bus, &names).await?;
     }
@@ -298,6 +271,98 @@ async fn declare_shards(channel: &Channel, bus: &BusSettings, names: &Names) -> 
     Ok(())
 }
 
+/// Binds our main queue to each upstream exchange of `bus.bindings` that exists, and returns
+/// the bindings whose exchange does not exist yet (OpenStack declares it when it first
+/// publishes: see [`check_upstream`]). Each check runs on a channel of its own, on a
+/// connection of its own after an absent one (a failed passive declare spoils both).
+///
+/// # Errors
+/// When the broker cannot be reached or refuses a binding.
+pub async fn bind_upstream(bus: &BusSettings) -> Result<Vec<Binding>, BusError> {
+    bind_some(bus, &bus.bindings).await
+}
+
+/// Whether an upstream exchange exists, checked on a connection of its own (a failed passive
+/// declare spoils its channel and connection).
+///
+/// # Errors
+/// When the broker cannot be reached.
+pub async fn upstream_exists(bus: &BusSettings, exchange: &str) -> Result<bool, BusError> {
+    let connection = super::connect(&bus.url, "concertim-billing check").await?;
+    let channel =
+        connection.create_channel().await.map_err(|source| BusError::Broker { url: bus.url.redacted(), source })?;
+    let checked = check_upstream(&channel, exchange, bus).await;
+    let _ = connection.close(200, "checked".into()).await;
+    match checked {
+        Ok(()) => Ok(true),
+        Err(BusError::UpstreamAbsent { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`bind_upstream`] for some of the bindings.
+///
+/// # Errors
+/// As [`bind_upstream`].
+pub async fn bind_some(bus: &BusSettings, bindings: &[Binding]) -> Result<Vec<Binding>, BusError> {
+    let queue = Names::new(bus).queue;
+    let broker = |source| BusError::Broker { url: bus.url.redacted(), source };
+    let mut absent = Vec::new();
+    let mut connection: Option<lapin::Connection> = None;
+    for binding in bindings {
+        let open = match connection.take() {
+            Some(open) => open,
+            None => super::connect(&bus.url, "concertim-billing bind").await?,
+        };
+        let channel = open.create_channel().await.map_err(broker)?;
+        match check_upstream(&channel, &binding.exchange, bus).await {
+            Ok(()) => {
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        binding.exchange.as_str().into(),
+                        binding.routing_key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(broker)?;
+                let _ = channel.close(200, "bound".into()).await;
+                connection = Some(open);
+            }
+            Err(BusError::UpstreamAbsent { .. }) => {
+                absent.push(binding.clone());
+                let _ = open.close(200, "checked".into()).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(open) = connection {
+        let _ = open.close(200, "bound".into()).await;
+    }
+    Ok(absent)
+}
+
+/// Checks that an upstream exchange exists, never creating it: a passive declare, which the
+/// broker answers NOT_FOUND (closing the channel) when it is absent. OpenStack's publishers
+/// declare their exchanges with the durability their `amqp_durable_queues` says; one created
+/// here first with another would make every one of their publishes fail with
+/// PRECONDITION_FAILED, for every consumer, Ceilometer included.
+///
+/// # Errors
+/// [`BusError::UpstreamAbsent`] (transient: the caller waits and tries again) when it does not
+/// exist; the channel is then closed.
+pub async fn check_upstream(channel: &Channel, exchange: &str, bus: &BusSettings) -> Result<(), BusError> {
+    let passive = ExchangeDeclareOptions { passive: true, ..ExchangeDeclareOptions::default() };
+    match channel.exchange_declare(exchange.into(), ExchangeKind::Topic, passive, FieldTable::default()).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.to_string().contains("NOT_FOUND") || e.to_string().contains("NotFound") => {
+            Err(BusError::UpstreamAbsent { exchange: exchange.to_owned() })
+        }
+        Err(e) => Err(BusError::Broker { url: bus.url.redacted(), source: e }),
+    }
+}
+
 fn classify(error: lapin::Error, what: String, fix: String, bus: &BusSettings) -> BusError {
     let text = error.to_string();
     if text.contains("PRECONDITION_FAILED")
@@ -321,8 +386,8 @@ pub fn describe(bus: &BusSettings) -> String {
     ));
     for b in &bus.bindings {
         out.push_str(&format!(
-            "  bound  {} (topic, durable={}) routing key {}\n",
-            b.exchange, bus.upstream_durable, b.routing_key
+            "  bound  {} (topic, OpenStack's own; checked, never created) routing key {}\n",
+            b.exchange, b.routing_key
         ));
     }
     out.push_str(&format!(

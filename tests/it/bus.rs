@@ -339,10 +339,36 @@ async fn sigterm_with_work_in_flight_finishes_and_acks_it_then_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_exchange_of_other_durability_is_reported_with_the_option_that_fixes_it() {
-    let bus = TestBus::new("durable").await;
-    // OpenStack declared its exchange durable; this deployment says it is not.
+async fn the_service_never_creates_an_upstream_exchange_it_waits_for_openstack_to_declare_it() {
+    // Before, the service declared `nova` itself, with a guessed durability; Nova's own
+    // declaration then failed with PRECONDITION_FAILED and its notifications were dropped.
+    let bus = TestBus::new("upstream").await;
     let nova = bus.exchange("nova");
+    bus.channel().exchange_delete(nova.as_str().into(), Default::default()).await.unwrap();
+    let executor = std::sync::Arc::new(Executor::new(bus.settings.clone(), Ledger::in_memory()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let health = std::sync::Arc::new(concertim_billing::telemetry::Health::default());
+    let run = tokio::spawn({
+        let (settings, executor, shutdown, health) = (
+            bus.settings.bus.clone(),
+            std::sync::Arc::clone(&executor),
+            shutdown.clone(),
+            std::sync::Arc::clone(&health),
+        );
+        async move { concertim_billing::bus::run_with_health(&settings, executor, shutdown, health).await }
+    });
+    // It consumes what is bound, and looks for `nova` without creating it.
+    eventually("the service to consume", LIMIT, || async { health.is_consuming().then_some(()) }).await;
+    // A probe on a connection of its own (a failed passive declare spoils its channel).
+    let probe = concertim_billing::bus::connect(&bus.settings.bus.url, "probe").await.unwrap();
+    let channel = probe.create_channel().await.unwrap();
+    let passive = lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() };
+    let absent = channel
+        .exchange_declare(nova.as_str().into(), lapin::ExchangeKind::Topic, passive, FieldTable::default())
+        .await;
+    assert!(absent.is_err(), "the service created {nova}");
+    let _ = probe.close(200, "done".into()).await;
+    // Nova declares it (durable, as with amqp_durable_queues = true) and publishes.
     bus.channel()
         .exchange_declare(
             nova.as_str().into(),
@@ -352,10 +378,18 @@ async fn an_upstream_exchange_of_other_durability_is_reported_with_the_option_th
         )
         .await
         .unwrap();
-    let executor = std::sync::Arc::new(Executor::new(bus.settings.clone(), Ledger::in_memory()));
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let err = concertim_billing::bus::run(&bus.settings.bus, executor, shutdown).await.unwrap_err().to_string();
-    assert!(err.contains(&format!("upstream exchange {nova}")), "{err}");
-    assert!(err.contains("set bus.upstream_durable = true"), "{err}");
+    let create = deliveries("nova-legacy")
+        .into_iter()
+        .find(|d| String::from_utf8_lossy(&d.body).contains("compute.instance.create.end"))
+        .unwrap();
+    // Published until the service has bound its queue (an unbound publish is dropped, and the
+    // create is idempotent).
+    eventually("the create billed once nova exists", LIMIT, || async {
+        bus.publish(&create).await;
+        (!executor.billing().snapshot().accounts.is_empty()).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
     bus.cleanup().await;
 }

@@ -1,5 +1,5 @@
 //! Deployment artefacts: `deploy/rabbitmq/definitions.json` describes what `topology declare`
-//! creates.
+//! creates (never OpenStack's own exchanges: the service only binds to them once they exist).
 
 use concertim_billing::{
     bus::{self, topology},
@@ -45,6 +45,21 @@ async fn definitions_json_loaded_into_a_fresh_vhost_is_the_topology_the_service_
     let connection = bus::connect(&settings.bus.url, "definitions test").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     topology::declare(&channel, &settings.bus).await.unwrap();
+    // Without OpenStack's exchanges nothing is bound: the service never creates them.
+    assert_eq!(topology::bind_upstream(&settings.bus).await.unwrap(), settings.bus.bindings);
+    // OpenStack's publishers declare them (here as oslo does by default: not durable).
+    for binding in &settings.bus.bindings {
+        channel
+            .exchange_declare(
+                binding.exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(topology::bind_upstream(&settings.bus).await.unwrap(), Vec::new());
     let _ = connection.close(200, "done".into()).await;
     let sorted = |text: String| {
         let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
@@ -52,7 +67,14 @@ async fn definitions_json_loaded_into_a_fresh_vhost_is_the_topology_the_service_
         lines
     };
     assert_eq!(sorted(rabbitmqctl(&["list_queues", "-p", &vhost, "-q", "name", "arguments"])), sorted(queues_before));
-    assert_eq!(sorted(rabbitmqctl(&["list_bindings", "-p", &vhost, "-q"])), sorted(bindings_before));
+    // Only the upstream bindings are added, once OpenStack's exchanges exist.
+    let added: Vec<String> = sorted(rabbitmqctl(&["list_bindings", "-p", &vhost, "-q"]))
+        .into_iter()
+        .filter(|line| !bindings_before.lines().any(|b| b == line))
+        .collect();
+    let upstream: Vec<&str> = settings.bus.bindings.iter().map(|b| b.exchange.as_str()).collect();
+    assert_eq!(added.len(), upstream.len(), "{added:?}");
+    assert!(added.iter().all(|line| upstream.iter().any(|e| line.starts_with(&format!("{e}\t")))), "{added:?}");
     assert_eq!(rabbitmqctl(&["list_queues", "-p", &vhost, "-q", "--no-table-headers", "name"]).lines().count(), 3);
     rabbitmqctl(&["delete_vhost", &vhost]);
 }

@@ -172,6 +172,9 @@ async fn success_false_is_permanent_with_hostbills_own_words_and_5xx_is_transien
 
     fake.fail_next(&[503]);
     assert_eq!(through_hostbill(&fake, &[&usage]).await[0].class(), Some(ErrorClass::Transient));
+    // An empty 200 (a proxy's or maintenance answer) is not HostBill's reply: tried again.
+    fake.fail_next(&[200]);
+    assert_eq!(through_hostbill(&fake, &[&usage]).await[0].class(), Some(ErrorClass::Transient));
 
     let mut closed = fake.settings(&PRODUCTS);
     closed.url = Some("http://127.0.0.1:1".into());

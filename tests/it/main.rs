@@ -12,6 +12,7 @@ mod hostbill;
 mod http;
 mod killbill;
 mod killbill_differential;
+mod oslo;
 mod outbound;
 mod properties;
 mod replay;

@@ -23,11 +23,11 @@ use concertim_billing::{
 use lapin::{
     message::BasicGetMessage,
     options::{
-        BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
+        BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
     },
     types::FieldTable,
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -36,13 +36,15 @@ use tokio_util::sync::CancellationToken;
 pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// The upstream exchanges and routing keys the fixtures use.
-pub const UPSTREAM: [(&str, &str); 6] = [
+pub const UPSTREAM: [(&str, &str); 8] = [
     ("nova", "notifications.info"),
     ("nova", "versioned_notifications.info"),
+    ("nova", "notifications.error"),
     ("keystone", "notifications.info"),
     ("ceilometer", "metering.sample"),
     ("ceilometer", "notifications.sample"),
     ("heat", "notifications.info"),
+    ("heat", "notifications.error"),
 ];
 
 /// Waits until `check` returns `Some`, polling the observable state; panics naming `what`
@@ -104,7 +106,28 @@ impl TestBus {
         settings.bus.backoff.max_elapsed_ms = 50;
         settings.bus.shutdown_deadline_ms = 20_000;
         settings.bus.reconnect_max_ms = 500;
-        Self { prefix, settings, connection, channel }
+        let bus = Self { prefix, settings, connection, channel };
+        bus.declare_upstream().await;
+        bus
+    }
+
+    /// Declares this test's upstream exchanges as OpenStack's publishers do (topic, durable as
+    /// `bus.upstream_durable`): the service checks them and never creates them. Non-durable
+    /// exchanges vanish with a broker restart, so a reconnect declares them again, as OpenStack
+    /// does on its next publish.
+    pub async fn declare_upstream(&self) {
+        let options = ExchangeDeclareOptions { durable: self.settings.bus.upstream_durable, ..Default::default() };
+        for exchange in ["nova", "keystone", "ceilometer", "heat", "glance"] {
+            self.channel
+                .exchange_declare(
+                    self.exchange(exchange).as_str().into(),
+                    ExchangeKind::Topic,
+                    options,
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+        }
     }
 
     /// Connects again after the broker went away (a restart closes every connection), waiting
@@ -118,6 +141,7 @@ impl TestBus {
         channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
         self.connection = connection;
         self.channel = channel;
+        self.declare_upstream().await;
     }
 
     /// Our queue names.
@@ -232,7 +256,7 @@ impl TestBus {
             concertim.retry_exchange,
             topology::shard_exchange(&self.settings.bus),
         ];
-        exchanges.extend(["nova", "keystone", "ceilometer", "heat"].map(|e| self.exchange(e)));
+        exchanges.extend(["nova", "keystone", "ceilometer", "heat", "glance"].map(|e| self.exchange(e)));
         for exchange in exchanges {
             let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
         }

@@ -96,7 +96,8 @@ pub fn upstream_corpus() -> Option<PathBuf> {
 /// The test suite's own switches. They share the service's `CONCERTIM_BILLING_` prefix, under
 /// which the service reads every variable as a setting and refuses unknown ones, so they are
 /// never passed on to the binary.
-pub const TEST_SWITCHES: [&str; 6] = [
+pub const TEST_SWITCHES: [&str; 7] = [
+    "CONCERTIM_BILLING_OSLO_PYTHON",
     "CONCERTIM_BILLING_KILLBILL_URL",
     "CONCERTIM_BILLING_KILLBILL",
     "CONCERTIM_BILLING_FAULTS_BROKER_RESTART",
