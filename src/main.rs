@@ -185,8 +185,10 @@ struct Filters {
 
 impl Filters {
     fn selector(&self) -> dlq::Selector {
+        // An empty id (a prefix of every id) would select everything without --all.
+        let ids = self.ids.iter().filter(|id| !id.trim().is_empty()).cloned().collect();
         dlq::Selector {
-            ids: self.ids.clone(),
+            ids,
             event_type: self.event_type.clone(),
             class: self.class.clone(),
             reason_contains: self.reason_contains.clone(),
@@ -371,6 +373,14 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut settings = Settings::load(cli.config.as_deref())?;
     if let Some(url) = &cli.amqp_url {
+        // Checked like bus.url in a file: a typo is a clear error, not a connection attempt.
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(UsageError(format!(
+                "--amqp-url {} must start with amqp:// or amqps://",
+                SecretUrl::new(url.clone())
+            ))
+            .into());
+        }
         settings.bus.url = SecretUrl::new(url.clone());
     }
     match cli.command {
@@ -531,6 +541,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config { action: ConfigAction::Check } => {
             println!("# effective configuration: valid");
             println!("# billing backend: {}", describe_backend(&settings, None));
+            if settings.concertim.as_ref().is_some_and(|c| !c.tls_verify) {
+                println!("# WARNING: concertim.tls_verify = false: Concertim's certificate is not verified, so anyone in between can read its password and token");
+            }
             print!("{}", settings.to_toml());
             Ok(ExitCode::SUCCESS)
         }

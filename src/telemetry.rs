@@ -29,6 +29,9 @@ pub const INTAKE_ACTIVE: &str = "concertim_billing_intake_active";
 /// 1 while consuming, 0 while the broker is away.
 pub const CONNECTED: &str = "concertim_billing_broker_connected";
 
+/// 1 while a client runs with certificate verification turned off (`concertim.tls_verify`).
+pub const TLS_UNVERIFIED: &str = "concertim_billing_tls_unverified";
+
 /// The source of an event, as a bounded label.
 pub fn source(event: &Event) -> &'static str {
     match event {

@@ -268,7 +268,10 @@ impl HostBill {
             return Ok((id, Applied::AlreadyDone));
         }
         // The client never logs in; the password only satisfies addClient.
-        let password = format!("cb-{}", InstanceNonce::next());
+        let password = random_password().map_err(|e| BillingError::Protocol {
+            what: format!("create HostBill client {project}"),
+            detail: format!("cannot read /dev/urandom for its password: {e}"),
+        })?;
         let created: Result<Created, _> = self
             .call(
                 "addClient",
@@ -353,16 +356,13 @@ impl HostBill {
     }
 }
 
-/// Unique-enough nonces for throwaway passwords, without a random-number crate.
-struct InstanceNonce;
-
-impl InstanceNonce {
-    fn next() -> String {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        format!("{nanos:x}{:x}{:x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
-    }
+/// A password nobody can guess (the client never logs in, but HostBill's clients portal would
+/// take it): 128 bits from the kernel's generator.
+fn random_password() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(format!("cb-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
 }
 
 impl Billing for HostBill {
@@ -502,6 +502,13 @@ async fn details_client(hb: &HostBill, account: &AccountRow) -> Result<String, B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_passwords_are_random_and_never_repeat() {
+        let (a, b) = (random_password().unwrap(), random_password().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 3 + 32, "{a}");
+    }
 
     #[test]
     fn dates_go_out_in_hostbills_format() {

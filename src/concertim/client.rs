@@ -191,6 +191,11 @@ impl Client {
     /// # Errors
     /// When the HTTP client cannot be built (TLS roots unavailable).
     pub fn new(settings: ConcertimSettings) -> Result<Self, ConcertimError> {
+        if !settings.tls_verify {
+            // Loud on purpose: the login password and the token go to whoever answers.
+            tracing::warn!(url = %settings.url, "concertim.tls_verify = false: Concertim's certificate is not verified");
+            metrics::gauge!(crate::telemetry::TLS_UNVERIFIED).set(1.0);
+        }
         let http = crate::outbound::client(
             Duration::from_millis(settings.timeout_ms),
             Duration::from_millis(settings.connect_timeout_ms),

@@ -145,3 +145,34 @@ fn run_without_a_configured_backend_refuses_to_bill_into_memory_and_says_what_to
     let check = crate::support::run_cli(&["config", "check"]);
     assert!(String::from_utf8_lossy(&check.stdout).contains("# billing backend: embedded ledger"));
 }
+
+#[test]
+fn operator_inputs_are_checked_before_anything_is_done() {
+    // --amqp-url used to skip the URL check that bus.url gets.
+    let out =
+        crate::support::binary().args(["--amqp-url", "http://127.0.0.1:5672", "topology", "declare"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must start with amqp:// or amqps://"));
+    // An empty --id (a prefix of every id) used to select every dead letter without --all.
+    let out = crate::support::binary()
+        .args(["--amqp-url", "amqp://127.0.0.1:1/%2f", "dlq", "purge", "--id", "", "--yes"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("purge what?"));
+    // Certificate verification turned off is said out loud.
+    let out = crate::support::binary()
+        .args(["config", "check"])
+        .env("CONCERTIM_BILLING_CONCERTIM__URL", "https://concertim.example")
+        .env("CONCERTIM_BILLING_CONCERTIM__USERNAME", "admin")
+        .env("CONCERTIM_BILLING_CONCERTIM__PASSWORD", "secret")
+        .env("CONCERTIM_BILLING_CONCERTIM__TLS_VERIFY", "false")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("WARNING: concertim.tls_verify = false"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
