@@ -7,8 +7,10 @@
 #
 # The KillBill tests run against a real KillBill (deploy/dev/killbill.sh: KillBill's war from
 # Maven Central on Jetty, with a private PostgreSQL from Debian, on 127.0.0.1). When none
-# answers, this script starts one (installing and fetching what is missing) and stops it by its
-# PID when the tests are done; one that was already running is left running. Set
+# answers, this script starts one (installing and fetching what is missing). The tests that
+# publish as Nova does use oslo.messaging from PyPI, installed into target/dev/oslo-venv.
+# Whatever this script starts (the broker, PostgreSQL, KillBill) it stops when the tests are
+# done; what was already running is left running. Set
 # CONCERTIM_BILLING_KILLBILL=fake to run them against the in-process fake instead (fast, no
 # Java). Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -57,7 +59,21 @@ enable_shard_plugin() {
     as_root "$plugins" enable --quiet rabbitmq_consistent_hash_exchange >/dev/null
 }
 
-broker_answers || start_broker
+# What this script starts, it stops when the tests end (in reverse order); what was already
+# running is left running.
+cleanup=()
+stop_started() {
+    local i
+    for ((i = ${#cleanup[@]} - 1; i >= 0; i--)); do
+        eval "${cleanup[$i]}" || true
+    done
+}
+trap stop_started EXIT
+
+if ! broker_answers; then
+    start_broker
+    cleanup+=("as_root env PATH=\"\$PATH:/usr/sbin\" rabbitmqctl stop >/dev/null 2>&1")
+fi
 enable_shard_plugin
 
 # OpenStack's own publishing code for the tests that publish as Nova does: oslo.messaging from
@@ -76,8 +92,9 @@ export CONCERTIM_BILLING_OSLO_PYTHON
 # JVM only: the PostgreSQL cluster keeps its data for the next run, and postgres.sh stop ends it).
 if [ "${CONCERTIM_BILLING_KILLBILL:-real}" != fake ]; then
     if ! deploy/dev/killbill.sh status >/dev/null 2>&1; then
+        deploy/dev/postgres.sh status >/dev/null 2>&1 || cleanup+=("deploy/dev/postgres.sh stop")
         deploy/dev/killbill.sh start
-        trap 'deploy/dev/killbill.sh stop || true' EXIT
+        cleanup+=("deploy/dev/killbill.sh stop")
     fi
     CONCERTIM_BILLING_KILLBILL_URL="$(deploy/dev/killbill.sh url)"
     export CONCERTIM_BILLING_KILLBILL_URL
