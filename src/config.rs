@@ -360,20 +360,23 @@ impl SecretUrl {
         &self.0
     }
 
-    /// The URL with any password replaced by `***`.
+    /// The URL with any password replaced by `***`. The user information ends at the last
+    /// `@` (a password may hold an unencoded `/` or `:`, which ends no part of it); text that is
+    /// not a URL is not shown beyond what follows its last `@`.
     pub fn redacted(&self) -> String {
-        let Some((scheme, rest)) = self.0.split_once("://") else { return self.0.clone() };
-        let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
-        let authority = match authority.rsplit_once('@') {
-            Some((userinfo, host)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***@{host}"),
-                None => format!("{userinfo}@{host}"),
-            },
-            None => authority.to_owned(),
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return match self.0.rsplit_once('@') {
+                Some((_, host)) => format!("(not a URL: ***@{host})"),
+                None if self.0.contains(':') => "(not a URL)".to_owned(),
+                None => self.0.clone(),
+            };
         };
-        match path {
-            Some(path) => format!("{scheme}://{authority}/{path}"),
-            None => format!("{scheme}://{authority}"),
+        match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => format!("{scheme}://{userinfo}@{host}"),
+            },
+            None => self.0.clone(),
         }
     }
 }
@@ -908,6 +911,21 @@ mod tests {
         assert_eq!(s.bus.url.expose(), "amqp://u:p@h:5672/v");
         assert_eq!(s.bus.lanes, 3);
         assert_eq!(s.bus.prefix, "test-");
+    }
+
+    #[test]
+    fn a_password_with_slashes_colons_or_at_signs_never_shows() {
+        for (url, shown) in [
+            ("amqp://billing:Ab/cd+ef/gh==@rabbit:5672/%2f", "amqp://billing:***@rabbit:5672/%2f"),
+            ("amqp://billing:p:a@ss@rabbit:5672/", "amqp://billing:***@rabbit:5672/"),
+            ("amqp://rabbit:5672/", "amqp://rabbit:5672/"),
+            ("billing:S3cret/x@rabbit:5672", "(not a URL: ***@rabbit:5672)"),
+            ("billing:S3cret", "(not a URL)"),
+        ] {
+            let redacted = SecretUrl::new(url).redacted();
+            assert_eq!(redacted, shown, "{url}");
+            assert!(!redacted.contains("S3cret") && !redacted.contains("gh=="));
+        }
     }
 
     #[test]

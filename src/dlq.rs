@@ -31,7 +31,8 @@ use crate::{
 /// One dead letter, as the tools show it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {
-    /// A stable id: a hash of the body (two identical bodies share it).
+    /// A stable id: a hash of the body and of its failure headers (reason, first and last
+    /// failure), so two letters with the same body failed at different times differ.
     pub id: String,
     /// The notification's event type, when the body decodes.
     pub event_type: Option<String>,
@@ -115,6 +116,16 @@ fn x_death(properties: &BasicProperties) -> Option<(String, String)> {
     Some((exchange, key))
 }
 
+/// A dead letter's id: 48 bits of a hash of its body and failure headers.
+fn letter_id(body: &[u8], p: &BasicProperties) -> String {
+    let mut bytes = body.to_vec();
+    for name in [ack::REASON, ack::FIRST_FAILURE, ack::LAST_FAILURE] {
+        bytes.push(0);
+        bytes.extend_from_slice(ack::header_text(p, name).unwrap_or_default().as_bytes());
+    }
+    format!("{:012x}", fnv(&bytes) >> 16)
+}
+
 impl DeadLetter {
     fn from_message(message: &BasicGetMessage, limits: DecodeLimits, now: OffsetDateTime) -> Self {
         let p = &message.delivery.properties;
@@ -130,7 +141,7 @@ impl DeadLetter {
                 _ => death.clone().unwrap_or_default(),
             };
         Self {
-            id: format!("{:012x}", fnv(&body) >> 16),
+            id: letter_id(&body, p),
             // Concertim updates are shown as `concertim <event type>`.
             event_type: decode(&body, limits).ok().map(|n| n.meta.event_type).or_else(|| {
                 serde_json::from_slice::<crate::concertim::Work>(&body)
@@ -275,20 +286,16 @@ pub enum Action {
 /// # Errors
 /// When the broker cannot be reached or refuses a republish; what was done until then stays
 /// done, and the rest stays in the dead-letter queue.
-pub async fn apply(
-    settings: &Settings,
-    selector: &Selector,
-    action: Action,
-    dry_run: bool,
-) -> Result<Vec<DeadLetter>, BusError> {
+pub async fn apply(settings: &Settings, selector: &Selector, action: Action, dry_run: bool) -> Result<Moved, BusError> {
     if dry_run {
-        return list(settings, selector).await;
+        return Ok(Moved { done: list(settings, selector).await?, stuck: Vec::new() });
     }
     let bus = &settings.bus;
     let reader = open(bus).await?;
     let limits = DecodeLimits { max_body_bytes: settings.decode.max_body_bytes };
     let now = OffsetDateTime::now_utc();
     let mut done = Vec::new();
+    let mut stuck = Vec::new();
     let result = async {
         while let Some(message) = reader.next(bus).await? {
             let dead = DeadLetter::from_message(&message, limits, now);
@@ -304,7 +311,16 @@ pub async fn apply(
                     }
                     _ => (String::new(), reader.names.queue.clone()),
                 };
-                republish(&reader.channel, &exchange, &routing_key, &dead, bus).await?;
+                match republish(&reader.channel, &exchange, &routing_key, &dead, bus).await {
+                    Ok(()) => {}
+                    // No queue for it: it stays (unacknowledged, it goes back in its place when
+                    // this channel closes), and the others are still moved.
+                    Err(e @ BusError::NotConfirmed { .. }) => {
+                        stuck.push((dead, e.to_string()));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             message.delivery.acker.ack(BasicAckOptions::default()).await.map_err(broker_error(&bus.url))?;
             done.push(dead);
@@ -316,7 +332,17 @@ pub async fn apply(
     }
     .await;
     reader.close().await;
-    result.map(|()| done)
+    result.map(|()| Moved { done, stuck })
+}
+
+/// What `requeue` or `purge` did.
+#[derive(Debug, Default)]
+pub struct Moved {
+    /// The dead letters acted on.
+    pub done: Vec<DeadLetter>,
+    /// The dead letters that could not be requeued (their route leads to no queue), with why:
+    /// they stay in the dead-letter queue.
+    pub stuck: Vec<(DeadLetter, String)>,
 }
 
 /// Publishes the dead letter's body with its properties, minus this service's failure headers
@@ -420,6 +446,18 @@ mod tests {
         assert_eq!(parse_age("15m").unwrap(), Duration::from_secs(900));
         assert_eq!(parse_age("2d").unwrap(), Duration::from_secs(172_800));
         assert!(parse_age("soon").is_err() && parse_age("5y").is_err());
+    }
+
+    #[test]
+    fn two_letters_with_one_body_have_two_ids_and_a_letter_keeps_its_id() {
+        let with = |last: &str| {
+            let mut headers = FieldTable::default();
+            headers.insert(ack::LAST_FAILURE.into(), AMQPValue::LongString(last.as_bytes().to_vec().into()));
+            BasicProperties::default().with_headers(headers)
+        };
+        let (a, b) = (with("2025-03-03T09:00:00Z"), with("2025-03-03T10:00:00Z"));
+        assert_ne!(letter_id(b"{}", &a), letter_id(b"{}", &b));
+        assert_eq!(letter_id(b"{}", &a), letter_id(b"{}", &a.clone()));
     }
 
     #[test]

@@ -650,10 +650,16 @@ async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<
             };
             let moved = dlq::apply(settings, &selector, action, dry_run).await?;
             if dry_run {
-                print!("{}", dlq::table(&moved));
+                print!("{}", dlq::table(&moved.done));
                 println!("(dry run: nothing moved)");
             } else {
-                println!("requeued {} dead letter(s)", moved.len());
+                println!("requeued {} dead letter(s)", moved.done.len());
+                for (letter, why) in &moved.stuck {
+                    eprintln!("not requeued, still in the dead-letter queue: {}: {why}", letter.id);
+                }
+                if !moved.stuck.is_empty() {
+                    return Ok(ExitCode::from(3));
+                }
             }
         }
         DlqAction::Purge { filters, all, yes } => {
@@ -669,8 +675,18 @@ async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<
                 ))
                 .into());
             }
-            let purged = dlq::apply(settings, &selector, dlq::Action::Purge, false).await?;
-            println!("purged {} dead letter(s)", purged.len());
+            // Exactly what was counted: letters that arrived since are not selected.
+            let exact = dlq::Selector {
+                ids: selected.iter().map(|d| d.id.clone()).collect(),
+                limit: Some(selected.len()),
+                ..dlq::Selector::default()
+            };
+            let purged = if selected.is_empty() {
+                dlq::Moved::default()
+            } else {
+                dlq::apply(settings, &exact, dlq::Action::Purge, false).await?
+            };
+            println!("purged {} dead letter(s)", purged.done.len());
         }
     }
     Ok(ExitCode::SUCCESS)

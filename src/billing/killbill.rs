@@ -295,11 +295,7 @@ fn usage_body<'a>(
 ) -> UsageBody<'a> {
     let mut units: Vec<UnitRecords<'a>> = Vec::new();
     for (unit, date, amount) in records {
-        let record_date = match version {
-            KillBillVersion::V0_24 => kb_time(*date),
-            KillBillVersion::V0_22 => kb_day(*date),
-        };
-        let entry = Record { record_date, amount: ExactAmount(*amount) };
+        let entry = Record { record_date: kb_date(version, *date), amount: ExactAmount(*amount) };
         match units.iter_mut().find(|u| u.unit_type == unit.as_str()) {
             Some(existing) => existing.usage_records.push(entry),
             None => units.push(UnitRecords { unit_type: unit.as_str(), usage_records: vec![entry] }),
@@ -314,6 +310,15 @@ fn kb_parse(text: &str) -> Option<Timestamp> {
     Timestamp::parse(text)
         .ok()
         .or_else(|| (text.len() == 10).then(|| Timestamp::parse(&format!("{text}T00:00:00Z")).ok()).flatten())
+}
+
+/// A date as a server of `version` reads it: a date-time (0.24), or the UTC day (0.22, which
+/// refuses date-times).
+fn kb_date(version: KillBillVersion, t: Timestamp) -> String {
+    match version {
+        KillBillVersion::V0_24 => kb_time(t),
+        KillBillVersion::V0_22 => kb_day(t),
+    }
 }
 
 /// The UTC day of a time, as KillBill's `LocalDate`s are written.
@@ -356,10 +361,7 @@ impl KillBill {
     /// A subscription or usage date as this server reads it: a date-time (0.24) or the UTC day
     /// (0.22, which refuses date-times).
     fn date(&self, t: Timestamp) -> String {
-        match self.settings.server_version {
-            KillBillVersion::V0_24 => kb_time(t),
-            KillBillVersion::V0_22 => kb_day(t),
-        }
+        kb_date(self.settings.server_version, t)
     }
 
     /// Whether a record dated `date` is within a subscription that ends at `end`, as the server

@@ -277,3 +277,31 @@ async fn capture_replays_to_the_same_ledger_and_steals_nothing() {
     let _ = bus.channel().queue_delete(openstack_queue.as_str().into(), Default::default()).await;
     bus.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeue_all_goes_on_after_a_letter_with_nowhere_to_go_and_reports_it() {
+    // Before, the first unroutable letter stopped the requeue: the letters behind it stayed.
+    let bus = TestBus::new("dlqstuck").await;
+    let connection = concertim_billing::bus::connect(&bus.settings.bus.url, "seed").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    topology::declare(&channel, &bus.settings.bus).await.unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+    let mut headers = FieldTable::default();
+    headers.insert(ack::REASON.into(), text("concertim: its queue was deleted since"));
+    headers.insert(ack::ORIGINAL_EXCHANGE.into(), text(""));
+    headers.insert(ack::ORIGINAL_ROUTING_KEY.into(), text(&format!("{}no-such-queue", bus.prefix)));
+    let properties = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+    bus.publish_raw(&bus.names().dead_exchange, "", b"{\"stuck\": true}", properties).await;
+    seed_dead_letters(&bus, 3).await;
+    let dead = bus.names().dead_queue;
+    assert_eq!(bus.depth(&dead).await, 4);
+    let out =
+        cli_command(&bus).args(["dlq", "requeue", "--all"]).stderr(std::process::Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("requeued 3 dead letter(s)"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not requeued, still in the dead-letter queue"));
+    assert_eq!(bus.depth(&dead).await, 1, "only the letter with nowhere to go stays");
+    assert_eq!(bus.depth(&bus.names().queue).await, 3);
+    bus.cleanup().await;
+}
