@@ -22,14 +22,8 @@ use crate::{
 fn service(bus: &TestBus, fake: &FakeKillBill, log: &Path) -> Child {
     let kb = fake.settings();
     let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    cli_command(bus)
-        .arg("run")
-        .env("CONCERTIM_BILLING_BILLING__BACKEND", "killbill")
-        .env("CONCERTIM_BILLING_KILLBILL__URL", &kb.url)
-        .env("CONCERTIM_BILLING_KILLBILL__USERNAME", &kb.username)
-        .env("CONCERTIM_BILLING_KILLBILL__PASSWORD", kb.password.expose())
-        .env("CONCERTIM_BILLING_KILLBILL__API_KEY", &kb.api_key)
-        .env("CONCERTIM_BILLING_KILLBILL__API_SECRET", kb.api_secret.expose())
+    let mut command = cli_command(bus);
+    crate::support::killbill_env(command.arg("run"), &kb)
         .stdout(std::process::Stdio::null())
         .stderr(stderr)
         .spawn()

@@ -6,16 +6,7 @@ use concertim_billing::{
     config::{SecretUrl, Settings},
 };
 
-use crate::support::root;
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("rabbitmqctl is needed (deploy/dev/test.sh installs RabbitMQ): {e}"));
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
+use crate::support::{rabbitmqctl, root};
 
 #[tokio::test]
 async fn definitions_json_loaded_into_a_fresh_vhost_is_the_topology_the_service_declares() {

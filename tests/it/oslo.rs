@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::support::{
     bus::{eventually, spawn_app, TestBus},
-    deliveries,
+    deliveries, rabbitmqctl,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -33,15 +33,6 @@ fn python() -> Option<PathBuf> {
             None
         }
     }
-}
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("rabbitmqctl is needed (deploy/dev/test.sh installs RabbitMQ): {e}"));
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A fixture as the Notifier takes it: event type, priority, payload, publisher.
@@ -114,15 +105,11 @@ async fn case(name: &str, service_first: bool, options: &[&str]) {
     }
     let expected = offline.billing().snapshot();
     let executor = &app.executor;
-    let deadline = std::time::Instant::now() + LIMIT;
-    let billed = |got: &concertim_billing::billing::ledger::Snapshot| {
-        got.subscriptions == expected.subscriptions && got.accounts == expected.accounts
-    };
-    // Polled until billed or the limit; then compared, so a difference is shown whole.
-    while !billed(&executor.billing().snapshot()) && std::time::Instant::now() < deadline {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the lifecycle billed as the offline replay bills it", LIMIT, || async {
+        let got = executor.billing().snapshot();
+        (got.subscriptions == expected.subscriptions && got.accounts == expected.accounts).then_some(())
+    })
+    .await;
     let got = executor.billing().snapshot();
     assert_eq!((&got.accounts, &got.subscriptions), (&expected.accounts, &expected.subscriptions));
     app.shutdown().await.unwrap();

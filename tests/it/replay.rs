@@ -169,14 +169,8 @@ fn replay_with_killbill(kb: concertim_billing::config::KillBillSettings, apply: 
         .current_dir(crate::support::root())
         .arg("replay")
         .args(apply.then_some("--apply"))
-        .arg("fixtures/nova-legacy")
-        .env("CONCERTIM_BILLING_BILLING__BACKEND", "killbill")
-        .env("CONCERTIM_BILLING_KILLBILL__URL", &kb.url)
-        .env("CONCERTIM_BILLING_KILLBILL__USERNAME", &kb.username)
-        .env("CONCERTIM_BILLING_KILLBILL__PASSWORD", kb.password.expose())
-        .env("CONCERTIM_BILLING_KILLBILL__API_KEY", &kb.api_key)
-        .env("CONCERTIM_BILLING_KILLBILL__API_SECRET", kb.api_secret.expose());
-    command.output().unwrap()
+        .arg("fixtures/nova-legacy");
+    crate::support::killbill_env(&mut command, &kb).output().unwrap()
 }
 
 #[tokio::test]

@@ -117,6 +117,28 @@ pub fn binary() -> Command {
     command
 }
 
+/// Configures `command` to bill into the KillBill of `kb` through the environment, as an
+/// operator would.
+pub fn killbill_env<'a>(command: &'a mut Command, kb: &concertim_billing::config::KillBillSettings) -> &'a mut Command {
+    command
+        .env("CONCERTIM_BILLING_BILLING__BACKEND", "killbill")
+        .env("CONCERTIM_BILLING_KILLBILL__URL", &kb.url)
+        .env("CONCERTIM_BILLING_KILLBILL__USERNAME", &kb.username)
+        .env("CONCERTIM_BILLING_KILLBILL__PASSWORD", kb.password.expose())
+        .env("CONCERTIM_BILLING_KILLBILL__API_KEY", &kb.api_key)
+        .env("CONCERTIM_BILLING_KILLBILL__API_SECRET", kb.api_secret.expose())
+}
+
+/// `rabbitmqctl` with `args`, its output; panics saying how to get it when it is missing.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("rabbitmqctl is needed (deploy/dev/test.sh installs RabbitMQ): {e}"));
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Runs the `concertim-billing` binary with `args` in the project root.
 pub fn run_cli(args: &[&str]) -> Output {
     binary().args(args).current_dir(root()).output().expect("the binary runs")
