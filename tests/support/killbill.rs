@@ -79,8 +79,10 @@ struct Fake {
     codes: BTreeMap<i64, usize>,
     /// The first cancel of each subscription takes this long to commit.
     cancel_hold: Option<std::time::Duration>,
-    /// Subscriptions whose first cancel is committing, and when it commits.
-    cancel_locks: BTreeMap<String, std::time::Instant>,
+    /// Subscriptions whose first cancel has started (it holds their row until it commits).
+    cancel_locks: std::collections::HashSet<String>,
+    /// Subscriptions whose first cancel has committed (their row is free again).
+    committed: std::collections::HashSet<String>,
     /// (subscription id, trackingId) of every usage call stored: KillBill's unique index, so
     /// that a long run does not scan every row per call.
     tracking: std::collections::HashSet<(String, String)>,
@@ -521,16 +523,23 @@ async fn handle(
         return empty(StatusCode::SERVICE_UNAVAILABLE);
     }
     match cancel_wait(&state, &method, &uri) {
-        Some(Wait::Commit(hold)) => {
+        Some(Wait::Commit(hold, id)) => {
             // The server commits whether or not the client is still waiting: the work goes on
             // in a task of its own, which a client's disconnection does not cancel.
             let task = tokio::spawn(async move {
                 tokio::time::sleep(hold).await;
-                finish(&state, method, uri, headers, body)
+                let answer = finish(&state, method, uri, headers, body);
+                state.lock().unwrap().committed.insert(id);
+                answer
             });
             return task.await.unwrap();
         }
-        Some(Wait::Row(wait)) => tokio::time::sleep(wait).await,
+        // The row lock is released by the commit itself, however late its task runs.
+        Some(Wait::Row(id)) => {
+            while !state.lock().unwrap().committed.contains(&id) {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
         None => {}
     }
     finish(&state, method, uri, headers, body)
@@ -566,25 +575,21 @@ fn finish(state: &Arc<Mutex<Fake>>, method: Method, uri: Uri, headers: HeaderMap
 /// What a cancel waits for before it is served.
 enum Wait {
     /// The subscription's first cancel: it commits after this long.
-    Commit(std::time::Duration),
-    /// A cancel that finds the row held: it is served just after the first one commits.
-    Row(std::time::Duration),
+    Commit(std::time::Duration, String),
+    /// A cancel that finds the row held (by this subscription's first cancel): it is served
+    /// once that one has committed.
+    Row(String),
 }
 
 fn cancel_wait(state: &Arc<Mutex<Fake>>, method: &Method, uri: &Uri) -> Option<Wait> {
     let mut s = state.lock().unwrap();
     let hold = s.cancel_hold?;
     let id = uri.path().strip_prefix("/1.0/kb/subscriptions/").filter(|_| method == Method::DELETE)?;
-    let now = std::time::Instant::now();
-    match s.cancel_locks.get(id) {
-        // Served just after the first cancel commits.
-        Some(commit) if *commit > now => Some(Wait::Row(*commit - now + std::time::Duration::from_millis(5))),
-        Some(_) => None,
-        None => {
-            s.cancel_locks.insert(id.to_owned(), now + hold);
-            Some(Wait::Commit(hold))
-        }
+    if !s.cancel_locks.insert(id.to_owned()) {
+        // Served once the first cancel has committed.
+        return (!s.committed.contains(id)).then(|| Wait::Row(id.to_owned()));
     }
+    Some(Wait::Commit(hold, id.to_owned()))
 }
 
 /// Serves one request; returns the answer and the KillBill error code it carries.
