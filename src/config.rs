@@ -709,6 +709,8 @@ impl Settings {
         for (path, value) in overrides {
             set_path(&mut table, &path, override_value(&value));
         }
+        read_secret_files(&mut table, "")
+            .map_err(|message| ConfigError::Rule { origin: origin.to_owned(), message })?;
         let settings: Settings = table.try_into().map_err(parse)?;
         settings.validate().map_err(|message| ConfigError::Rule { origin: origin.to_owned(), message })?;
         Ok(settings)
@@ -861,6 +863,35 @@ pub fn env_overrides(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(V
         .collect()
 }
 
+/// The keys whose value may come from a file instead (`password_file = "/run/secrets/kb"`):
+/// the secrets, and the broker URL, which carries its password.
+const SECRET_FILE_KEYS: [&str; 4] = ["password", "api_secret", "api_key", "url"];
+
+/// Replaces every `<secret>_file` key (at any level) with `<secret>` read from that file, its
+/// trailing newline dropped, as design §4 asks of every secret. Errors name the key and the
+/// file, never the contents.
+fn read_secret_files(table: &mut toml::Table, at: &str) -> Result<(), String> {
+    let keys: Vec<String> = table.keys().cloned().collect();
+    for key in keys {
+        let path = if at.is_empty() { key.clone() } else { format!("{at}.{key}") };
+        if let Some(toml::Value::Table(inner)) = table.get_mut(&key) {
+            read_secret_files(inner, &path)?;
+            continue;
+        }
+        let Some(base) = key.strip_suffix("_file").filter(|b| SECRET_FILE_KEYS.contains(b)) else { continue };
+        let Some(toml::Value::String(file)) = table.get(&key).cloned() else {
+            return Err(format!("{path} must be the path of a file"));
+        };
+        if table.contains_key(base) {
+            return Err(format!("{path} and {} are both set: keep one", path.trim_end_matches("_file")));
+        }
+        let text = std::fs::read_to_string(&file).map_err(|e| format!("{path}: cannot read {file}: {e}"))?;
+        table.remove(&key);
+        table.insert(base.to_owned(), toml::Value::String(text.trim_end_matches(['\n', '\r']).to_owned()));
+    }
+    Ok(())
+}
+
 fn override_value(text: &str) -> toml::Value {
     // A bare TOML value (number, boolean, array, inline table) when it parses as one.
     format!("v = {text}")
@@ -911,6 +942,30 @@ mod tests {
         assert_eq!(s.bus.url.expose(), "amqp://u:p@h:5672/v");
         assert_eq!(s.bus.lanes, 3);
         assert_eq!(s.bus.prefix, "test-");
+    }
+
+    #[test]
+    fn a_secret_can_come_from_a_file_and_its_errors_never_show_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kb-password");
+        std::fs::write(&file, "Fr0m-A-File\n").unwrap();
+        let section = |extra: &str| {
+            format!(
+                "{DEFAULT_TOML}\n[killbill]\nurl = \"http://kb\"\nusername = \"admin\"\napi_key = \"k\"\napi_secret = \"s\"\n{extra}\n"
+            )
+        };
+        let text = section(&format!("password_file = \"{}\"", file.display()));
+        let settings = Settings::from_toml(&text, "t").unwrap();
+        assert_eq!(settings.killbill.as_ref().unwrap().password.expose(), "Fr0m-A-File");
+        assert!(!settings.to_toml().contains("Fr0m-A-File"));
+        // From the environment as well.
+        let text = section("password = \"x\"");
+        let env = [(vec!["bus".to_owned(), "url_file".to_owned()], file.display().to_string())];
+        let error = Settings::layered(&text, "t", env.clone()).unwrap_err().to_string();
+        assert!(error.contains("bus.url_file and bus.url are both set"), "{error}");
+        let missing = section("password_file = \"/nonexistent/kb\"");
+        let error = Settings::from_toml(&missing, "t").unwrap_err().to_string();
+        assert!(error.contains("killbill.password_file: cannot read /nonexistent/kb"), "{error}");
     }
 
     #[test]
