@@ -569,13 +569,18 @@ fn describe_backend(settings: &Settings, ledger_file: Option<&std::path::Path>) 
     }
 }
 
+/// The embedded ledger, in `path` or in memory.
+fn embedded_ledger(path: Option<&std::path::Path>) -> anyhow::Result<Backend> {
+    Ok(Backend::Ledger(match path {
+        Some(path) => Ledger::open(path)?,
+        None => Ledger::in_memory(),
+    }))
+}
+
 /// The configured billing backend; `ledger_file` keeps the embedded ledger in a file.
 fn backend(settings: &Settings, ledger_file: Option<&std::path::Path>) -> anyhow::Result<Backend> {
     Ok(match settings.billing.backend {
-        BackendKind::Ledger => Backend::Ledger(match ledger_file {
-            Some(path) => Ledger::open(path)?,
-            None => Ledger::in_memory(),
-        }),
+        BackendKind::Ledger => embedded_ledger(ledger_file)?,
         BackendKind::Killbill => {
             if ledger_file.is_some() {
                 anyhow::bail!("--ledger keeps the embedded ledger, but billing.backend is \"killbill\"");
@@ -788,10 +793,7 @@ fn replay_locally(
                 describe_backend(&settings, None)
             );
         }
-        Backend::Ledger(match &ledger {
-            Some(path) => Ledger::open(path)?,
-            None => Ledger::in_memory(),
-        })
+        embedded_ledger(ledger.as_deref())?
     };
     let executor = Executor::new(settings, backend);
     let runtime =

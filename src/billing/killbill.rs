@@ -957,9 +957,8 @@ impl Billing for KillBill {
                 let Some(end) = self.subscription_by_id(&subscription.id).await?.end() else {
                     return Err(Self::not_the_answer(&what, &answer));
                 };
-                let end = Some(end);
                 let within: Vec<(Unit, Timestamp, Decimal)> =
-                    records.into_iter().filter(|(_, date, _)| end.is_some_and(|end| self.within(*date, end))).collect();
+                    records.into_iter().filter(|(_, date, _)| self.within(*date, end)).collect();
                 if within.is_empty() {
                     return Ok(Applied::Late);
                 }

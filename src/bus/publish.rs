@@ -87,23 +87,14 @@ impl Publisher {
     /// When the broker refuses or the channel fails.
     pub async fn ensure_upstream(&mut self, exchange: &str, durable: bool) -> Result<(), BusError> {
         let bus = crate::config::BusSettings { url: self.url.clone(), ..crate::config::BusSettings::default() };
-        // The check on a connection of its own: a failed passive declare spoils its channel.
-        let probe = connect(&self.url, "concertim-billing publish (check)").await?;
-        let channel =
-            probe.create_channel().await.map_err(|source| BusError::Broker { url: self.url.redacted(), source })?;
-        let checked = super::topology::check_upstream(&channel, exchange, &bus).await;
-        let _ = probe.close(200, "checked".into()).await;
-        match checked {
-            Ok(()) => Ok(()),
-            Err(BusError::UpstreamAbsent { .. }) => {
-                let options = lapin::options::ExchangeDeclareOptions { durable, ..Default::default() };
-                self.channel
-                    .exchange_declare(exchange.into(), lapin::ExchangeKind::Topic, options, Default::default())
-                    .await
-                    .map_err(|source| BusError::Broker { url: self.url.redacted(), source })
-            }
-            Err(e) => Err(e),
+        if super::topology::upstream_exists(&bus, exchange).await? {
+            return Ok(());
         }
+        let options = lapin::options::ExchangeDeclareOptions { durable, ..Default::default() };
+        self.channel
+            .exchange_declare(exchange.into(), lapin::ExchangeKind::Topic, options, Default::default())
+            .await
+            .map_err(|source| BusError::Broker { url: self.url.redacted(), source })
     }
 
     /// Publishes one delivery to `exchange` (its own, unless the caller maps it) and waits for

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::support::{
     killbill::FakeKillBill,
-    killbill_server::{real_url, unique, RealKillBill},
+    killbill_server::{authed, real_url, unique, RealKillBill},
 };
 
 /// One request of the script. `{name}` in the path, query or body is replaced by an id captured
@@ -198,13 +198,7 @@ async fn run(settings: &KillBillSettings, keys: &[(&str, String)]) -> Vec<(Strin
     let mut answers = Vec::new();
     for s in script() {
         let path = fill(s.path, &names);
-        let mut request = http
-            .request(s.method.clone(), format!("{}{path}", settings.url.trim_end_matches('/')))
-            .basic_auth(&settings.username, Some(settings.password.expose()))
-            .header("X-Killbill-ApiKey", &settings.api_key)
-            .header("X-Killbill-ApiSecret", settings.api_secret.expose())
-            .header("X-Killbill-CreatedBy", "differential")
-            .header("Accept", "application/json");
+        let mut request = authed(&http, settings, s.method.clone(), &path);
         if let Some(body) = &s.body {
             request = request.header("Content-Type", "application/json").body(fill(&body.to_string(), &names));
         }
@@ -245,12 +239,7 @@ async fn the_fake_answers_every_scripted_request_as_the_real_killbill_does() {
     assert!(differences.is_empty(), "the fake differs from the real KillBill:\n{}", differences.join("\n"));
     // The catalog too: a second upload of the same version is refused alike.
     let upload = |settings: KillBillSettings| async move {
-        let answer = reqwest::Client::new()
-            .post(format!("{}/1.0/kb/catalog/xml", settings.url))
-            .basic_auth(&settings.username, Some(settings.password.expose()))
-            .header("X-Killbill-ApiKey", &settings.api_key)
-            .header("X-Killbill-ApiSecret", settings.api_secret.expose())
-            .header("X-Killbill-CreatedBy", "differential")
+        let answer = authed(&reqwest::Client::new(), &settings, Method::POST, "/1.0/kb/catalog/xml")
             .header("Content-Type", "text/xml")
             .body(CATALOG_XML)
             .send()

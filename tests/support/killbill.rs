@@ -840,7 +840,7 @@ fn account_json(a: &Account) -> Value {
 }
 
 /// KillBill takes a date (midnight UTC) or a date-time wherever it takes a date.
-fn parse_time(text: Option<&String>) -> Option<Timestamp> {
+pub fn parse_time(text: Option<&String>) -> Option<Timestamp> {
     let text = text?;
     Timestamp::parse(text).ok().or_else(|| Timestamp::parse(&format!("{text}T00:00:00Z")).ok())
 }

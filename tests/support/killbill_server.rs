@@ -188,13 +188,7 @@ impl RealKillBill {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.settings.url))
-            .basic_auth(&self.settings.username, Some(self.settings.password.expose()))
-            .header("X-Killbill-ApiKey", &self.settings.api_key)
-            .header("X-Killbill-ApiSecret", self.settings.api_secret.expose())
-            .header("X-Killbill-CreatedBy", "concertim-billing-tests")
-            .header("Accept", "application/json")
+        authed(&self.http, &self.settings, method, path)
     }
 
     /// A GET answered 200 with JSON.
@@ -269,9 +263,25 @@ impl RealKillBill {
     }
 }
 
+/// A request to the KillBill of `settings` (real or fake) with its basic auth and tenant
+/// headers, as a tenant's client sends them.
+pub fn authed(
+    http: &reqwest::Client,
+    settings: &KillBillSettings,
+    method: reqwest::Method,
+    path: &str,
+) -> reqwest::RequestBuilder {
+    http.request(method, format!("{}{path}", settings.url.trim_end_matches('/')))
+        .basic_auth(&settings.username, Some(settings.password.expose()))
+        .header("X-Killbill-ApiKey", &settings.api_key)
+        .header("X-Killbill-ApiSecret", settings.api_secret.expose())
+        .header("X-Killbill-CreatedBy", "concertim-billing-tests")
+        .header("Accept", "application/json")
+}
+
 /// A KillBill date or date-time (0.22 answers subscription dates as days).
 pub fn kb_time(text: &str) -> Option<Timestamp> {
-    Timestamp::parse(text).ok().or_else(|| Timestamp::parse(&format!("{text}T00:00:00Z")).ok())
+    super::killbill::parse_time(Some(&text.to_owned()))
 }
 
 /// A name no other test (or earlier run against the same server) has used.
