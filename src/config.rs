@@ -693,9 +693,12 @@ impl Settings {
         Self::layered(text, origin, std::iter::empty())
     }
 
-    /// Parses a TOML document, applies `overrides` (`(["bus", "url"], "amqp://…")`: values
-    /// that parse as TOML numbers or booleans are taken as such, anything else as a string),
-    /// then validates.
+    /// Parses a TOML document, applies `overrides` (`(["bus", "url"], "amqp://…")`), then
+    /// validates. An override of a secret or of a string-valued key is taken literally; any
+    /// other that parses as a bare TOML value (number, boolean, array) is taken as that.
+    ///
+    /// Errors never echo a value: a value of the wrong type is named by its key, and by its
+    /// environment variable when an override brought it.
     ///
     /// # Errors
     /// As [`Settings::from_toml`].
@@ -704,16 +707,52 @@ impl Settings {
         origin: &str,
         overrides: impl IntoIterator<Item = (Vec<String>, String)>,
     ) -> Result<Self, ConfigError> {
-        let parse = |source| ConfigError::Parse { origin: origin.to_owned(), source };
-        let mut table: toml::Table = text.parse().map_err(parse)?;
-        for (path, value) in overrides {
-            set_path(&mut table, &path, override_value(&value));
+        let file: toml::Table =
+            text.parse().map_err(|source| ConfigError::Parse { origin: origin.to_owned(), source })?;
+        let overrides: Vec<(Vec<String>, String)> = overrides.into_iter().collect();
+        let mut table = file.clone();
+        for (path, value) in &overrides {
+            let value = override_value(&table, path, value);
+            set_path(&mut table, path, value);
         }
-        read_secret_files(&mut table, "")
-            .map_err(|message| ConfigError::Rule { origin: origin.to_owned(), message })?;
-        let settings: Settings = table.try_into().map_err(parse)?;
-        settings.validate().map_err(|message| ConfigError::Rule { origin: origin.to_owned(), message })?;
+        let settings = match Self::from_table(table) {
+            Ok(settings) => settings,
+            Err(message) if overrides.is_empty() => {
+                return Err(ConfigError::Rule { origin: origin.to_owned(), message })
+            }
+            Err(message) => {
+                // Blame the first override that breaks a file that reads well without it.
+                let mut table = file;
+                let mut culprit = Self::from_table(table.clone()).err().map(|m| (origin.to_owned(), m));
+                for (path, value) in &overrides {
+                    if culprit.is_some() {
+                        break;
+                    }
+                    let value = override_value(&table, path, value);
+                    set_path(&mut table, path, value);
+                    culprit = Self::from_table(table.clone()).err().map(|m| (env_name(path), m));
+                }
+                let (origin, message) =
+                    culprit.unwrap_or_else(|| (format!("{origin} with its environment overrides"), message));
+                return Err(ConfigError::Rule { origin, message });
+            }
+        };
+        settings.validate().map_err(|message| ConfigError::Rule {
+            origin: if overrides.is_empty() {
+                origin.to_owned()
+            } else {
+                let names: Vec<String> = overrides.iter().map(|(path, _)| env_name(path)).collect();
+                format!("{origin} with {}", names.join(", "))
+            },
+            message,
+        })?;
         Ok(settings)
+    }
+
+    /// The settings a table holds, or why not (values never echoed).
+    fn from_table(mut table: toml::Table) -> Result<Self, String> {
+        read_secret_files(&mut table, "")?;
+        table.try_into().map_err(|e: toml::de::Error| without_values(&e.to_string()))
     }
 
     /// Loads a config file, or the embedded default when `path` is `None`, then the
@@ -885,6 +924,7 @@ fn read_secret_files(table: &mut toml::Table, at: &str) -> Result<(), String> {
         if table.contains_key(base) {
             return Err(format!("{path} and {} are both set: keep one", path.trim_end_matches("_file")));
         }
+        private_enough(&file).map_err(|e| format!("{path}: {e}"))?;
         let text = std::fs::read_to_string(&file).map_err(|e| format!("{path}: cannot read {file}: {e}"))?;
         table.remove(&key);
         table.insert(base.to_owned(), toml::Value::String(text.trim_end_matches(['\n', '\r']).to_owned()));
@@ -892,13 +932,85 @@ fn read_secret_files(table: &mut toml::Table, at: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn override_value(text: &str) -> toml::Value {
-    // A bare TOML value (number, boolean, array, inline table) when it parses as one.
+/// The keys whose override is always a string, whatever it looks like: a numeric password
+/// stays a password (and is never shown back in a type error).
+const LITERAL_KEYS: [&str; 9] =
+    ["password", "api_secret", "api_key", "url", "username", "api_id", "token", "created_by", "prefix"];
+
+/// An environment override as a TOML value: literally a string for secrets and for keys the
+/// file already holds a string in; otherwise a bare TOML value (number, boolean, array, inline
+/// table) when it parses as one.
+/// Refuses a secret file others may read or anyone may change (a mode beyond `0640`).
+fn private_enough(file: &str) -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode =
+            std::fs::metadata(file).map_err(|e| format!("cannot read {file}: {e}"))?.permissions().mode() & 0o777;
+        if mode & !0o640 != 0 {
+            return Err(format!(
+                "{file} has mode {mode:04o}: a secret file must not be readable by others or writable by its group; \
+                 chmod 0600 it (Kubernetes: defaultMode: 0400 on the Secret volume)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn override_value(table: &toml::Table, path: &[String], text: &str) -> toml::Value {
+    let literal = path.last().is_some_and(|key| LITERAL_KEYS.contains(&key.as_str()) || key.ends_with("_file"))
+        || matches!(get_path(table, path), Some(toml::Value::String(_)));
+    if literal {
+        return toml::Value::String(text.to_owned());
+    }
     format!("v = {text}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(text.to_owned()))
+}
+
+fn get_path<'t>(table: &'t toml::Table, path: &[String]) -> Option<&'t toml::Value> {
+    let (last, parents) = path.split_last()?;
+    let mut current = table;
+    for key in parents {
+        current = current.get(key)?.as_table()?;
+    }
+    current.get(last)
+}
+
+/// The environment variable that sets `path`.
+fn env_name(path: &[String]) -> String {
+    format!("{ENV_PREFIX}{} (environment)", path.join("__").to_ascii_uppercase())
+}
+
+/// A deserializer's message without the value it quotes: ``invalid type: integer `83750291`,
+/// expected a string`` becomes `invalid type: integer, expected a string` (the value may be a
+/// secret; the key is named after it).
+fn without_values(message: &str) -> String {
+    let message = message.trim_end();
+    let Some(rest) = ["invalid type: ", "invalid value: ", "invalid length "]
+        .iter()
+        .find_map(|p| message.strip_prefix(p).map(|rest| (p, rest)))
+    else {
+        return message.replace('\n', " ");
+    };
+    let (prefix, rest) = rest;
+    let (quoted, tail) = rest.split_once(", expected").unwrap_or((rest, ""));
+    // Values are quoted with backticks (numbers) or double quotes (strings).
+    let mut kept = String::new();
+    let mut quote = None;
+    for c in quoted.chars() {
+        match (quote, c) {
+            (None, '`' | '"') => quote = Some(c),
+            (None, c) => kept.push(c),
+            (Some(q), c) if c == q => quote = None,
+            _ => {}
+        }
+    }
+    let kept = kept.split_whitespace().collect::<Vec<_>>().join(" ");
+    let tail = if tail.is_empty() { String::new() } else { format!(", expected{tail}") };
+    format!("{prefix}{kept}{tail}").replace('\n', " ")
 }
 
 fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
@@ -917,6 +1029,65 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_env(file: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let vars = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+        Settings::layered(file, "kb.toml", env_overrides(vars))
+    }
+
+    fn kb_file() -> String {
+        format!("{DEFAULT_TOML}\n{KB_SECTION}").replace("backend = \"ledger\"", "backend = \"killbill\"")
+    }
+
+    const KB_SECTION: &str = "[killbill]\nurl = \"http://127.0.0.1:18080\"\nusername = \"admin\"\npassword = \"p\"\napi_key = \"k\"\napi_secret = \"s\"\n";
+
+    #[test]
+    fn secrets_from_the_environment_are_taken_literally_whatever_they_look_like() {
+        for secret in ["83750291", "3.14159e7", "0xDEADBEEF", "\"Quoted-Pass\"", "true", "[1]"] {
+            let settings = with_env(
+                &kb_file(),
+                &[("CONCERTIM_BILLING_KILLBILL__PASSWORD", secret), ("CONCERTIM_BILLING_KILLBILL__API_SECRET", secret)],
+            )
+            .unwrap();
+            let kb = settings.killbill.unwrap();
+            assert_eq!(kb.password.expose(), secret);
+            assert_eq!(kb.api_secret.expose(), secret);
+        }
+    }
+
+    #[test]
+    fn a_wrong_value_from_the_environment_is_blamed_on_its_variable_and_never_echoed() {
+        let err = with_env(&kb_file(), &[("CONCERTIM_BILLING_BUS__LANES", "\"Sekr1tLanes\"")]).unwrap_err().to_string();
+        assert!(err.contains("CONCERTIM_BILLING_BUS__LANES (environment)"), "{err}");
+        assert!(!err.contains("Sekr1tLanes") && !err.contains("kb.toml"), "{err}");
+        let err = with_env(&kb_file(), &[("CONCERTIM_BILLING_BUS__PREFETCH", "98765.5")]).unwrap_err().to_string();
+        assert!(err.contains("CONCERTIM_BILLING_BUS__PREFETCH") && !err.contains("98765"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_value_in_the_file_is_named_by_its_key_without_the_value() {
+        let err = Settings::from_toml(&kb_file().replace("password = \"p\"", "password = 83750291"), "kb.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kb.toml") && err.contains("killbill.password") && !err.contains("83750291"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_file_others_can_read_is_refused_saying_how_to_fix_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kb-password");
+        std::fs::write(&file, "FromTheFile\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = kb_file().replace("password = \"p\"", &format!("password_file = {:?}", file.display().to_string()));
+        let err = Settings::from_toml(&text, "kb.toml").unwrap_err().to_string();
+        assert!(err.contains("killbill.password_file") && err.contains("0644") && err.contains("chmod 0600"), "{err}");
+        assert!(!err.contains("FromTheFile"), "{err}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let kb = Settings::from_toml(&text, "kb.toml").unwrap().killbill.unwrap();
+        assert_eq!(kb.password.expose(), "FromTheFile");
+    }
 
     #[test]
     fn a_hostbill_backend_names_every_missing_setting() {
@@ -949,6 +1120,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("kb-password");
         std::fs::write(&file, "Fr0m-A-File\n").unwrap();
+        #[cfg(unix)]
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let section = |extra: &str| {
             format!(
                 "{DEFAULT_TOML}\n[killbill]\nurl = \"http://kb\"\nusername = \"admin\"\napi_key = \"k\"\napi_secret = \"s\"\n{extra}\n"

@@ -8,7 +8,7 @@
 //! confirmed its republish, so a crash in between duplicates it (harmless: every effect is
 //! idempotent) and never loses it.
 
-use std::time::Duration;
+use std::{borrow::Cow, time::Duration};
 
 use lapin::{
     message::BasicGetMessage,
@@ -24,7 +24,7 @@ use crate::{
     config::{BusSettings, Settings},
     event::Timestamp,
     notification::{decode, DecodeLimits},
-    redact::redact,
+    redact::{printable, redact},
     replay::fixture::FixtureDelivery,
 };
 
@@ -51,10 +51,6 @@ pub struct DeadLetter {
     pub original_exchange: String,
     /// Its first routing key.
     pub original_routing_key: String,
-    #[serde(skip)]
-    body: Vec<u8>,
-    #[serde(skip)]
-    properties: BasicProperties,
 }
 
 /// Which dead letters a command applies to.
@@ -129,7 +125,7 @@ fn letter_id(body: &[u8], p: &BasicProperties) -> String {
 impl DeadLetter {
     fn from_message(message: &BasicGetMessage, limits: DecodeLimits, now: OffsetDateTime) -> Self {
         let p = &message.delivery.properties;
-        let body = message.delivery.data.clone();
+        let body = &message.delivery.data;
         let reason = ack::header_text(p, ack::REASON);
         let last_failure = ack::header_text(p, ack::LAST_FAILURE);
         let age_seconds =
@@ -141,10 +137,10 @@ impl DeadLetter {
                 _ => death.clone().unwrap_or_default(),
             };
         Self {
-            id: letter_id(&body, p),
+            id: letter_id(body, p),
             // Concertim updates are shown as `concertim <event type>`.
-            event_type: decode(&body, limits).ok().map(|n| n.meta.event_type).or_else(|| {
-                serde_json::from_slice::<crate::concertim::Work>(&body)
+            event_type: decode(body, limits).ok().map(|n| n.meta.event_type).or_else(|| {
+                serde_json::from_slice::<crate::concertim::Work>(body)
                     .ok()
                     .map(|w| format!("concertim {}", w.event_type))
             }),
@@ -161,41 +157,58 @@ impl DeadLetter {
             age_seconds,
             original_exchange,
             original_routing_key,
-            body,
-            properties: p.clone(),
         }
     }
+}
 
+/// One dead letter as read from the queue: what the tools show, and its body and properties,
+/// held only while a command looks at it (so `list` and `export` stay small however large the
+/// queue).
+pub struct Letter<'a> {
+    /// What the tools show.
+    pub meta: DeadLetter,
+    /// The message body, as the broker holds it.
+    pub body: &'a [u8],
+    /// Its AMQP properties.
+    pub properties: &'a BasicProperties,
+}
+
+impl Letter<'_> {
     /// The message as a fixture delivery (to its original route), credentials redacted unless
     /// `raw`.
     pub fn to_fixture(&self, raw: bool) -> FixtureDelivery {
         FixtureDelivery {
-            exchange: Some(self.original_exchange.clone()),
-            routing_key: Some(self.original_routing_key.clone()),
-            properties: Some(properties_json(&self.properties)),
+            exchange: Some(self.meta.original_exchange.clone()),
+            routing_key: Some(self.meta.original_routing_key.clone()),
+            properties: Some(properties_json(self.properties)),
             redelivered: false,
-            body: if raw { self.body.clone() } else { redact(&self.body).into_owned() },
+            body: if raw { self.body.to_vec() } else { redact(self.body).into_owned() },
         }
     }
 
-    /// Everything about one dead letter, for `dlq show`.
+    /// Everything about one dead letter, for `dlq show`: every field written safe for a
+    /// terminal (control characters escaped), the body redacted unless `raw`.
     pub fn describe(&self, settings: &Settings, raw: bool) -> String {
+        let meta = &self.meta;
         let mut out = String::new();
-        let line = |out: &mut String, k: &str, v: &str| out.push_str(&format!("{k:<22} {v}\n"));
-        line(&mut out, "id", &self.id);
-        line(&mut out, "class", &self.class);
-        line(&mut out, "reason", &self.reason);
-        line(&mut out, "attempts", &self.attempts.to_string());
-        line(&mut out, "last failure", self.last_failure.as_deref().unwrap_or("-"));
-        line(&mut out, "original route", &format!("{} / {}", self.original_exchange, self.original_routing_key));
-        line(&mut out, "properties", &properties_json(&self.properties));
-        let body = if raw { self.body.clone() } else { redact(&self.body).into_owned() };
+        let line = |out: &mut String, k: &str, v: &str| out.push_str(&format!("{k:<22} {}\n", printable(v)));
+        line(&mut out, "id", &meta.id);
+        line(&mut out, "class", &meta.class);
+        line(&mut out, "reason", &meta.reason);
+        line(&mut out, "attempts", &meta.attempts.to_string());
+        line(&mut out, "last failure", meta.last_failure.as_deref().unwrap_or("-"));
+        line(&mut out, "original route", &format!("{} / {}", meta.original_exchange, meta.original_routing_key));
+        line(&mut out, "properties", &properties_json(self.properties));
+        let body = if raw { Cow::Borrowed(self.body) } else { redact(self.body) };
         let limits = DecodeLimits { max_body_bytes: settings.decode.max_body_bytes };
-        let indent = |text: String| text.replace('\n', "\n                       ");
+        // Pretty JSON escapes control characters itself; its own newlines are kept.
+        let block = |out: &mut String, k: &str, v: String| {
+            out.push_str(&format!("{k:<22} {}\n", v.replace('\n', "\n                       ")));
+        };
         match (decode(&body, limits), serde_json::from_slice::<crate::concertim::Work>(&body)) {
-            (Ok(n), _) => line(&mut out, "notification", &indent(serde_json::to_string_pretty(&n).unwrap_or_default())),
+            (Ok(n), _) => block(&mut out, "notification", serde_json::to_string_pretty(&n).unwrap_or_default()),
             (Err(_), Ok(work)) => {
-                line(&mut out, "concertim work", &indent(serde_json::to_string_pretty(&work).unwrap_or_default()))
+                block(&mut out, "concertim work", serde_json::to_string_pretty(&work).unwrap_or_default());
             }
             (Err(e), Err(_)) => line(&mut out, "decode error", &crate::replay::chain(&e)),
         }
@@ -242,26 +255,53 @@ impl Reader {
     }
 }
 
-/// Every dead letter matching `selector`, in queue order, leaving the queue as it was.
+/// Hands every dead letter matching `selector` to `each`, in queue order, one at a time,
+/// leaving the queue as it was. Returns how many it handed over. Only one body is held at a
+/// time: the broker keeps the others (fetched and not acknowledged).
 ///
 /// # Errors
-/// When the broker cannot be reached or the dead-letter queue does not exist.
-pub async fn list(settings: &Settings, selector: &Selector) -> Result<Vec<DeadLetter>, BusError> {
+/// When the broker cannot be reached, the dead-letter queue does not exist, or `each` fails
+/// (then the letters seen so far are back in the queue too).
+pub async fn scan<E: From<BusError>>(
+    settings: &Settings,
+    selector: &Selector,
+    mut each: impl FnMut(Letter<'_>) -> Result<(), E>,
+) -> Result<usize, E> {
     let bus = &settings.bus;
     let reader = open(bus).await?;
     let limits = DecodeLimits { max_body_bytes: settings.decode.max_body_bytes };
     let now = OffsetDateTime::now_utc();
-    let mut out = Vec::new();
-    while let Some(message) = reader.next(bus).await? {
-        let dead = DeadLetter::from_message(&message, limits, now);
-        if selector.matches(&dead) {
-            out.push(dead);
-            if selector.limit.is_some_and(|l| out.len() >= l) {
-                break;
+    let mut seen = 0;
+    let result = async {
+        while let Some(message) = reader.next(bus).await? {
+            let meta = DeadLetter::from_message(&message, limits, now);
+            if selector.matches(&meta) {
+                seen += 1;
+                each(Letter { meta, body: &message.delivery.data, properties: &message.delivery.properties })?;
+                if selector.limit.is_some_and(|l| seen >= l) {
+                    break;
+                }
             }
         }
+        Ok(seen)
     }
+    .await;
     reader.close().await;
+    result
+}
+
+/// Every dead letter matching `selector` (without its body), in queue order, leaving the
+/// queue as it was.
+///
+/// # Errors
+/// When the broker cannot be reached or the dead-letter queue does not exist.
+pub async fn list(settings: &Settings, selector: &Selector) -> Result<Vec<DeadLetter>, BusError> {
+    let mut out = Vec::new();
+    scan(settings, selector, |letter| {
+        out.push(letter.meta);
+        Ok::<(), BusError>(())
+    })
+    .await?;
     Ok(out)
 }
 
@@ -311,7 +351,10 @@ pub async fn apply(settings: &Settings, selector: &Selector, action: Action, dry
                     }
                     _ => (String::new(), reader.names.queue.clone()),
                 };
-                match republish(&reader.channel, &exchange, &routing_key, &dead, bus).await {
+                let delivery = &message.delivery;
+                match republish(&reader.channel, &exchange, &routing_key, &delivery.data, &delivery.properties, bus)
+                    .await
+                {
                     Ok(()) => {}
                     // No queue for it: it stays (unacknowledged, it goes back in its place when
                     // this channel closes), and the others are still moved.
@@ -351,11 +394,12 @@ async fn republish(
     channel: &Channel,
     exchange: &str,
     routing_key: &str,
-    dead: &DeadLetter,
+    body: &[u8],
+    properties: &BasicProperties,
     bus: &BusSettings,
 ) -> Result<(), BusError> {
     let mut headers = FieldTable::default();
-    if let Some(existing) = dead.properties.headers() {
+    if let Some(existing) = properties.headers() {
         for (k, v) in existing.inner() {
             let drop = [ack::REASON, ack::CLASS, ack::ATTEMPTS, ack::LAST_FAILURE, "x-death"].contains(&k.as_str());
             if !drop {
@@ -363,13 +407,13 @@ async fn republish(
             }
         }
     }
-    let properties = dead.properties.clone().with_headers(headers);
+    let properties = properties.clone().with_headers(headers);
     let confirm = channel
         .basic_publish(
             exchange.into(),
             routing_key.into(),
             BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-            &dead.body,
+            body,
             properties,
         )
         .await
@@ -384,7 +428,7 @@ async fn republish(
     }
 }
 
-/// The table `dlq list` prints.
+/// The table `dlq list` prints (control characters in any field escaped).
 pub fn table(letters: &[DeadLetter]) -> String {
     let mut out = format!(
         "{:<12}  {:>7}  {:<28}  {:<9}  {:>3}  {:<34}  {}\n",
@@ -398,11 +442,11 @@ pub fn table(letters: &[DeadLetter]) -> String {
             "{:<12}  {:>7}  {:<28}  {:<9}  {:>3}  {:<34}  {}\n",
             d.id,
             age,
-            d.event_type.as_deref().unwrap_or("-"),
-            d.class,
+            printable(d.event_type.as_deref().unwrap_or("-")),
+            printable(&d.class),
             d.attempts,
-            route,
-            reason
+            printable(&route),
+            printable(&reason)
         ));
     }
     out.push_str(&format!("{} dead letter(s)\n", letters.len()));

@@ -1,6 +1,6 @@
 //! The `concertim-billing` command line: parses arguments, sets up logging, calls the library.
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{io::Write as _, path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -358,7 +358,10 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into());
     let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
     match cli.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .fmt_fields(concertim_billing::telemetry::text_log_fields())
+            .init(),
         LogFormat::Json => logs.json().init(),
     }
     match run(cli) {
@@ -518,7 +521,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if count.is_none() && duration.is_none() && !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
                 eprintln!("note: no --count or --duration: capturing until interrupted");
             }
-            let file = std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let file = concertim_billing::redact::create_private(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
             let mut writer = std::io::BufWriter::new(file);
             let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let written = runtime()?.block_on(async {
@@ -609,15 +613,24 @@ async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<
         }
         DlqAction::Show { id, no_redact } => {
             let selector = dlq::Selector { ids: vec![id.clone()], ..dlq::Selector::default() };
-            let letters = dlq::list(settings, &selector).await?;
-            let distinct: std::collections::BTreeSet<&str> = letters.iter().map(|d| d.id.as_str()).collect();
-            match (letters.first(), distinct.len()) {
+            // Only the first match's body is kept: the others are only counted.
+            let mut first: Option<String> = None;
+            let mut distinct = std::collections::BTreeSet::new();
+            dlq::scan(settings, &selector, |letter| {
+                if first.is_none() {
+                    first = Some(letter.describe(settings, no_redact));
+                }
+                distinct.insert(letter.meta.id);
+                Ok::<(), concertim_billing::bus::BusError>(())
+            })
+            .await?;
+            match (first, distinct.len()) {
                 (None, _) => {
                     return Err(
                         UsageError(format!("no dead letter has an id starting with {id:?} (see dlq list)")).into()
                     )
                 }
-                (Some(first), 1) => print!("{}", first.describe(settings, no_redact)),
+                (Some(first), 1) => print!("{first}"),
                 _ => {
                     return Err(UsageError(format!(
                         "{id:?} matches {} dead letters: give more of the id",
@@ -628,14 +641,17 @@ async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<
             }
         }
         DlqAction::Export { out, filters, no_redact } => {
-            let letters = dlq::list(settings, &filters.selector()).await?;
-            let mut text = String::new();
-            for letter in &letters {
-                text.push_str(&fixture::to_line(&letter.to_fixture(no_redact)));
-                text.push('\n');
-            }
-            std::fs::write(&out, text).with_context(|| format!("cannot write {}", out.display()))?;
-            println!("exported {} dead letter(s) to {}", letters.len(), out.display());
+            let file = concertim_billing::redact::create_private(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            let mut writer = std::io::BufWriter::new(file);
+            // Written as read: one body in memory at a time.
+            let exported = dlq::scan(settings, &filters.selector(), |letter| {
+                writeln!(writer, "{}", fixture::to_line(&letter.to_fixture(no_redact)))
+                    .with_context(|| format!("cannot write {}", out.display()))
+            })
+            .await?;
+            writer.flush().with_context(|| format!("cannot write {}", out.display()))?;
+            println!("exported {exported} dead letter(s) to {}", out.display());
         }
         DlqAction::Requeue { filters, all, to_queue, to_original_exchange, dry_run } => {
             let selector = filters.selector();

@@ -99,3 +99,59 @@ impl Health {
         self.sessions.load(Ordering::Relaxed)
     }
 }
+
+/// How the text log writes each field: `name=value` with the value's control characters, line
+/// separators and bidirectional overrides escaped, so a notification's `event_type` (or any
+/// text it carries into an error) cannot end the line and forge the next one.
+pub fn text_log_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + Send + Sync + 'static {
+    use tracing_subscriber::field::MakeExt as _;
+    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        let text = format!("{value:?}");
+        let text = crate::redact::printable(&text);
+        if field.name() == "message" {
+            write!(writer, "{text}")
+        } else {
+            write!(writer, "{}={text}", field.name())
+        }
+    })
+    .delimited(" ")
+}
+
+#[cfg(test)]
+mod log_tests {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_field_cannot_forge_a_log_line() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .fmt_fields(super::text_log_fields())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let event_type = "evil.type.0\u{2028}\nFORGED level=INFO {x=\"1\"}\u{1b}[2J";
+            let span = tracing::info_span!("message", event_type = %event_type);
+            let _entered = span.enter();
+            tracing::info!(reason = %"a\r\nFORGED too", "done");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\u{1b}') && !text.contains('\u{2028}') && !text.contains('\r'), "{text}");
+        assert!(text.contains("done") && text.contains("evil.type.0"), "{text}");
+    }
+}

@@ -305,3 +305,60 @@ async fn requeue_all_goes_on_after_a_letter_with_nowhere_to_go_and_reports_it() 
     assert_eq!(bus.depth(&bus.names().queue).await, 3);
     bus.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_and_export_keep_secrets_and_terminal_escapes_from_the_operator_whatever_the_body() {
+    // Before: bodies that did not parse (NaN), nested and duplicate credential keys were shown
+    // and exported byte for byte, escape sequences reached the terminal, and exports were 0644.
+    let bus = TestBus::new("dlqredact").await;
+    let connection = concertim_billing::bus::connect(&bus.settings.bus.url, "seed").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    topology::declare(&channel, &bus.settings.bus).await.unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    let bodies: [&[u8]; 4] = [
+        br#"{"oslo.version": "2.0", "oslo.message": "{\"_context_auth_token\": \"NanToken\", \"payload\": {\"volume\": NaN}}"}"#,
+        br#"{"oslo.version": "2.0", "oslo.message": "{\"_context_service_token\": \"SvcToken\", \"ctxt\": {\"auth_token\": \"NestedCtx\"}, \"payload\": {\"metadata\": {\"admin_pass\": \"AdminPass\"}}}"}"#,
+        br#"{"_context_auth_token":"DupToken","_context_auth_token":null,"event_type":"x"}"#,
+        b"not json \x1b]0;PWNED-TITLE\x07\x1b[2J\x1b[1;1H fake: 0 dead letters\r\n\"password\": \"EscPass\"",
+    ];
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+    for body in bodies {
+        let mut headers = FieldTable::default();
+        headers.insert(ack::REASON.into(), text("invalid: evil.type\u{1b}[2J\nFORGED line"));
+        headers.insert(ack::CLASS.into(), text("invalid"));
+        let properties = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+        bus.publish_raw(&bus.names().dead_exchange, "", body, properties).await;
+    }
+    let secrets = ["NanToken", "SvcToken", "NestedCtx", "AdminPass", "DupToken", "EscPass"];
+    let letters = list_json(&bus);
+    assert_eq!(letters.len(), 4);
+    let table = cli(&bus, &["dlq", "list"]).stdout;
+    assert!(!table.contains(&0x1b), "{}", String::from_utf8_lossy(&table));
+    for letter in &letters {
+        let shown = cli(&bus, &["dlq", "show", letter["id"].as_str().unwrap()]).stdout;
+        let text = String::from_utf8(shown).unwrap();
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+        assert!(!text.contains("\nFORGED"), "{text}");
+        for secret in secrets {
+            assert!(!text.contains(secret), "{secret} shown: {text}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dead.jsonl");
+    cli(&bus, &["dlq", "export", "--out", file.to_str().unwrap()]);
+    let exported = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(exported.lines().count(), 4);
+    for secret in secrets {
+        assert!(!exported.contains(secret), "{secret} exported: {exported}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    // --no-redact is the operator's explicit choice, and still shows escapes escaped.
+    let raw = cli(&bus, &["dlq", "show", "--no-redact", letters[3]["id"].as_str().unwrap()]).stdout;
+    let raw = String::from_utf8(raw).unwrap();
+    assert!(raw.contains("EscPass") && !raw.contains('\u{1b}'), "{raw}");
+    bus.cleanup().await;
+}
