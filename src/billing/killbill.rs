@@ -91,6 +91,8 @@ struct Known {
 #[derive(Debug, Clone)]
 struct KnownSubscription {
     id: String,
+    /// The account it belongs to, when the answer said.
+    account_id: Option<String>,
     start: Option<Timestamp>,
     // FIXME(billing): an end set by another replica after this one remembered the
     // subscription is not seen here; on KillBill 0.22 usage later that same day is then billed.
@@ -527,12 +529,29 @@ impl KillBill {
         known.accounts.insert(project.clone(), id.to_owned());
     }
 
+    /// Refuses a subscription spec whose project is not the account that owns the instance.
+    async fn check_owner(&self, spec: &SubscriptionSpec, owner_account: &str) -> Result<(), BillingError> {
+        if self.account_id(&spec.project).await?.as_deref() == Some(owner_account) {
+            return Ok(());
+        }
+        Err(BillingError::ProjectMismatch {
+            instance: spec.instance.clone(),
+            owner: format!("KillBill account {owner_account}"),
+            claimed: spec.project.clone(),
+        })
+    }
+
     fn remember_subscription(&self, instance: &InstanceId, found: &SubscriptionJson) {
         let mut known = self.known();
         if known.subscriptions.len() >= KNOWN_MAX {
             known.subscriptions.clear();
         }
-        let entry = KnownSubscription { id: found.subscription_id.clone(), start: found.start(), end: found.end() };
+        let entry = KnownSubscription {
+            id: found.subscription_id.clone(),
+            account_id: found.account_id.clone(),
+            start: found.start(),
+            end: found.end(),
+        };
         known.subscriptions.insert(instance.clone(), entry);
     }
 
@@ -551,7 +570,12 @@ impl KillBill {
         }
         let found = self.existing_subscription(instance).await?;
         self.remember_subscription(instance, &found);
-        Ok(KnownSubscription { id: found.subscription_id.clone(), start: found.start(), end: found.end() })
+        Ok(KnownSubscription {
+            id: found.subscription_id.clone(),
+            account_id: found.account_id.clone(),
+            start: found.start(),
+            end: found.end(),
+        })
     }
 
     async fn account_id(&self, project: &ProjectId) -> Result<Option<String>, BillingError> {
@@ -824,11 +848,16 @@ impl Billing for KillBill {
     }
 
     async fn ensure_subscription(&self, spec: &SubscriptionSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        if self.known().subscriptions.contains_key(&spec.instance) {
+        let known = self.known().subscriptions.get(&spec.instance).map(|k| k.account_id.clone());
+        if let Some(owner) = known {
+            if let Some(owner) = owner {
+                self.check_owner(spec, &owner).await?;
+            }
             return Ok(Applied::AlreadyDone);
         }
         if let Some(existing) = self.subscription(&spec.instance).await? {
             let account_id = existing.account_id.clone().unwrap_or_default();
+            self.check_owner(spec, &account_id).await?;
             let changed = self.finish_subscription(spec, &existing, &account_id, false, ctx).await?;
             self.remember_subscription(&spec.instance, &existing);
             return Ok(if changed { Applied::Done } else { Applied::AlreadyDone });
@@ -850,7 +879,7 @@ impl Billing for KillBill {
             .query(&[("entitlementDate", start.as_str()), ("billingDate", start.as_str())])
             .json(&body);
         let answer = self.send(&what, request).await?;
-        let created = match answer.status {
+        let mut created = match answer.status {
             // Just created: what KillBill holds is what was sent, so nothing is read back.
             StatusCode::CREATED => SubscriptionJson::created(Self::created_id(&what, &answer)?, spec.start),
             // The bundle exists: an earlier attempt created it (its answer lost, or still
@@ -864,6 +893,7 @@ impl Billing for KillBill {
             },
             _ => return Err(Self::refused(&what, &answer)),
         };
+        created.account_id.get_or_insert_with(|| account_id.clone());
         let fresh = answer.status == StatusCode::CREATED;
         self.finish_subscription(spec, &created, &account_id, fresh, ctx).await?;
         // Remembered only now: a retry after a failure above must run those steps again.

@@ -295,6 +295,13 @@ impl Billing for Ledger {
         let mut state = self.lock();
         let closed_at = state.accounts.get(&spec.project).and_then(|a| a.closed_at);
         if let Some(s) = state.subscriptions.get_mut(&spec.instance) {
+            if s.project != spec.project {
+                return Err(BillingError::ProjectMismatch {
+                    instance: spec.instance.clone(),
+                    owner: format!("project {}", s.project),
+                    claimed: spec.project.clone(),
+                });
+            }
             // The key exists: KillBill would do nothing. The ledger keeps the earliest launch
             // and the creation evidence, so its state is the same in any arrival order.
             s.start = s.start.min(spec.start);

@@ -68,6 +68,17 @@ pub enum BillingError {
     /// this is a bug or a hand-edited ledger).
     #[error("subscription {0} does not exist")]
     NoSubscription(InstanceId),
+    /// A notification names an instance under a project that does not own it. Billing it
+    /// would charge the owner (and bypass a `projects.exclude` of the owner), so it is invalid.
+    #[error("instance {instance} belongs to {owner}, not to project {claimed}: not billed")]
+    ProjectMismatch {
+        /// The instance.
+        instance: InstanceId,
+        /// Who owns it: the project, or the billing app's account.
+        owner: String,
+        /// The project the notification named.
+        claimed: ProjectId,
+    },
     /// The billing server could not be reached or did not answer in time.
     #[error("{what}: {source}")]
     Http {
@@ -152,6 +163,7 @@ impl BillingError {
         match self {
             // A full disk or a permissions slip can be fixed without changing the message.
             BillingError::LedgerIo { .. } => ErrorClass::Transient,
+            BillingError::ProjectMismatch { .. } => ErrorClass::Invalid,
             BillingError::LedgerCorrupt { .. }
             | BillingError::NoSubscription(_)
             | BillingError::Protocol { .. }

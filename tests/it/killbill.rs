@@ -17,7 +17,7 @@ use proptest::prelude::*;
 use crate::support::{
     assert_no_failures, billable,
     bus::{eventually, spawn_app, TestBus},
-    deliveries,
+    claimed_by, deliveries,
     killbill::FakeKillBill,
     killbill_server::{KillBillServer, RealKillBill},
     permutation_with_duplicates, resize_settings as settings, run_through, through_ledger,
@@ -108,6 +108,26 @@ async fn usage_before_create_ensures_the_subscription_from_the_sample() {
     assert_eq!(snapshot.usage.len(), 3);
     let fields = server.subscription_fields(snapshot.subscriptions[0].instance_id.as_str()).await;
     assert!(fields.contains(&("openstack_flavor".into(), "m1.small".into())), "{fields:?}");
+}
+
+#[tokio::test]
+async fn a_sample_from_a_project_that_does_not_own_the_instance_is_invalid_and_bills_nobody() {
+    // Before: the other project's samples were billed to the owner's subscription.
+    let server = KillBillServer::start().await;
+    let owned = &legacy_usage()[0];
+    let claimed = claimed_by(owned, "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb");
+    for outcomes in [
+        through_killbill(&server, &[owned, &claimed]).await,
+        run_through(Ledger::in_memory(), &[owned, &claimed]).await.1,
+    ] {
+        assert!(matches!(outcomes[0], Outcome::Processed { .. }), "{:?}", outcomes[0]);
+        let Outcome::Failed { error, .. } = &outcomes[1] else { panic!("{:?}", outcomes[1]) };
+        assert_eq!(error.class(), ErrorClass::Invalid, "{error}");
+        assert!(error.to_string().contains("not to project bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"), "{error}");
+    }
+    let snapshot = server.snapshot().await;
+    assert_eq!(snapshot.usage.len(), 3, "only the owner's own samples: {:?}", snapshot.usage);
+    assert_eq!(snapshot.subscriptions.len(), 1);
 }
 
 /// Fake only: KillBill 0.22 compares a record's day with the end's day, so usage later on the

@@ -42,6 +42,20 @@ pub fn billable() -> Vec<FixtureDelivery> {
 
 /// Settings where the resized flavor has a plan of its own, so that plan changes are part of
 /// what the order tests compare.
+/// A Ceilometer delivery made to claim its samples for `project` (a new message id too): what
+/// a sample from a project that does not own the instance looks like.
+pub fn claimed_by(delivery: &FixtureDelivery, project: &str) -> FixtureDelivery {
+    let envelope: serde_json::Value = serde_json::from_slice(&delivery.body).unwrap();
+    let mut message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+    message["message_id"] = format!("claimed-by-{project}").into();
+    for sample in message["payload"].as_array_mut().unwrap() {
+        sample["project_id"] = project.into();
+    }
+    let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
+    FixtureDelivery { body: serde_json::to_vec(&body).unwrap(), ..delivery.clone() }
+}
+
+/// The settings of the resize tests: two flavors on two plans.
 pub fn resize_settings() -> Settings {
     let text = concertim_billing::config::DEFAULT_TOML
         .replace("[billing.plans]\n", "[billing.plans]\n\"m1.large\" = \"openstack-large-monthly\"\n");
