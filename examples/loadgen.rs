@@ -89,6 +89,17 @@ struct Args {
     /// Projects the messages spread over (each project is one lane's worth of order).
     #[arg(long, default_value_t = 100)]
     projects: usize,
+    /// Install a metrics recorder, and serve `/metrics` as the service does (on 127.0.0.1, a
+    /// free port) for `--scrapers`.
+    #[arg(long, value_enum, default_value_t = MetricsMode::Off)]
+    metrics: MetricsMode,
+    /// Sample the resident memory every this many seconds while consuming (0: never), to see
+    /// whether it stays flat over a long run.
+    #[arg(long, default_value_t = 0)]
+    rss_every_s: u64,
+    /// Clients requesting `/metrics` back to back while the consumer runs (a scrape flood).
+    #[arg(long, default_value_t = 0)]
+    scrapers: usize,
     /// Instances the usage messages spread over.
     #[arg(long, default_value_t = 1_000)]
     instances: usize,
@@ -104,6 +115,22 @@ enum Mix {
     /// Legacy Nova `compute.instance.create.end` of new instances: the create path (account
     /// once per project, then subscription, custom fields, account state: several requests).
     Lifecycle,
+    /// Keystone `identity.project.created` of one project, again and again: billed (the
+    /// account is ensured, and its latency recorded in the metrics) while neither the ledger
+    /// nor this tool keeps anything per message, so resident memory shows what the service
+    /// itself keeps.
+    Project,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum MetricsMode {
+    /// No metrics recorder (the figures above).
+    Off,
+    /// The service's recorder, as `run` installs it: its upkeep folds samples in every 5 s.
+    On,
+    /// A recorder without upkeep, as the service had before: histogram samples pile up until a
+    /// scrape.
+    NoUpkeep,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -128,8 +155,11 @@ impl Timing {
     }
 
     fn effect(&self, ctx: Context<'_>) {
-        let lag = time::OffsetDateTime::now_utc() - ctx.meta.timestamp.as_offset();
-        self.latencies.lock().unwrap().push(lag.try_into().unwrap_or_default());
+        // The project mix measures memory: nothing is kept per message.
+        if self.mix != Mix::Project {
+            let lag = time::OffsetDateTime::now_utc() - ctx.meta.timestamp.as_offset();
+            self.latencies.lock().unwrap().push(lag.try_into().unwrap_or_default());
+        }
         self.done.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -140,6 +170,11 @@ impl Timing {
 }
 
 impl watch::Watch for Timing {
+    fn account(&self, _: &concertim_billing::event::ProjectId, ctx: Context<'_>, _: &Result<Applied, BillingError>) {
+        if self.mix == Mix::Project {
+            self.effect(ctx);
+        }
+    }
     fn subscription(&self, _: &SubscriptionSpec, ctx: Context<'_>, _: &Result<Applied, BillingError>) {
         if self.mix == Mix::Lifecycle {
             self.effect(ctx);
@@ -180,11 +215,13 @@ struct Generator {
 
 impl Generator {
     fn new(mix: Mix, prefix: &str, projects: usize, instances: usize) -> Self {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/nova-legacy");
+        let dir = if mix == Mix::Project { "fixtures/keystone" } else { "fixtures/nova-legacy" };
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
         let files = fixture::collect_files(&[root]).expect("fixtures/nova-legacy is readable");
         let needle = match mix {
             Mix::Usage => "\\\"event_type\\\": \\\"metering\\\"",
             Mix::Lifecycle => "\\\"event_type\\\": \\\"compute.instance.create.end\\\"",
+            Mix::Project => "\\\"event_type\\\": \\\"identity.project.created\\\"",
             // The ignored mix reuses a Nova payload under an event type nobody handles.
             Mix::Ignored => "\\\"event_type\\\": \\\"compute.instance.create.start\\\"",
         };
@@ -199,6 +236,7 @@ impl Generator {
         let (exchange, routing_key) = match mix {
             Mix::Usage => ("ceilometer", "metering.sample"),
             Mix::Lifecycle => ("nova", "notifications.info"),
+            Mix::Project => ("keystone", "notifications.info"),
             Mix::Ignored => ("glance", "notifications.info"),
         };
         Self { mix, template, exchange: format!("{prefix}{exchange}"), routing_key, projects, instances }
@@ -225,6 +263,7 @@ impl Generator {
                 m["payload"]["instance_id"] = instance.into();
             }
             Mix::Ignored => m["event_type"] = "image.update".into(),
+            Mix::Project => {}
         }
         serde_json::to_vec(&serde_json::json!({"oslo.version": "2.0", "oslo.message": m.to_string()})).unwrap()
     }
@@ -295,7 +334,7 @@ async fn main() {
     let prefix = format!("loadgen-{}-", std::process::id());
     let mut settings = Settings::embedded();
     settings.bus.prefix = prefix.clone();
-    settings.bus.bindings = ["ceilometer", "nova", "glance"]
+    settings.bus.bindings = ["ceilometer", "nova", "glance", "keystone"]
         .into_iter()
         .map(|e| Binding {
             exchange: format!("{prefix}{e}"),
@@ -305,8 +344,21 @@ async fn main() {
     settings.bus.prefetch = args.prefetch.unwrap_or(settings.bus.prefetch);
     settings.bus.lanes = args.lanes.unwrap_or(settings.bus.lanes);
     settings.bus.shards = args.shards;
+    let metrics = match args.metrics {
+        MetricsMode::Off => None,
+        MetricsMode::On => concertim_billing::telemetry::install_prometheus(),
+        MetricsMode::NoUpkeep => {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&concertim_billing::telemetry::LAG_BUCKETS)
+                .expect("buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).expect("the only recorder");
+            Some(handle)
+        }
+    };
     match args.backend {
-        BackendKind::Ledger => run(&args, settings, Ledger::in_memory(), None).await,
+        BackendKind::Ledger => run(&args, settings, Ledger::in_memory(), None, metrics).await,
         BackendKind::Killbill if args.killbill_url.is_some() => {
             let url = args.killbill_url.clone().unwrap_or_default();
             let tenant = format!("loadgen-{}", std::process::id());
@@ -329,7 +381,7 @@ async fn main() {
                 .bootstrap(concertim_billing::billing::killbill::CATALOG_XML, "loadgen")
                 .await
                 .unwrap_or_else(|e| panic!("cannot bootstrap a tenant on the KillBill at {url}: {e}"));
-            run(&args, settings, client, None).await;
+            run(&args, settings, client, None, metrics).await;
         }
         BackendKind::Killbill => {
             let fake = fake_killbill::FakeKillBill::start().await;
@@ -337,12 +389,18 @@ async fn main() {
             // One idle connection per lane, so every lane keeps its connection alive.
             kb.pool_max_idle = settings.bus.lanes;
             let client = KillBill::new(kb).expect("an HTTP client");
-            run(&args, settings, client, Some(fake)).await;
+            run(&args, settings, client, Some(fake), metrics).await;
         }
     }
 }
 
-async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, fake: Fake) {
+async fn run<B: Billing + 'static>(
+    args: &Args,
+    settings: Settings,
+    billing: B,
+    fake: Fake,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) {
     let generator = Generator::new(args.mix, &settings.bus.prefix, args.projects, args.instances);
     let connection = bus::connect(&settings.bus.url, "loadgen").await.expect("RabbitMQ at 127.0.0.1:5672");
     let channel = connection.create_channel().await.unwrap();
@@ -395,6 +453,45 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
         let bus = settings.bus.clone();
         async move { bus::run(&bus, executor, shutdown).await }
     });
+    // `/metrics` served as the service serves it, and flooded by `--scrapers` clients.
+    let scrapes = Arc::new(AtomicUsize::new(0));
+    if let Some(handle) = metrics {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port for /metrics");
+        let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+        let state = concertim_billing::http::HttpState::new(Arc::default(), Some(handle), "loadgen".into());
+        tokio::spawn(concertim_billing::http::serve(
+            listener,
+            concertim_billing::http::router(state),
+            shutdown.clone(),
+        ));
+        for _ in 0..args.scrapers {
+            let (url, scrapes, stop) = (url.clone(), Arc::clone(&scrapes), shutdown.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                while !stop.is_cancelled() {
+                    if let Ok(response) = client.get(&url).send().await {
+                        if response.bytes().await.is_ok() {
+                            scrapes.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+    }
+    let rss_samples = Arc::new(Mutex::new(Vec::new()));
+    if args.rss_every_s > 0 {
+        let (samples, stop, every) = (Arc::clone(&rss_samples), shutdown.clone(), args.rss_every_s);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(every));
+            tick.tick().await;
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let rss = proc_value("/proc/self/status", "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+                eprintln!("  RSS at {:>5} s: {rss:.1} MiB", samples.lock().unwrap().len() as u64 * every + every);
+                samples.lock().unwrap().push((rss * 10.0).round() / 10.0);
+            }
+        });
+    }
     let publisher = (args.rate > 0).then(|| {
         let channel = channel.clone();
         let rate = args.rate;
@@ -450,6 +547,8 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
         publisher.await.unwrap();
     }
     let cpu = cpu_seconds() - cpu_before;
+    let scraped = scrapes.load(Ordering::Relaxed);
+    let rss_after_kb = proc_value("/proc/self/status", "VmRSS:").unwrap_or(0);
     let requests = fake.as_ref().map_or(0, fake_killbill::FakeKillBill::requests) - requests_before;
     if let Some(fake) = &fake {
         assert!(fake.violations().is_empty(), "bodies the OpenAPI spec rejects: {:?}", fake.violations());
@@ -490,7 +589,11 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
         rss_kb as f64 / 1024.0,
         rss_published_kb as f64 / 1024.0
     );
-    if args.mix != Mix::Ignored {
+    println!("  RSS after consuming     {:>10.1} MiB", rss_after_kb as f64 / 1024.0);
+    if args.scrapers > 0 {
+        println!("  /metrics scrapes        {:>10.0} req/s  ({scraped})", scraped as f64 / elapsed.as_secs_f64());
+    }
+    if matches!(args.mix, Mix::Usage | Mix::Lifecycle) {
         let what = if args.rate == 0 { "publish-to-effect (backlog)" } else { "bus-to-effect" };
         println!(
             "  {what} p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -510,6 +613,10 @@ async fn run<B: Billing + 'static>(args: &Args, settings: Settings, billing: B, 
             "requests_per_s": fake.is_some().then(|| (requests as f64 / elapsed.as_secs_f64()).round()),
             "cpu_s_per_1000": (cpu / count as f64 * 1e6).round() / 1000.0, "peak_rss_mib": (rss_kb as f64 / 102.4).round() / 10.0,
             "rss_before_consuming_mib": (rss_published_kb as f64 / 102.4).round() / 10.0,
+            "rss_after_consuming_mib": (rss_after_kb as f64 / 102.4).round() / 10.0,
+            "rss_samples_mib": rss_samples.lock().unwrap().clone(),
+            "metrics": args.metrics.to_possible_value().map(|v| v.get_name().to_owned()),
+            "scrapes_per_s": (args.scrapers > 0).then(|| (scraped as f64 / elapsed.as_secs_f64()).round()),
             "lag_ms_p50": pct(0.5), "lag_ms_p95": pct(0.95), "lag_ms_p99": pct(0.99), "lag_ms_max": pct(1.0)})
     );
     for q in queues.iter().chain([&names.retry_queue, &names.dead_queue]) {

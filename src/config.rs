@@ -454,6 +454,10 @@ pub struct BusSettings {
     /// How often a standby replica asks to become the intake in sharded mode (ms): the longest
     /// the main queue waits after the intake replica stops.
     pub intake_standby_ms: u64,
+    /// How long the intake lock may be held by a connection that moves nothing (the main queue
+    /// has messages and no consumer) before a standby replica consumes the main queue anyway
+    /// (ms).
+    pub intake_takeover_ms: u64,
 }
 
 impl Default for BusSettings {
@@ -483,6 +487,7 @@ impl Default for BusSettings {
             reconnect_max_ms: 30_000,
             shards: 0,
             intake_standby_ms: 2_000,
+            intake_takeover_ms: 60_000,
         }
     }
 }
@@ -833,6 +838,9 @@ impl Settings {
         if bus.shards > 0 && bus.intake_standby_ms == 0 {
             return Err("bus.intake_standby_ms must be at least 1 when bus.shards is set".into());
         }
+        if bus.shards > 0 && bus.intake_takeover_ms < bus.intake_standby_ms {
+            return Err("bus.intake_takeover_ms must be at least bus.intake_standby_ms".into());
+        }
         if bus.delivery_limit == 0 {
             return Err("bus.delivery_limit must be at least 1".into());
         }
@@ -950,7 +958,7 @@ fn private_enough(file: &str) -> Result<(), String> {
         if mode & !0o640 != 0 {
             return Err(format!(
                 "{file} has mode {mode:04o}: a secret file must not be readable by others or writable by its group; \
-                 chmod 0600 it (Kubernetes: defaultMode: 0400 on the Secret volume)"
+                 chmod 0600 it (Kubernetes: defaultMode: 0440 on the Secret volume, with fsGroup)"
             ));
         }
     }

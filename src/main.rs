@@ -435,22 +435,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let health = Arc::new(concertim_billing::telemetry::Health::default());
                 if !listen.is_empty() {
                     let addr: std::net::SocketAddr = listen.parse().context("http.listen")?;
-                    let state = concertim_billing::http::HttpState {
-                        health: Arc::clone(&health),
-                        metrics: concertim_billing::telemetry::install_prometheus(),
-                        backend: described.clone(),
-                    };
+                    let state = concertim_billing::http::HttpState::new(
+                        Arc::clone(&health),
+                        concertim_billing::telemetry::install_prometheus(),
+                        described.clone(),
+                    );
                     let router = concertim_billing::http::router(state);
                     let listener = tokio::net::TcpListener::bind(addr)
                         .await
                         .with_context(|| format!("cannot listen on {addr} (http.listen; \"\" disables it)"))?;
                     tracing::info!(%addr, "serving /healthz /readyz /metrics");
                     let stop = shutdown.clone();
-                    tokio::spawn(async move {
-                        let _ = axum::serve(listener, router)
-                            .with_graceful_shutdown(async move { stop.cancelled().await })
-                            .await;
-                    });
+                    tokio::spawn(concertim_billing::http::serve(listener, router, stop));
                 }
                 bus::run_with_health(&bus, executor, shutdown, health).await?;
                 anyhow::Ok(())

@@ -29,6 +29,9 @@ pub const INTAKE_ACTIVE: &str = "concertim_billing_intake_active";
 /// 1 while consuming, 0 while the broker is away.
 pub const CONNECTED: &str = "concertim_billing_broker_connected";
 
+/// HTTP connections closed on accept because [`crate::http::MAX_CONNECTIONS`] were open.
+pub const HTTP_REFUSED: &str = "concertim_billing_http_connections_refused_total";
+
 /// 1 while a client runs with certificate verification turned off (`concertim.tls_verify`).
 pub const TLS_UNVERIFIED: &str = "concertim_billing_tls_unverified";
 
@@ -46,13 +49,13 @@ pub fn source(event: &Event) -> &'static str {
     }
 }
 
+/// The bucket bounds of the bus-to-effect histogram, in seconds.
+pub const LAG_BUCKETS: [f64; 13] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0];
+
 /// Installs the process-wide Prometheus recorder and returns the handle `/metrics` renders.
 /// A second call (tests run several services in one process) returns `None`.
 pub fn install_prometheus() -> Option<PrometheusHandle> {
-    let recorder = PrometheusBuilder::new()
-        .set_buckets(&[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0])
-        .ok()?
-        .build_recorder();
+    let recorder = PrometheusBuilder::new().set_buckets(&LAG_BUCKETS).ok()?.build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).ok()?;
     // Histogram samples pile up in the recorder until upkeep folds them in; rendering does it
@@ -72,11 +75,16 @@ pub fn install_prometheus() -> Option<PrometheusHandle> {
 /// How often the recorder's upkeep runs, scraped or not.
 pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Sharded mode: 1 while the intake lock is held by a connection that moves nothing (the main
+/// queue has messages and no consumer): alert on it.
+pub const INTAKE_STUCK: &str = "concertim_billing_intake_stuck";
+
 /// What `/healthz` and `/readyz` report.
 #[derive(Debug, Default)]
 pub struct Health {
     consuming: AtomicBool,
     sessions: AtomicUsize,
+    intake_stuck: std::sync::Mutex<Option<(std::time::Instant, u32)>>,
 }
 
 impl Health {
@@ -92,6 +100,19 @@ impl Health {
     /// Whether the consumer is consuming from the broker now.
     pub fn is_consuming(&self) -> bool {
         self.consuming.load(Ordering::Relaxed)
+    }
+
+    /// Sharded mode: the intake lock is held elsewhere while the main queue has `waiting`
+    /// messages and no consumer, since `since` (or `None`: nothing stuck).
+    pub fn set_intake_stuck(&self, stuck: Option<(std::time::Instant, u32)>) {
+        metrics::gauge!(INTAKE_STUCK).set(if stuck.is_some() { 1.0 } else { 0.0 });
+        *self.intake_stuck.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = stuck;
+    }
+
+    /// For how long the intake has been stuck, and how many messages wait, if it is.
+    pub fn intake_stuck(&self) -> Option<(std::time::Duration, u32)> {
+        let stuck = *self.intake_stuck.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        stuck.map(|(since, waiting)| (since.elapsed(), waiting))
     }
 
     /// How many broker sessions have started (reconnections + 1).

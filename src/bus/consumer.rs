@@ -106,7 +106,7 @@ pub async fn run_both<B: Billing + 'static>(
         if !sharded {
             return Ok(());
         }
-        let result = intake_loop(bus, &executor, &stop).await;
+        let result = intake_loop(bus, &executor, &stop, &health).await;
         if result.is_err() {
             stop.cancel();
         }
@@ -237,10 +237,11 @@ async fn intake_loop<B: Billing + 'static>(
     bus: &BusSettings,
     executor: &Arc<Executor<B>>,
     shutdown: &CancellationToken,
+    health: &Health,
 ) -> Result<(), BusError> {
     let what = format!("{} (intake)", Names::new(bus).queue);
     reconnecting(bus, &what, shutdown, || async {
-        Ok(match intake::session(bus, executor, shutdown).await? {
+        Ok(match intake::session(bus, executor, shutdown, health).await? {
             intake::IntakeEnd::Shutdown => End::Shutdown,
             // Moving messages counts as consuming: the next failure waits from the start.
             intake::IntakeEnd::Lost => End::Lost { consumed: true },

@@ -19,7 +19,10 @@
 //! between the confirm and the ack moves a message twice, which billing absorbs (every action
 //! is idempotent).
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures_lite::StreamExt;
 use lapin::{
@@ -36,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{ack, broker_error, connect, topology, BusError, Names};
-use crate::{billing::Billing, config::BusSettings, executor::Executor, telemetry};
+use crate::{billing::Billing, config::BusSettings, executor::Executor, telemetry, telemetry::Health};
 
 const TAG: &str = "concertim-billing-intake";
 const PUBLISH_TAG: &str = "concertim-billing-intake-publish";
@@ -70,6 +73,7 @@ pub(super) async fn session<B: Billing + 'static>(
     bus: &BusSettings,
     executor: &Arc<Executor<B>>,
     shutdown: &CancellationToken,
+    health: &Health,
 ) -> Result<IntakeEnd, BusError> {
     let broker = broker_error(&bus.url);
     let names = Names::new(bus);
@@ -79,30 +83,56 @@ pub(super) async fn session<B: Billing + 'static>(
     topology::declare(&setup, bus).await?;
 
     let lock = format!("{}.intake", names.queue);
+    let standby = Duration::from_millis(bus.intake_standby_ms);
     let mut standing_by = false;
+    // Since when the lock's holder moves nothing (see `main_queue`).
+    let mut stuck_since: Option<Instant> = None;
+    let mut takeover = false;
     loop {
-        let channel = connection.create_channel().await.map_err(&broker)?;
-        let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
-        match channel.queue_declare(lock.as_str().into(), exclusive, FieldTable::default()).await {
-            Ok(_) => break,
-            // Another replica holds the lock (the refusal closed only this channel).
-            Err(e) if super::amqp_code(&e) == Some(RESOURCE_LOCKED) => {
+        match take_lock(&connection, &lock).await {
+            Ok(true) => break,
+            // Another connection holds the lock (the refusal closed only that channel).
+            Ok(false) => {
                 if !standing_by {
                     info!(queue = %names.queue, "another replica is the intake; standing by");
                     standing_by = true;
                 }
-                debug!(error.message = %e, "intake lock held elsewhere");
+                match main_queue(&connection, bus, &names.queue).await? {
+                    (waiting, 0) if waiting > 0 => {
+                        let since = *stuck_since.get_or_insert_with(Instant::now);
+                        // Seen twice: not a holder between taking the lock and consuming.
+                        if since.elapsed() >= standby {
+                            health.set_intake_stuck(Some((since, waiting)));
+                        }
+                        if since.elapsed() >= Duration::from_millis(bus.intake_takeover_ms) {
+                            warn!(
+                                queue = %names.queue,
+                                waiting,
+                                stuck_s = since.elapsed().as_secs(),
+                                "the intake lock's holder moves nothing; taking over the main queue without the lock"
+                            );
+                            takeover = true;
+                            break;
+                        }
+                    }
+                    _ => {
+                        stuck_since = None;
+                        health.set_intake_stuck(None);
+                    }
+                }
             }
             Err(e) => return Err(broker(e)),
         }
         tokio::select! {
             () = shutdown.cancelled() => {
+                health.set_intake_stuck(None);
                 let _ = connection.close(200, "shutting down".into()).await;
                 return Ok(IntakeEnd::Shutdown);
             }
-            () = tokio::time::sleep(std::time::Duration::from_millis(bus.intake_standby_ms)) => {}
+            () = tokio::time::sleep(standby) => {}
         }
     }
+    health.set_intake_stuck(None);
     let publishing = connect(&bus.url, PUBLISH_TAG).await?;
     let publisher = publishing.create_channel().await.map_err(&broker)?;
     publisher.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.map_err(&broker)?;
@@ -118,6 +148,7 @@ pub(super) async fn session<B: Billing + 'static>(
     let trouble = CancellationToken::new();
     let (confirms, pending) = mpsc::channel(usize::from(bus.prefetch.max(1)));
     let acker = tokio::spawn(confirm_then_ack(pending, trouble.clone()));
+    let mut recheck = tokio::time::interval(standby);
     let end = loop {
         tokio::select! {
             biased;
@@ -126,6 +157,24 @@ pub(super) async fn session<B: Billing + 'static>(
                 break IntakeEnd::Shutdown;
             }
             () = trouble.cancelled() => break IntakeEnd::Lost,
+            // Taken over: take the lock as soon as it is free, and hand the main queue back as
+            // soon as its holder consumes.
+            _ = recheck.tick(), if takeover => match take_lock(&connection, &lock).await {
+                Ok(true) => {
+                    info!(queue = %names.queue, "the intake lock is free again and this replica holds it");
+                    takeover = false;
+                }
+                Ok(false) => {
+                    if main_queue(&connection, bus, &names.queue).await.is_ok_and(|(_, consumers)| consumers > 1) {
+                        info!(queue = %names.queue, "the intake lock's holder consumes again; handing the main queue back");
+                        break IntakeEnd::Lost;
+                    }
+                }
+                Err(e) => {
+                    warn!(error.message = %e, "intake: cannot check the lock; reconnecting");
+                    break IntakeEnd::Lost;
+                }
+            },
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
                     let key = routing_key(executor, &delivery);
@@ -183,6 +232,32 @@ pub(super) async fn session<B: Billing + 'static>(
         }
     }
     Ok(end)
+}
+
+/// Tries to take the intake lock (the exclusive queue `lock`) on a channel of its own: `false`
+/// when another connection holds it.
+async fn take_lock(connection: &lapin::Connection, lock: &str) -> Result<bool, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
+    match channel.queue_declare(lock.into(), exclusive, FieldTable::default()).await {
+        Ok(_) => Ok(true),
+        Err(e) if super::amqp_code(&e) == Some(RESOURCE_LOCKED) => {
+            debug!(error.message = %e, "intake lock held elsewhere");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The main queue's waiting messages and consumers (a passive declare, on a channel of its own
+/// since a failure closes it).
+async fn main_queue(connection: &lapin::Connection, bus: &BusSettings, queue: &str) -> Result<(u32, u32), BusError> {
+    let channel = connection.create_channel().await.map_err(broker_error(&bus.url))?;
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let declared = channel.queue_declare(queue.into(), passive, FieldTable::default()).await;
+    let _ = channel.close(200, "checked".into()).await;
+    let declared = declared.map_err(broker_error(&bus.url))?;
+    Ok((declared.message_count(), declared.consumer_count()))
 }
 
 /// Acknowledges each moved message once the broker confirmed its copy, in publish order.

@@ -16,7 +16,10 @@ use lapin::{
 };
 
 use crate::support::{
-    bus::{billed_vcpu_minutes, eventually, service_command, signal, spawn_app, usage_batch, Faulty, Proxy, TestBus},
+    bus::{
+        billed_vcpu_minutes, eventually, service_command, signal, spawn_app, usage_batch, usage_fixture, Faulty, Proxy,
+        TestBus,
+    },
     deliveries,
 };
 
@@ -113,11 +116,6 @@ async fn an_invalid_message_is_dead_lettered_byte_identical_with_its_reason_in_h
     assert_eq!(p.content_type().as_ref().map(|c| c.as_str()), Some("application/json"));
     app.shutdown().await.unwrap();
     bus.cleanup().await;
-}
-
-/// A Ceilometer message with usage for one instance of the lifecycle fixtures.
-fn usage_fixture() -> FixtureDelivery {
-    deliveries("duplicates").into_iter().find(|d| d.exchange.as_deref() == Some("ceilometer")).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use lapin::{
 use serde_json::Value;
 
 use crate::support::{
-    bus::{cli_command, eventually, signal, spawn_app, usage_batch, Faulty, TestBus},
+    bus::{cli_command, eventually, signal, spawn_app, usage_batch, usage_fixture, Faulty, TestBus},
     deliveries,
 };
 
@@ -39,14 +39,10 @@ fn list_json(bus: &TestBus) -> Vec<Value> {
     letters
 }
 
-fn usage_template() -> FixtureDelivery {
-    deliveries("duplicates").into_iter().find(|d| d.exchange.as_deref() == Some("ceilometer")).unwrap()
-}
-
 fn garbage(i: usize) -> FixtureDelivery {
     FixtureDelivery {
         body: format!("{{\"oslo.version\": \"2.0\", \"oslo.message\": \"{{broken {i}\"}}").into_bytes(),
-        ..usage_template()
+        ..usage_fixture()
     }
 }
 
@@ -59,7 +55,7 @@ async fn list_shows_invalid_and_exhausted_letters_in_the_same_order_twice_and_ex
     for i in 0..3 {
         bus.publish(&garbage(i)).await;
     }
-    for d in usage_batch(&usage_template(), 3) {
+    for d in usage_batch(&usage_fixture(), 3) {
         bus.publish(&d).await;
     }
     let dead = bus.names().dead_queue;
@@ -109,7 +105,7 @@ async fn requeue_all_after_the_cause_is_fixed_empties_the_dead_letters_and_bills
     let faulty = Faulty::new();
     faulty.usage_always_fails.store(true, Ordering::SeqCst);
     let app = spawn_app(&bus, faulty, None).await;
-    for d in usage_batch(&usage_template(), 4) {
+    for d in usage_batch(&usage_fixture(), 4) {
         bus.publish(&d).await;
     }
     let dead = bus.names().dead_queue;
@@ -159,7 +155,7 @@ async fn seed_dead_letters(bus: &TestBus, count: usize) {
     let channel = connection.create_channel().await.unwrap();
     topology::declare(&channel, &bus.settings.bus).await.unwrap();
     let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
-    for d in usage_batch(&usage_template(), count) {
+    for d in usage_batch(&usage_fixture(), count) {
         let mut headers = FieldTable::default();
         headers.insert(ack::REASON.into(), text("exhausted after 3 attempts: injected"));
         headers.insert(ack::CLASS.into(), text("transient"));

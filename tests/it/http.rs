@@ -9,7 +9,7 @@ use concertim_billing::{
 };
 
 use crate::support::{
-    bus::{cli_command, eventually, signal, Proxy, TestBus},
+    bus::{billed_vcpu_minutes, cli_command, eventually, signal, usage_batch, usage_fixture, Proxy, TestBus},
     deliveries,
 };
 
@@ -175,4 +175,62 @@ fn operator_inputs_are_checked_before_anything_is_done() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(Iterator::count).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_neither_uses_up_descriptors_nor_stops_billing() {
+    // Before: no connection limit and no timeouts. Idle connections used up the descriptors,
+    // and every call that needed a new one (the ledger's file, a billing request) failed.
+    let bus = TestBus::new("httpflood").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let base = format!("http://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.json");
+    let mut service = cli_command(&bus)
+        .args(["run", "--ledger", ledger.to_str().unwrap()])
+        .env("CONCERTIM_BILLING_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = format!("{base}/readyz");
+    eventually("ready", LIMIT, || async { get(&ready).await.filter(|(s, _)| *s == 200) }).await;
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &service.id().to_string(), "--nofile=256:256"])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(limited.success());
+    let baseline = open_descriptors(service.id());
+
+    let mut idle = Vec::new();
+    for _ in 0..400 {
+        idle.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    for d in &usage_batch(&usage_fixture(), 100) {
+        bus.publish(d).await;
+    }
+    eventually("every message billed during the flood", LIMIT, || async {
+        (billed_vcpu_minutes(&ledger) == 1000).then_some(())
+    })
+    .await;
+    let during = open_descriptors(service.id());
+    assert!(
+        during <= baseline + concertim_billing::http::MAX_CONNECTIONS + 16,
+        "{during} descriptors open during the flood, {baseline} before"
+    );
+    assert_eq!(bus.depth(&bus.names().dead_queue).await, 0);
+    // The service closes every idle connection itself: the ones over the limit at once, the
+    // others when their time to send headers is up.
+    for mut stream in idle {
+        let mut buffer = [0u8; 64];
+        let read = tokio::time::timeout(LIMIT, tokio::io::AsyncReadExt::read(&mut stream, &mut buffer)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "an idle connection was kept: {read:?}");
+    }
+    assert_eq!(get(&format!("{base}/healthz")).await.unwrap().0, 200);
+    signal(&service, "TERM");
+    assert!(service.wait().unwrap().success());
+    bus.cleanup().await;
 }

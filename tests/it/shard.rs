@@ -173,3 +173,42 @@ async fn two_sharded_replicas_keep_each_projects_order_and_a_stopped_ones_shards
     a.shutdown().await.unwrap();
     bus.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intake_lock_held_by_a_connection_that_moves_nothing_turns_readyz_unready_and_is_taken_over() {
+    // Before: any client holding the exclusive lock queue stopped the intake for good, while
+    // /readyz said ready.
+    let mut bus = TestBus::new("shardstuck").await;
+    bus.settings.bus.shards = 2;
+    bus.settings.bus.intake_standby_ms = 100;
+    bus.settings.bus.intake_takeover_ms = 3_000;
+    let holder = concertim_billing::bus::connect(&bus.settings.bus.url, "holder").await.unwrap();
+    let channel = holder.create_channel().await.unwrap();
+    let lock = format!("{}.intake", bus.names().queue);
+    let exclusive = lapin::options::QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    channel.queue_declare(lock.as_str().into(), exclusive, Default::default()).await.unwrap();
+
+    let app = spawn_app(&bus, Ledger::in_memory(), None).await;
+    let messages = support::bus::usage_batch(&support::bus::usage_fixture(), 10);
+    for m in &messages {
+        bus.publish(m).await;
+    }
+    let health = Arc::clone(&app.health);
+    let (stuck, waiting) =
+        eventually("/readyz to report the stuck intake", Duration::from_secs(30), || async { health.intake_stuck() })
+            .await;
+    eprintln!("intake stuck for {stuck:?} with {waiting} messages waiting");
+    assert!(waiting > 0);
+
+    let refs: Vec<&FixtureDelivery> = messages.iter().collect();
+    let expected = support::through_ledger(&refs).await;
+    let executor = &app.executor;
+    eventually("the main queue taken over and everything billed", Duration::from_secs(60), || async {
+        (executor.billing().snapshot().usage == expected.usage).then_some(())
+    })
+    .await;
+    assert!(health.intake_stuck().is_none(), "ready again once taken over");
+    let _ = holder.close(200, "done".into()).await;
+    app.shutdown().await.unwrap();
+    bus.cleanup().await;
+}

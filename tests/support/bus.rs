@@ -498,6 +498,11 @@ pub fn usage_batch(template: &FixtureDelivery, count: usize) -> Vec<FixtureDeliv
         .collect()
 }
 
+/// A Ceilometer message with usage for one instance of the lifecycle fixtures.
+pub fn usage_fixture() -> FixtureDelivery {
+    super::deliveries("duplicates").into_iter().find(|d| d.exchange.as_deref() == Some("ceilometer")).unwrap()
+}
+
 /// vCPU-minutes billed in a ledger file (0 before it exists).
 pub fn billed_vcpu_minutes(ledger: &std::path::Path) -> u64 {
     use rust_decimal::prelude::ToPrimitive;

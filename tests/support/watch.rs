@@ -7,15 +7,17 @@ use concertim_billing::{
     plan::{SubscriptionSpec, UsageSpec},
 };
 
-/// What a watcher hears of; both do nothing unless overridden.
+/// What a watcher hears of; each does nothing unless overridden.
 pub trait Watch: Send + Sync {
+    /// An account was ensured (or failed to be).
+    fn account(&self, _project: &ProjectId, _ctx: Context<'_>, _result: &Result<Applied, BillingError>) {}
     /// A subscription was ensured (or failed to be).
     fn subscription(&self, _spec: &SubscriptionSpec, _ctx: Context<'_>, _result: &Result<Applied, BillingError>) {}
     /// Usage was recorded (or failed to be).
     fn usage(&self, _usage: &UsageSpec, _ctx: Context<'_>, _result: &Result<Applied, BillingError>) {}
 }
 
-/// `inner`, with `watch` told of its subscriptions and usage.
+/// `inner`, with `watch` told of its accounts, subscriptions and usage.
 pub struct Watched<B, W> {
     /// The backend doing the work.
     pub inner: B,
@@ -25,7 +27,9 @@ pub struct Watched<B, W> {
 
 impl<B: Billing, W: Watch> Billing for Watched<B, W> {
     async fn ensure_account(&self, p: &ProjectId, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        self.inner.ensure_account(p, ctx).await
+        let result = self.inner.ensure_account(p, ctx).await;
+        self.watch.account(p, ctx, &result);
+        result
     }
     async fn close_account(&self, p: &ProjectId, at: Timestamp, ctx: Context<'_>) -> Result<Applied, BillingError> {
         self.inner.close_account(p, at, ctx).await
