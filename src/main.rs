@@ -142,7 +142,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
         report: ReportFormat,
         /// Publish the fixtures to the broker (each to its exchange and routing key, with
-        /// confirms) instead of replaying them locally, to exercise a running deployment.
+        /// confirms) instead of replaying them locally, to exercise a running deployment. An
+        /// absent exchange is declared as an oslo publisher would (topic, durable as
+        /// bus.upstream_durable, never auto-deleted): with amqp_auto_delete, let OpenStack
+        /// declare it first.
         #[arg(long)]
         publish: bool,
         /// Bill into the billing application the configuration names (billing.backend) instead

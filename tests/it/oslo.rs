@@ -133,3 +133,10 @@ async fn durable_queues_with_the_service_started_first_bill_the_lifecycle_and_no
 async fn quorum_queues_with_nova_started_first_bill_the_lifecycle() {
     case("oslo-quorum", false, &["--durable", "--quorum"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_deleted_exchanges_with_the_service_started_first_bill_the_lifecycle_and_nova_publishes_fine() {
+    // Before, the service declared `nova` without auto-delete, and its advice for Nova's
+    // PRECONDITION_FAILED was to change the durability, which does not help.
+    case("oslo-autodelete", true, &["--auto-delete"]).await;
+}

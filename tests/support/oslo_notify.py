@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Publishes notifications the way OpenStack's services do: with oslo.messaging's own Notifier
 over its RabbitMQ driver, configured as Nova configures it (control_exchange, the
-`notifications` topic, [oslo_messaging_rabbit] amqp_durable_queues / rabbit_quorum_queue).
+`notifications` topic, [oslo_messaging_rabbit] amqp_durable_queues / rabbit_quorum_queue / amqp_auto_delete).
 
 Reads one notification per line on stdin, {"event_type", "priority", "payload", "publisher_id"},
 and sends each with the Notifier; exits non-zero when the driver fails to publish (it logs and
@@ -36,6 +36,7 @@ def main():
     parser.add_argument("--exchange", required=True, help="control_exchange, e.g. nova")
     parser.add_argument("--durable", action="store_true", help="amqp_durable_queues = True")
     parser.add_argument("--quorum", action="store_true", help="rabbit_quorum_queue = True")
+    parser.add_argument("--auto-delete", action="store_true", help="amqp_auto_delete = True")
     args = parser.parse_args()
 
     failures = Failures()
@@ -50,6 +51,8 @@ def main():
         conf.set_override("amqp_durable_queues", True, group="oslo_messaging_rabbit")
     if args.quorum:
         conf.set_override("rabbit_quorum_queue", True, group="oslo_messaging_rabbit")
+    if args.auto_delete:
+        conf.set_override("amqp_auto_delete", True, group="oslo_messaging_rabbit")
     sent = 0
     for line in sys.stdin:
         if not line.strip():
