@@ -777,6 +777,29 @@ impl Settings {
         Self::layered(&text, &origin, env_overrides(std::env::vars()))
     }
 
+    /// What is valid but probably not meant: no billed meter at all, or a meter Ceilometer
+    /// emits under no such name (`vcpu` for `vcpus`), either of which bills no usage. `config
+    /// check` prints them and `run` logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let meters = &self.billing.meters;
+        if meters.is_empty() {
+            return vec![format!(
+                "billing.meters is empty: no usage is billed at all (Ceilometer's instance meters: {})",
+                INSTANCE_METERS.join(", ")
+            )];
+        }
+        meters
+            .keys()
+            .filter(|m| !is_ceilometer_meter(m))
+            .map(|m| {
+                format!(
+                    "billing.meters.\"{m}\": Ceilometer emits no meter by that name, so it bills nothing (its instance meters: {})",
+                    INSTANCE_METERS.join(", ")
+                )
+            })
+            .collect()
+    }
+
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
@@ -940,6 +963,20 @@ fn read_secret_files(table: &mut toml::Table, at: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The meters Ceilometer emits per instance, which the default configuration bills.
+const INSTANCE_METERS: [&str; 6] = ["vcpus", "memory", "disk.root.size", "disk.ephemeral.size", "instance", "cpu"];
+
+/// Whether Ceilometer emits a meter by this name: one of its instance meters, or one of its
+/// meter families (`network.*`, `volume.*`, …).
+fn is_ceilometer_meter(name: &str) -> bool {
+    const OTHERS: [&str; 6] = ["bandwidth", "ip.floating", "memory.usage", "memory.resident", "cpu_l3_cache", "port"];
+    const FAMILIES: [&str; 13] = [
+        "disk.", "network.", "volume.", "snapshot.", "image.", "storage.", "memory.", "hardware.", "ip.", "port.",
+        "switch.", "compute.node.", "backup.",
+    ];
+    INSTANCE_METERS.contains(&name) || OTHERS.contains(&name) || FAMILIES.iter().any(|f| name.starts_with(f))
+}
+
 /// The keys whose override is always a string, whatever it looks like: a numeric password
 /// stays a password (and is never shown back in a type error).
 const LITERAL_KEYS: [&str; 9] =
@@ -1037,6 +1074,20 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_that_bills_no_usage_is_warned_about() {
+        assert!(Settings::embedded().warnings().is_empty(), "{:?}", Settings::embedded().warnings());
+        let empty = DEFAULT_TOML.split("\n[billing.meters").next().unwrap().to_owned()
+            + &DEFAULT_TOML[DEFAULT_TOML.find("\n[projects]").unwrap()..];
+        let settings = Settings::from_toml(&empty, "t").unwrap();
+        assert!(settings.billing.meters.is_empty());
+        assert!(settings.warnings()[0].contains("billing.meters is empty"), "{:?}", settings.warnings());
+        let typo = DEFAULT_TOML.replace("[billing.meters.vcpus]", "[billing.meters.vcpu]");
+        let warnings = Settings::from_toml(&typo, "t").unwrap().warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("billing.meters.\"vcpu\""), "{warnings:?}");
+    }
 
     fn with_env(file: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let vars = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));

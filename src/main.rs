@@ -399,6 +399,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(publish(&settings, &paths))
         }
         Command::Replay { paths, ledger, report, apply, .. } => {
+            for warning in settings.warnings() {
+                eprintln!("warning: {warning}");
+            }
             if apply && settings.billing.backend == BackendKind::Ledger {
                 return Err(UsageError(
                     "--apply sends billing to the configured billing application, but billing.backend is the embedded ledger: \
@@ -428,6 +431,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let backend = backend(&settings, ledger.as_deref())?;
             let described = describe_backend(&settings, ledger.as_deref());
             tracing::info!(backend = %described, "billing backend");
+            for warning in settings.warnings() {
+                tracing::warn!("{warning}");
+            }
             let bus = settings.bus.clone();
             let settings_listen = settings.http.listen.clone();
             let executor = Arc::new(Executor::new(settings, backend));
@@ -543,6 +549,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Config { action: ConfigAction::Check } => {
             println!("# effective configuration: valid");
+            for warning in settings.warnings() {
+                println!("# WARNING: {warning}");
+            }
             println!("# billing backend: {}", describe_backend(&settings, None));
             if settings.concertim.as_ref().is_some_and(|c| !c.tls_verify) {
                 println!("# WARNING: concertim.tls_verify = false: Concertim's certificate is not verified, so anyone in between can read its password and token");
