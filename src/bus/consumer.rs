@@ -353,6 +353,10 @@ async fn session<H: Handler>(
     let publisher = connection.create_channel().await.map_err(&broker)?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(&broker)?;
     let consuming = connection.create_channel().await.map_err(&broker)?;
+    // FIXME(memory): lapin hands a delivery over only once its whole body has arrived, so a
+    // body over decode.max_body_bytes is buffered before it can be refused. The bound is the
+    // broker's max_message_size (deploy/rabbitmq/rabbitmq.conf: 4 MiB) × bus.prefetch; without
+    // that setting one publisher can make this process hold prefetch × 128 MiB.
     consuming.basic_qos(consumer.prefetch, BasicQosOptions::default()).await.map_err(&broker)?;
     let mut tags = Vec::with_capacity(consumer.queues.len());
     let mut streams = Vec::with_capacity(consumer.queues.len());
