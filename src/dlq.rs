@@ -91,10 +91,14 @@ impl Selector {
     }
 }
 
-/// 64-bit FNV-1a: a stable, dependency-free hash for ids an operator types.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+/// 64-bit FNV-1a: a stable, dependency-free hash for ids an operator types, continued from
+/// `state` (start with [`FNV_START`]).
+fn fnv(state: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(state, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
+
+/// FNV-1a's offset basis.
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 
 fn x_death(properties: &BasicProperties) -> Option<(String, String)> {
     let AMQPValue::FieldArray(deaths) = ack::header(properties, "x-death")? else { return None };
@@ -114,12 +118,13 @@ fn x_death(properties: &BasicProperties) -> Option<(String, String)> {
 
 /// A dead letter's id: 48 bits of a hash of its body and failure headers.
 fn letter_id(body: &[u8], p: &BasicProperties) -> String {
-    let mut bytes = body.to_vec();
+    // Hashed piece by piece: a large body is not copied.
+    let mut hash = fnv(FNV_START, body);
     for name in [ack::REASON, ack::FIRST_FAILURE, ack::LAST_FAILURE] {
-        bytes.push(0);
-        bytes.extend_from_slice(ack::header_text(p, name).unwrap_or_default().as_bytes());
+        hash = fnv(hash, &[0]);
+        hash = fnv(hash, ack::header_text(p, name).unwrap_or_default().as_bytes());
     }
-    format!("{:012x}", fnv(&bytes) >> 16)
+    format!("{:012x}", hash >> 16)
 }
 
 impl DeadLetter {
@@ -140,8 +145,10 @@ impl DeadLetter {
             id: letter_id(body, p),
             // Concertim updates are shown as `concertim <event type>`.
             event_type: decode(body, limits).ok().map(|n| n.meta.event_type).or_else(|| {
-                serde_json::from_slice::<crate::concertim::Work>(body)
-                    .ok()
+                // Concertim work is small: a body over the decode limit is not parsed at all.
+                (body.len() <= limits.max_body_bytes)
+                    .then(|| serde_json::from_slice::<crate::concertim::Work>(body).ok())
+                    .flatten()
                     .map(|w| format!("concertim {}", w.event_type))
             }),
             class: ack::header_text(p, ack::CLASS).unwrap_or_else(|| "broker".to_owned()),
@@ -506,8 +513,8 @@ mod tests {
 
     #[test]
     fn ids_are_stable_hashes_of_the_body() {
-        assert_eq!(fnv(b"a"), fnv(b"a"));
-        assert_ne!(fnv(b"a"), fnv(b"b"));
-        assert_eq!(fnv(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv(FNV_START, b"a"), fnv(FNV_START, b"a"));
+        assert_ne!(fnv(FNV_START, b"a"), fnv(FNV_START, b"b"));
+        assert_eq!(fnv(FNV_START, b""), 0xcbf2_9ce4_8422_2325);
     }
 }
