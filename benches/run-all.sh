@@ -7,6 +7,7 @@
 #   REPEAT=1 benches/run-all.sh   # one run each
 #   SECTIONS="broker sweep" benches/run-all.sh   # some of: offline broker sweep
 #   KILLBILL_URL=http://127.0.0.1:18080 benches/run-all.sh   # also against a real KillBill
+#   SECTIONS="flood memory" benches/run-all.sh   # a /metrics flood; memory over two 5-minute runs
 #
 # Needs RabbitMQ at 127.0.0.1:5672 (guest/guest). Every run uses its own queue prefix and
 # deletes its topology afterwards. The JSON lines of every run are kept in
@@ -67,6 +68,21 @@ best "usage, killbill 2 ms, 1000/s" lag_ms_p99 min --messages 20000 --rate 1000 
 best "ignored, prefetch 1000, 100k" peak_rss_mib min --messages 100000 --prefetch 1000 --mix ignored
 best "usage, ledger, prefetch 1000, 100k" peak_rss_mib min --messages 100000 --prefetch 1000
 best "ignored, sharded (4), backlog" consume_per_s max --messages 30000 --mix ignored --shards 4
+fi
+
+if [[ $SECTIONS == *flood* ]]; then
+echo "== a /metrics flood (8 clients) against none"
+best "ignored, /metrics served" consume_per_s max --messages 200000 --mix ignored --metrics on
+best "ignored, /metrics flooded" consume_per_s max --messages 200000 --mix ignored --metrics on --scrapers 8
+fi
+
+if [[ $SECTIONS == *memory* ]]; then
+echo "== memory over a long unscraped run (RSS samples every 30 s; one run each, 5 minutes)"
+for metrics in no-upkeep on; do
+  line=$("$loadgen" --messages 2400000 --rate 8000 --mix project --metrics "$metrics" --rss-every-s 30 2>/dev/null | tail -n 1)
+  echo "{\"run\":\"memory, $metrics\",\"result\":$line}" >>"$out/loadgen.jsonl"
+  echo "metrics $metrics: RSS (MiB) $(grep -o '"rss_samples_mib":\[[^]]*\]' <<<"$line")"
+done
 fi
 
 # Against a real KillBill: deploy/dev/killbill.sh start, then KILLBILL_URL=$(deploy/dev/killbill.sh url).

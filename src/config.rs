@@ -971,8 +971,19 @@ const INSTANCE_METERS: [&str; 6] = ["vcpus", "memory", "disk.root.size", "disk.e
 fn is_ceilometer_meter(name: &str) -> bool {
     const OTHERS: [&str; 6] = ["bandwidth", "ip.floating", "memory.usage", "memory.resident", "cpu_l3_cache", "port"];
     const FAMILIES: [&str; 13] = [
-        "disk.", "network.", "volume.", "snapshot.", "image.", "storage.", "memory.", "hardware.", "ip.", "port.",
-        "switch.", "compute.node.", "backup.",
+        "disk.",
+        "network.",
+        "volume.",
+        "snapshot.",
+        "image.",
+        "storage.",
+        "memory.",
+        "hardware.",
+        "ip.",
+        "port.",
+        "switch.",
+        "compute.node.",
+        "backup.",
     ];
     INSTANCE_METERS.contains(&name) || OTHERS.contains(&name) || FAMILIES.iter().any(|f| name.starts_with(f))
 }

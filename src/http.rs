@@ -28,6 +28,10 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// How long a rendered `/metrics` page is served again before it is rendered anew.
 pub const METRICS_MAX_AGE: Duration = Duration::from_millis(500);
+/// Requests are answered at most this often, all routes together (200 a second): a flood
+/// waits instead of taking the consumers' CPU. Probes and scrapes need a few a second, and the
+/// longest wait, [`MAX_CONNECTIONS`] requests queued, is 0.32 s, within a probe's timeout.
+pub const REQUEST_INTERVAL: Duration = Duration::from_millis(5);
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -40,22 +44,41 @@ pub struct HttpState {
     pub backend: String,
     /// The last rendered `/metrics` page, and when.
     pub rendered: Arc<Mutex<Option<(Instant, String)>>>,
+    /// When the next request may be answered (see [`REQUEST_INTERVAL`]).
+    pub next_answer: Arc<Mutex<Option<Instant>>>,
 }
 
 impl HttpState {
     /// The state for these parts, nothing rendered yet.
     pub fn new(health: Arc<Health>, metrics: Option<PrometheusHandle>, backend: String) -> Self {
-        Self { health, metrics, backend, rendered: Arc::default() }
+        Self { health, metrics, backend, rendered: Arc::default(), next_answer: Arc::default() }
     }
 }
 
-/// The routes.
+/// The routes, paced (see [`REQUEST_INTERVAL`]).
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), pace))
         .with_state(state)
+}
+
+/// Holds each request until its turn: one every [`REQUEST_INTERVAL`].
+async fn pace(
+    State(state): State<HttpState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let turn = {
+        let mut next_answer = state.next_answer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let turn = next_answer.map_or_else(Instant::now, |t| t.max(Instant::now()));
+        *next_answer = Some(turn + REQUEST_INTERVAL);
+        turn
+    };
+    tokio::time::sleep_until(turn.into()).await;
+    next.run(request).await
 }
 
 /// Serves `router` on `listener` until `stop`, within the limits above.
