@@ -8,9 +8,9 @@ use concertim_billing::{
     billing::Ledger,
     config::Settings,
     executor::{Delivery, Executor},
+    fixture,
     notification::{decode, DecodeLimits},
     plan::plan,
-    replay::fixture,
 };
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 

@@ -28,8 +28,8 @@ use concertim_billing::{
     bus::{self, topology},
     config::{Binding, Settings},
     executor::{Delivery, Executor, Outcome},
+    fixture,
     plan::{SubscriptionSpec, UsageSpec},
-    replay::fixture,
 };
 use lapin::{options::BasicPublishOptions, BasicProperties, Channel};
 use serde_json::Value;

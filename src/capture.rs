@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     bus::{broker_error, connect, publish::properties_json, BusError},
     config::BusSettings,
+    fixture::{to_line, FixtureDelivery},
     redact::redact,
-    replay::fixture::{to_line, FixtureDelivery},
 };
 
 /// When to stop.

@@ -62,7 +62,7 @@ pub struct Settings {
     pub projects: ProjectFilter,
     /// Decoder limits.
     #[serde(default)]
-    pub decode: DecodeSettings,
+    pub decode: DecodeLimits,
     /// The message bus: broker, our queues, bindings, retries.
     #[serde(default)]
     pub bus: BusSettings,
@@ -669,17 +669,21 @@ impl ProjectFilter {
     }
 }
 
-/// Decoder limits.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// The largest body accepted by default (1 MiB). oslo notifications are a few KiB; a Ceilometer
+/// batch of a hundred samples stays well under 256 KiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The decoder's limits (`[decode]`), applied before any parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct DecodeSettings {
+pub struct DecodeLimits {
     /// Bodies larger than this many bytes are invalid without being parsed.
     pub max_body_bytes: usize,
 }
 
-impl Default for DecodeSettings {
+impl Default for DecodeLimits {
     fn default() -> Self {
-        Self { max_body_bytes: crate::notification::DEFAULT_MAX_BODY_BYTES }
+        Self { max_body_bytes: DEFAULT_MAX_BODY_BYTES }
     }
 }
 

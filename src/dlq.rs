@@ -23,9 +23,9 @@ use crate::{
     bus::{ack, broker_error, connect, publish::properties_json, BusError, Names},
     config::{BusSettings, Settings},
     event::Timestamp,
+    fixture::FixtureDelivery,
     notification::{decode, DecodeLimits},
     redact::{printable, redact},
-    replay::fixture::FixtureDelivery,
 };
 
 /// One dead letter, as the tools show it.
@@ -207,7 +207,7 @@ impl Letter<'_> {
         line(&mut out, "original route", &format!("{} / {}", meta.original_exchange, meta.original_routing_key));
         line(&mut out, "properties", &properties_json(self.properties));
         let body = if raw { Cow::Borrowed(self.body) } else { redact(self.body) };
-        let limits = DecodeLimits { max_body_bytes: settings.decode.max_body_bytes };
+        let limits = settings.decode;
         // Pretty JSON escapes control characters itself; its own newlines are kept.
         let block = |out: &mut String, k: &str, v: String| {
             out.push_str(&format!("{k:<22} {}\n", v.replace('\n', "\n                       ")));
@@ -217,7 +217,7 @@ impl Letter<'_> {
             (Err(_), Ok(work)) => {
                 block(&mut out, "concertim work", serde_json::to_string_pretty(&work).unwrap_or_default());
             }
-            (Err(e), Err(_)) => line(&mut out, "decode error", &crate::replay::chain(&e)),
+            (Err(e), Err(_)) => line(&mut out, "decode error", &crate::class::chain(&e)),
         }
         line(&mut out, "body", &String::from_utf8_lossy(&body));
         out
@@ -276,7 +276,7 @@ pub async fn scan<E: From<BusError>>(
 ) -> Result<usize, E> {
     let bus = &settings.bus;
     let reader = open(bus).await?;
-    let limits = DecodeLimits { max_body_bytes: settings.decode.max_body_bytes };
+    let limits = settings.decode;
     let now = OffsetDateTime::now_utc();
     let mut seen = 0;
     let result = async {
@@ -339,7 +339,7 @@ pub async fn apply(settings: &Settings, selector: &Selector, action: Action, dry
     }
     let bus = &settings.bus;
     let reader = open(bus).await?;
-    let limits = DecodeLimits { max_body_bytes: settings.decode.max_body_bytes };
+    let limits = settings.decode;
     let now = OffsetDateTime::now_utc();
     let mut done = Vec::new();
     let mut stuck = Vec::new();

@@ -9,7 +9,7 @@ use crate::{
     class::ErrorClass,
     config::Settings,
     event::Notification,
-    notification::{decode, DecodeError, DecodeLimits},
+    notification::{decode, DecodeError},
     plan::{plan, Action, PlanError},
 };
 
@@ -127,7 +127,7 @@ impl<B: Billing> Executor<B> {
     /// # Errors
     /// As [`decode`].
     pub fn decode(&self, body: &[u8]) -> Result<Notification, DecodeError> {
-        decode(body, DecodeLimits { max_body_bytes: self.settings.decode.max_body_bytes })
+        decode(body, self.settings.decode)
     }
 
     /// Makes the backend's changes durable (the ledger's file); called before acknowledging.

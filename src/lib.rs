@@ -11,7 +11,9 @@
 //! - [`billing`]: the [`billing::Billing`] trait and its backends (the embedded ledger).
 //! - [`concertim`]: event → Concertim updates (pure), their client and worker.
 //! - [`executor`]: one delivery → decode → plan → billing → [`executor::Outcome`].
-//! - [`replay`]: fixture files through the executor, and the report.
+//! - [`replay`]: fixture files through the executor, and the report; [`fixture`] is the
+//!   fixture format (`capture`, `dlq export` and `replay` share it).
+//! - [`fields`]: the lenient field readers every wire format uses (OpenStack's, HostBill's).
 //! - [`class`]: the failure classes that decide a failed message's fate.
 //! - [`bus`]: RabbitMQ: topology, the consumer and its lanes, acknowledgement, publishing.
 //! - [`retry`]: every backoff schedule; [`outbound`]: what every outbound HTTP client shares.
@@ -28,6 +30,8 @@ pub mod config;
 pub mod dlq;
 pub mod event;
 pub mod executor;
+pub mod fields;
+pub mod fixture;
 pub mod http;
 pub mod notification;
 pub mod outbound;

@@ -10,7 +10,8 @@ use concertim_billing::{
     config::{BackendKind, SecretUrl, Settings},
     dlq,
     executor::Executor,
-    replay::{self, fixture, Counts, Report},
+    fixture,
+    replay::{self, Counts, Report},
 };
 use tokio_util::sync::CancellationToken;
 

@@ -29,7 +29,7 @@ pub const INTAKE_ACTIVE: &str = "concertim_billing_intake_active";
 /// 1 while consuming, 0 while the broker is away.
 pub const CONNECTED: &str = "concertim_billing_broker_connected";
 
-/// HTTP connections closed on accept because [`crate::http::MAX_CONNECTIONS`] were open.
+/// HTTP connections closed on accept because the listener served its most at once (64).
 pub const HTTP_REFUSED: &str = "concertim_billing_http_connections_refused_total";
 
 /// 1 while a client runs with certificate verification turned off (`concertim.tls_verify`).

@@ -30,7 +30,7 @@ use super::{Applied, Billing, BillingError, Context};
 use crate::{
     config::HostBillSettings,
     event::{InstanceId, PlanName, ProjectId, Timestamp},
-    notification::fields,
+    fields,
     plan::{SubscriptionSpec, UsageSpec},
 };
 

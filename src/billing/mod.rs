@@ -294,6 +294,33 @@ impl<B: Billing + ?Sized> Billing for std::sync::Arc<B> {
     }
 }
 
+/// What Concertim reads of a billing application, and nothing more: a project's account id and
+/// its figures. Every [`Billing`] backend is one.
+pub trait Figures: Send + Sync {
+    /// As [`Billing::account_ref`].
+    fn team_account(&self, project: &ProjectId) -> impl Future<Output = Result<Option<String>, BillingError>> + Send;
+
+    /// As [`Billing::account_figures`].
+    fn team_figures(
+        &self,
+        project: &ProjectId,
+        today: time::Date,
+    ) -> impl Future<Output = Result<Option<AccountFigures>, BillingError>> + Send;
+}
+
+impl<B: Billing> Figures for B {
+    async fn team_account(&self, project: &ProjectId) -> Result<Option<String>, BillingError> {
+        Billing::account_ref(self, project).await
+    }
+    async fn team_figures(
+        &self,
+        project: &ProjectId,
+        today: time::Date,
+    ) -> Result<Option<AccountFigures>, BillingError> {
+        Billing::account_figures(self, project, today).await
+    }
+}
+
 /// What Concertim shows of a team's billing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountFigures {

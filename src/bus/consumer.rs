@@ -35,13 +35,13 @@ use super::{
 };
 use crate::{
     billing::Billing,
+    class::chain,
     class::ErrorClass,
     concertim::{self, Work, Worker},
     config::{BackoffSettings, BusSettings, Settings},
     event::{Notification, Timestamp},
     executor::{Executor, Outcome},
     notification::DecodeError,
-    replay::chain,
     retry,
     telemetry::{self, Health},
 };

@@ -11,7 +11,7 @@ use lapin::{
 use serde::Deserialize;
 
 use super::{broker_error, connect, BusError};
-use crate::{config::SecretUrl, replay::fixture::FixtureDelivery};
+use crate::{config::SecretUrl, fixture::FixtureDelivery};
 
 /// The AMQP properties of a captured delivery that are published again.
 #[derive(Debug, Default, Deserialize)]

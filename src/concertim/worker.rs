@@ -29,7 +29,7 @@ use super::{
     Status, Update, Work,
 };
 use crate::{
-    billing::{Billing, BillingError},
+    billing::{BillingError, Figures},
     class::ErrorClass,
     config::{BackoffSettings, ConcertimSettings},
     event::{ProjectId, Timestamp},
@@ -119,7 +119,7 @@ pub struct Worker<B> {
     refreshes: AtomicUsize,
 }
 
-impl<B: Billing + 'static> Worker<B> {
+impl<B: Figures + 'static> Worker<B> {
     /// A worker reading figures from `billing`.
     ///
     /// # Errors
@@ -192,7 +192,7 @@ impl<B: Billing + 'static> Worker<B> {
 
     async fn link_team(&self, project: &ProjectId) -> Result<Done, UpdateError> {
         let Some(team) = self.find(Kind::Team, project.as_str()).await? else { return Ok(Done::NotFound) };
-        let Some(account) = self.billing.account_ref(project).await? else { return Ok(Done::NotFound) };
+        let Some(account) = self.billing.team_account(project).await? else { return Ok(Done::NotFound) };
         if team.value.as_deref() == Some(account.as_str()) {
             return Ok(Done::Unchanged);
         }
@@ -352,7 +352,7 @@ impl<B: Billing + 'static> Worker<B> {
     async fn refresh_team(&self, project: &ProjectId) -> Result<Done, UpdateError> {
         let Some(team) = self.find(Kind::Team, project.as_str()).await? else { return Ok(Done::NotFound) };
         let today = time::OffsetDateTime::now_utc().date();
-        let Some(figures) = self.billing.account_figures(project, today).await? else { return Ok(Done::NotFound) };
+        let Some(figures) = self.billing.team_figures(project, today).await? else { return Ok(Done::NotFound) };
         self.refreshes.fetch_add(1, Ordering::Relaxed);
         let fields = json!({
             "cost": format!("{:.2}", figures.cost),

@@ -12,8 +12,9 @@ use serde::Deserialize;
 #[cfg(test)]
 use serde_json::value::RawValue;
 
-use super::{bounded, fields, opt_time, DecodeError, PayloadError, Source};
+use super::{bounded, opt_time, DecodeError, PayloadError, Source};
 use crate::event::{Event, InstanceId, ProjectId, Sample, Timestamp};
+use crate::fields;
 
 #[derive(Deserialize)]
 struct WireSample {

@@ -7,8 +7,9 @@ use serde::Deserialize;
 #[cfg(test)]
 use serde_json::value::RawValue;
 
-use super::{bounded, fields, id, PayloadError, Source};
+use super::{bounded, id, PayloadError, Source};
 use crate::event::{Event, ProjectId, Stack, StackId};
+use crate::fields;
 
 #[derive(Deserialize)]
 struct Payload {

@@ -9,8 +9,9 @@ use serde::Deserialize;
 #[cfg(test)]
 use serde_json::value::RawValue;
 
-use super::{fields, id, PayloadError, Source};
+use super::{id, PayloadError, Source};
 use crate::event::{Event, IdentityChange, ProjectId, UserId};
+use crate::fields;
 
 #[derive(Deserialize)]
 struct Payload {

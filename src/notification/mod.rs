@@ -7,7 +7,6 @@
 //! Nothing outside this module sees `serde_json::Value`.
 
 mod ceilometer;
-pub(crate) mod fields;
 mod heat;
 mod keystone;
 mod nova;
@@ -17,11 +16,8 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+pub use crate::config::{DecodeLimits, DEFAULT_MAX_BODY_BYTES};
 use crate::event::{Event, MessageId, Meta, Notification, Timestamp, TimestampError, ValueError};
-
-/// The largest body accepted by default (1 MiB). oslo notifications are a few KiB; a Ceilometer
-/// batch of a hundred samples stays well under 256 KiB.
-pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// Why a body could not be decoded. Every variant is of class *invalid*: retrying cannot help,
 /// so the message is dead-lettered with this text as its reason.
@@ -81,19 +77,6 @@ pub enum DecodeError {
 impl DecodeError {
     fn json(layer: impl Into<String>, source: serde_json::Error) -> Self {
         DecodeError::Json { layer: layer.into(), source }
-    }
-}
-
-/// Limits applied before any parsing.
-#[derive(Debug, Clone, Copy)]
-pub struct DecodeLimits {
-    /// Largest body accepted, in bytes.
-    pub max_body_bytes: usize,
-}
-
-impl Default for DecodeLimits {
-    fn default() -> Self {
-        Self { max_body_bytes: DEFAULT_MAX_BODY_BYTES }
     }
 }
 
@@ -671,9 +654,9 @@ mod tests {
     #[test]
     fn every_fixture_decodes_in_one_pass_as_in_two() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-        let files = crate::replay::fixture::collect_files(&[root]).unwrap();
+        let files = crate::fixture::collect_files(&[root]).unwrap();
         let mut bodies = 0;
-        for (_, delivery) in crate::replay::fixture::read_all(&files) {
+        for (_, delivery) in crate::fixture::read_all(&files) {
             if let Ok(delivery) = delivery {
                 same_as_two_pass(&delivery.body);
                 bodies += 1;

@@ -9,8 +9,9 @@ use serde::Deserialize;
 #[cfg(test)]
 use serde_json::value::RawValue;
 
-use super::{bounded, fields, id, opt_time, PayloadError, Source};
+use super::{bounded, id, opt_time, PayloadError, Source};
 use crate::event::{Event, Flavor, Instance, InstanceAction, InstanceId, ProjectId, UserId};
+use crate::fields;
 
 #[derive(Deserialize)]
 struct Legacy {

@@ -5,21 +5,20 @@
 //! tables, or the JSON object operators and tests compare). A file or line that cannot be read
 //! is reported by name and position; the rest still replays.
 
-pub mod fixture;
-
 use std::{fmt::Write as _, path::PathBuf};
 
 use rust_decimal::prelude::ToPrimitive;
 use serde::Serialize;
 
+use crate::fixture::{self, FixtureDelivery, Position};
 use crate::{
     billing::{
         ledger::{AccountRow, Snapshot, SubscriptionRow},
         Billing,
     },
+    class::chain,
     executor::{Delivery, Executor, Outcome},
 };
-use fixture::{FixtureDelivery, Position};
 
 /// Message counts by outcome, and what processed messages did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -120,21 +119,6 @@ async fn run_one<B: Billing>(
     };
     let class = outcome.class().map_or("failed", |c| c.as_str());
     on_problem(Problem { position: position.to_string(), class, reason });
-}
-
-/// An error and its sources, joined with `: `.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // thiserror messages often embed their source already.
-        if !text.contains(&cause_text) {
-            let _ = write!(text, ": {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The replay report, exactly as `--report json` prints it.

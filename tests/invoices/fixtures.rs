@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use concertim_billing::{billing::killbill::CATALOG_XML, replay::fixture::FixtureDelivery};
+use concertim_billing::{billing::killbill::CATALOG_XML, fixture::FixtureDelivery};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde_json::Value;
 

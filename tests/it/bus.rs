@@ -8,7 +8,7 @@ use concertim_billing::{
     bus::ack,
     config::Settings,
     executor::{Delivery, Executor},
-    replay::fixture::FixtureDelivery,
+    fixture::FixtureDelivery,
 };
 use lapin::{
     types::{AMQPValue, FieldTable, LongString},

@@ -8,8 +8,8 @@ use concertim_billing::{
     bus::Names,
     config::MetricRule,
     event::Event,
+    fixture::FixtureDelivery,
     notification::{decode, DecodeLimits},
-    replay::fixture::FixtureDelivery,
 };
 use rust_decimal::Decimal;
 

@@ -9,7 +9,7 @@ use concertim_billing::{
     capture,
     config::Settings,
     executor::{Delivery, Executor},
-    replay::fixture::{self, FixtureDelivery},
+    fixture::{self, FixtureDelivery},
 };
 use lapin::{
     types::{AMQPValue, FieldTable, LongString},

@@ -7,7 +7,7 @@ use concertim_billing::{
     class::ErrorClass,
     event::{Event, InstanceAction, Timestamp},
     executor::{Delivery, Executor, Outcome},
-    replay::fixture::FixtureDelivery,
+    fixture::FixtureDelivery,
 };
 use proptest::prelude::*;
 use rust_decimal::Decimal;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use concertim_billing::{
     billing::Ledger,
     executor::{Delivery, Executor, Outcome},
-    replay::fixture::FixtureDelivery,
+    fixture::FixtureDelivery,
 };
 
 use crate::support::{

@@ -10,7 +10,7 @@ use concertim_billing::{
     class::ErrorClass,
     config::Settings,
     executor::{Delivery, Executor, Outcome},
-    replay::fixture::FixtureDelivery,
+    fixture::FixtureDelivery,
 };
 use proptest::prelude::*;
 

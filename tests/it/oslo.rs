@@ -9,7 +9,7 @@
 
 use std::{io::Write, path::PathBuf, process::Stdio, time::Duration};
 
-use concertim_billing::{billing::Ledger, replay::fixture::FixtureDelivery};
+use concertim_billing::{billing::Ledger, fixture::FixtureDelivery};
 use serde_json::{json, Value};
 
 use crate::support::{

@@ -5,8 +5,8 @@ use concertim_billing::{
     billing::{ledger::Snapshot, Ledger},
     config::Settings,
     executor::{Delivery, Executor},
+    fixture::FixtureDelivery,
     notification::{decode, DecodeLimits},
-    replay::fixture::FixtureDelivery,
 };
 use proptest::prelude::*;
 

@@ -12,8 +12,8 @@ use concertim_billing::{
     billing::{Applied, BillingError, Context, Ledger},
     bus::ack,
     executor::{Delivery, Executor},
+    fixture::FixtureDelivery,
     plan::UsageSpec,
-    replay::fixture::FixtureDelivery,
 };
 use lapin::BasicProperties;
 

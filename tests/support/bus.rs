@@ -16,8 +16,8 @@ use concertim_billing::{
     config::{Binding, SecretUrl, Settings},
     event::{InstanceId, PlanName, ProjectId, Timestamp},
     executor::Executor,
+    fixture::FixtureDelivery,
     plan::{SubscriptionSpec, UsageSpec},
-    replay::fixture::FixtureDelivery,
     telemetry::Health,
 };
 use lapin::{

@@ -11,7 +11,7 @@ use concertim_billing::{
     billing::{ledger::Snapshot, Billing, Ledger},
     config::Settings,
     executor::{Delivery, Executor, Outcome},
-    replay::fixture::{self, FixtureDelivery},
+    fixture::{self, FixtureDelivery},
 };
 use proptest::prelude::*;
 
