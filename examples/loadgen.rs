@@ -24,10 +24,11 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use concertim_billing::{
+    app::App,
     billing::{Applied, Billing, BillingError, Context, KillBill, Ledger},
     bus::{self, topology},
     config::{Binding, Settings},
-    executor::{Delivery, Executor, Outcome},
+    executor::{Delivery, Outcome},
     fixture,
     plan::{SubscriptionSpec, UsageSpec},
 };
@@ -416,8 +417,8 @@ async fn run<B: Billing + 'static>(
     let names = topology::declare(&channel, &settings.bus).await.unwrap();
     assert!(topology::bind_upstream(&settings.bus).await.unwrap().is_empty(), "every upstream exchange is declared");
     channel.confirm_select(Default::default()).await.unwrap();
-    let executor =
-        Arc::new(Executor::new(settings.clone(), watch::Watched { inner: billing, watch: Timing::new(args.mix) }));
+    let app = App::new(settings.clone(), watch::Watched { inner: billing, watch: Timing::new(args.mix) });
+    let executor = Arc::clone(&app.executor);
 
     // Warm-up: every usage instance gets its account and subscription (and the client learns
     // their ids), so the measured steady state is one usage record per notification.
@@ -447,23 +448,13 @@ async fn run<B: Billing + 'static>(
     let shutdown = CancellationToken::new();
     let cpu_before = cpu_seconds();
     let started = Instant::now();
-    let consumer = tokio::spawn({
-        let executor = Arc::clone(&executor);
-        let shutdown = shutdown.clone();
-        let bus = settings.bus.clone();
-        async move { bus::run(&bus, executor, shutdown).await }
-    });
     // `/metrics` served as the service serves it, and flooded by `--scrapers` clients.
     let scrapes = Arc::new(AtomicUsize::new(0));
+    let mut app = app;
     if let Some(handle) = metrics {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port for /metrics");
         let url = format!("http://{}/metrics", listener.local_addr().unwrap());
-        let state = concertim_billing::http::HttpState::new(Arc::default(), Some(handle), "loadgen".into());
-        tokio::spawn(concertim_billing::http::serve(
-            listener,
-            concertim_billing::http::router(state),
-            shutdown.clone(),
-        ));
+        app = app.with_http(listener, Some(handle), "loadgen".into());
         for _ in 0..args.scrapers {
             let (url, scrapes, stop) = (url.clone(), Arc::clone(&scrapes), shutdown.clone());
             tokio::spawn(async move {
@@ -478,6 +469,7 @@ async fn run<B: Billing + 'static>(
             });
         }
     }
+    let consumer = tokio::spawn(app.run(shutdown.clone()));
     let rss_samples = Arc::new(Mutex::new(Vec::new()));
     if args.rss_every_s > 0 {
         let (samples, stop, every) = (Arc::clone(&rss_samples), shutdown.clone(), args.rss_every_s);

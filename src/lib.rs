@@ -18,9 +18,11 @@
 //! - [`bus`]: RabbitMQ: topology, the consumer and its lanes, acknowledgement, publishing.
 //! - [`retry`]: every backoff schedule; [`outbound`]: what every outbound HTTP client shares.
 //! - [`telemetry`], [`http`]: metrics, health, and `/healthz` `/readyz` `/metrics`.
+//! - [`app`]: the service wired once (executor, consumers, listener), as `run` starts it.
 //! - [`dlq`], [`capture`]: operator tools over the dead-letter queue and the live bus;
 //!   [`redact`] keeps credentials out of what they print and write.
 
+pub mod app;
 pub mod billing;
 pub mod bus;
 pub mod capture;

@@ -1,11 +1,11 @@
 //! The `concertim-billing` command line: parses arguments, sets up logging, calls the library.
 
-use std::{io::Write as _, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{io::Write as _, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use concertim_billing::{
-    billing::{Backend, HostBill, KillBill, Ledger},
+    billing::{Backend, KillBill},
     bus::{self, publish::Publisher, topology},
     config::{BackendKind, SecretUrl, Settings},
     dlq,
@@ -429,36 +429,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                      (or --ledger-in-memory to try the service out)"
                 );
             }
-            let backend = backend(&settings, ledger.as_deref())?;
-            let described = describe_backend(&settings, ledger.as_deref());
+            let backend = Backend::from_settings(&settings, ledger.as_deref())?;
+            let described = Backend::describe(&settings, ledger.as_deref());
             tracing::info!(backend = %described, "billing backend");
             for warning in settings.warnings() {
                 tracing::warn!("{warning}");
             }
-            let bus = settings.bus.clone();
-            let settings_listen = settings.http.listen.clone();
-            let executor = Arc::new(Executor::new(settings, backend));
-            let listen = settings_listen;
+            let listen = settings.http.listen.clone();
+            let app = concertim_billing::app::App::new(settings, backend);
             runtime()?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
-                let health = Arc::new(concertim_billing::telemetry::Health::default());
-                if !listen.is_empty() {
+                let app = if listen.is_empty() {
+                    app
+                } else {
                     let addr: std::net::SocketAddr = listen.parse().context("http.listen")?;
-                    let state = concertim_billing::http::HttpState::new(
-                        Arc::clone(&health),
-                        concertim_billing::telemetry::install_prometheus(),
-                        described.clone(),
-                    );
-                    let router = concertim_billing::http::router(state);
                     let listener = tokio::net::TcpListener::bind(addr)
                         .await
                         .with_context(|| format!("cannot listen on {addr} (http.listen; \"\" disables it)"))?;
                     tracing::info!(%addr, "serving /healthz /readyz /metrics");
-                    let stop = shutdown.clone();
-                    tokio::spawn(concertim_billing::http::serve(listener, router, stop));
-                }
-                bus::run_with_health(&bus, executor, shutdown, health).await?;
+                    app.with_http(listener, concertim_billing::telemetry::install_prometheus(), described)
+                };
+                app.run(shutdown).await?;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
@@ -553,7 +545,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for warning in settings.warnings() {
                 println!("# WARNING: {warning}");
             }
-            println!("# billing backend: {}", describe_backend(&settings, None));
+            println!("# billing backend: {}", Backend::describe(&settings, None));
             if settings.concertim.as_ref().is_some_and(|c| !c.tls_verify) {
                 println!("# WARNING: concertim.tls_verify = false: Concertim's certificate is not verified, so anyone in between can read its password and token");
             }
@@ -561,53 +553,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// Where billing goes, in one line for the start-up log, `config check` and `/readyz`
-/// (no secrets: the URL's password, if any, is never part of these URLs' settings).
-fn describe_backend(settings: &Settings, ledger_file: Option<&std::path::Path>) -> String {
-    match settings.billing.backend {
-        BackendKind::Ledger => match ledger_file {
-            Some(path) => format!("embedded ledger in {}", path.display()),
-            None => "embedded ledger (run needs --ledger FILE or --ledger-in-memory)".to_owned(),
-        },
-        BackendKind::Killbill => match &settings.killbill {
-            Some(kb) => format!("KillBill {} at {} (tenant {})", kb.server_version, kb.url, kb.api_key),
-            None => "KillBill, but the [killbill] section is missing".to_owned(),
-        },
-        BackendKind::Hostbill => match settings.hostbill.as_ref().and_then(|h| h.url.as_deref()) {
-            Some(url) => format!("HostBill at {url}"),
-            None => "HostBill, but hostbill.url is missing".to_owned(),
-        },
-    }
-}
-
-/// The embedded ledger, in `path` or in memory.
-fn embedded_ledger(path: Option<&std::path::Path>) -> anyhow::Result<Backend> {
-    Ok(Backend::Ledger(match path {
-        Some(path) => Ledger::open(path)?,
-        None => Ledger::in_memory(),
-    }))
-}
-
-/// The configured billing backend; `ledger_file` keeps the embedded ledger in a file.
-fn backend(settings: &Settings, ledger_file: Option<&std::path::Path>) -> anyhow::Result<Backend> {
-    Ok(match settings.billing.backend {
-        BackendKind::Ledger => embedded_ledger(ledger_file)?,
-        BackendKind::Killbill => {
-            if ledger_file.is_some() {
-                anyhow::bail!("--ledger keeps the embedded ledger, but billing.backend is \"killbill\"");
-            }
-            let kb = settings.killbill.clone().context("billing.backend = \"killbill\" needs a [killbill] section")?;
-            Backend::KillBill(KillBill::new(kb)?)
-        }
-        BackendKind::Hostbill => {
-            if ledger_file.is_some() {
-                anyhow::bail!("--ledger keeps the embedded ledger, but billing.backend is \"hostbill\"");
-            }
-            Backend::HostBill(HostBill::new(settings.hostbill.clone().unwrap_or_default())?)
-        }
-    })
 }
 
 async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<ExitCode> {
@@ -809,16 +754,16 @@ fn replay_locally(
 ) -> anyhow::Result<ExitCode> {
     let files = fixture::collect_files(paths)?;
     let backend = if apply {
-        eprintln!("applying to {}", describe_backend(&settings, None));
-        backend(&settings, None)?
+        eprintln!("applying to {}", Backend::describe(&settings, None));
+        Backend::from_settings(&settings, None)?
     } else {
         if settings.billing.backend != BackendKind::Ledger {
             eprintln!(
                 "note: replaying into the embedded ledger, not into {} (--apply sends it there)",
-                describe_backend(&settings, None)
+                Backend::describe(&settings, None)
             );
         }
-        embedded_ledger(ledger.as_deref())?
+        Backend::embedded(ledger.as_deref())?
     };
     let executor = Executor::new(settings, backend);
     let runtime =

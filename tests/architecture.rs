@@ -44,6 +44,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("replay", &["billing", "class", "executor", "fixture"]),
     ("http", &["telemetry"]),
+    ("app", &["billing", "bus", "config", "executor", "http", "telemetry"]),
     ("capture", &["bus", "config", "fixture", "redact"]),
     ("dlq", &["bus", "class", "concertim", "config", "event", "fixture", "notification", "redact"]),
 ];

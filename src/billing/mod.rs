@@ -13,6 +13,7 @@ use std::future::Future;
 
 use crate::{
     class::ErrorClass,
+    config::{BackendKind, Settings},
     event::{InstanceId, Meta, PlanName, ProjectId, Timestamp},
     plan::{SubscriptionSpec, UsageSpec},
 };
@@ -347,7 +348,68 @@ pub enum Backend {
     HostBill(HostBill),
 }
 
+/// Why the configured backend cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// `--ledger FILE` asks for the embedded ledger, but another backend is configured.
+    #[error("--ledger keeps the embedded ledger, but billing.backend is \"{0}\"")]
+    LedgerWithRemote(&'static str),
+    /// The backend's section is missing.
+    #[error("billing.backend = \"killbill\" needs a [killbill] section")]
+    MissingKillBill,
+    /// The client or the ledger file could not be made.
+    #[error(transparent)]
+    Billing(#[from] BillingError),
+}
+
 impl Backend {
+    /// The backend `settings` configure; `ledger_file` keeps the embedded ledger in a file
+    /// (in memory without one).
+    ///
+    /// # Errors
+    /// As [`BackendError`].
+    pub fn from_settings(settings: &Settings, ledger_file: Option<&std::path::Path>) -> Result<Self, BackendError> {
+        Ok(match settings.billing.backend {
+            BackendKind::Ledger => Self::embedded(ledger_file)?,
+            BackendKind::Killbill if ledger_file.is_some() => return Err(BackendError::LedgerWithRemote("killbill")),
+            BackendKind::Hostbill if ledger_file.is_some() => return Err(BackendError::LedgerWithRemote("hostbill")),
+            BackendKind::Killbill => {
+                Backend::KillBill(KillBill::new(settings.killbill.clone().ok_or(BackendError::MissingKillBill)?)?)
+            }
+            BackendKind::Hostbill => Backend::HostBill(HostBill::new(settings.hostbill.clone().unwrap_or_default())?),
+        })
+    }
+
+    /// The embedded ledger, in `file` or in memory.
+    ///
+    /// # Errors
+    /// When the file cannot be read or is not a ledger.
+    pub fn embedded(file: Option<&std::path::Path>) -> Result<Self, BillingError> {
+        Ok(Backend::Ledger(match file {
+            Some(path) => Ledger::open(path)?,
+            None => Ledger::in_memory(),
+        }))
+    }
+
+    /// Where billing goes, in one line for the start-up log, `config check` and `/readyz` (no
+    /// secrets: these URLs carry none).
+    pub fn describe(settings: &Settings, ledger_file: Option<&std::path::Path>) -> String {
+        match settings.billing.backend {
+            BackendKind::Ledger => match ledger_file {
+                Some(path) => format!("embedded ledger in {}", path.display()),
+                None => "embedded ledger (run needs --ledger FILE or --ledger-in-memory)".to_owned(),
+            },
+            BackendKind::Killbill => match &settings.killbill {
+                Some(kb) => format!("KillBill {} at {} (tenant {})", kb.server_version, kb.url, kb.api_key),
+                None => "KillBill, but the [killbill] section is missing".to_owned(),
+            },
+            BackendKind::Hostbill => match settings.hostbill.as_ref().and_then(|h| h.url.as_deref()) {
+                Some(url) => format!("HostBill at {url}"),
+                None => "HostBill, but hostbill.url is missing".to_owned(),
+            },
+        }
+    }
+
     /// The ledger, when that is the backend.
     pub fn ledger(&self) -> Option<&Ledger> {
         match self {

@@ -49,24 +49,13 @@ use crate::{
 /// Consumes until `shutdown` is cancelled, reconnecting whenever the broker goes away. Returns
 /// once in-flight messages finished (or the shutdown deadline passed) and the connection closed.
 /// When the executor's settings configure Concertim, its updates are consumed alongside, on a
-/// connection of their own.
+/// connection of their own. `health` hears whether billing is consuming (what `/readyz`
+/// answers).
 ///
 /// # Errors
 /// Only a permanent problem ends the loop: a topology that conflicts with what exists on the
 /// broker ([`BusError::Precondition`], whose message names the option to change).
 pub async fn run<B: Billing + 'static>(
-    bus: &BusSettings,
-    executor: Arc<Executor<B>>,
-    shutdown: CancellationToken,
-) -> Result<(), BusError> {
-    run_with_health(bus, executor, shutdown, Arc::new(Health::default())).await
-}
-
-/// As [`run`], reporting into `health` whether billing is consuming (what `/readyz` answers).
-///
-/// # Errors
-/// As [`run`].
-pub async fn run_with_health<B: Billing + 'static>(
     bus: &BusSettings,
     executor: Arc<Executor<B>>,
     shutdown: CancellationToken,
@@ -83,12 +72,8 @@ pub async fn run_with_health<B: Billing + 'static>(
     run_both(bus, &settings, executor, worker, shutdown, health).await
 }
 
-/// As [`run_with_health`], with a Concertim worker made by the caller (whose counters a test
-/// can read).
-///
-/// # Errors
-/// As [`run`].
-pub async fn run_both<B: Billing + 'static>(
+/// As [`run`], with the Concertim worker made.
+async fn run_both<B: Billing + 'static>(
     bus: &BusSettings,
     settings: &Settings,
     executor: Arc<Executor<B>>,

@@ -14,7 +14,7 @@ use lapin::{Connection, ConnectionProperties};
 
 use crate::{class::ErrorClass, config::SecretUrl};
 
-pub use consumer::{run, run_both, run_with_health};
+pub use consumer::run;
 pub use topology::Names;
 
 /// A broker failure.

@@ -343,18 +343,10 @@ async fn the_service_never_creates_an_upstream_exchange_it_waits_for_openstack_t
     let bus = TestBus::new("upstream").await;
     let nova = bus.exchange("nova");
     bus.channel().exchange_delete(nova.as_str().into(), Default::default()).await.unwrap();
-    let executor = std::sync::Arc::new(Executor::new(bus.settings.clone(), Ledger::in_memory()));
+    let app = concertim_billing::app::App::new(bus.settings.clone(), Ledger::in_memory());
+    let (executor, health) = (std::sync::Arc::clone(&app.executor), std::sync::Arc::clone(&app.health));
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let health = std::sync::Arc::new(concertim_billing::telemetry::Health::default());
-    let run = tokio::spawn({
-        let (settings, executor, shutdown, health) = (
-            bus.settings.bus.clone(),
-            std::sync::Arc::clone(&executor),
-            shutdown.clone(),
-            std::sync::Arc::clone(&health),
-        );
-        async move { concertim_billing::bus::run_with_health(&settings, executor, shutdown, health).await }
-    });
+    let run = tokio::spawn(app.run(shutdown.clone()));
     // It consumes what is bound, and looks for `nova` without creating it.
     eventually("the service to consume", LIMIT, || async { health.is_consuming().then_some(()) }).await;
     // A probe on a connection of its own (a failed passive declare spoils its channel).

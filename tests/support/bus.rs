@@ -11,6 +11,7 @@ use std::{
 };
 
 use concertim_billing::{
+    app::App,
     billing::{Applied, Billing, BillingError, Context, Ledger},
     bus::{self, topology, BusError, Names},
     config::{Binding, SecretUrl, Settings},
@@ -280,16 +281,10 @@ pub async fn spawn_app<B: Billing + 'static>(bus: &TestBus, billing: B, url: Opt
     if let Some(url) = url {
         settings.bus.url = SecretUrl::new(url);
     }
-    let bus_settings = settings.bus.clone();
-    let executor = Arc::new(Executor::new(settings, billing));
+    let app = App::new(settings, billing);
+    let (executor, health) = (Arc::clone(&app.executor), Arc::clone(&app.health));
     let shutdown = CancellationToken::new();
-    let health = Arc::new(Health::default());
-    let handle = tokio::spawn({
-        let executor = Arc::clone(&executor);
-        let shutdown = shutdown.clone();
-        let health = Arc::clone(&health);
-        async move { bus::run_with_health(&bus_settings, executor, shutdown, health).await }
-    });
+    let handle = tokio::spawn(app.run(shutdown.clone()));
     eventually("the consumer to start", Duration::from_secs(20), || async { health.is_consuming().then_some(()) })
         .await;
     TestApp { executor, shutdown, handle, health }

@@ -1,0 +1,56 @@
+//! The service, wired once: the executor over a billing backend, the consumers (billing,
+//! Concertim, and the intake in sharded mode) and the HTTP listener, run until shutdown.
+//! `concertim-billing run`, the tests' `spawn_app` and the load generator all start it here.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    billing::Billing,
+    bus::{self, BusError},
+    config::Settings,
+    executor::Executor,
+    http,
+    telemetry::Health,
+};
+
+/// The service over one billing backend.
+pub struct App<B> {
+    /// The executor every message goes through (and its billing backend).
+    pub executor: Arc<Executor<B>>,
+    /// What `/healthz` and `/readyz` report.
+    pub health: Arc<Health>,
+    listener: Option<(TcpListener, http::HttpState)>,
+}
+
+impl<B: Billing + 'static> App<B> {
+    /// The service over `billing`, configured by `settings`; nothing runs yet.
+    pub fn new(settings: Settings, billing: B) -> Self {
+        Self { executor: Arc::new(Executor::new(settings, billing)), health: Arc::default(), listener: None }
+    }
+
+    /// Serves `/healthz`, `/readyz` (naming `backend`) and `/metrics` (when `metrics` is
+    /// recorded) on `listener` while it runs.
+    #[must_use]
+    pub fn with_http(mut self, listener: TcpListener, metrics: Option<PrometheusHandle>, backend: String) -> Self {
+        let state = http::HttpState::new(Arc::clone(&self.health), metrics, backend);
+        self.listener = Some((listener, state));
+        self
+    }
+
+    /// Runs the listener (if any) and the consumers until `shutdown`, or until the bus fails
+    /// for good.
+    ///
+    /// # Errors
+    /// As [`bus::run`].
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
+        if let Some((listener, state)) = self.listener {
+            tokio::spawn(http::serve(listener, http::router(state), shutdown.clone()));
+        }
+        let bus = self.executor.settings().bus.clone();
+        bus::run(&bus, self.executor, shutdown, self.health).await
+    }
+}
