@@ -32,6 +32,50 @@ impl std::fmt::Display for ErrorClass {
     }
 }
 
+/// What became of a message, as metrics and logs name it: a closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Label {
+    /// Its effects are done.
+    Processed,
+    /// Nothing to do for it.
+    Ignored,
+    /// It failed, in this class.
+    Failed(ErrorClass),
+}
+
+impl Label {
+    /// The label's text: `processed`, `ignored`, or the failure class.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Label::Processed => "processed",
+            Label::Ignored => "ignored",
+            Label::Failed(class) => class.as_str(),
+        }
+    }
+}
+
+/// What one attempt at a message decides: done, worth another try, or never to succeed. The
+/// bus turns it into acknowledge, retry or dead-letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// Done (processed or ignored).
+    Done(Label),
+    /// Failed; trying again may succeed. The reason, with its causes.
+    Retry(String),
+    /// Failed for good, in this class (invalid or permanent). The reason, with its causes.
+    DeadLetter(ErrorClass, String),
+}
+
+impl Fate {
+    /// The fate of a failure of `class`, for `reason`.
+    pub fn failed(class: ErrorClass, reason: String) -> Self {
+        match class {
+            ErrorClass::Transient => Fate::Retry(reason),
+            class => Fate::DeadLetter(class, reason),
+        }
+    }
+}
+
 /// An error and its sources, joined with `: `.
 pub fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

@@ -6,7 +6,7 @@
 
 use crate::{
     billing::{Applied, Billing, BillingError, Context},
-    class::ErrorClass,
+    class::{chain, ErrorClass, Fate, Label},
     config::Settings,
     event::Notification,
     notification::{decode, DecodeError},
@@ -82,6 +82,26 @@ impl Outcome {
             Outcome::Processed { .. } | Outcome::Ignored { .. } => None,
             Outcome::Invalid(_) => Some(ErrorClass::Invalid),
             Outcome::Failed { error, .. } => Some(error.class()),
+        }
+    }
+
+    /// Why it failed, with the causes (`<event type>: <action>: <error>` for a failed action),
+    /// when it did: the one text the dead-letter headers, the logs and `replay` show.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Outcome::Processed { .. } | Outcome::Ignored { .. } => None,
+            Outcome::Invalid(e) => Some(chain(e)),
+            Outcome::Failed { event_type, action, error } => Some(format!("{event_type}: {action}: {}", chain(error))),
+        }
+    }
+
+    /// What becomes of the message: done, retried, or dead-lettered with its reason.
+    pub fn fate(&self) -> Fate {
+        match self {
+            Outcome::Processed { .. } => Fate::Done(Label::Processed),
+            Outcome::Ignored { .. } => Fate::Done(Label::Ignored),
+            Outcome::Invalid(e) => Fate::DeadLetter(ErrorClass::Invalid, chain(e)),
+            Outcome::Failed { error, .. } => Fate::failed(error.class(), self.reason().unwrap_or_default()),
         }
     }
 }
@@ -220,5 +240,22 @@ mod tests {
         assert!(matches!(handle(&e, body).await, Outcome::Ignored { reason: "unhandled event type", .. }));
         let outcome = handle(&e, "{not json").await;
         assert_eq!(outcome.class(), Some(ErrorClass::Invalid));
+    }
+
+    #[tokio::test]
+    async fn each_outcome_has_one_fate_and_one_reason() {
+        let e = executor();
+        let created = r#"{"message_id":"m1","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p1"}}"#;
+        assert_eq!(handle(&e, created).await.fate(), Fate::Done(Label::Processed));
+        let ignored =
+            r#"{"message_id":"m2","event_type":"image.update","timestamp":"2025-01-01 00:00:00","payload":{}}"#;
+        assert_eq!(handle(&e, ignored).await.fate(), Fate::Done(Label::Ignored));
+        let Fate::DeadLetter(ErrorClass::Invalid, reason) = handle(&e, "{not json").await.fate() else { panic!() };
+        assert!(reason.starts_with("body is not valid"), "{reason}");
+        let failed = |error| Outcome::Failed { event_type: "metering".into(), action: "record usage".into(), error };
+        let down = BillingError::Status { what: "record usage".into(), status: 503, body: String::new() };
+        assert!(matches!(failed(down).fate(), Fate::Retry(reason) if reason.starts_with("metering: record usage: ")));
+        let refused = BillingError::Status { what: "record usage".into(), status: 400, body: String::new() };
+        assert!(matches!(failed(refused).fate(), Fate::DeadLetter(ErrorClass::Permanent, _)));
     }
 }

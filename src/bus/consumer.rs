@@ -35,8 +35,7 @@ use super::{
 };
 use crate::{
     billing::Billing,
-    class::chain,
-    class::ErrorClass,
+    class::{chain, ErrorClass, Fate, Label},
     concertim::{self, Work, Worker},
     config::{BackoffSettings, BusSettings, Settings},
     event::{Notification, Timestamp},
@@ -194,7 +193,7 @@ trait Handler: Send + Sync + 'static {
 /// A message's verdict, its metric label, and the work to publish before acknowledging it.
 struct Processed {
     verdict: Verdict,
-    label: &'static str,
+    label: Label,
     forward: Option<(String, Work)>,
 }
 
@@ -538,14 +537,14 @@ async fn handle_job<H: Handler>(
     let settled = settler.settle(delivery, verdict).await;
     metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
     match settled {
-        Ok(Settled::Acked) => info!(outcome = label, "done"),
+        Ok(Settled::Acked) => info!(outcome = label.as_str(), "done"),
         Ok(Settled::Retried(attempt)) => {
             metrics::counter!(telemetry::RETRIED, "target" => target).increment(1);
             warn!(attempt, reason = reason.unwrap_or_default(), "retrying later");
         }
         Ok(Settled::DeadLettered(attempt)) => {
-            metrics::counter!(telemetry::DEAD_LETTERED, "class" => label, "target" => target).increment(1);
-            warn!(attempt, class = label, reason = reason.unwrap_or_default(), "dead-lettered");
+            metrics::counter!(telemetry::DEAD_LETTERED, "class" => label.as_str(), "target" => target).increment(1);
+            warn!(attempt, class = label.as_str(), reason = reason.unwrap_or_default(), "dead-lettered");
         }
         Err(e) => {
             // Left unacknowledged: the broker redelivers it on the next connection.
@@ -555,42 +554,31 @@ async fn handle_job<H: Handler>(
     }
 }
 
-/// One attempt's result, as the retry loop sees it.
-enum Step<T> {
-    /// Finished (successfully or as ignored): `T` says how.
-    Done(T),
-    /// Failed; retrying may help.
-    Transient(String),
-    /// Failed for good.
-    Fail(ErrorClass, String),
-}
-
 /// Runs `attempt` (each run in its own task, so a panic loses only this message) until it
-/// finishes or fails for good, retrying transient failures in process; then the verdict.
-async fn with_retries<T, F, Fut>(backoff: &BackoffSettings, mut attempt: F) -> Result<T, (Verdict, &'static str)>
+/// is done or failed for good, retrying failures worth retrying in process; then the verdict.
+async fn with_retries<F, Fut>(backoff: &BackoffSettings, mut attempt: F) -> (Verdict, Label)
 where
-    T: Send + 'static,
     F: FnMut(bool) -> Fut,
-    Fut: Future<Output = Step<T>> + Send + 'static,
+    Fut: Future<Output = Fate> + Send + 'static,
 {
     let mut schedule = retry::in_process(backoff);
     let mut again = false;
     loop {
         let reason = match tokio::spawn(attempt(again)).await {
             Err(join) => {
-                return Err((
-                    Verdict::DeadLetter { class: ErrorClass::Permanent, reason: panic_reason(join) },
-                    "permanent",
-                ))
+                let class = ErrorClass::Permanent;
+                return (Verdict::DeadLetter { class, reason: panic_reason(join) }, Label::Failed(class));
             }
-            Ok(Step::Done(value)) => return Ok(value),
-            Ok(Step::Fail(class, reason)) => return Err((Verdict::DeadLetter { class, reason }, class.as_str())),
-            Ok(Step::Transient(reason)) => reason,
+            Ok(Fate::Done(label)) => return (Verdict::Ack, label),
+            Ok(Fate::DeadLetter(class, reason)) => {
+                return (Verdict::DeadLetter { class, reason }, Label::Failed(class))
+            }
+            Ok(Fate::Retry(reason)) => reason,
         };
         again = true;
         match schedule.next_wait() {
             Some(wait) => tokio::time::sleep(wait).await,
-            None => return Err((Verdict::Retry { reason }, "transient")),
+            None => return (Verdict::Retry { reason }, Label::Failed(ErrorClass::Transient)),
         }
     }
 }
@@ -646,11 +634,14 @@ impl<B: Billing + 'static> Handler for BillingHandler<B> {
         let source = prepared.decoded.as_ref().map_or("invalid", |n| telemetry::source(&n.event));
         let timestamp = prepared.decoded.as_ref().ok().map(|n| n.meta.timestamp);
         let (verdict, label, forward) = match prepared.decoded {
-            Err(e) => (Verdict::DeadLetter { class: ErrorClass::Invalid, reason: chain(&e) }, "invalid", None),
+            Err(e) => {
+                let class = ErrorClass::Invalid;
+                (Verdict::DeadLetter { class, reason: chain(&e) }, Label::Failed(class), None)
+            }
             Ok(notification) => self.bill(Arc::new(notification), redelivered).await,
         };
-        metrics::counter!(telemetry::MESSAGES, "outcome" => label, "source" => source).increment(1);
-        if let (Some(at), "processed") = (timestamp, label) {
+        metrics::counter!(telemetry::MESSAGES, "outcome" => label.as_str(), "source" => source).increment(1);
+        if let (Some(at), Label::Processed) = (timestamp, label) {
             record_lag(at);
         }
         Processed { verdict, label, forward }
@@ -663,46 +654,33 @@ fn record_lag(at: Timestamp) {
 }
 
 impl<B: Billing + 'static> BillingHandler<B> {
-    /// Bills a notification; on success, also its Concertim work to hand over.
+    /// Bills a notification; once done, also its Concertim work to hand over.
     async fn bill(
         &self,
         notification: Arc<Notification>,
         redelivered: bool,
-    ) -> (Verdict, &'static str, Option<(String, Work)>) {
-        let result = with_retries(&self.backoff, |again| {
+    ) -> (Verdict, Label, Option<(String, Work)>) {
+        let (verdict, label) = with_retries(&self.backoff, |again| {
             let executor = Arc::clone(&self.executor);
             let notification = Arc::clone(&notification);
             async move {
                 let outcome = executor.execute(&notification, redelivered || again).await;
                 if let Outcome::Processed { .. } = outcome {
                     if let Err(e) = executor.commit().await {
-                        return Step::Transient(chain(&e));
+                        return Fate::Retry(chain(&e));
                     }
                 }
-                match outcome {
-                    Outcome::Processed { .. } => Step::Done("processed"),
-                    Outcome::Ignored { .. } => Step::Done("ignored"),
-                    Outcome::Invalid(e) => Step::Fail(ErrorClass::Invalid, chain(&e)),
-                    Outcome::Failed { event_type, action, error } => {
-                        let reason = format!("{event_type}: {action}: {}", chain(&error));
-                        match error.class() {
-                            ErrorClass::Transient => Step::Transient(reason),
-                            class => Step::Fail(class, reason),
-                        }
-                    }
-                }
+                outcome.fate()
             }
         })
         .await;
-        match result {
-            Ok(label) => {
-                let forward = self.forward.as_ref().and_then(|queue| {
-                    concertim::work(&notification, self.executor.settings()).map(|work| (queue.clone(), work))
-                });
-                (Verdict::Ack, label, forward)
-            }
-            Err((verdict, label)) => (verdict, label, None),
-        }
+        let forward = match verdict {
+            Verdict::Ack => self.forward.as_ref().and_then(|queue| {
+                concertim::work(&notification, self.executor.settings()).map(|work| (queue.clone(), work))
+            }),
+            _ => None,
+        };
+        (verdict, label, forward)
     }
 }
 
@@ -731,30 +709,26 @@ impl<B: Billing + 'static> Handler for ConcertimHandler<B> {
 
     async fn process(self: &Arc<Self>, prepared: Self::Prepared, _redelivered: bool) -> Processed {
         let (verdict, label) = match prepared {
-            Err(reason) => (Verdict::DeadLetter { class: ErrorClass::Invalid, reason }, "invalid"),
+            Err(reason) => {
+                let class = ErrorClass::Invalid;
+                (Verdict::DeadLetter { class, reason }, Label::Failed(class))
+            }
             Ok(work) => {
                 let work = Arc::new(work);
-                let result = with_retries(&self.backoff, |_| {
+                with_retries(&self.backoff, |_| {
                     let worker = Arc::clone(&self.worker);
                     let work = Arc::clone(&work);
                     async move {
                         match worker.apply_all(&work).await {
-                            Ok(_) => Step::Done(()),
-                            Err((what, e)) => {
-                                let reason = format!("concertim: {}: {what}: {}", work.event_type, chain(&e));
-                                match e.class() {
-                                    ErrorClass::Transient => Step::Transient(reason),
-                                    class => Step::Fail(class, reason),
-                                }
-                            }
+                            Ok(_) => Fate::Done(Label::Processed),
+                            Err((what, e)) => Fate::failed(
+                                e.class(),
+                                format!("concertim: {}: {what}: {}", work.event_type, chain(&e)),
+                            ),
                         }
                     }
                 })
-                .await;
-                match result {
-                    Ok(()) => (Verdict::Ack, "processed"),
-                    Err((verdict, label)) => (verdict, label),
-                }
+                .await
             }
         };
         Processed { verdict, label, forward: None }

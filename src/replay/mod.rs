@@ -16,7 +16,6 @@ use crate::{
         ledger::{AccountRow, Snapshot, SubscriptionRow},
         Billing,
     },
-    class::chain,
     executor::{Delivery, Executor, Outcome},
 };
 
@@ -112,11 +111,7 @@ async fn run_one<B: Billing>(
 ) {
     let outcome = executor.handle(Delivery { body: &delivery.body, redelivered: delivery.redelivered }).await;
     counts.add(&outcome);
-    let reason = match &outcome {
-        Outcome::Processed { .. } | Outcome::Ignored { .. } => return,
-        Outcome::Invalid(e) => chain(e),
-        Outcome::Failed { event_type, action, error } => format!("{event_type}: {action}: {}", chain(error)),
-    };
+    let Some(reason) = outcome.reason() else { return };
     let class = outcome.class().map_or("failed", |c| c.as_str());
     on_problem(Problem { position: position.to_string(), class, reason });
 }
