@@ -12,9 +12,9 @@ use std::{borrow::Cow, time::Duration};
 
 use lapin::{
     message::BasicGetMessage,
-    options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
+    options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions},
     types::{AMQPValue, FieldTable},
-    BasicProperties, Channel, Confirmation,
+    BasicProperties, Channel,
 };
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -359,9 +359,7 @@ pub async fn apply(settings: &Settings, selector: &Selector, action: Action, dry
                     _ => (String::new(), reader.names.queue.clone()),
                 };
                 let delivery = &message.delivery;
-                match republish(&reader.channel, &exchange, &routing_key, &delivery.data, &delivery.properties, bus)
-                    .await
-                {
+                match republish(&reader.channel, &exchange, &routing_key, &delivery.data, &delivery.properties).await {
                     Ok(()) => {}
                     // No queue for it: it stays (unacknowledged, it goes back in its place when
                     // this channel closes), and the others are still moved.
@@ -403,7 +401,6 @@ async fn republish(
     routing_key: &str,
     body: &[u8],
     properties: &BasicProperties,
-    bus: &BusSettings,
 ) -> Result<(), BusError> {
     let mut headers = FieldTable::default();
     if let Some(existing) = properties.headers() {
@@ -415,24 +412,8 @@ async fn republish(
         }
     }
     let properties = properties.clone().with_headers(headers);
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-            body,
-            properties,
-        )
-        .await
-        .map_err(broker_error(&bus.url))?
-        .await
-        .map_err(broker_error(&bus.url))?;
-    match confirm {
-        Confirmation::Ack(None) => Ok(()),
-        _ => Err(BusError::NotConfirmed {
-            exchange: format!("{exchange:?} (routing key {routing_key:?}: no queue bound, so the dead letter stays)"),
-        }),
-    }
+    // Mandatory: a route no queue takes leaves the dead letter where it is.
+    crate::bus::publish_confirmed(channel, exchange, routing_key, body, properties, true).await
 }
 
 /// The table `dlq list` prints (control characters in any field escaped).

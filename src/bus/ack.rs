@@ -9,9 +9,9 @@
 
 use lapin::{
     message::Delivery,
-    options::{BasicAckOptions, BasicPublishOptions},
+    options::BasicAckOptions,
     types::{AMQPValue, FieldTable, LongString},
-    BasicProperties, Channel, Confirmation,
+    BasicProperties, Channel,
 };
 use time::OffsetDateTime;
 
@@ -32,9 +32,6 @@ pub const LAST_FAILURE: &str = "x-concertim-last-failure";
 pub const ORIGINAL_EXCHANGE: &str = "x-concertim-original-exchange";
 /// Header: the routing key the message was first published with.
 pub const ORIGINAL_ROUTING_KEY: &str = "x-concertim-original-routing-key";
-
-/// How long a republish may wait for the broker's confirm.
-pub(crate) const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What should happen to a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,27 +159,9 @@ impl Settler {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), BusError> {
-        let broker = |source| BusError::Broker { url: format!("(publish to {exchange})"), source };
-        let publish = async {
-            self.channel
-                .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
-                .await?
-                .await
-        };
-        // A confirm can wait forever on a connection that died silently: bound it, and leave
-        // the message unacknowledged (so redelivered) when the broker does not answer.
-        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
-            .await
-            .map_err(|_| BusError::NotConfirmed {
-                exchange: format!("{exchange} (no confirm within {CONFIRM_TIMEOUT:?})"),
-            })?
-            .map_err(broker)?;
-        match confirm {
-            Confirmation::Ack(_) => Ok(()),
-            Confirmation::Nack(_) | Confirmation::NotRequested => {
-                Err(BusError::NotConfirmed { exchange: exchange.to_owned() })
-            }
-        }
+        // Our own exchanges, always bound: not mandatory. A missing confirm leaves the message
+        // unacknowledged, so redelivered.
+        super::publish_confirmed(&self.channel, exchange, routing_key, body, properties, false).await
     }
 }
 

@@ -263,7 +263,7 @@ async fn main_queue(connection: &lapin::Connection, bus: &BusSettings, queue: &s
 /// Acknowledges each moved message once the broker confirmed its copy, in publish order.
 async fn confirm_then_ack(mut pending: mpsc::Receiver<(PublisherConfirm, Delivery)>, trouble: CancellationToken) {
     while let Some((confirm, delivery)) = pending.recv().await {
-        let confirmed = tokio::time::timeout(ack::CONFIRM_TIMEOUT, confirm).await;
+        let confirmed = tokio::time::timeout(super::CONFIRM_TIMEOUT, confirm).await;
         let acked = match confirmed {
             Ok(Ok(Confirmation::Ack(_))) => delivery.acker.ack(BasicAckOptions::default()).await.is_ok(),
             _ => false,

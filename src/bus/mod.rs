@@ -10,11 +10,52 @@ mod intake;
 pub mod publish;
 pub mod topology;
 
-use lapin::{Connection, ConnectionProperties};
+use lapin::{options::BasicPublishOptions, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use crate::{class::ErrorClass, config::SecretUrl};
 
 pub use consumer::run;
+
+/// How long a publish waits for the broker's confirm: a connection that died silently would
+/// make it wait forever.
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Publishes on a channel in confirm mode and waits for the broker's confirm (at most
+/// [`CONFIRM_TIMEOUT`]). With `mandatory`, a message no queue takes comes back and is an
+/// error, never silently dropped. Every publish of the service that must be confirmed before
+/// it goes on (retries, dead letters, hand-overs, requeues, `replay --publish`) is this one; the
+/// intake pipelines its confirms instead (see `intake`).
+///
+/// # Errors
+/// [`BusError::NotConfirmed`] (it names the route) when no queue took it, the broker refused
+/// it or no confirm came in time; [`BusError::Broker`] when the channel failed.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    mandatory: bool,
+) -> Result<(), BusError> {
+    let broker = |source| BusError::Broker { url: format!("(publish to {exchange:?})"), source };
+    let options = BasicPublishOptions { mandatory, ..BasicPublishOptions::default() };
+    let publish =
+        async { channel.basic_publish(exchange.into(), routing_key.into(), options, body, properties).await?.await };
+    let route = format!("{exchange:?} (routing key {routing_key:?})");
+    let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
+        .await
+        .map_err(|_| BusError::NotConfirmed { exchange: format!("{route}: no confirm within {CONFIRM_TIMEOUT:?}") })?
+        .map_err(broker)?;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => {
+            Err(BusError::NotConfirmed { exchange: format!("{route}: no queue is bound for it") })
+        }
+        Confirmation::Nack(_) | Confirmation::NotRequested => {
+            Err(BusError::NotConfirmed { exchange: format!("{route}: the broker refused it") })
+        }
+    }
+}
 pub use topology::Names;
 
 /// A broker failure.
@@ -57,9 +98,9 @@ pub enum BusError {
         fix: String,
     },
     /// The broker did not confirm a publish.
-    #[error("the broker refused to take a message published to exchange {exchange:?}")]
+    #[error("the broker did not take a message published to exchange {exchange}")]
     NotConfirmed {
-        /// The exchange.
+        /// The exchange and routing key, and why.
         exchange: String,
     },
     /// An upstream exchange this service binds to does not exist yet. OpenStack's services

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use lapin::{
-    options::{BasicPublishOptions, ConfirmSelectOptions},
+    options::ConfirmSelectOptions,
     types::{AMQPValue, FieldTable, LongString},
-    BasicProperties, Channel, Confirmation,
+    BasicProperties, Channel,
 };
 use serde::Deserialize;
 
@@ -115,28 +115,8 @@ impl Publisher {
 
     async fn publish_once(&self, exchange: &str, delivery: &FixtureDelivery) -> Result<(), BusError> {
         let routing_key = delivery.routing_key.as_deref().unwrap_or_default();
-        let broker = |source| BusError::Broker { url: format!("(publish to {exchange})"), source };
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-                &delivery.body,
-                properties(delivery.properties.as_deref()),
-            )
-            .await
-            .map_err(broker)?
-            .await
-            .map_err(broker)?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) | Confirmation::Nack(_) | Confirmation::NotRequested => {
-                Err(BusError::NotConfirmed {
-                    exchange: format!("{exchange} (routing key {routing_key:?}: no queue bound?)"),
-                })
-            }
-        }
+        let properties = properties(delivery.properties.as_deref());
+        super::publish_confirmed(&self.channel, exchange, routing_key, &delivery.body, properties, true).await
     }
 }
 
