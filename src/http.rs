@@ -43,9 +43,9 @@ pub struct HttpState {
     /// Where billing goes, as `/readyz` reports it.
     pub backend: String,
     /// The last rendered `/metrics` page, and when.
-    pub rendered: Arc<Mutex<Option<(Instant, String)>>>,
+    rendered: Arc<Mutex<Option<(Instant, String)>>>,
     /// When the next request may be answered (see [`REQUEST_INTERVAL`]).
-    pub next_answer: Arc<Mutex<Option<Instant>>>,
+    next_answer: Arc<Mutex<Option<Instant>>>,
 }
 
 impl HttpState {
