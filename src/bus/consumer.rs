@@ -317,47 +317,8 @@ async fn session<H: Handler>(
     shutdown: &CancellationToken,
     health: Option<&Health>,
 ) -> Result<End, BusError> {
-    let broker = broker_error(&bus.url);
-    let connection = connect(&bus.url, consumer.tag).await?;
-    let setup = connection.create_channel().await.map_err(&broker)?;
-    topology::declare(&setup, bus).await?;
-    if let Some(concertim) = &settings.concertim {
-        topology::declare_concertim(&setup, bus, concertim).await?;
-    }
-    // Bound to what OpenStack has declared; the rest is looked for while this session lasts.
-    let _watcher = if consumer.upstream {
-        let absent = topology::bind_upstream(bus).await?;
-        for binding in &absent {
-            warn!(exchange = %binding.exchange, routing_key = %binding.routing_key, error.message = %BusError::UpstreamAbsent { exchange: binding.exchange.clone() }, "not bound yet");
-        }
-        (!absent.is_empty()).then(|| AbortOnDrop(tokio::spawn(watch_upstream(bus.clone(), absent))))
-    } else {
-        None
-    };
-    let publisher = connection.create_channel().await.map_err(&broker)?;
-    publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(&broker)?;
-    let consuming = connection.create_channel().await.map_err(&broker)?;
-    // FIXME(memory): lapin hands a delivery over only once its whole body has arrived, so a
-    // body over decode.max_body_bytes is buffered before it can be refused. The bound is the
-    // broker's max_message_size (deploy/rabbitmq/rabbitmq.conf: 4 MiB) × bus.prefetch; without
-    // that setting one publisher can make this process hold prefetch × 128 MiB.
-    consuming.basic_qos(consumer.prefetch, BasicQosOptions::default()).await.map_err(&broker)?;
-    let mut tags = Vec::with_capacity(consumer.queues.len());
-    let mut streams = Vec::with_capacity(consumer.queues.len());
-    for (i, queue) in consumer.queues.iter().enumerate() {
-        let tag = if consumer.queues.len() == 1 { consumer.tag.to_owned() } else { format!("{}-{i}", consumer.tag) };
-        let stream = consuming
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(&broker)?;
-        tags.push(tag);
-        streams.push(stream);
-    }
+    let Opened { connection, _watcher, publisher, consuming, tags, streams } =
+        super::answered(&bus.url, "the consumer's set-up", open(bus, settings, consumer)).await?;
     let mut deliveries = Deliveries::new(streams, consumer.prefetch);
     info!(queue = %consumer.queues.join(", "), url = %bus.url, lanes = consumer.lanes, "consuming");
     if let Some(health) = health {
@@ -435,6 +396,63 @@ async fn session<H: Handler>(
         info!(queue = %consumer.queues.join(", "), "stopped consuming");
     }
     Ok(end)
+}
+
+/// A consumer's connection, set up and consuming.
+struct Opened {
+    connection: lapin::Connection,
+    /// Looks for absent upstream exchanges while the session lasts.
+    _watcher: Option<AbortOnDrop>,
+    publisher: lapin::Channel,
+    consuming: lapin::Channel,
+    tags: Vec<String>,
+    streams: Vec<lapin::Consumer>,
+}
+
+/// Connects, declares the topology, binds upstream and starts consuming `consumer`'s queues.
+async fn open(bus: &BusSettings, settings: &Settings, consumer: &Consumer) -> Result<Opened, BusError> {
+    let broker = broker_error(&bus.url);
+    let connection = connect(&bus.url, consumer.tag).await?;
+    let setup = connection.create_channel().await.map_err(&broker)?;
+    topology::declare(&setup, bus).await?;
+    if let Some(concertim) = &settings.concertim {
+        topology::declare_concertim(&setup, bus, concertim).await?;
+    }
+    // Bound to what OpenStack has declared; the rest is looked for while this session lasts.
+    let _watcher = if consumer.upstream {
+        let absent = topology::bind_upstream(bus).await?;
+        for binding in &absent {
+            warn!(exchange = %binding.exchange, routing_key = %binding.routing_key, error.message = %BusError::UpstreamAbsent { exchange: binding.exchange.clone() }, "not bound yet");
+        }
+        (!absent.is_empty()).then(|| AbortOnDrop(tokio::spawn(watch_upstream(bus.clone(), absent))))
+    } else {
+        None
+    };
+    let publisher = connection.create_channel().await.map_err(&broker)?;
+    publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(&broker)?;
+    let consuming = connection.create_channel().await.map_err(&broker)?;
+    // FIXME(memory): lapin hands a delivery over only once its whole body has arrived, so a
+    // body over decode.max_body_bytes is buffered before it can be refused. The bound is the
+    // broker's max_message_size (deploy/rabbitmq/rabbitmq.conf: 4 MiB) × bus.prefetch; without
+    // that setting one publisher can make this process hold prefetch × 128 MiB.
+    consuming.basic_qos(consumer.prefetch, BasicQosOptions::default()).await.map_err(&broker)?;
+    let mut tags = Vec::with_capacity(consumer.queues.len());
+    let mut streams = Vec::with_capacity(consumer.queues.len());
+    for (i, queue) in consumer.queues.iter().enumerate() {
+        let tag = if consumer.queues.len() == 1 { consumer.tag.to_owned() } else { format!("{}-{i}", consumer.tag) };
+        let stream = consuming
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(&broker)?;
+        tags.push(tag);
+        streams.push(stream);
+    }
+    Ok(Opened { connection, _watcher, publisher, consuming, tags, streams })
 }
 
 /// The deliveries of one consumer, or of several merged. A consumer whose stream ends (its

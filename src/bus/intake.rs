@@ -78,9 +78,13 @@ pub(super) async fn session<B: Billing + 'static>(
     let broker = broker_error(&bus.url);
     let names = Names::new(bus);
     let exchange = topology::shard_exchange(bus);
-    let connection = connect(&bus.url, TAG).await?;
-    let setup = connection.create_channel().await.map_err(&broker)?;
-    topology::declare(&setup, bus).await?;
+    let connection = super::answered(&bus.url, "the intake's set-up", async {
+        let connection = connect(&bus.url, TAG).await?;
+        let setup = connection.create_channel().await.map_err(&broker)?;
+        topology::declare(&setup, bus).await?;
+        Ok(connection)
+    })
+    .await?;
 
     let lock = format!("{}.intake", names.queue);
     let standby = Duration::from_millis(bus.intake_standby_ms);
@@ -133,15 +137,24 @@ pub(super) async fn session<B: Billing + 'static>(
         }
     }
     health.set_intake_stuck(None);
-    let publishing = connect(&bus.url, PUBLISH_TAG).await?;
-    let publisher = publishing.create_channel().await.map_err(&broker)?;
-    publisher.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.map_err(&broker)?;
-    let consuming = connection.create_channel().await.map_err(&broker)?;
-    consuming.basic_qos(bus.prefetch, BasicQosOptions::default()).await.map_err(&broker)?;
-    let mut deliveries = consuming
-        .basic_consume(names.queue.as_str().into(), TAG.into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .map_err(&broker)?;
+    let (publishing, publisher, consuming, mut deliveries) = super::answered(&bus.url, "the intake's set-up", async {
+        let publishing = connect(&bus.url, PUBLISH_TAG).await?;
+        let publisher = publishing.create_channel().await.map_err(&broker)?;
+        publisher.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.map_err(&broker)?;
+        let consuming = connection.create_channel().await.map_err(&broker)?;
+        consuming.basic_qos(bus.prefetch, BasicQosOptions::default()).await.map_err(&broker)?;
+        let deliveries = consuming
+            .basic_consume(
+                names.queue.as_str().into(),
+                TAG.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(&broker)?;
+        Ok((publishing, publisher, consuming, deliveries))
+    })
+    .await?;
     info!(queue = %names.queue, exchange = %exchange, "intake: moving the main queue to the shards");
     metrics::gauge!(telemetry::INTAKE_ACTIVE).set(1.0);
 

@@ -12,6 +12,8 @@ pub mod topology;
 
 use lapin::{options::BasicPublishOptions, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
+use std::time::Duration;
+
 use crate::{class::ErrorClass, config::SecretUrl};
 
 pub use consumer::run;
@@ -115,6 +117,17 @@ pub enum BusError {
         /// The exchange.
         exchange: String,
     },
+    /// The broker did not answer in time: a connection lost halfway through its opening
+    /// handshake can leave lapin waiting for an answer that never comes.
+    #[error("the broker at {url} did not answer {what} within {}s", after.as_secs())]
+    NoAnswer {
+        /// The broker URL, password redacted.
+        url: String,
+        /// What was waited for.
+        what: &'static str,
+        /// How long.
+        after: Duration,
+    },
     /// A consumer could not be set up from the configuration.
     #[error("{detail}")]
     Config {
@@ -131,20 +144,44 @@ impl BusError {
             BusError::Unreachable { .. }
             | BusError::Broker { .. }
             | BusError::NotConfirmed { .. }
+            | BusError::NoAnswer { .. }
             | BusError::UpstreamAbsent { .. } => ErrorClass::Transient,
         }
     }
 }
 
+/// How long opening a connection, or setting up a consumer on it, may take. RabbitMQ itself
+/// gives a client 10 s for the handshake (`handshake_timeout`).
+pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Opens a connection to the broker.
 ///
 /// # Errors
-/// [`BusError::Unreachable`] when the broker cannot be reached or refuses the credentials.
+/// [`BusError::Unreachable`] when the broker cannot be reached or refuses the credentials;
+/// [`BusError::NoAnswer`] when the handshake does not finish within [`SETUP_TIMEOUT`].
 pub async fn connect(url: &SecretUrl, name: &str) -> Result<Connection, BusError> {
+    connect_within(url, name, SETUP_TIMEOUT).await
+}
+
+async fn connect_within(url: &SecretUrl, name: &str, after: Duration) -> Result<Connection, BusError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url.expose(), properties)
+    let opening = Connection::connect(url.expose(), properties);
+    let answer = tokio::time::timeout(after, opening).await;
+    match answer {
+        Ok(connected) => connected.map_err(|source| BusError::Unreachable { url: url.redacted(), source }),
+        Err(_) => Err(BusError::NoAnswer { url: url.redacted(), what: "the connection's opening handshake", after }),
+    }
+}
+
+/// `work`, or [`BusError::NoAnswer`] naming `what` when it takes over [`SETUP_TIMEOUT`].
+pub(crate) async fn answered<T>(
+    url: &SecretUrl,
+    what: &'static str,
+    work: impl std::future::Future<Output = Result<T, BusError>>,
+) -> Result<T, BusError> {
+    tokio::time::timeout(SETUP_TIMEOUT, work)
         .await
-        .map_err(|source| BusError::Unreachable { url: url.redacted(), source })
+        .unwrap_or_else(|_| Err(BusError::NoAnswer { url: url.redacted(), what, after: SETUP_TIMEOUT }))
 }
 
 /// Wraps a lapin error with the (redacted) broker URL. lapin opens connections in the
@@ -165,5 +202,52 @@ pub(crate) fn amqp_code(error: &lapin::Error) -> Option<u16> {
     match error.kind() {
         lapin::ErrorKind::ProtocolError(e) => Some(e.get_id()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A Connection.Start frame: AMQP 0-9-1, no server properties, PLAIN, en_US.
+    fn connection_start() -> Vec<u8> {
+        let mut payload = vec![0, 10, 0, 10, 0, 9, 0, 0, 0, 0];
+        for text in [&b"PLAIN"[..], b"en_US"] {
+            payload.extend_from_slice(&u32::try_from(text.len()).unwrap().to_be_bytes());
+            payload.extend_from_slice(text);
+        }
+        let mut frame = vec![1, 0, 0];
+        frame.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        frame.extend_from_slice(&payload);
+        frame.push(0xCE);
+        frame
+    }
+
+    #[tokio::test]
+    async fn a_broker_gone_in_the_middle_of_the_handshake_is_a_transient_error_never_a_hang() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut header = [0u8; 8];
+            socket.read_exact(&mut header).await.unwrap();
+            socket.write_all(&connection_start()).await.unwrap();
+            // Gone (a clean close) right after the first frame, as a broker cut off mid-handshake.
+            socket.shutdown().await.unwrap();
+        });
+        let url = SecretUrl::new(format!("amqp://guest:secret@127.0.0.1:{port}/%2f"));
+        let error = connect_within(&url, "test", Duration::from_millis(500)).await.err().unwrap();
+        // lapin sees the close or (most of the time) waits for Connection.Tune forever: either
+        // way the caller gets a transient error and reconnects.
+        let message = error.to_string();
+        assert_eq!(error.class(), ErrorClass::Transient);
+        match error {
+            BusError::NoAnswer { .. } => assert!(message.contains("did not answer the connection's opening handshake")),
+            BusError::Unreachable { .. } => {}
+            other => panic!("{other}"),
+        }
+        assert!(!message.contains("secret"), "{message}");
     }
 }
