@@ -13,7 +13,7 @@ use crate::{
     bus::{self, BusError},
     config::Settings,
     executor::Executor,
-    http,
+    handle, http,
     telemetry::Health,
 };
 
@@ -47,10 +47,12 @@ impl<B: Billing + 'static> App<B> {
     /// # Errors
     /// As [`bus::run`].
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
+        let handlers = handle::Handlers::new(&self.executor)
+            .map_err(|e| BusError::Config { detail: format!("concertim: {e}") })?;
         if let Some((listener, state)) = self.listener {
             tokio::spawn(http::serve(listener, http::router(state), shutdown.clone()));
         }
-        let bus = self.executor.settings().bus.clone();
-        bus::run(&bus, self.executor, shutdown, self.health).await
+        let settings = self.executor.settings().clone();
+        bus::run(&settings, handlers.billing, handlers.concertim, shutdown, self.health).await
     }
 }

@@ -1,12 +1,14 @@
-//! The executor: one delivery in, one [`Outcome`] out — decode, plan, then each action through
-//! the billing backend, in order.
+//! The executor: one delivery in, one [`Outcome`] out — decode, plan, each action through the
+//! billing backend in order, the commit that makes the changes durable, and the Concertim
+//! follow-up.
 //!
-//! This single step is what the bus consumer, `replay` and the tests all call. It never
-//! acknowledges anything itself: the caller maps the outcome to ack, retry or dead-letter.
+//! This single step is what the bus's billing handler, `replay` and the tests all call. It never
+//! acknowledges anything itself: [`Outcome::fate`] says what becomes of the message.
 
 use crate::{
     billing::{Applied, Billing, BillingError, Context},
     class::{chain, ErrorClass, Fate, Label},
+    concertim::{self, Work},
     config::Settings,
     event::Notification,
     notification::{decode, DecodeError},
@@ -25,12 +27,14 @@ pub struct Delivery<'a> {
 /// What happened to one message.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Every action succeeded (or found its work already done).
+    /// Every action succeeded (or found its work already done), and the changes are durable.
     Processed {
         /// The notification's event type.
         event_type: String,
         /// How many actions made a change, found it done, or were late usage.
         effects: Effects,
+        /// What Concertim is to show of it, when Concertim is configured.
+        follow_up: Option<Work>,
     },
     /// Nothing to bill: an unhandled event type, a project outside the filter, an event with
     /// no billing effect.
@@ -39,6 +43,8 @@ pub enum Outcome {
         event_type: String,
         /// Why.
         reason: &'static str,
+        /// What Concertim is to show of it (a state change bills nothing but is shown).
+        follow_up: Option<Work>,
     },
     /// The message can never be processed as it is.
     Invalid(InvalidMessage),
@@ -104,19 +110,39 @@ impl Outcome {
             Outcome::Failed { error, .. } => Fate::failed(error.class(), self.reason().unwrap_or_default()),
         }
     }
+
+    /// The Concertim work of a message that is done.
+    pub fn follow_up(&self) -> Option<&Work> {
+        match self {
+            Outcome::Processed { follow_up, .. } | Outcome::Ignored { follow_up, .. } => follow_up.as_ref(),
+            Outcome::Invalid(_) | Outcome::Failed { .. } => None,
+        }
+    }
 }
 
-/// Runs messages through decode → plan → billing.
+/// Runs messages through decode → plan → billing → commit.
 #[derive(Debug)]
 pub struct Executor<B> {
     settings: Settings,
     billing: std::sync::Arc<B>,
+    /// Whether each processed message is committed before its outcome is returned.
+    commit_each: bool,
 }
 
 impl<B: Billing> Executor<B> {
-    /// An executor over a billing backend.
+    /// An executor over a billing backend that commits every processed message before
+    /// returning its outcome (what a message must have before it is acknowledged).
     pub fn new(settings: Settings, billing: B) -> Self {
-        Self { settings, billing: std::sync::Arc::new(billing) }
+        Self { settings, billing: std::sync::Arc::new(billing), commit_each: true }
+    }
+
+    /// The same executor, leaving the commit to its caller's [`Executor::commit`] once a whole
+    /// batch is done (`replay` into a ledger file: nothing is acknowledged, and a crash loses
+    /// only this run's writes, which a second run makes again).
+    #[must_use]
+    pub fn committing_at_the_end(mut self) -> Self {
+        self.commit_each = false;
+        self
     }
 
     /// The settings it runs with.
@@ -137,12 +163,13 @@ impl<B: Billing> Executor<B> {
     /// Handles one delivery to its outcome. Never panics on any input.
     pub async fn handle(&self, delivery: Delivery<'_>) -> Outcome {
         match self.decode(delivery.body) {
-            Ok(notification) => self.execute(&notification, delivery.redelivered).await,
+            Ok(notification) => self.handle_decoded(&notification, delivery.redelivered).await,
             Err(e) => Outcome::Invalid(e.into()),
         }
     }
 
-    /// Decodes a body under the configured limits (the bus decodes first to pick a lane).
+    /// Decodes a body under the configured limits (the bus decodes first to pick a lane, then
+    /// calls [`Executor::handle_decoded`]).
     ///
     /// # Errors
     /// As [`decode`].
@@ -150,7 +177,7 @@ impl<B: Billing> Executor<B> {
         decode(body, self.settings.decode)
     }
 
-    /// Makes the backend's changes durable (the ledger's file); called before acknowledging.
+    /// Makes the backend's changes durable (the ledger's file).
     ///
     /// # Errors
     /// As the backend's commit.
@@ -158,8 +185,28 @@ impl<B: Billing> Executor<B> {
         self.billing.commit().await
     }
 
+    /// [`Executor::handle`] after the decode: plans and runs a notification, commits its
+    /// changes, and adds its Concertim work once it is done.
+    pub async fn handle_decoded(&self, notification: &Notification, redelivered: bool) -> Outcome {
+        let mut outcome = self.execute(notification, redelivered).await;
+        if let Outcome::Processed { event_type, .. } = &outcome {
+            if self.commit_each {
+                if let Err(error) = self.commit().await {
+                    let event_type = event_type.clone();
+                    return Outcome::Failed { event_type, action: "make the changes durable".to_owned(), error };
+                }
+            }
+        }
+        if let Outcome::Processed { follow_up, .. } | Outcome::Ignored { follow_up, .. } = &mut outcome {
+            if self.settings.concertim.is_some() {
+                *follow_up = concertim::work(notification, &self.settings);
+            }
+        }
+        outcome
+    }
+
     /// Plans and runs a decoded notification.
-    pub async fn execute(&self, notification: &Notification, redelivered: bool) -> Outcome {
+    async fn execute(&self, notification: &Notification, redelivered: bool) -> Outcome {
         let event_type = notification.meta.event_type.clone();
         let actions = match plan(notification, &self.settings) {
             Ok(actions) => actions,
@@ -170,7 +217,7 @@ impl<B: Billing> Executor<B> {
                 crate::event::Event::Ignored { reason } => reason,
                 _ => "no billing effect",
             };
-            return Outcome::Ignored { event_type, reason };
+            return Outcome::Ignored { event_type, reason, follow_up: None };
         }
         let ctx = Context { meta: &notification.meta, redelivered };
         let mut effects = Effects::default();
@@ -182,7 +229,7 @@ impl<B: Billing> Executor<B> {
                 Err(error) => return Outcome::Failed { event_type, action: describe(action), error },
             }
         }
-        Outcome::Processed { event_type, effects }
+        Outcome::Processed { event_type, effects, follow_up: None }
     }
 
     async fn apply(&self, action: &Action, ctx: Context<'_>) -> Result<Applied, BillingError> {

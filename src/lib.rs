@@ -10,12 +10,15 @@
 //! - [`plan`]: event + settings → ordered billing actions; pure.
 //! - [`billing`]: the [`billing::Billing`] trait and its backends (the embedded ledger).
 //! - [`concertim`]: event → Concertim updates (pure), their client and worker.
-//! - [`executor`]: one delivery → decode → plan → billing → [`executor::Outcome`].
+//! - [`executor`]: one delivery → decode → plan → billing → commit → [`executor::Outcome`]
+//!   (with its Concertim follow-up).
 //! - [`replay`]: fixture files through the executor, and the report; [`fixture`] is the
 //!   fixture format (`capture`, `dlq export` and `replay` share it).
 //! - [`fields`]: the lenient field readers every wire format uses (OpenStack's, HostBill's).
 //! - [`class`]: the failure classes that decide a failed message's fate.
 //! - [`bus`]: RabbitMQ: topology, the consumer and its lanes, acknowledgement, publishing.
+//! - [`handle`]: the billing and Concertim handlers the bus runs (outcome → verdict, retries in
+//!   process).
 //! - [`retry`]: every backoff schedule; [`outbound`]: what every outbound HTTP client shares.
 //! - [`telemetry`], [`http`]: metrics, health, and `/healthz` `/readyz` `/metrics`.
 //! - [`app`]: the service wired once (executor, consumers, listener), as `run` starts it.
@@ -34,6 +37,7 @@ pub mod event;
 pub mod executor;
 pub mod fields;
 pub mod fixture;
+pub mod handle;
 pub mod http;
 pub mod notification;
 pub mod outbound;

@@ -765,7 +765,8 @@ fn replay_locally(
         }
         Backend::embedded(ledger.as_deref())?
     };
-    let executor = Executor::new(settings, backend);
+    // The ledger file is written once, after the last message (see the persist below).
+    let executor = Executor::new(settings, backend).committing_at_the_end();
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
     let counts: Counts = runtime.block_on(replay::replay_files(&executor, &files, |problem| {

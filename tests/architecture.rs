@@ -24,27 +24,17 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("plan", &["config", "event"]),
     // Effects.
     ("billing", &["class", "config", "event", "fields", "outbound", "plan"]),
-    ("executor", &["billing", "class", "config", "event", "notification", "plan"]),
     ("concertim", &["billing", "class", "config", "event", "outbound", "retry", "telemetry"]),
+    ("executor", &["billing", "class", "concertim", "config", "event", "notification", "plan"]),
     // The transport, and what runs on top of it.
+    ("bus", &["class", "config", "event", "fixture", "retry", "telemetry"]),
     (
-        "bus",
-        &[
-            "billing",
-            "class",
-            "concertim",
-            "config",
-            "event",
-            "executor",
-            "fixture",
-            "notification",
-            "retry",
-            "telemetry",
-        ],
+        "handle",
+        &["billing", "bus", "class", "concertim", "config", "event", "executor", "notification", "retry", "telemetry"],
     ),
     ("replay", &["billing", "class", "executor", "fixture"]),
     ("http", &["telemetry"]),
-    ("app", &["billing", "bus", "config", "executor", "http", "telemetry"]),
+    ("app", &["billing", "bus", "config", "executor", "handle", "http", "telemetry"]),
     ("capture", &["bus", "config", "fixture", "redact"]),
     ("dlq", &["bus", "class", "concertim", "config", "event", "fixture", "notification", "redact"]),
 ];

@@ -70,12 +70,21 @@ pub struct Settler {
     channel: Channel,
     names: Names,
     max_attempts: u32,
+    /// Where follow-ups go (the Concertim queue), when there is such a queue.
+    follow_ups: Option<String>,
 }
 
 impl Settler {
     /// A settler publishing on `channel`, which must be in confirm mode.
     pub fn new(channel: Channel, names: Names, max_attempts: u32) -> Self {
-        Self { channel, names, max_attempts }
+        Self { channel, names, max_attempts, follow_ups: None }
+    }
+
+    /// The same settler, publishing follow-ups to `queue`.
+    #[must_use]
+    pub fn with_follow_ups(mut self, queue: Option<String>) -> Self {
+        self.follow_ups = queue;
+        self
     }
 
     /// The queue this settler serves.
@@ -92,17 +101,20 @@ impl Settler {
         }
     }
 
-    /// Publishes a notification's Concertim work to the Concertim queue (through the default
-    /// exchange) and waits for the broker's confirm.
+    /// Publishes a message's follow-up to the Concertim queue (through the default exchange)
+    /// and waits for the broker's confirm.
     ///
     /// # Errors
-    /// When the publish is not confirmed.
-    pub async fn forward(&self, queue: &str, work: &crate::concertim::Work) -> Result<(), BusError> {
+    /// When the publish is not confirmed, or this settler has no queue for follow-ups.
+    pub async fn forward(&self, follow_up: &super::consumer::FollowUp) -> Result<(), BusError> {
+        let Some(queue) = &self.follow_ups else {
+            return Err(BusError::Config { detail: format!("{} has no queue for follow-ups", self.names.queue) });
+        };
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
-            .with_message_id(work.message_id.as_str().into());
-        self.publish("", queue, &work.to_body(), properties).await
+            .with_message_id(follow_up.message_id.as_str().into());
+        self.publish("", queue, &follow_up.body, properties).await
     }
 
     /// Carries out `verdict` for `delivery`, consuming it so it cannot be settled twice.

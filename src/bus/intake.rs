@@ -38,8 +38,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{ack, broker_error, connect, topology, BusError, Names};
-use crate::{billing::Billing, config::BusSettings, executor::Executor, telemetry, telemetry::Health};
+use super::{ack, broker_error, connect, consumer::Handler, topology, BusError, Names};
+use crate::{config::BusSettings, telemetry, telemetry::Health};
 
 const TAG: &str = "concertim-billing-intake";
 const PUBLISH_TAG: &str = "concertim-billing-intake-publish";
@@ -55,23 +55,24 @@ pub(super) enum IntakeEnd {
     Lost,
 }
 
-/// The routing key of a message: its project id, so the consistent-hash exchange sends every
-/// message of a project to the same shard. Messages without a usable project (invalid ones,
-/// events of no project) spread by delivery tag; the shard's consumer deals with them.
-pub(super) fn routing_key<B: Billing>(executor: &Executor<B>, delivery: &Delivery) -> String {
-    let decoded = executor.decode(&delivery.data);
-    match decoded.as_ref().ok().and_then(|n| n.event.project()) {
+/// The routing key of a message: its lane key (the project id), so the consistent-hash
+/// exchange sends every message of a project to the same shard. Messages without a usable
+/// project (invalid ones, events of no project) spread by delivery tag; the shard's consumer
+/// deals with them.
+pub(super) fn routing_key<H: Handler>(router: &H, delivery: &Delivery) -> String {
+    let prepared = router.prepare(delivery);
+    match H::lane_key(&prepared) {
         // A routing key is a short string: at most 255 bytes.
-        Some(project) if !project.as_str().is_empty() && project.as_str().len() <= 255 => project.as_str().to_owned(),
+        Some(project) if !project.is_empty() && project.len() <= 255 => project.to_owned(),
         _ => delivery.delivery_tag.to_string(),
     }
 }
 
 /// One connection's worth of intake: stand by until the lock is granted, then move messages
 /// until shutdown or a broker failure.
-pub(super) async fn session<B: Billing + 'static>(
+pub(super) async fn session<H: Handler>(
     bus: &BusSettings,
-    executor: &Arc<Executor<B>>,
+    router: &Arc<H>,
     shutdown: &CancellationToken,
     health: &Health,
 ) -> Result<IntakeEnd, BusError> {
@@ -190,7 +191,7 @@ pub(super) async fn session<B: Billing + 'static>(
             },
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
-                    let key = routing_key(executor, &delivery);
+                    let key = routing_key(&**router, &delivery);
                     let properties = ack::with_original_route(&delivery, &names.queue);
                     let published = publisher
                         .basic_publish(
@@ -294,15 +295,38 @@ async fn confirm_then_ack(mut pending: mpsc::Receiver<(PublisherConfirm, Deliver
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{billing::Ledger, config::Settings};
+    use crate::bus::consumer::Processed;
+
+    /// Routes by the body itself, when it is a word.
+    struct ByBody;
+
+    impl Handler for ByBody {
+        type Prepared = Option<String>;
+
+        fn prepare(&self, delivery: &Delivery) -> Option<String> {
+            String::from_utf8(delivery.data.clone()).ok().filter(|s| s.chars().all(char::is_alphanumeric))
+        }
+
+        fn lane_key(prepared: &Option<String>) -> Option<&str> {
+            prepared.as_deref()
+        }
+
+        fn span(_: &Option<String>) -> tracing::Span {
+            tracing::Span::none()
+        }
+
+        async fn process(self: &Arc<Self>, _: Option<String>, _: bool) -> Processed {
+            unreachable!("the intake only routes")
+        }
+    }
 
     #[test]
-    fn a_message_is_routed_by_its_project_and_one_without_a_project_by_its_delivery() {
-        let executor = Executor::new(Settings::embedded(), Ledger::in_memory());
-        let created = br#"{"message_id":"m1","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p1"}}"#;
-        let delivery = Delivery::mock(7, "keystone".into(), "notifications.info".into(), false, created.to_vec());
-        assert_eq!(routing_key(&executor, &delivery), "p1");
-        let invalid = Delivery::mock(8, "keystone".into(), "notifications.info".into(), false, b"{".to_vec());
-        assert_eq!(routing_key(&executor, &invalid), "8");
+    fn a_message_is_routed_by_its_lane_key_and_one_without_by_its_delivery_tag() {
+        let delivery =
+            |tag, body: &[u8]| Delivery::mock(tag, "nova".into(), "notifications.info".into(), false, body.to_vec());
+        assert_eq!(routing_key(&ByBody, &delivery(7, b"p1")), "p1");
+        assert_eq!(routing_key(&ByBody, &delivery(8, b"{")), "8");
+        assert_eq!(routing_key(&ByBody, &delivery(9, b"")), "9");
+        assert_eq!(routing_key(&ByBody, &delivery(10, "a".repeat(256).as_bytes())), "10");
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::{class::ErrorClass, config::SecretUrl};
 
-pub use consumer::run;
+pub use consumer::{run, FollowUp, Handler, Processed};
 
 /// How long a publish waits for the broker's confirm: a connection that died silently would
 /// make it wait forever.
