@@ -17,6 +17,19 @@ use crate::{
     telemetry::Health,
 };
 
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// `http.listen` is not an address, or cannot be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The configured address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// The service over one billing backend.
 pub struct App<B> {
     /// The executor every message goes through (and its billing backend).
@@ -39,6 +52,25 @@ impl<B: Billing + 'static> App<B> {
         let state = http::HttpState::new(Arc::clone(&self.health), metrics, backend);
         self.listener = Some((listener, state));
         self
+    }
+
+    /// Listens on `listen` (`http.listen`; empty: no listener) for `/healthz`, `/readyz` and
+    /// `/metrics`, recording metrics into a Prometheus recorder installed here.
+    ///
+    /// # Errors
+    /// When `listen` is not an address or cannot be bound.
+    pub async fn listen(self, listen: &str, backend: String) -> Result<Self, AppError> {
+        if listen.is_empty() {
+            return Ok(self);
+        }
+        let addr: std::net::SocketAddr =
+            listen.parse().map_err(|e| AppError::Listen { addr: listen.to_owned(), reason: format!("{e}") })?;
+        let listener = TcpListener::bind(addr).await.map_err(|e| AppError::Listen {
+            addr: listen.to_owned(),
+            reason: format!("{e} (http.listen; \"\" disables it)"),
+        })?;
+        tracing::info!(%addr, "serving /healthz /readyz /metrics");
+        Ok(self.with_http(listener, crate::telemetry::install_prometheus(), backend))
     }
 
     /// Runs the listener (if any) and the consumers until `shutdown`, or until the bus fails

@@ -312,6 +312,151 @@ pub async fn list(settings: &Settings, selector: &Selector) -> Result<Vec<DeadLe
     Ok(out)
 }
 
+/// Why a `dlq` command stopped: the operator is to say more, or the broker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    /// `requeue` or `purge` without a selection and without `--all`.
+    #[error("{verb} what? give --id or a filter, or --all")]
+    NothingSelected {
+        /// The command.
+        verb: &'static str,
+    },
+    /// `purge` of more than one letter without `--yes`.
+    #[error("this would delete {count} dead letters: add --yes to confirm (or see them first with dlq list)")]
+    NeedsConfirmation {
+        /// How many would go.
+        count: usize,
+    },
+    /// `show` of an id no letter has.
+    #[error("no dead letter has an id starting with {id:?} (see dlq list)")]
+    NoMatch {
+        /// The id asked for.
+        id: String,
+    },
+    /// `show` of an id prefix several letters share.
+    #[error("{id:?} matches {count} dead letters: give more of the id")]
+    Ambiguous {
+        /// The id asked for.
+        id: String,
+        /// How many letters it matches.
+        count: usize,
+    },
+    /// The export file could not be written.
+    #[error("cannot write the export: {0}")]
+    Write(#[from] std::io::Error),
+    /// The broker failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+impl DlqError {
+    /// Whether the command line was at fault (exit status 1), not the broker or the disk.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            DlqError::NothingSelected { .. }
+                | DlqError::NeedsConfirmation { .. }
+                | DlqError::NoMatch { .. }
+                | DlqError::Ambiguous { .. }
+        )
+    }
+
+    /// The broker's error, when it was the broker.
+    pub fn bus(&self) -> Option<&BusError> {
+        match self {
+            DlqError::Bus(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// What `dlq show ID` prints: the one letter whose id starts with `id`, described (secrets
+/// redacted unless `no_redact`).
+///
+/// # Errors
+/// [`DlqError::NoMatch`] or [`DlqError::Ambiguous`] unless exactly one letter matches; the
+/// broker's errors.
+pub async fn show(settings: &Settings, id: &str, no_redact: bool) -> Result<String, DlqError> {
+    let selector = Selector { ids: vec![id.to_owned()], ..Selector::default() };
+    // Only the first match's body is kept: the others are only counted.
+    let mut first: Option<String> = None;
+    let mut distinct = std::collections::BTreeSet::new();
+    scan(settings, &selector, |letter| {
+        if first.is_none() {
+            first = Some(letter.describe(settings, no_redact));
+        }
+        distinct.insert(letter.meta.id);
+        Ok::<(), BusError>(())
+    })
+    .await?;
+    match (first, distinct.len()) {
+        (None, _) => Err(DlqError::NoMatch { id: id.to_owned() }),
+        (Some(first), 1) => Ok(first),
+        (Some(_), count) => Err(DlqError::Ambiguous { id: id.to_owned(), count }),
+    }
+}
+
+/// Writes the selected dead letters to `out` as fixture lines (secrets redacted unless
+/// `no_redact`), one body in memory at a time; returns how many.
+///
+/// # Errors
+/// [`DlqError::Write`] when `out` fails; the broker's errors.
+pub async fn export(
+    settings: &Settings,
+    selector: &Selector,
+    out: &mut impl std::io::Write,
+    no_redact: bool,
+) -> Result<usize, DlqError> {
+    let exported = scan(settings, selector, |letter| {
+        writeln!(out, "{}", crate::fixture::to_line(&letter.to_fixture(no_redact))).map_err(DlqError::Write)
+    })
+    .await?;
+    out.flush()?;
+    Ok(exported)
+}
+
+/// Requeues the selected dead letters (or lists them with `dry_run`); an empty selection
+/// needs `all`.
+///
+/// # Errors
+/// [`DlqError::NothingSelected`]; as [`apply`].
+pub async fn requeue(
+    settings: &Settings,
+    selector: &Selector,
+    all: bool,
+    action: Action,
+    dry_run: bool,
+) -> Result<Moved, DlqError> {
+    if selector.is_empty() && !all {
+        return Err(DlqError::NothingSelected { verb: "requeue" });
+    }
+    Ok(apply(settings, selector, action, dry_run).await?)
+}
+
+/// Deletes the selected dead letters: an empty selection needs `all`, more than one letter
+/// needs `yes`. Exactly the letters counted go; letters that arrived since stay.
+///
+/// # Errors
+/// [`DlqError::NothingSelected`], [`DlqError::NeedsConfirmation`]; as [`apply`].
+pub async fn purge(settings: &Settings, selector: &Selector, all: bool, yes: bool) -> Result<Moved, DlqError> {
+    if selector.is_empty() && !all {
+        return Err(DlqError::NothingSelected { verb: "purge" });
+    }
+    let selected = list(settings, selector).await?;
+    if selected.len() > 1 && !yes {
+        return Err(DlqError::NeedsConfirmation { count: selected.len() });
+    }
+    if selected.is_empty() {
+        return Ok(Moved::default());
+    }
+    let exact = Selector {
+        ids: selected.iter().map(|d| d.id.clone()).collect(),
+        limit: Some(selected.len()),
+        ..Selector::default()
+    };
+    Ok(apply(settings, &exact, Action::Purge, false).await?)
+}
+
 /// What `requeue` or `purge` does to each selected dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {

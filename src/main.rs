@@ -1,17 +1,15 @@
 //! The `concertim-billing` command line: parses arguments, sets up logging, calls the library.
 
-use std::{io::Write as _, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use concertim_billing::{
+    app::App,
     billing::{Backend, KillBill},
-    bus::{self, publish::Publisher, topology},
+    bus::{self, topology},
     config::{BackendKind, SecretUrl, Settings},
-    dlq,
-    executor::Executor,
-    fixture,
-    replay::{self, Counts, Report},
+    dlq, replay,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -321,12 +319,11 @@ struct UsageError(String);
 /// Exit statuses: 0 success, 1 usage error, 2 configuration or input error, 3 some messages
 /// invalid or failed, 4 broker unreachable.
 fn exit_status(error: &anyhow::Error) -> u8 {
-    if error.downcast_ref::<UsageError>().is_some() {
+    let dlq = error.chain().find_map(|e| e.downcast_ref::<dlq::DlqError>());
+    let bus = error.chain().find_map(|e| e.downcast_ref::<bus::BusError>()).or_else(|| dlq.and_then(|e| e.bus()));
+    if error.downcast_ref::<UsageError>().is_some() || dlq.is_some_and(dlq::DlqError::is_usage) {
         1
-    } else if error
-        .chain()
-        .any(|e| matches!(e.downcast_ref::<bus::BusError>(), Some(bus::BusError::Unreachable { .. })))
-    {
+    } else if matches!(bus, Some(bus::BusError::Unreachable { .. })) {
         4
     } else {
         2
@@ -397,7 +394,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "--publish sends the fixtures to the broker; --ledger and --report apply to local replays only"
                 );
             }
-            runtime()?.block_on(publish(&settings, &paths))
+            let published = runtime()?.block_on(replay::publish(&settings, &paths, |line| eprintln!("{line}")))?;
+            println!(
+                "published {} messages to {}; {} not published",
+                published.sent, settings.bus.url, published.failed
+            );
+            Ok(if published.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
         Command::Replay { paths, ledger, report, apply, .. } => {
             for warning in settings.warnings() {
@@ -421,36 +423,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             replay_locally(settings, &paths, ledger, report, apply)
         }
         Command::Run { ledger, ledger_in_memory } => {
-            if settings.billing.backend == BackendKind::Ledger && ledger.is_none() && !ledger_in_memory {
-                anyhow::bail!(
-                    "no billing backend is configured (billing.backend is \"ledger\", the embedded default): \
-                     this replica would bill into memory and lose it. Set billing.backend with its [killbill] or \
-                     [hostbill] section (--config FILE), or ask for the embedded ledger with --ledger FILE \
-                     (or --ledger-in-memory to try the service out)"
-                );
-            }
-            let backend = Backend::from_settings(&settings, ledger.as_deref())?;
+            let backend = Backend::for_service(&settings, ledger.as_deref(), ledger_in_memory)?;
             let described = Backend::describe(&settings, ledger.as_deref());
             tracing::info!(backend = %described, "billing backend");
             for warning in settings.warnings() {
                 tracing::warn!("{warning}");
             }
             let listen = settings.http.listen.clone();
-            let app = concertim_billing::app::App::new(settings, backend);
             runtime()?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
-                let app = if listen.is_empty() {
-                    app
-                } else {
-                    let addr: std::net::SocketAddr = listen.parse().context("http.listen")?;
-                    let listener = tokio::net::TcpListener::bind(addr)
-                        .await
-                        .with_context(|| format!("cannot listen on {addr} (http.listen; \"\" disables it)"))?;
-                    tracing::info!(%addr, "serving /healthz /readyz /metrics");
-                    app.with_http(listener, concertim_billing::telemetry::install_prometheus(), described)
-                };
-                app.run(shutdown).await?;
+                App::new(settings, backend).listen(&listen, described).await?.run(shutdown).await?;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
@@ -460,24 +443,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology { action: TopologyAction::Declare } => {
-            runtime()?.block_on(async {
-                let connection = bus::connect(&settings.bus.url, "concertim-billing topology").await?;
-                let channel = connection.create_channel().await.context("cannot open a channel")?;
-                topology::declare(&channel, &settings.bus).await?;
-                if let Some(concertim) = &settings.concertim {
-                    topology::declare_concertim(&channel, &settings.bus, concertim).await?;
-                }
-                for absent in topology::bind_upstream(&settings.bus).await? {
-                    eprintln!(
-                        "note: not bound to {} ({}): {}",
-                        absent.exchange,
-                        absent.routing_key,
-                        concertim_billing::bus::BusError::UpstreamAbsent { exchange: absent.exchange.clone() }
-                    );
-                }
-                let _ = connection.close(200, "done".into()).await;
-                anyhow::Ok(())
-            })?;
+            let absent = runtime()?.block_on(topology::declare_all(&settings))?;
+            for binding in absent {
+                let why = bus::BusError::UpstreamAbsent { exchange: binding.exchange.clone() };
+                eprintln!("note: not bound to {} ({}): {why}", binding.exchange, binding.routing_key);
+            }
             print!("declared on {}:\n{}", settings.bus.url, describe_topology(&settings));
             Ok(ExitCode::SUCCESS)
         }
@@ -565,65 +535,31 @@ async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<
                 print!("{}", dlq::table(&letters));
             }
         }
-        DlqAction::Show { id, no_redact } => {
-            let selector = dlq::Selector { ids: vec![id.clone()], ..dlq::Selector::default() };
-            // Only the first match's body is kept: the others are only counted.
-            let mut first: Option<String> = None;
-            let mut distinct = std::collections::BTreeSet::new();
-            dlq::scan(settings, &selector, |letter| {
-                if first.is_none() {
-                    first = Some(letter.describe(settings, no_redact));
-                }
-                distinct.insert(letter.meta.id);
-                Ok::<(), concertim_billing::bus::BusError>(())
-            })
-            .await?;
-            match (first, distinct.len()) {
-                (None, _) => {
-                    return Err(
-                        UsageError(format!("no dead letter has an id starting with {id:?} (see dlq list)")).into()
-                    )
-                }
-                (Some(first), 1) => print!("{first}"),
-                _ => {
-                    return Err(UsageError(format!(
-                        "{id:?} matches {} dead letters: give more of the id",
-                        distinct.len()
-                    ))
-                    .into())
-                }
-            }
-        }
+        DlqAction::Show { id, no_redact } => print!("{}", dlq::show(settings, &id, no_redact).await?),
         DlqAction::Export { out, filters, no_redact } => {
             let file = concertim_billing::redact::create_private(&out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
             let mut writer = std::io::BufWriter::new(file);
-            // Written as read: one body in memory at a time.
-            let exported = dlq::scan(settings, &filters.selector(), |letter| {
-                writeln!(writer, "{}", fixture::to_line(&letter.to_fixture(no_redact)))
-                    .with_context(|| format!("cannot write {}", out.display()))
-            })
-            .await?;
-            writer.flush().with_context(|| format!("cannot write {}", out.display()))?;
+            let exported = dlq::export(settings, &filters.selector(), &mut writer, no_redact)
+                .await
+                .with_context(|| format!("export to {}", out.display()))?;
             println!("exported {exported} dead letter(s) to {}", out.display());
         }
         DlqAction::Requeue { filters, all, to_queue, to_original_exchange, dry_run } => {
-            let selector = filters.selector();
-            if selector.is_empty() && !all {
-                return Err(UsageError("requeue what? give --id or a filter, or --all".into()).into());
-            }
             let action = if to_original_exchange {
-                eprintln!(
-                    "warning: --to-original-exchange republishes to the upstream exchanges: every queue bound there \
-                     (OpenStack's notifications.info, Ceilometer, CloudKitty) gets these messages again"
-                );
                 dlq::Action::RequeueToOriginal
             } else if to_queue {
                 dlq::Action::RequeueToQueue
             } else {
                 dlq::Action::Requeue
             };
-            let moved = dlq::apply(settings, &selector, action, dry_run).await?;
+            if to_original_exchange && (all || !filters.selector().is_empty()) {
+                eprintln!(
+                    "warning: --to-original-exchange republishes to the upstream exchanges: every queue bound there \
+                     (OpenStack's notifications.info, Ceilometer, CloudKitty) gets these messages again"
+                );
+            }
+            let moved = dlq::requeue(settings, &filters.selector(), all, action, dry_run).await?;
             if dry_run {
                 print!("{}", dlq::table(&moved.done));
                 println!("(dry run: nothing moved)");
@@ -638,29 +574,7 @@ async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<
             }
         }
         DlqAction::Purge { filters, all, yes } => {
-            let selector = filters.selector();
-            if selector.is_empty() && !all {
-                return Err(UsageError("purge what? give --id or a filter, or --all".into()).into());
-            }
-            let selected = dlq::list(settings, &selector).await?;
-            if selected.len() > 1 && !yes {
-                return Err(UsageError(format!(
-                    "this would delete {} dead letters: add --yes to confirm (or see them first with dlq list)",
-                    selected.len()
-                ))
-                .into());
-            }
-            // Exactly what was counted: letters that arrived since are not selected.
-            let exact = dlq::Selector {
-                ids: selected.iter().map(|d| d.id.clone()).collect(),
-                limit: Some(selected.len()),
-                ..dlq::Selector::default()
-            };
-            let purged = if selected.is_empty() {
-                dlq::Moved::default()
-            } else {
-                dlq::apply(settings, &exact, dlq::Action::Purge, false).await?
-            };
+            let purged = dlq::purge(settings, &filters.selector(), all, yes).await?;
             println!("purged {} dead letter(s)", purged.done.len());
         }
     }
@@ -695,56 +609,6 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-async fn publish(settings: &Settings, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    if paths.is_empty() {
-        anyhow::bail!("nothing to publish: give fixture PATHS");
-    }
-    let files = fixture::collect_files(paths)?;
-    let mut publisher = Publisher::connect(&settings.bus.url).await?;
-    // Standing in for OpenStack's publishers, which declare their exchanges before publishing.
-    let mut declared = std::collections::BTreeSet::new();
-    for (_, delivery) in files.iter().flat_map(|f| fixture::read_all(std::slice::from_ref(f))) {
-        if let Some(exchange) = delivery.ok().and_then(|d| d.exchange) {
-            if declared.insert(exchange.clone()) {
-                publisher.ensure_upstream(&exchange, settings.bus.upstream_durable).await?;
-            }
-        }
-    }
-    // A service started just before waits for those exchanges and then binds its queue: a
-    // message with no queue bound yet is tried again for a while rather than lost.
-    let patience = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let (mut sent, mut failed) = (0, 0);
-    for (position, delivery) in files.iter().flat_map(|f| fixture::read_all(std::slice::from_ref(f))) {
-        let delivery = match delivery {
-            Ok(delivery) => delivery,
-            Err(e) => {
-                eprintln!("{position}: not published: {e}");
-                failed += 1;
-                continue;
-            }
-        };
-        let Some(exchange) = delivery.exchange.as_deref() else {
-            eprintln!("{position}: skipped: the fixture names no exchange");
-            failed += 1;
-            continue;
-        };
-        let mut result = publisher.publish(exchange, &delivery).await;
-        while matches!(result, Err(bus::BusError::NotConfirmed { .. })) && std::time::Instant::now() < patience {
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            result = publisher.publish(exchange, &delivery).await;
-        }
-        match result {
-            Ok(()) => sent += 1,
-            Err(e) => {
-                eprintln!("{position}: not published: {e}");
-                failed += 1;
-            }
-        }
-    }
-    println!("published {sent} messages to {}; {failed} not published", settings.bus.url);
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
-}
-
 fn replay_locally(
     settings: Settings,
     paths: &[PathBuf],
@@ -752,40 +616,13 @@ fn replay_locally(
     report: ReportFormat,
     apply: bool,
 ) -> anyhow::Result<ExitCode> {
-    let files = fixture::collect_files(paths)?;
-    let backend = if apply {
-        eprintln!("applying to {}", Backend::describe(&settings, None));
-        Backend::from_settings(&settings, None)?
-    } else {
-        if settings.billing.backend != BackendKind::Ledger {
-            eprintln!(
-                "note: replaying into the embedded ledger, not into {} (--apply sends it there)",
-                Backend::describe(&settings, None)
-            );
-        }
-        Backend::embedded(ledger.as_deref())?
-    };
-    // The ledger file is written once, after the last message (see the persist below).
-    let executor = Executor::new(settings, backend).committing_at_the_end();
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
-    let counts: Counts = runtime.block_on(replay::replay_files(&executor, &files, |problem| {
-        eprintln!("{problem}");
-    }));
-    let snapshot = match executor.billing().ledger() {
-        Some(ledger) => {
-            ledger.persist()?;
-            ledger.snapshot()
-        }
-        None => {
-            eprintln!("note: billing went to the billing application; its accounts, subscriptions and usage are not listed here");
-            Default::default()
-        }
-    };
-    let output = Report::new(counts, snapshot);
+    let output =
+        runtime.block_on(replay::local(settings, paths, ledger.as_deref(), apply, |line| eprintln!("{line}")))?;
     match report {
         ReportFormat::Text => print!("{}", output.to_text()),
         ReportFormat::Json => println!("{}", output.to_json()),
     }
-    Ok(if counts.all_ok() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    Ok(if output.all_ok() { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }

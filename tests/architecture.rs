@@ -32,7 +32,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "handle",
         &["billing", "bus", "class", "concertim", "config", "event", "executor", "notification", "retry", "telemetry"],
     ),
-    ("replay", &["billing", "class", "executor", "fixture"]),
+    ("replay", &["billing", "bus", "class", "config", "executor", "fixture"]),
     ("http", &["telemetry"]),
     ("app", &["billing", "bus", "config", "executor", "handle", "http", "telemetry"]),
     ("capture", &["bus", "config", "fixture", "redact"]),

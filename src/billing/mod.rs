@@ -357,6 +357,14 @@ pub enum BackendError {
     /// The backend's section is missing.
     #[error("billing.backend = \"killbill\" needs a [killbill] section")]
     MissingKillBill,
+    /// The service would bill into memory, and lose it all when it stops.
+    #[error(
+        "no billing backend is configured (billing.backend is \"ledger\", the embedded default): \
+         this replica would bill into memory and lose it. Set billing.backend with its [killbill] or \
+         [hostbill] section (--config FILE), or ask for the embedded ledger with --ledger FILE \
+         (or --ledger-in-memory to try the service out)"
+    )]
+    WouldBillIntoMemory,
     /// The client or the ledger file could not be made.
     #[error(transparent)]
     Billing(#[from] BillingError),
@@ -378,6 +386,22 @@ impl Backend {
             }
             BackendKind::Hostbill => Backend::HostBill(HostBill::new(settings.hostbill.clone().unwrap_or_default())?),
         })
+    }
+
+    /// The backend `run` bills into: as [`Backend::from_settings`], except that the embedded
+    /// ledger in memory must be asked for (`in_memory`) rather than fallen into.
+    ///
+    /// # Errors
+    /// [`BackendError::WouldBillIntoMemory`]; as [`Backend::from_settings`].
+    pub fn for_service(
+        settings: &Settings,
+        ledger_file: Option<&std::path::Path>,
+        in_memory: bool,
+    ) -> Result<Self, BackendError> {
+        if settings.billing.backend == BackendKind::Ledger && ledger_file.is_none() && !in_memory {
+            return Err(BackendError::WouldBillIntoMemory);
+        }
+        Self::from_settings(settings, ledger_file)
     }
 
     /// The embedded ledger, in `file` or in memory.

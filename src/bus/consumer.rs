@@ -413,10 +413,7 @@ async fn open(bus: &BusSettings, settings: &Settings, consumer: &Consumer) -> Re
     let broker = broker_error(&bus.url);
     let connection = connect(&bus.url, consumer.tag).await?;
     let setup = connection.create_channel().await.map_err(&broker)?;
-    topology::declare(&setup, bus).await?;
-    if let Some(concertim) = &settings.concertim {
-        topology::declare_concertim(&setup, bus, concertim).await?;
-    }
+    topology::declare_ours(&setup, settings).await?;
     // Bound to what OpenStack has declared; the rest is looked for while this session lasts.
     let _watcher = if consumer.upstream {
         let absent = topology::bind_upstream(bus).await?;

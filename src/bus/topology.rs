@@ -19,7 +19,7 @@ use lapin::{
 };
 
 use super::BusError;
-use crate::config::{Binding, BusSettings, ConcertimSettings};
+use crate::config::{Binding, BusSettings, ConcertimSettings, Settings};
 
 /// The names of everything this service owns on the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,6 +269,38 @@ async fn declare_shards(channel: &Channel, bus: &BusSettings, names: &Names) -> 
             .map_err(|e| classify(e, format!("binding {exchange} -> {queue}"), fix().into(), bus))?;
     }
     Ok(())
+}
+
+/// Declares everything of ours the configuration describes on `channel`: the main topology
+/// and, when Concertim is configured, its queues.
+///
+/// # Errors
+/// As [`declare`] and [`declare_concertim`].
+pub async fn declare_ours(channel: &Channel, settings: &Settings) -> Result<(), BusError> {
+    declare(channel, &settings.bus).await?;
+    if let Some(concertim) = &settings.concertim {
+        declare_concertim(channel, &settings.bus, concertim).await?;
+    }
+    Ok(())
+}
+
+/// The whole topology, once, on a connection of its own (`topology declare`): ours, then the
+/// bindings to every upstream exchange OpenStack has declared. Returns the bindings whose
+/// exchange does not exist yet.
+///
+/// # Errors
+/// When the broker cannot be reached or refuses a declaration.
+pub async fn declare_all(settings: &Settings) -> Result<Vec<Binding>, BusError> {
+    let bus = &settings.bus;
+    let connection = super::connect(&bus.url, "concertim-billing topology").await?;
+    let declared = async {
+        let channel = connection.create_channel().await.map_err(super::broker_error(&bus.url))?;
+        declare_ours(&channel, settings).await?;
+        bind_upstream(bus).await
+    }
+    .await;
+    let _ = connection.close(200, "done".into()).await;
+    declared
 }
 
 /// Binds our main queue to each upstream exchange of `bus.bindings` that exists, and returns

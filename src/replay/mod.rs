@@ -5,19 +5,88 @@
 //! tables, or the JSON object operators and tests compare). A file or line that cannot be read
 //! is reported by name and position; the rest still replays.
 
+mod publish;
+
 use std::{fmt::Write as _, path::PathBuf};
 
 use rust_decimal::prelude::ToPrimitive;
 use serde::Serialize;
 
+pub use publish::{publish, Published};
+
 use crate::fixture::{self, FixtureDelivery, Position};
 use crate::{
     billing::{
         ledger::{AccountRow, Snapshot, SubscriptionRow},
-        Billing,
+        Backend, BackendError, Billing, BillingError,
     },
+    bus::BusError,
+    config::{BackendKind, Settings},
     executor::{Delivery, Executor, Outcome},
 };
+
+/// Why a replay or a publish could not run (a message that fails is counted, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The command line asks for nothing that can be done.
+    #[error("{0}")]
+    Usage(String),
+    /// The fixture files cannot be listed.
+    #[error("{0}")]
+    Fixture(#[from] fixture::FixtureError),
+    /// The billing backend cannot be built.
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+    /// The ledger cannot be opened or written.
+    #[error("{0}")]
+    Ledger(#[from] BillingError),
+    /// The broker failed.
+    #[error("{0}")]
+    Bus(#[from] BusError),
+}
+
+/// Replays every fixture in `paths` through the executor, into the embedded ledger (kept in
+/// `ledger` when given, written once at the end) or, with `apply`, into the configured billing
+/// application; `on_note` hears each problem line and note. Returns the report.
+///
+/// # Errors
+/// When the files cannot be listed, the backend cannot be built, or the ledger cannot be
+/// written.
+pub async fn local(
+    settings: Settings,
+    paths: &[PathBuf],
+    ledger: Option<&std::path::Path>,
+    apply: bool,
+    mut on_note: impl FnMut(String),
+) -> Result<Report, ReplayError> {
+    let files = fixture::collect_files(paths)?;
+    let backend = if apply {
+        on_note(format!("applying to {}", Backend::describe(&settings, None)));
+        Backend::from_settings(&settings, None)?
+    } else {
+        if settings.billing.backend != BackendKind::Ledger {
+            on_note(format!(
+                "note: replaying into the embedded ledger, not into {} (--apply sends it there)",
+                Backend::describe(&settings, None)
+            ));
+        }
+        Backend::embedded(ledger)?
+    };
+    // The ledger file is written once, after the last message (below).
+    let executor = Executor::new(settings, backend).committing_at_the_end();
+    let counts = replay_files(&executor, &files, |problem| on_note(problem.to_string())).await;
+    let snapshot = match executor.billing().ledger() {
+        Some(ledger) => {
+            ledger.persist()?;
+            ledger.snapshot()
+        }
+        None => {
+            on_note("note: billing went to the billing application; its accounts, subscriptions and usage are not listed here".into());
+            Snapshot::default()
+        }
+    };
+    Ok(Report::new(counts, snapshot))
+}
 
 /// Message counts by outcome, and what processed messages did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -153,6 +222,11 @@ pub struct UsageAmount {
 }
 
 impl Report {
+    /// Whether every message was processed or ignored (the exit status of `replay`).
+    pub fn all_ok(&self) -> bool {
+        self.invalid == 0 && self.failed == 0
+    }
+
     /// Builds the report from the counts of this run and the ledger's content.
     pub fn new(counts: Counts, snapshot: Snapshot) -> Self {
         Self {
