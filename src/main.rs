@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use concertim_billing::{
     app::App,
-    billing::{Backend, KillBill},
+    billing::{killbill, Backend},
     bus::{self, topology},
     config::{BackendKind, SecretUrl, Settings},
     dlq, replay,
@@ -452,31 +452,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Killbill { action: KillBillAction::Bootstrap { catalog } } => {
-            let kb =
-                settings.killbill.clone().context("killbill bootstrap needs a [killbill] section in the config")?;
-            let xml = match &catalog {
-                Some(path) => {
-                    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
-                }
-                None => concertim_billing::billing::killbill::CATALOG_XML.to_owned(),
-            };
-            // Usage in a unit the catalog lacks is accepted by KillBill and never invoiced; a plan it
-            // lacks refuses every subscription. Both are refused here, before anything is sent.
-            let units = settings.billing.meters.values().map(|m| m.unit.as_str());
-            let plans = std::iter::once(settings.billing.default_plan.as_str())
-                .chain(settings.billing.plans.values().map(|p| p.as_str()));
-            let gaps = concertim_billing::billing::killbill::catalog_gaps(&xml, units, plans);
-            if !gaps.is_empty() {
-                anyhow::bail!(
-                    "the catalog{} does not declare {}, which the configuration bills: add them to the catalog \
-                     (and bump its effectiveDate) or change [billing.meters]/[billing.plans]",
-                    catalog.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default(),
-                    gaps.join(", ")
-                );
-            }
-            let created_by = kb.created_by.clone();
-            let url = kb.url.clone();
-            let done = runtime()?.block_on(async { KillBill::new(kb)?.bootstrap(&xml, &created_by).await })?;
+            let url = settings.killbill.as_ref().map(|kb| kb.url.clone()).unwrap_or_default();
+            let done = runtime()?.block_on(killbill::bootstrap_configured(&settings, catalog.as_deref()))?;
             println!(
                 "KillBill at {url}: tenant {}, catalog {}",
                 if done.tenant_created { "created" } else { "already there" },
