@@ -168,4 +168,5 @@ pub mod concertim;
 pub mod hostbill;
 pub mod killbill;
 pub mod killbill_server;
+pub mod wait;
 pub mod watch;
