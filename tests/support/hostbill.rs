@@ -21,7 +21,7 @@ use concertim_billing::config::{HostBillSettings, Secret};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
-use super::killbill::percent_decode;
+use super::fake_server::percent_decode;
 
 const API_ID: &str = "concertim";
 const API_KEY: &str = "s3cr3t-key";

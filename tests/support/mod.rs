@@ -165,6 +165,7 @@ pub fn arg(path: &Path) -> &str {
 
 pub mod bus;
 pub mod concertim;
+pub mod fake_server;
 pub mod hostbill;
 pub mod killbill;
 pub mod killbill_server;
