@@ -1,6 +1,6 @@
 //! Load generator: publishes fixture-derived messages to the upstream exchanges of a fresh,
 //! prefixed topology on the local RabbitMQ, runs the real consumer in this process against the
-//! embedded ledger or the fake KillBill of `tests/support/killbill.rs`, and reports throughput,
+//! embedded ledger or the fake KillBill of `tests/support/killbill/`, and reports throughput,
 //! bus-to-effect latency, peak RSS and CPU time, as a table and as one JSON line.
 //!
 //! ```sh
@@ -38,8 +38,13 @@ use tokio_util::sync::CancellationToken;
 
 /// The contract-faithful fake KillBill of the integration tests, served from this process.
 #[allow(dead_code)]
-#[path = "../tests/support/killbill.rs"]
+#[path = "../tests/support/killbill/mod.rs"]
 mod fake_killbill;
+
+/// What the fake KillBill is served with (its port and its fault layer).
+#[allow(dead_code)]
+#[path = "../tests/support/fake_server.rs"]
+mod fake_server;
 
 /// The backend wrapper the tests use to watch effects.
 #[path = "../tests/support/watch.rs"]

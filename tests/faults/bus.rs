@@ -24,9 +24,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     assert_exact, dead_letters, settle, soak,
     support::{
-        bus::{cli_command, eventually, spawn_app, Proxy, TestBus},
+        bus::{cli_command, spawn_app, Proxy, TestBus},
         concertim::FakeConcertim,
         killbill::FakeKillBill,
+        wait::{eventually, poll},
     },
     traffic::{invalid, publish_all, seed, Rng, Traffic},
     Row, BROKER_LOCK,
@@ -250,15 +251,16 @@ async fn killbill_down_for_a_minute_then_losing_answers_with_concertim_down_bill
     // Concertim was down the whole run: every update billing planned waits in its queues,
     // none was applied, none dead-lettered.
     let c = Names::concertim(&bus.settings.bus);
-    let start = Instant::now();
-    let waiting = loop {
+    // The last retries may still be passing from one queue to the other.
+    let held = poll(Duration::from_secs(60), Duration::from_millis(100), || async {
         let n = bus.depth(&c.queue).await as usize + bus.depth(&c.retry_queue).await as usize;
-        if n == expected_work || start.elapsed() > Duration::from_secs(60) {
-            break n;
+        if n == expected_work {
+            Ok(n)
+        } else {
+            Err(n)
         }
-        // Polling the queue depths while the last retries pass from one queue to the other.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    });
+    let (Ok(waiting) | Err(waiting)) = held.await;
     assert_eq!(waiting, expected_work, "every Concertim update billing planned is held in its queues");
     assert_eq!(concertim.status_updates(), 0);
     eprintln!("killbill: {waiting} Concertim updates held while Concertim is down");

@@ -18,9 +18,10 @@ use serde_json::{json, Value};
 use crate::{
     assert_same, dead_letters,
     support::{
-        bus::{eventually, spawn_app, TestBus},
+        bus::{spawn_app, TestBus},
         deliveries,
         killbill::FakeKillBill,
+        wait::eventually,
     },
     traffic::{envelope, publish_all, Message},
     Row, BROKER_LOCK,

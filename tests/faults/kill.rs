@@ -10,8 +10,9 @@ use std::{
 use crate::{
     assert_exact, dead_letters, settle, soak,
     support::{
-        bus::{cli_command, eventually, signal, TestBus},
+        bus::{cli_command, signal, TestBus},
         killbill::FakeKillBill,
+        wait::eventually,
     },
     traffic::{publish_all, seed, Rng, Traffic},
     Row, BROKER_LOCK,

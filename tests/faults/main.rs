@@ -24,7 +24,7 @@ use concertim_billing::{billing::ledger::Snapshot, bus::ack};
 use lapin::types::AMQPValue;
 
 use crate::{
-    support::{bus::TestBus, killbill::FakeKillBill},
+    support::{bus::TestBus, killbill::FakeKillBill, wait::poll},
     traffic::Expected,
 };
 
@@ -109,17 +109,20 @@ pub async fn settle(bus: &TestBus, fake: &FakeKillBill, expected: &Expected, dea
     let start = Instant::now();
     let want = expected.snapshot();
     let names = bus.names();
-    while start.elapsed() < limit {
+    // Every 100 ms: a snapshot of a large run is not cheap.
+    let settled = poll(limit, Duration::from_millis(100), || async {
         let cheap = fake.usage_rows() >= expected.usage_messages() * 2
             && bus.depth(&names.queue).await == 0
             && bus.depth(&names.retry_queue).await == 0
             && bus.depth(&names.dead_queue).await >= dead;
         if cheap && fake.snapshot() == want {
-            return start.elapsed();
+            Ok(())
+        } else {
+            Err(())
         }
-        // Polling observable state (KillBill's rows, queue depths); nothing to await instead.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    });
+    // A timeout is left to the caller's exact comparison, which says what differs.
+    let _ = settled.await;
     start.elapsed()
 }
 

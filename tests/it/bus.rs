@@ -17,10 +17,10 @@ use lapin::{
 
 use crate::support::{
     bus::{
-        billed_vcpu_minutes, eventually, service_command, signal, spawn_app, usage_batch, usage_fixture, Faulty, Proxy,
-        TestBus,
+        billed_vcpu_minutes, service_command, signal, spawn_app, usage_batch, usage_fixture, Faulty, Proxy, TestBus,
     },
     deliveries,
+    wait::eventually,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);

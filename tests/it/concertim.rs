@@ -15,10 +15,11 @@ use rust_decimal::Decimal;
 
 use crate::support::{
     billable,
-    bus::{eventually, spawn_app, usage_batch, TestBus},
+    bus::{spawn_app, usage_batch, TestBus},
     concertim::FakeConcertim,
     deliveries,
     killbill::FakeKillBill,
+    wait::{eventually, eventually_with},
 };
 
 const VCPUS: &str = "openstack-billed-vcpus";
@@ -72,16 +73,17 @@ async fn concertim_bus(test: &str, concertim: &FakeConcertim) -> TestBus {
 
 /// Waits until `mismatches` lists nothing; on timeout, fails with what still differs.
 async fn until_shown(what: &str, limit: Duration, mismatches: impl Fn() -> Vec<String>) {
-    let start = std::time::Instant::now();
-    loop {
+    eventually_with(what, limit, || {
         let left = mismatches();
-        if left.is_empty() {
-            return;
+        async move {
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(left)
+            }
         }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}: {left:#?}");
-        // Polling observable state in the fake, as `eventually` does.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 fn money(amount: Decimal) -> String {

@@ -18,8 +18,9 @@ use lapin::{
 use serde_json::Value;
 
 use crate::support::{
-    bus::{cli_command, eventually, signal, spawn_app, usage_batch, usage_fixture, Faulty, TestBus},
+    bus::{cli_command, signal, spawn_app, usage_batch, usage_fixture, Faulty, TestBus},
     deliveries,
+    wait::eventually,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);

@@ -9,8 +9,9 @@ use concertim_billing::{
 };
 
 use crate::support::{
-    bus::{billed_vcpu_minutes, cli_command, eventually, signal, usage_batch, usage_fixture, Proxy, TestBus},
+    bus::{billed_vcpu_minutes, cli_command, signal, usage_batch, usage_fixture, Proxy, TestBus},
     deliveries,
+    wait::eventually,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);

@@ -16,11 +16,12 @@ use proptest::prelude::*;
 
 use crate::support::{
     assert_no_failures, billable,
-    bus::{eventually, spawn_app, TestBus},
+    bus::{spawn_app, TestBus},
     claimed_by, deliveries,
     killbill::FakeKillBill,
     killbill_server::{KillBillServer, RealKillBill},
     permutation_with_duplicates, resize_settings as settings, run_through, through_ledger,
+    wait::eventually,
 };
 
 fn billing_part(s: &Snapshot, days: bool) -> (Vec<String>, Vec<String>, Vec<String>) {

@@ -13,8 +13,9 @@ use concertim_billing::{billing::Ledger, fixture::FixtureDelivery};
 use serde_json::{json, Value};
 
 use crate::support::{
-    bus::{eventually, spawn_app, TestBus},
+    bus::{spawn_app, TestBus},
     deliveries, rabbitmqctl,
+    wait::eventually,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);

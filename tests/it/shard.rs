@@ -19,7 +19,8 @@ use lapin::BasicProperties;
 
 use crate::support::{
     self,
-    bus::{eventually, spawn_app, Proxy, TestBus},
+    bus::{spawn_app, Proxy, TestBus},
+    wait::eventually,
     watch::{Watch, Watched},
 };
 

@@ -2,12 +2,11 @@
 //! injected faults, and a TCP proxy that can cut every connection.
 
 use std::{
-    future::Future,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use concertim_billing::{
@@ -31,6 +30,8 @@ use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
+
+use super::wait::eventually;
 use tokio_util::sync::CancellationToken;
 
 /// The broker every bus test uses.
@@ -47,26 +48,6 @@ pub const UPSTREAM: [(&str, &str); 8] = [
     ("heat", "notifications.info"),
     ("heat", "notifications.error"),
 ];
-
-/// Waits until `check` returns `Some`, polling the observable state; panics naming `what`
-/// after `limit`.
-pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        // The poll interval of this wait-on-state helper, not a synchronising sleep: the state
-        // (a queue depth, a ledger file, an HTTP answer) lives in another process or the broker,
-        // which offers nothing to await.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// One test's namespace on the real broker: every queue and exchange carries its prefix.
 pub struct TestBus {

@@ -27,6 +27,8 @@ use base64::Engine as _;
 use concertim_billing::config::ConcertimSettings;
 use serde_json::{json, Map, Value};
 
+use super::fake_server::{self, Answers, Faults};
+
 const LOGIN: &str = "admin";
 const PASSWORD: &str = "concertim-secret";
 
@@ -68,14 +70,12 @@ struct Fake {
     next_token: u64,
     tokens: Vec<String>,
     logins: usize,
-    down: bool,
     teams: Vec<Team>,
     racks: Vec<Record>,
     devices: Vec<Record>,
     metrics: Vec<(u64, Value)>,
     team_figure_updates: usize,
     status_updates: usize,
-    requests: usize,
 }
 
 /// The running fake.
@@ -84,17 +84,27 @@ pub struct FakeConcertim {
     /// Its base URL.
     pub url: String,
     state: Arc<Mutex<Fake>>,
+    faults: Faults,
+}
+
+/// What the reverse proxy in front of Rails answers while Rails is away.
+fn proxy_unavailable() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [("content-type", "text/html")],
+        "<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>",
+    )
+        .into_response()
 }
 
 impl FakeConcertim {
     /// Starts the fake on a free port.
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(Fake { next_id: 100, ..Fake::default() }));
+        let faults = Faults::new(Answers { unavailable: proxy_unavailable, ..Answers::EMPTY });
         let app = Router::new().fallback(handle).with_state(Arc::clone(&state));
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { url, state }
+        let url = fake_server::serve(app, &faults).await;
+        Self { url, state, faults }
     }
 
     /// Settings for the service to talk to this fake, with short test intervals.
@@ -148,7 +158,7 @@ impl FakeConcertim {
 
     /// Every request is answered 503 while down.
     pub fn set_down(&self, down: bool) {
-        self.state.lock().unwrap().down = down;
+        self.faults.set_down(down);
     }
 
     /// Revokes every token: the next call with one is answered 401.
@@ -163,7 +173,7 @@ impl FakeConcertim {
 
     /// Requests served so far (503s included).
     pub fn requests(&self) -> usize {
-        self.state.lock().unwrap().requests
+        self.faults.requests()
     }
 
     /// Team updates that carried billing figures.
@@ -251,15 +261,6 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let mut s = state.lock().unwrap();
-    s.requests += 1;
-    if s.down {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [("content-type", "text/html")],
-            "<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>",
-        )
-            .into_response();
-    }
     let body: Value = if body.is_empty() {
         Value::Null
     } else {

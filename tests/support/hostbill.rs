@@ -21,7 +21,7 @@ use concertim_billing::config::{HostBillSettings, Secret};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
-use super::killbill::percent_decode;
+use super::fake_server::{self, form_pairs, Answers, Faults};
 
 const API_ID: &str = "concertim";
 const API_KEY: &str = "s3cr3t-key";
@@ -33,7 +33,6 @@ struct Fake {
     clients: Vec<Client>,
     accounts: Vec<Account>,
     usage: Vec<Usage>,
-    fail_next: VecDeque<u16>,
     refuse_next: VecDeque<String>,
 }
 
@@ -66,6 +65,7 @@ pub struct FakeHostBill {
     /// Its base URL.
     pub url: String,
     state: Arc<Mutex<Fake>>,
+    faults: Faults,
 }
 
 /// What HostBill holds, in comparable terms.
@@ -99,12 +99,13 @@ fn sorter(total: usize, page: usize) -> Value {
 impl FakeHostBill {
     /// Starts the fake on a free port.
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(Fake { next_id: 10, ..Fake::default() }));
+        // A failing HostBill answers the web server's HTML error page.
+        let failed = |status| (status, "<html><body>Service Unavailable</body></html>").into_response();
+        let faults = Faults::new(Answers { failed, ..Answers::EMPTY });
         let app = Router::new().fallback(handle).with_state(Arc::clone(&state));
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { url, state }
+        let url = fake_server::serve(app, &faults).await;
+        Self { url, state, faults }
     }
 
     /// Settings for the backend; `products` maps plan names to product ids.
@@ -123,7 +124,7 @@ impl FakeHostBill {
 
     /// The next requests get these HTTP statuses with an HTML error page.
     pub fn fail_next(&self, statuses: &[u16]) {
-        self.state.lock().unwrap().fail_next.extend(statuses);
+        self.faults.fail_next(statuses);
     }
 
     /// The next call answers `success: false` with this error.
@@ -159,21 +160,9 @@ impl FakeHostBill {
     }
 }
 
-fn form(body: &[u8]) -> BTreeMap<String, String> {
-    String::from_utf8_lossy(body)
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
-        .collect()
-}
-
 async fn handle(State(state): State<Arc<Mutex<Fake>>>, body: Bytes) -> Response {
     let mut s = state.lock().unwrap();
-    if let Some(status) = s.fail_next.pop_front() {
-        return (StatusCode::from_u16(status).unwrap(), "<html><body>Service Unavailable</body></html>")
-            .into_response();
-    }
-    let f = form(&body);
+    let f = form_pairs(&String::from_utf8_lossy(&body));
     let call = f.get("call").cloned().unwrap_or_default();
     if f.get("api_id").map(String::as_str) != Some(API_ID) || f.get("api_key").map(String::as_str) != Some(API_KEY) {
         return refuse(&call, "API authorization failed");

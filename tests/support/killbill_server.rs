@@ -1,6 +1,6 @@
 //! The KillBill the contract tests run against: the real server when
 //! `CONCERTIM_BILLING_KILLBILL_URL` names one (`deploy/dev/test.sh` starts it), each test on a
-//! tenant of its own; the fake of `killbill.rs` otherwise, for fast local runs. With
+//! tenant of its own; the fake of `killbill/` otherwise, for fast local runs. With
 //! `CONCERTIM_BILLING_REQUIRE_KILLBILL` set (as `.ci/run` does) a missing URL fails the test.
 //!
 //! Both are read back the same way, through [`KillBillServer::snapshot`]: what KillBill would

@@ -165,7 +165,9 @@ pub fn arg(path: &Path) -> &str {
 
 pub mod bus;
 pub mod concertim;
+pub mod fake_server;
 pub mod hostbill;
 pub mod killbill;
 pub mod killbill_server;
+pub mod wait;
 pub mod watch;
