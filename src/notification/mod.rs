@@ -7,9 +7,14 @@
 //! Nothing outside this module sees `serde_json::Value`.
 
 mod ceilometer;
+mod envelope;
 mod heat;
 mod keystone;
 mod nova;
+mod one_pass;
+
+use envelope::usual_envelope;
+use one_pass::OnePass;
 
 use std::borrow::Cow;
 
@@ -142,93 +147,6 @@ fn decode_envelope(version: &str, message: &str) -> Result<Notification, DecodeE
     decode_message(inner)
 }
 
-/// An inner message read in one pass: when `event_type` comes before `payload`, as oslo writes
-/// them, the payload is decoded straight from the parser instead of being delimited first and
-/// parsed again. Any failure (of the JSON, of the payload, a repeated or unexpected key) leaves
-/// the message to the two-pass reader, which accepts and rejects exactly what it always did,
-/// with its own error text: so what this returns, the two-pass reader would have returned.
-struct OnePass<'a> {
-    wire: Wire<'a>,
-    /// The payload's event, when it was decoded in the pass.
-    event: Option<Event>,
-}
-
-impl<'de> Deserialize<'de> for OnePass<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = OnePass<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an oslo message")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<OnePass<'de>, A::Error> {
-                use serde::de::{Error, IgnoredAny};
-                let mut wire = Wire::default();
-                let mut event = None;
-                let mut seen = [false; 6];
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    let (slot, n) = match &*key {
-                        "message_id" => (&mut wire.message_id, 0),
-                        "event_type" => (&mut wire.event_type, 1),
-                        "publisher_id" => (&mut wire.publisher_id, 2),
-                        "priority" => (&mut wire.priority, 3),
-                        "timestamp" => (&mut wire.timestamp, 4),
-                        "payload" => {
-                            if std::mem::replace(&mut seen[5], true) {
-                                return Err(A::Error::custom("a second payload"));
-                            }
-                            match wire.event_type.as_deref() {
-                                Some(event_type) => event = Some(map.next_value_seed(EventOf { event_type })?),
-                                None => wire.payload = map.next_value()?,
-                            }
-                            continue;
-                        }
-                        "oslo.version" | "oslo.message" => return Err(A::Error::custom("an envelope field")),
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
-                            continue;
-                        }
-                    };
-                    if std::mem::replace(&mut seen[n], true) {
-                        return Err(A::Error::custom("a repeated field"));
-                    }
-                    *slot = map.next_value::<Option<Text<'de>>>()?.map(|t| t.0);
-                }
-                Ok(OnePass { wire, event })
-            }
-        }
-        d.deserialize_map(Visitor)
-    }
-}
-
-/// A string field, borrowed from the message when it has no escapes (as the derived `Wire`
-/// reads it).
-#[derive(Deserialize)]
-struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
-
-/// Decodes the payload of `event_type` from wherever the parser stands.
-struct EventOf<'e> {
-    event_type: &'e str,
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for EventOf<'_> {
-    type Value = Event;
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Event, D::Error> {
-        use serde::de::{Error, IgnoredAny};
-        let Some(service) = service_of(self.event_type) else {
-            IgnoredAny::deserialize(d)?;
-            return Ok(Event::Ignored { reason: "unhandled event type" });
-        };
-        let mut parser = Some(d);
-        let event = decode_service(service, self.event_type, Stream { parser: &mut parser });
-        // A decoder that ignores the event leaves its payload unread; it must still be valid JSON.
-        if let Some(d) = parser.take() {
-            IgnoredAny::deserialize(d)?;
-        }
-        event.map_err(|_| D::Error::custom("left to the two-pass reader"))
-    }
-}
-
 /// Where a service decoder reads its payload from.
 pub(crate) trait Source<'de> {
     /// The payload as `T`; it must be a JSON object.
@@ -245,136 +163,6 @@ impl<'de> Source<'de> for &'de RawValue {
     fn any<T: Deserialize<'de>>(self) -> Result<T, PayloadError> {
         Ok(serde_json::from_str(self.get())?)
     }
-}
-
-/// The parser standing at the payload, read at most once. Its errors are not kept: the
-/// two-pass reader reports them.
-struct Stream<'p, D> {
-    parser: &'p mut Option<D>,
-}
-
-impl<'de, D: serde::Deserializer<'de>> Source<'de> for Stream<'_, D> {
-    fn object<T: Deserialize<'de>>(self) -> Result<T, PayloadError> {
-        struct ObjectOf<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOf<T> {
-            type Value = T;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-            }
-        }
-        let parser = self.parser.take().ok_or(PayloadError::Shape("a payload read once"))?;
-        parser.deserialize_map(ObjectOf(std::marker::PhantomData)).map_err(|_| PayloadError::Shape("a JSON object"))
-    }
-    fn any<T: Deserialize<'de>>(self) -> Result<T, PayloadError> {
-        let parser = self.parser.take().ok_or(PayloadError::Shape("a payload read once"))?;
-        T::deserialize(parser).map_err(|_| PayloadError::Shape("a payload of its service's shape"))
-    }
-}
-
-/// The envelope as oslo.messaging writes it: `{"oslo.version": "…", "oslo.message": "…"}`,
-/// those two keys once each in either order, and no `\u` escape. It is read in one pass that
-/// unescapes `oslo.message` straight into its own buffer; that string is most of every body,
-/// and serde's reader restarts its scan at each of its many `\"`.
-///
-/// `None` for any other body, valid or not: serde then reads it, accepting and rejecting
-/// exactly what it always did, with its own error messages. So for every body this returns,
-/// serde would have read the same two strings.
-fn usual_envelope(body: &[u8]) -> Option<(String, String)> {
-    fn skip_ws(b: &[u8], mut i: usize) -> usize {
-        while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            i += 1;
-        }
-        i
-    }
-    fn expect(b: &[u8], i: usize, byte: u8) -> Option<usize> {
-        let i = skip_ws(b, i);
-        (b.get(i) == Some(&byte)).then_some(i + 1)
-    }
-    let (mut version, mut message) = (None, None);
-    let mut i = expect(body, 0, b'{')?;
-    for n in 0..2 {
-        if n == 1 {
-            i = expect(body, i, b',')?;
-        }
-        i = expect(body, i, b'"')?;
-        let key = match body.get(i..i + 13)? {
-            b"oslo.version\"" => &mut version,
-            b"oslo.message\"" => &mut message,
-            _ => return None,
-        };
-        i = expect(body, i + 13, b':')?;
-        i = expect(body, i, b'"')?;
-        if key.is_some() {
-            return None;
-        }
-        let (text, read) = unescape(&body[i..])?;
-        *key = Some(text);
-        i += read;
-    }
-    i = expect(body, i, b'}')?;
-    (skip_ws(body, i) == body.len()).then_some((version?, message?))
-}
-
-/// Unescapes a JSON string's content, `text` starting after its opening quote: the string and
-/// the length read, closing quote included. `None` for a `\u` escape (left to serde, which
-/// pairs surrogates), a control character, an unknown escape, no closing quote or bad UTF-8.
-fn unescape(text: &[u8]) -> Option<(String, usize)> {
-    // The output is never longer than the input; the margin lets every copy be a whole word,
-    // of which only the bytes before a special one are kept.
-    let mut out = Vec::with_capacity(text.len() + 8);
-    let mut i = 0;
-    loop {
-        while let Some(chunk) = text.get(i..i + 8) {
-            let word: [u8; 8] = chunk.try_into().ok()?;
-            out.extend_from_slice(&word);
-            match first_special(u64::from_le_bytes(word)) {
-                None => i += 8,
-                Some(k) => {
-                    out.truncate(out.len() - (8 - k));
-                    i += k;
-                    break;
-                }
-            }
-        }
-        let byte = match *text.get(i)? {
-            b'"' => return String::from_utf8(out).ok().map(|s| (s, i + 1)),
-            b'\\' => {
-                i += 2;
-                match text.get(i - 1)? {
-                    b'"' => b'"',
-                    b'\\' => b'\\',
-                    b'/' => b'/',
-                    b'b' => 0x08,
-                    b'f' => 0x0c,
-                    b'n' => b'\n',
-                    b'r' => b'\r',
-                    b't' => b'\t',
-                    _ => return None,
-                }
-            }
-            0..=0x1f => return None,
-            b => {
-                i += 1;
-                b
-            }
-        };
-        out.push(byte);
-    }
-}
-
-/// The index of the first `"`, `\\` or control character among eight bytes (little-endian).
-/// Each test sets the high bit of the bytes that match; a borrow can only mark bytes above a
-/// true match, so the lowest mark is exact.
-fn first_special(word: u64) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
-    let mask =
-        below(word ^ (ONES * u64::from(b'"')), 1) | below(word ^ (ONES * u64::from(b'\\')), 1) | below(word, 0x20);
-    (mask != 0).then(|| mask.trailing_zeros() as usize / 8)
 }
 
 fn decode_message(wire: Wire<'_>) -> Result<Notification, DecodeError> {
@@ -530,7 +318,7 @@ pub(crate) fn bounded(text: &str, max_chars: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{envelope::first_special, *};
 
     fn envelope(message: &str) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({"oslo.version": "2.0", "oslo.message": message})).unwrap()

@@ -1,0 +1,577 @@
+//! Typed configuration: one `Settings` tree read from TOML and validated once, at start.
+//!
+//! Owns the billing rules an operator controls (flavor → plan, meter → unit and factor, which
+//! projects are billed) and the decoder's limits. Everything else in the program receives these
+//! as already-checked values: a bad deployment fails at start with one message naming the key.
+//!
+//! One file per section: [`bus`] (with the listener and the decoder's limits), [`billing`]
+//! (rules, meters, the project filter), [`money`] (exact factors), [`killbill`], [`hostbill`],
+//! [`concertim`]; [`secret`] keeps secrets out of every printout, [`env`] reads the
+//! `CONCERTIM_BILLING_*` overrides.
+
+mod billing;
+mod bus;
+mod concertim;
+mod env;
+mod hostbill;
+mod killbill;
+mod money;
+mod secret;
+
+pub use billing::{BackendKind, BillingSettings, MeterRule, ProjectFilter};
+pub use bus::{BackoffSettings, Binding, BusSettings, DecodeLimits, HttpSettings, DEFAULT_MAX_BODY_BYTES};
+pub use concertim::{ConcertimSettings, MetricRule};
+pub use env::env_overrides;
+pub use hostbill::HostBillSettings;
+pub use killbill::{KillBillSettings, KillBillVersion};
+pub use money::{Factor, AMOUNT_SCALE};
+pub use secret::{Secret, SecretUrl};
+
+use billing::{is_ceilometer_meter, INSTANCE_METERS};
+use env::{env_name, override_value, set_path, without_values};
+use secret::read_secret_files;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The embedded default configuration, used when no file is given. It is also the annotated
+/// reference for every key (`config check` prints the effective values).
+pub const DEFAULT_TOML: &str = include_str!("../default-config.toml");
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key, or a value of the wrong type.
+    #[error("invalid config {origin}: {source}")]
+    Parse {
+        /// The file, or `(embedded default)`.
+        origin: String,
+        /// The parser's error, with the offending key and position.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A cross-field rule failed.
+    #[error("invalid config {origin}: {message}")]
+    Rule {
+        /// The file, or `(embedded default)`.
+        origin: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// Prefix of the environment variables that override the file: `CONCERTIM_BILLING_BUS__URL`
+/// sets `bus.url` (`__` separates levels). `CONCERTIM_BILLING_CONFIG` and
+/// `CONCERTIM_BILLING_AMQP_URL` are the command line's `--config` and `--amqp-url`.
+pub const ENV_PREFIX: &str = "CONCERTIM_BILLING_";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Billing rules.
+    pub billing: BillingSettings,
+    /// Which projects are billed.
+    #[serde(default)]
+    pub projects: ProjectFilter,
+    /// Decoder limits.
+    #[serde(default)]
+    pub decode: DecodeLimits,
+    /// The message bus: broker, our queues, bindings, retries.
+    #[serde(default)]
+    pub bus: BusSettings,
+    /// The KillBill server, used when `billing.backend = "killbill"`.
+    #[serde(default)]
+    pub killbill: Option<KillBillSettings>,
+    /// The HostBill server, used when `billing.backend = "hostbill"`.
+    #[serde(default)]
+    pub hostbill: Option<HostBillSettings>,
+    /// The health and metrics listener of `run`.
+    #[serde(default)]
+    pub http: HttpSettings,
+    /// Concertim, the visualisation app, updated alongside billing when this section is present.
+    #[serde(default)]
+    pub concertim: Option<ConcertimSettings>,
+}
+
+impl Settings {
+    /// The embedded default configuration.
+    pub fn embedded() -> Self {
+        // The embedded file is checked by a unit test, so this cannot fail in a release.
+        Self::from_toml(DEFAULT_TOML, "(embedded default)").expect("the embedded default config is valid")
+    }
+
+    /// Parses and validates a TOML document; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// Malformed TOML, an unknown key, a wrong type, or a failed cross-field rule.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::layered(text, origin, std::iter::empty())
+    }
+
+    /// Parses a TOML document, applies `overrides` (`(["bus", "url"], "amqp://…")`), then
+    /// validates. An override of a secret or of a string-valued key is taken literally; any
+    /// other that parses as a bare TOML value (number, boolean, array) is taken as that.
+    ///
+    /// Errors never echo a value: a value of the wrong type is named by its key, and by its
+    /// environment variable when an override brought it.
+    ///
+    /// # Errors
+    /// As [`Settings::from_toml`].
+    pub fn layered(
+        text: &str,
+        origin: &str,
+        overrides: impl IntoIterator<Item = (Vec<String>, String)>,
+    ) -> Result<Self, ConfigError> {
+        let file: toml::Table =
+            text.parse().map_err(|source| ConfigError::Parse { origin: origin.to_owned(), source })?;
+        let overrides: Vec<(Vec<String>, String)> = overrides.into_iter().collect();
+        let mut table = file.clone();
+        for (path, value) in &overrides {
+            let value = override_value(&table, path, value);
+            set_path(&mut table, path, value);
+        }
+        let settings = match Self::from_table(table) {
+            Ok(settings) => settings,
+            Err(message) if overrides.is_empty() => {
+                return Err(ConfigError::Rule { origin: origin.to_owned(), message })
+            }
+            Err(message) => {
+                // Blame the first override that breaks a file that reads well without it.
+                let mut table = file;
+                let mut culprit = Self::from_table(table.clone()).err().map(|m| (origin.to_owned(), m));
+                for (path, value) in &overrides {
+                    if culprit.is_some() {
+                        break;
+                    }
+                    let value = override_value(&table, path, value);
+                    set_path(&mut table, path, value);
+                    culprit = Self::from_table(table.clone()).err().map(|m| (env_name(path), m));
+                }
+                let (origin, message) =
+                    culprit.unwrap_or_else(|| (format!("{origin} with its environment overrides"), message));
+                return Err(ConfigError::Rule { origin, message });
+            }
+        };
+        settings.validate().map_err(|message| ConfigError::Rule {
+            origin: if overrides.is_empty() {
+                origin.to_owned()
+            } else {
+                let names: Vec<String> = overrides.iter().map(|(path, _)| env_name(path)).collect();
+                format!("{origin} with {}", names.join(", "))
+            },
+            message,
+        })?;
+        Ok(settings)
+    }
+
+    /// The settings a table holds, or why not (values never echoed).
+    fn from_table(mut table: toml::Table) -> Result<Self, String> {
+        read_secret_files(&mut table, "")?;
+        table.try_into().map_err(|e: toml::de::Error| without_values(&e.to_string()))
+    }
+
+    /// Loads a config file, or the embedded default when `path` is `None`, then the
+    /// `CONCERTIM_BILLING_*` environment overrides (`CONCERTIM_BILLING_CONFIG` itself excepted).
+    ///
+    /// # Errors
+    /// As [`Settings::from_toml`], or when the file cannot be read.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (text, origin) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?,
+                path.display().to_string(),
+            ),
+            None => (DEFAULT_TOML.to_owned(), "(embedded default)".to_owned()),
+        };
+        Self::layered(&text, &origin, env_overrides(std::env::vars()))
+    }
+
+    /// What is valid but probably not meant: no billed meter at all, or a meter Ceilometer
+    /// emits under no such name (`vcpu` for `vcpus`), either of which bills no usage. `config
+    /// check` prints them and `run` logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let meters = &self.billing.meters;
+        if meters.is_empty() {
+            return vec![format!(
+                "billing.meters is empty: no usage is billed at all (Ceilometer's instance meters: {})",
+                INSTANCE_METERS.join(", ")
+            )];
+        }
+        meters
+            .keys()
+            .filter(|m| !is_ceilometer_meter(m))
+            .map(|m| {
+                format!(
+                    "billing.meters.\"{m}\": Ceilometer emits no meter by that name, so it bills nothing (its instance meters: {})",
+                    INSTANCE_METERS.join(", ")
+                )
+            })
+            .collect()
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.billing.backend == BackendKind::Killbill {
+            let Some(kb) = &self.killbill else {
+                return Err("billing.backend = \"killbill\" needs a [killbill] section (url, username, password, api_key, api_secret)".into());
+            };
+            if !(kb.url.starts_with("http://") || kb.url.starts_with("https://")) {
+                return Err(format!("killbill.url {:?} must start with http:// or https://", kb.url));
+            }
+        }
+        if self.billing.backend == BackendKind::Hostbill {
+            let hb = self.hostbill.clone().unwrap_or_default();
+            let mut missing = Vec::new();
+            if hb.url.is_none() {
+                missing.push("hostbill.url (e.g. \"https://billing.example\")".to_owned());
+            }
+            if hb.api_id.is_none() {
+                missing.push("hostbill.api_id".to_owned());
+            }
+            if hb.api_key.is_none() {
+                missing.push("hostbill.api_key (or CONCERTIM_BILLING_HOSTBILL__API_KEY)".to_owned());
+            }
+            let plans = std::iter::once(&self.billing.default_plan).chain(self.billing.plans.values());
+            for plan in plans {
+                if !hb.products.contains_key(plan.as_str()) && !missing.iter().any(|m| m.contains(plan.as_str())) {
+                    missing.push(format!("hostbill.products.\"{plan}\" (the HostBill product id for plan {plan})"));
+                }
+            }
+            if !missing.is_empty() {
+                return Err(format!("billing.backend = \"hostbill\" needs: {}", missing.join(", ")));
+            }
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "http.listen {:?} is not an address such as 127.0.0.1:9464 (empty disables it)",
+                self.http.listen
+            ));
+        }
+        let bus = &self.bus;
+        if !(bus.url.expose().starts_with("amqp://") || bus.url.expose().starts_with("amqps://")) {
+            return Err(format!("bus.url {} must start with amqp:// or amqps://", bus.url));
+        }
+        if bus.lanes == 0 || bus.lanes > 1024 {
+            return Err(format!("bus.lanes is {}: it must be between 1 and 1024", bus.lanes));
+        }
+        if bus.prefetch == 0 {
+            return Err("bus.prefetch must be at least 1 (0 would mean unlimited)".into());
+        }
+        if bus.max_attempts == 0 {
+            return Err("bus.max_attempts must be at least 1".into());
+        }
+        if bus.shards > 256 {
+            return Err(format!("bus.shards is {}: it must be between 0 (off) and 256", bus.shards));
+        }
+        if bus.shards > 0 && bus.intake_standby_ms == 0 {
+            return Err("bus.intake_standby_ms must be at least 1 when bus.shards is set".into());
+        }
+        if bus.shards > 0 && bus.intake_takeover_ms < bus.intake_standby_ms {
+            return Err("bus.intake_takeover_ms must be at least bus.intake_standby_ms".into());
+        }
+        if bus.delivery_limit == 0 {
+            return Err("bus.delivery_limit must be at least 1".into());
+        }
+        if bus.queue.is_empty() || bus.bindings.iter().any(|b| b.exchange.is_empty()) {
+            return Err("bus.queue and every bus.bindings exchange must be non-empty".into());
+        }
+        // OpenStack's publishers declare a queue named after each routing key; consuming from
+        // it would steal the notifications Ceilometer reads there.
+        if bus.bindings.iter().any(|b| format!("{}{}", bus.prefix, bus.queue) == b.routing_key) {
+            return Err("bus.queue must not be OpenStack's own notifications queue: consuming it steals messages from Ceilometer".into());
+        }
+        if let Some(c) = &self.concertim {
+            c.validate()?;
+        }
+        if self.decode.max_body_bytes == 0 {
+            return Err("decode.max_body_bytes must be at least 1".into());
+        }
+        if let Some(p) = self.projects.include.iter().find(|p| self.projects.exclude.contains(p)) {
+            return Err(format!("project {p} is both in projects.include and projects.exclude"));
+        }
+        Ok(())
+    }
+}
+
+/// Defaults every outbound HTTP client (KillBill, HostBill, Concertim) shares.
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    3_000
+}
+
+#[cfg(test)]
+mod tests {
+    use rust_decimal::Decimal;
+
+    use super::*;
+    use crate::event::ProjectId;
+
+    #[test]
+    fn a_config_that_bills_no_usage_is_warned_about() {
+        assert!(Settings::embedded().warnings().is_empty(), "{:?}", Settings::embedded().warnings());
+        let empty = DEFAULT_TOML.split("\n[billing.meters").next().unwrap().to_owned()
+            + &DEFAULT_TOML[DEFAULT_TOML.find("\n[projects]").unwrap()..];
+        let settings = Settings::from_toml(&empty, "t").unwrap();
+        assert!(settings.billing.meters.is_empty());
+        assert!(settings.warnings()[0].contains("billing.meters is empty"), "{:?}", settings.warnings());
+        let typo = DEFAULT_TOML.replace("[billing.meters.vcpus]", "[billing.meters.vcpu]");
+        let warnings = Settings::from_toml(&typo, "t").unwrap().warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("billing.meters.\"vcpu\""), "{warnings:?}");
+    }
+
+    fn with_env(file: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let vars = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+        Settings::layered(file, "kb.toml", env_overrides(vars))
+    }
+
+    fn kb_file() -> String {
+        format!("{DEFAULT_TOML}\n{KB_SECTION}").replace("backend = \"ledger\"", "backend = \"killbill\"")
+    }
+
+    const KB_SECTION: &str = "[killbill]\nurl = \"http://127.0.0.1:18080\"\nusername = \"admin\"\npassword = \"p\"\napi_key = \"k\"\napi_secret = \"s\"\n";
+
+    #[test]
+    fn secrets_from_the_environment_are_taken_literally_whatever_they_look_like() {
+        for secret in ["83750291", "3.14159e7", "0xDEADBEEF", "\"Quoted-Pass\"", "true", "[1]"] {
+            let settings = with_env(
+                &kb_file(),
+                &[("CONCERTIM_BILLING_KILLBILL__PASSWORD", secret), ("CONCERTIM_BILLING_KILLBILL__API_SECRET", secret)],
+            )
+            .unwrap();
+            let kb = settings.killbill.unwrap();
+            assert_eq!(kb.password.expose(), secret);
+            assert_eq!(kb.api_secret.expose(), secret);
+        }
+    }
+
+    #[test]
+    fn a_wrong_value_from_the_environment_is_blamed_on_its_variable_and_never_echoed() {
+        let err = with_env(&kb_file(), &[("CONCERTIM_BILLING_BUS__LANES", "\"Sekr1tLanes\"")]).unwrap_err().to_string();
+        assert!(err.contains("CONCERTIM_BILLING_BUS__LANES (environment)"), "{err}");
+        assert!(!err.contains("Sekr1tLanes") && !err.contains("kb.toml"), "{err}");
+        let err = with_env(&kb_file(), &[("CONCERTIM_BILLING_BUS__PREFETCH", "98765.5")]).unwrap_err().to_string();
+        assert!(err.contains("CONCERTIM_BILLING_BUS__PREFETCH") && !err.contains("98765"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_value_in_the_file_is_named_by_its_key_without_the_value() {
+        let err = Settings::from_toml(&kb_file().replace("password = \"p\"", "password = 83750291"), "kb.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kb.toml") && err.contains("killbill.password") && !err.contains("83750291"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_file_others_can_read_is_refused_saying_how_to_fix_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kb-password");
+        std::fs::write(&file, "FromTheFile\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = kb_file().replace("password = \"p\"", &format!("password_file = {:?}", file.display().to_string()));
+        let err = Settings::from_toml(&text, "kb.toml").unwrap_err().to_string();
+        assert!(err.contains("killbill.password_file") && err.contains("0644") && err.contains("chmod 0600"), "{err}");
+        assert!(!err.contains("FromTheFile"), "{err}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let kb = Settings::from_toml(&text, "kb.toml").unwrap().killbill.unwrap();
+        assert_eq!(kb.password.expose(), "FromTheFile");
+    }
+
+    #[test]
+    fn a_hostbill_backend_names_every_missing_setting() {
+        let text = format!("{DEFAULT_TOML}\n[hostbill]\napi_id = \"x\"\n")
+            .replace("backend = \"ledger\"", "backend = \"hostbill\"");
+        let err = Settings::from_toml(&text, "t.toml").unwrap_err().to_string();
+        for missing in ["hostbill.url", "hostbill.api_key", "hostbill.products.\"openstack-standard-monthly\""] {
+            assert!(err.contains(missing), "{missing}: {err}");
+        }
+        assert!(!err.contains("hostbill.api_id"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_reach_nested_keys_with_their_types() {
+        let vars = [
+            ("CONCERTIM_BILLING_BUS__URL".to_owned(), "amqp://u:p@h:5672/v".to_owned()),
+            ("CONCERTIM_BILLING_BUS__LANES".to_owned(), "3".to_owned()),
+            ("CONCERTIM_BILLING_BUS__PREFIX".to_owned(), "test-".to_owned()),
+            ("CONCERTIM_BILLING_CONFIG".to_owned(), "ignored.toml".to_owned()),
+            ("OTHER".to_owned(), "x".to_owned()),
+        ];
+        let s = Settings::layered(DEFAULT_TOML, "t", env_overrides(vars)).unwrap();
+        assert_eq!(s.bus.url.expose(), "amqp://u:p@h:5672/v");
+        assert_eq!(s.bus.lanes, 3);
+        assert_eq!(s.bus.prefix, "test-");
+    }
+
+    #[test]
+    fn a_secret_can_come_from_a_file_and_its_errors_never_show_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kb-password");
+        std::fs::write(&file, "Fr0m-A-File\n").unwrap();
+        #[cfg(unix)]
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let section = |extra: &str| {
+            format!(
+                "{DEFAULT_TOML}\n[killbill]\nurl = \"http://kb\"\nusername = \"admin\"\napi_key = \"k\"\napi_secret = \"s\"\n{extra}\n"
+            )
+        };
+        let text = section(&format!("password_file = \"{}\"", file.display()));
+        let settings = Settings::from_toml(&text, "t").unwrap();
+        assert_eq!(settings.killbill.as_ref().unwrap().password.expose(), "Fr0m-A-File");
+        assert!(!settings.to_toml().contains("Fr0m-A-File"));
+        // From the environment as well.
+        let text = section("password = \"x\"");
+        let env = [(vec!["bus".to_owned(), "url_file".to_owned()], file.display().to_string())];
+        let error = Settings::layered(&text, "t", env.clone()).unwrap_err().to_string();
+        assert!(error.contains("bus.url_file and bus.url are both set"), "{error}");
+        let missing = section("password_file = \"/nonexistent/kb\"");
+        let error = Settings::from_toml(&missing, "t").unwrap_err().to_string();
+        assert!(error.contains("killbill.password_file: cannot read /nonexistent/kb"), "{error}");
+    }
+
+    #[test]
+    fn a_password_with_slashes_colons_or_at_signs_never_shows() {
+        for (url, shown) in [
+            ("amqp://billing:Ab/cd+ef/gh==@rabbit:5672/%2f", "amqp://billing:***@rabbit:5672/%2f"),
+            ("amqp://billing:p:a@ss@rabbit:5672/", "amqp://billing:***@rabbit:5672/"),
+            ("amqp://rabbit:5672/", "amqp://rabbit:5672/"),
+            ("billing:S3cret/x@rabbit:5672", "(not a URL: ***@rabbit:5672)"),
+            ("billing:S3cret", "(not a URL)"),
+        ] {
+            let redacted = SecretUrl::new(url).redacted();
+            assert_eq!(redacted, shown, "{url}");
+            assert!(!redacted.contains("S3cret") && !redacted.contains("gh=="));
+        }
+    }
+
+    #[test]
+    fn passwords_never_show_in_debug_display_or_config_check() {
+        let url = SecretUrl::new("amqps://billing:s3cret@rabbit.example:5671/openstack");
+        for shown in [format!("{url:?}"), url.to_string()] {
+            assert!(
+                !shown.contains("s3cret") && shown.contains("billing:***@rabbit.example:5671/openstack"),
+                "{shown}"
+            );
+        }
+        let mut s = Settings::embedded();
+        s.bus.url = url;
+        assert!(!s.to_toml().contains("s3cret"));
+        assert!(!format!("{s:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_effective_config_prints_as_toml_that_loads_again() {
+        let s = Settings::embedded();
+        let again = Settings::from_toml(&s.to_toml(), "printed").unwrap();
+        assert_eq!(again.bus.queue, "concertim-billing");
+        assert_eq!(again.billing.meters["memory"].factor.to_string(), "10/1024");
+    }
+
+    #[test]
+    fn a_bus_rule_violation_names_the_key() {
+        let err = Settings::layered(DEFAULT_TOML, "t", [(vec!["bus".into(), "lanes".into()], "0".into())]).unwrap_err();
+        assert!(err.to_string().contains("bus.lanes"), "{err}");
+        let err =
+            Settings::layered(DEFAULT_TOML, "t", [(vec!["bus".into(), "url".into()], "http://x".into())]).unwrap_err();
+        assert!(err.to_string().contains("amqp://"), "{err}");
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid_and_bills_the_instance_meters() {
+        let s = Settings::embedded();
+        assert_eq!(s.billing.default_plan.as_str(), "openstack-standard-monthly");
+        for meter in ["vcpus", "memory", "disk.root.size", "instance"] {
+            assert!(s.billing.meters.contains_key(meter), "{meter}");
+        }
+    }
+
+    #[test]
+    fn the_commented_concertim_example_loads_once_uncommented() {
+        let start = DEFAULT_TOML.find("# [concertim]").unwrap();
+        let example: String = DEFAULT_TOML[start..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let s = Settings::from_toml(&format!("{}\n{example}", &DEFAULT_TOML[..start]), "t").unwrap();
+        let c = s.concertim.unwrap();
+        assert_eq!((c.metrics["cpu_util"].name.as_str(), c.metrics["cpu_util"].kind.as_str()), ("cpu_load", "double"));
+        assert_eq!(c.max_attempts, 20);
+        let bad = format!(
+            "{}\n{}",
+            &DEFAULT_TOML[..start],
+            example.replace("units = \"%\"", "units = \"%\"\nslope = \"up\"")
+        );
+        assert!(Settings::from_toml(&bad, "t")
+            .unwrap_err()
+            .to_string()
+            .contains("concertim.metrics.\"cpu_util\".slope"));
+    }
+
+    #[test]
+    fn ratio_factors_stay_exact_until_rounding() {
+        let sixth: Factor = "1/6".parse().unwrap();
+        assert_eq!(sixth.apply(Decimal::from(6)).unwrap(), Decimal::ONE);
+        assert_eq!(sixth.apply(Decimal::ONE).unwrap().to_string(), "0.166666667");
+        let mb: Factor = "1/6144".parse().unwrap();
+        assert_eq!(mb.apply(Decimal::from(6144)).unwrap(), Decimal::ONE);
+    }
+
+    #[test]
+    fn bad_factors_are_rejected_with_the_reason() {
+        for (text, reason) in [("1/0", "divides by zero"), ("-1", "negative"), ("x", "not a number")] {
+            let err = text.parse::<Factor>().unwrap_err();
+            assert!(err.contains(reason), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_naming_the_key() {
+        let err = Settings::from_toml("[billing]\ndefault_plan = \"p\"\nplann = 1\n", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("plann"), "{err}");
+    }
+
+    #[test]
+    fn the_plan_of_an_unlisted_flavor_is_the_default_plan() {
+        let s = Settings::from_toml(
+            "[billing]\ndefault_plan = \"std\"\n[billing.plans]\n\"m1.large\" = \"large\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(s.billing.plan_for(Some("m1.large")).as_str(), "large");
+        assert_eq!(s.billing.plan_for(Some("m1.tiny")).as_str(), "std");
+        assert_eq!(s.billing.plan_for(None).as_str(), "std");
+    }
+
+    #[test]
+    fn exclude_wins_over_include_and_an_empty_include_admits_all() {
+        let a = ProjectId::parse("a").unwrap();
+        let b = ProjectId::parse("b").unwrap();
+        assert!(ProjectFilter::default().admits(&a));
+        let f = ProjectFilter { include: vec![], exclude: vec![b.clone()] };
+        assert!(f.admits(&a) && !f.admits(&b));
+        let f = ProjectFilter { include: vec![a.clone()], exclude: vec![] };
+        assert!(f.admits(&a) && !f.admits(&b));
+    }
+}
