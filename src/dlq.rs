@@ -12,7 +12,7 @@ use std::{borrow::Cow, time::Duration};
 
 use lapin::{
     message::BasicGetMessage,
-    options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions},
+    options::{BasicGetOptions, ConfirmSelectOptions},
     types::{AMQPValue, FieldTable},
     BasicProperties, Channel,
 };
@@ -515,7 +515,7 @@ pub async fn apply(settings: &Settings, selector: &Selector, action: Action, dry
                     Err(e) => return Err(e),
                 }
             }
-            message.delivery.acker.ack(BasicAckOptions::default()).await.map_err(broker_error(&bus.url))?;
+            ack::ack(message.delivery).await?;
             done.push(dead);
             if selector.limit.is_some_and(|l| done.len() >= l) {
                 break;

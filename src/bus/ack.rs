@@ -144,11 +144,7 @@ impl Settler {
                 Settled::DeadLettered(attempt)
             }
         };
-        delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(|source| BusError::Broker { url: "(ack)".into(), source })?;
+        ack(delivery).await?;
         Ok(settled)
     }
 
@@ -175,6 +171,21 @@ impl Settler {
         // unacknowledged, so redelivered.
         super::publish_confirmed(&self.channel, exchange, routing_key, body, properties, false).await
     }
+}
+
+/// Acknowledges a delivery, consuming it so it cannot be acknowledged twice: the one ack of the
+/// service (settlement, the intake once a move is confirmed, `dlq` once a letter is requeued or
+/// purged).
+///
+/// # Errors
+/// When the channel is gone; the broker then delivers the message again.
+pub async fn ack(delivery: Delivery) -> Result<(), BusError> {
+    delivery
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .map(drop)
+        .map_err(|source| BusError::Broker { url: "(ack)".into(), source })
 }
 
 fn now() -> String {

@@ -27,10 +27,7 @@ use std::{
 use futures_lite::StreamExt;
 use lapin::{
     message::Delivery,
-    options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        QueueDeclareOptions,
-    },
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions},
     types::FieldTable,
     Confirmation, PublisherConfirm,
 };
@@ -279,7 +276,7 @@ async fn confirm_then_ack(mut pending: mpsc::Receiver<(PublisherConfirm, Deliver
     while let Some((confirm, delivery)) = pending.recv().await {
         let confirmed = tokio::time::timeout(super::CONFIRM_TIMEOUT, confirm).await;
         let acked = match confirmed {
-            Ok(Ok(Confirmation::Ack(_))) => delivery.acker.ack(BasicAckOptions::default()).await.is_ok(),
+            Ok(Ok(Confirmation::Ack(_))) => ack::ack(delivery).await.is_ok(),
             _ => false,
         };
         if !acked {
