@@ -25,12 +25,14 @@ use std::{
 use clap::{Parser, ValueEnum};
 use concertim_billing::{
     app::App,
-    billing::{Applied, Billing, BillingError, Context, KillBill, Ledger},
+    billing::{
+        hooks::{Call, Hooked, Hooks},
+        Applied, Billing, BillingError, Context, KillBill, Ledger,
+    },
     bus::{self, topology},
     config::{Binding, Settings},
     executor::{Delivery, Outcome},
     fixture,
-    plan::{SubscriptionSpec, UsageSpec},
 };
 use lapin::{options::BasicPublishOptions, BasicProperties, Channel};
 use serde_json::Value;
@@ -45,10 +47,6 @@ mod fake_killbill;
 #[allow(dead_code)]
 #[path = "../tests/support/fake_server.rs"]
 mod fake_server;
-
-/// The backend wrapper the tests use to watch effects.
-#[path = "../tests/support/watch.rs"]
-mod watch;
 
 /// Measures the consumer through the real broker: throughput, bus-to-effect latency, peak RSS
 /// and CPU time per 1,000 messages.
@@ -175,19 +173,15 @@ impl Timing {
     }
 }
 
-impl watch::Watch for Timing {
-    fn account(&self, _: &concertim_billing::event::ProjectId, ctx: Context<'_>, _: &Result<Applied, BillingError>) {
-        if self.mix == Mix::Project {
-            self.effect(ctx);
-        }
-    }
-    fn subscription(&self, _: &SubscriptionSpec, ctx: Context<'_>, _: &Result<Applied, BillingError>) {
-        if self.mix == Mix::Lifecycle {
-            self.effect(ctx);
-        }
-    }
-    fn usage(&self, _: &UsageSpec, ctx: Context<'_>, _: &Result<Applied, BillingError>) {
-        if self.mix == Mix::Usage {
+impl Hooks for Timing {
+    fn after(&self, call: Call<'_>, ctx: Context<'_>, _: &Result<Applied, BillingError>) {
+        let measured = match call {
+            Call::EnsureAccount(_) => Mix::Project,
+            Call::EnsureSubscription(_) => Mix::Lifecycle,
+            Call::RecordUsage(_) => Mix::Usage,
+            _ => return,
+        };
+        if self.mix == measured {
             self.effect(ctx);
         }
     }
@@ -422,7 +416,7 @@ async fn run<B: Billing + 'static>(
     let names = topology::declare(&channel, &settings.bus).await.unwrap();
     assert!(topology::bind_upstream(&settings.bus).await.unwrap().is_empty(), "every upstream exchange is declared");
     channel.confirm_select(Default::default()).await.unwrap();
-    let app = App::new(settings.clone(), watch::Watched { inner: billing, watch: Timing::new(args.mix) });
+    let app = App::new(settings.clone(), Hooked { inner: billing, hooks: Timing::new(args.mix) });
     let executor = Arc::clone(&app.executor);
 
     // Warm-up: every usage instance gets its account and subscription (and the client learns
@@ -433,7 +427,7 @@ async fn run<B: Billing + 'static>(
             let outcome = executor.handle(Delivery { body: &body, redelivered: false }).await;
             assert!(matches!(outcome, Outcome::Processed { .. }), "warm-up: {outcome:?}");
         }
-        executor.billing().watch.reset();
+        executor.billing().hooks.reset();
     }
     if let Some(fake) = &fake {
         fake.set_latency(Duration::from_millis(args.latency_ms));
@@ -524,7 +518,7 @@ async fn run<B: Billing + 'static>(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let effects = executor.billing().watch.done.load(Ordering::Relaxed);
+        let effects = executor.billing().hooks.done.load(Ordering::Relaxed);
         let published = publisher.as_ref().is_none_or(tokio::task::JoinHandle::is_finished);
         if published && queued == 0 && (args.mix == Mix::Ignored || effects >= count) {
             break;
@@ -551,7 +545,7 @@ async fn run<B: Billing + 'static>(
         assert!(fake.violations().is_empty(), "bodies the OpenAPI spec rejects: {:?}", fake.violations());
     }
 
-    let mut lat = executor.billing().watch.latencies.lock().unwrap().clone();
+    let mut lat = executor.billing().hooks.latencies.lock().unwrap().clone();
     lat.sort();
     // Milliseconds, to the microsecond.
     let pct = |p: f64| {

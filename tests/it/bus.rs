@@ -17,7 +17,7 @@ use lapin::{
 
 use crate::support::{
     bus::{
-        billed_vcpu_minutes, service_command, signal, spawn_app, usage_batch, usage_fixture, Faulty, Proxy, TestBus,
+        billed_vcpu_minutes, faulty, service_command, signal, spawn_app, usage_batch, usage_fixture, Proxy, TestBus,
     },
     deliveries,
     wait::eventually,
@@ -126,18 +126,18 @@ async fn a_backend_failing_transiently_is_retried_and_bills_the_usage_once() {
     bus.settings.bus.backoff.max_elapsed_ms = 0;
     let fixture = usage_fixture();
     let expected = offline(&bus.settings, std::slice::from_ref(&fixture)).await;
-    let faulty = Faulty::new();
-    faulty.usage_failures.store(2, Ordering::SeqCst);
+    let faulty = faulty();
+    faulty.hooks.usage_failures.store(2, Ordering::SeqCst);
     let app = spawn_app(&bus, faulty, None).await;
     bus.publish(&fixture).await;
 
     let executor = &app.executor;
     eventually("the usage to be billed", LIMIT, || async {
-        (executor.billing().ledger.snapshot() == expected).then_some(())
+        (executor.billing().inner.snapshot() == expected).then_some(())
     })
     .await;
-    assert_eq!(executor.billing().usage_failures.load(Ordering::SeqCst), 0, "every injected failure was hit");
-    assert_eq!(executor.billing().usage_recorded.load(Ordering::SeqCst), 1, "recorded exactly once");
+    assert_eq!(executor.billing().hooks.usage_failures.load(Ordering::SeqCst), 0, "every injected failure was hit");
+    assert_eq!(executor.billing().hooks.usage_recorded.load(Ordering::SeqCst), 1, "recorded exactly once");
     let names = bus.names();
     eventually("the queues to empty", LIMIT, || async {
         (bus.depth(&names.queue).await == 0 && bus.depth(&names.retry_queue).await == 0).then_some(())
@@ -152,8 +152,8 @@ async fn a_backend_failing_transiently_is_retried_and_bills_the_usage_once() {
 async fn a_backend_that_always_fails_is_dead_lettered_as_exhausted_after_the_attempts() {
     let bus = TestBus::new("exhausted").await;
     let fixture = usage_fixture();
-    let faulty = Faulty::new();
-    faulty.usage_always_fails.store(true, Ordering::SeqCst);
+    let faulty = faulty();
+    faulty.hooks.usage_always_fails.store(true, Ordering::SeqCst);
     let app = spawn_app(&bus, faulty, None).await;
     bus.publish(&fixture).await;
 
@@ -194,8 +194,8 @@ async fn a_panicking_handler_dead_letters_its_message_and_the_service_keeps_runn
         .to_string();
     let healthy = all.iter().filter(keystone).find(|d| !String::from_utf8_lossy(&d.body).contains(&doomed_project));
     let healthy = healthy.unwrap().clone();
-    let mut faulty = Faulty::new();
-    faulty.panic_on_project = Some(doomed_project);
+    let mut faulty = faulty();
+    faulty.hooks.panic_on_project = Some(doomed_project);
     let app = spawn_app(&bus, faulty, None).await;
     bus.publish(&doomed).await;
     bus.publish(&healthy).await;
@@ -210,7 +210,7 @@ async fn a_panicking_handler_dead_letters_its_message_and_the_service_keeps_runn
     assert!(reason.starts_with("the handler panicked: injected panic"), "{reason}");
     let executor = &app.executor;
     eventually("the healthy message to be billed", LIMIT, || async {
-        (executor.billing().ledger.snapshot().accounts.len() == 1).then_some(())
+        (executor.billing().inner.snapshot().accounts.len() == 1).then_some(())
     })
     .await;
     app.shutdown().await.unwrap();
@@ -223,7 +223,7 @@ async fn cutting_the_connection_mid_stream_loses_nothing_and_bills_nothing_twice
     let fixtures = routed(&bus);
     let expected = offline(&bus.settings, &fixtures).await;
     let proxy = Proxy::start().await;
-    let app = spawn_app(&bus, Faulty::new(), Some(proxy.url.clone())).await;
+    let app = spawn_app(&bus, faulty(), Some(proxy.url.clone())).await;
 
     for (i, d) in fixtures.iter().enumerate() {
         bus.publish(d).await;
@@ -233,18 +233,18 @@ async fn cutting_the_connection_mid_stream_loses_nothing_and_bills_nothing_twice
     }
     let executor = &app.executor;
     eventually("the ledger to match the offline replay", LIMIT, || async {
-        (executor.billing().ledger.snapshot() == expected).then_some(())
+        (executor.billing().inner.snapshot() == expected).then_some(())
     })
     .await;
     assert!(proxy.accepted.load(Ordering::SeqCst) > 1, "the consumer reconnected");
     let distinct_usage_calls = {
-        let offline = Executor::new(bus.settings.clone(), Faulty::new());
+        let offline = Executor::new(bus.settings.clone(), faulty());
         for d in &fixtures {
             offline.handle(Delivery { body: &d.body, redelivered: false }).await;
         }
-        offline.billing().usage_recorded.load(Ordering::SeqCst)
+        offline.billing().hooks.usage_recorded.load(Ordering::SeqCst)
     };
-    assert_eq!(executor.billing().usage_recorded.load(Ordering::SeqCst), distinct_usage_calls, "no usage twice");
+    assert_eq!(executor.billing().hooks.usage_recorded.load(Ordering::SeqCst), distinct_usage_calls, "no usage twice");
     app.shutdown().await.unwrap();
     bus.cleanup().await;
 }

@@ -18,7 +18,7 @@ use lapin::{
 use serde_json::Value;
 
 use crate::support::{
-    bus::{cli_command, signal, spawn_app, usage_batch, usage_fixture, Faulty, TestBus},
+    bus::{cli_command, faulty, signal, spawn_app, usage_batch, usage_fixture, TestBus},
     deliveries,
     wait::eventually,
 };
@@ -50,8 +50,8 @@ fn garbage(i: usize) -> FixtureDelivery {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_shows_invalid_and_exhausted_letters_in_the_same_order_twice_and_export_replays_them() {
     let bus = TestBus::new("dlqlist").await;
-    let faulty = Faulty::new();
-    faulty.usage_always_fails.store(true, Ordering::SeqCst);
+    let faulty = faulty();
+    faulty.hooks.usage_always_fails.store(true, Ordering::SeqCst);
     let app = spawn_app(&bus, faulty, None).await;
     for i in 0..3 {
         bus.publish(&garbage(i)).await;
@@ -103,8 +103,8 @@ async fn list_shows_invalid_and_exhausted_letters_in_the_same_order_twice_and_ex
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requeue_all_after_the_cause_is_fixed_empties_the_dead_letters_and_bills_each_once() {
     let bus = TestBus::new("dlqfix").await;
-    let faulty = Faulty::new();
-    faulty.usage_always_fails.store(true, Ordering::SeqCst);
+    let faulty = faulty();
+    faulty.hooks.usage_always_fails.store(true, Ordering::SeqCst);
     let app = spawn_app(&bus, faulty, None).await;
     for d in usage_batch(&usage_fixture(), 4) {
         bus.publish(&d).await;
@@ -113,7 +113,7 @@ async fn requeue_all_after_the_cause_is_fixed_empties_the_dead_letters_and_bills
     eventually("4 dead letters", LIMIT, || async { (bus.depth(&dead).await == 4).then_some(()) }).await;
 
     // The backend is healthy again.
-    app.executor.billing().usage_always_fails.store(false, Ordering::SeqCst);
+    app.executor.billing().hooks.usage_always_fails.store(false, Ordering::SeqCst);
     let dry = String::from_utf8(cli(&bus, &["dlq", "requeue", "--all", "--dry-run"]).stdout).unwrap();
     assert!(dry.contains("4 dead letter(s)") && dry.contains("dry run"), "{dry}");
     assert_eq!(bus.depth(&dead).await, 4);
@@ -137,12 +137,12 @@ async fn requeue_all_after_the_cause_is_fixed_empties_the_dead_letters_and_bills
     assert_eq!(bus.depth(&neighbour).await, 0, "the requeue went to the upstream exchange");
     let executor = &app.executor;
     eventually("every message billed", LIMIT, || async {
-        (executor.billing().usage_recorded.load(Ordering::SeqCst) == 4).then_some(())
+        (executor.billing().hooks.usage_recorded.load(Ordering::SeqCst) == 4).then_some(())
     })
     .await;
     let queue = bus.names().queue;
     eventually("the main queue to empty", LIMIT, || async { (bus.depth(&queue).await == 0).then_some(()) }).await;
-    assert_eq!(executor.billing().usage_recorded.load(Ordering::SeqCst), 4, "each once");
+    assert_eq!(executor.billing().hooks.usage_recorded.load(Ordering::SeqCst), 4, "each once");
     assert_eq!(bus.depth(&dead).await, 0);
     let _ = bus.channel().queue_delete(neighbour.as_str().into(), Default::default()).await;
     app.shutdown().await.unwrap();

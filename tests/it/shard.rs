@@ -9,11 +9,13 @@ use std::{
 };
 
 use concertim_billing::{
-    billing::{Applied, BillingError, Context, Ledger},
+    billing::{
+        hooks::{self, Hooked, Hooks},
+        Applied, BillingError, Context, Ledger,
+    },
     bus::ack,
     executor::{Delivery, Executor},
     fixture::FixtureDelivery,
-    plan::UsageSpec,
 };
 use lapin::BasicProperties;
 
@@ -21,7 +23,6 @@ use crate::support::{
     self,
     bus::{spawn_app, Proxy, TestBus},
     wait::eventually,
-    watch::{Watch, Watched},
 };
 
 /// One recorded usage call: which replica, which project, which message of that project.
@@ -39,8 +40,11 @@ struct Log {
     calls: Arc<Mutex<Vec<Call>>>,
 }
 
-impl Watch for Log {
-    fn usage(&self, _: &UsageSpec, ctx: Context<'_>, result: &Result<Applied, BillingError>) {
+impl Hooks for Log {
+    fn after(&self, call: hooks::Call<'_>, ctx: Context<'_>, result: &Result<Applied, BillingError>) {
+        if !matches!(call, hooks::Call::RecordUsage(_)) {
+            return;
+        }
         // Message ids are "<project>-<seq>".
         let id = ctx.meta.message_id.to_string();
         let (project, seq) = id.rsplit_once('-').expect("a test message id");
@@ -91,8 +95,7 @@ async fn two_sharded_replicas_keep_each_projects_order_and_a_stopped_ones_shards
 
     let ledger = Arc::new(Ledger::in_memory());
     let calls = Arc::new(Mutex::new(Vec::new()));
-    let replica =
-        |name| Watched { inner: Arc::clone(&ledger), watch: Log { replica: name, calls: Arc::clone(&calls) } };
+    let replica = |name| Hooked { inner: Arc::clone(&ledger), hooks: Log { replica: name, calls: Arc::clone(&calls) } };
     // Replica "a" reaches the broker through a proxy, so that it can vanish as a crashed
     // process does: its connections drop and it cannot reconnect.
     let proxy = Proxy::start().await;

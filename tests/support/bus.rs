@@ -11,13 +11,14 @@ use std::{
 
 use concertim_billing::{
     app::App,
-    billing::{Applied, Billing, BillingError, Context, Ledger},
+    billing::{
+        hooks::{Call, Hooked, Hooks},
+        Applied, Billing, BillingError, Context, Ledger,
+    },
     bus::{self, topology, BusError, Names},
     config::{Binding, SecretUrl, Settings},
-    event::{InstanceId, PlanName, ProjectId, Timestamp},
     executor::Executor,
     fixture::FixtureDelivery,
-    plan::{SubscriptionSpec, UsageSpec},
     telemetry::Health,
 };
 use lapin::{
@@ -279,10 +280,12 @@ impl<B: Billing + 'static> TestApp<B> {
     }
 }
 
-/// A ledger with injected faults and call counts.
-pub struct Faulty {
-    /// The real ledger behind.
-    pub ledger: Ledger,
+/// A ledger (`inner`) with injected faults and call counts (`hooks`).
+pub type Faulty = Hooked<Ledger, Faults>;
+
+/// The faults a [`Faulty`] ledger injects, and what it counts.
+#[derive(Default)]
+pub struct Faults {
     /// `record_usage` fails transiently while this is above zero (counting down).
     pub usage_failures: AtomicUsize,
     /// `record_usage` always fails transiently while this is set.
@@ -293,75 +296,40 @@ pub struct Faulty {
     pub usage_recorded: AtomicUsize,
 }
 
-impl Faulty {
-    /// A ledger without faults.
-    pub fn new() -> Self {
-        Self {
-            ledger: Ledger::in_memory(),
-            usage_failures: AtomicUsize::new(0),
-            usage_always_fails: std::sync::atomic::AtomicBool::new(false),
-            panic_on_project: None,
-            usage_recorded: AtomicUsize::new(0),
-        }
-    }
+/// A ledger without faults; set its hooks' fields to inject some.
+pub fn faulty() -> Faulty {
+    Hooked { inner: Ledger::in_memory(), hooks: Faults::default() }
 }
 
 fn injected() -> BillingError {
     BillingError::LedgerIo { path: "(injected)".into(), source: std::io::Error::other("injected transient failure") }
 }
 
-impl Billing for Faulty {
-    async fn ensure_account(&self, project: &ProjectId, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        if self.panic_on_project.as_deref() == Some(project.as_str()) {
-            panic!("injected panic for project {project}");
+impl Hooks for Faults {
+    fn before(&self, call: Call<'_>, _: Context<'_>) -> Result<(), BillingError> {
+        match call {
+            Call::EnsureAccount(project) if self.panic_on_project.as_deref() == Some(project.as_str()) => {
+                panic!("injected panic for project {project}")
+            }
+            Call::RecordUsage(_) => {
+                if self.usage_always_fails.load(Ordering::SeqCst)
+                    || self
+                        .usage_failures
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                {
+                    return Err(injected());
+                }
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        self.ledger.ensure_account(project, ctx).await
     }
 
-    async fn close_account(
-        &self,
-        project: &ProjectId,
-        at: Timestamp,
-        ctx: Context<'_>,
-    ) -> Result<Applied, BillingError> {
-        self.ledger.close_account(project, at, ctx).await
-    }
-
-    async fn ensure_subscription(&self, spec: &SubscriptionSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        self.ledger.ensure_subscription(spec, ctx).await
-    }
-
-    async fn change_plan(
-        &self,
-        instance: &InstanceId,
-        plan: &PlanName,
-        effective: Timestamp,
-        ctx: Context<'_>,
-    ) -> Result<Applied, BillingError> {
-        self.ledger.change_plan(instance, plan, effective, ctx).await
-    }
-
-    async fn cancel_subscription(
-        &self,
-        instance: &InstanceId,
-        at: Timestamp,
-        ctx: Context<'_>,
-    ) -> Result<Applied, BillingError> {
-        self.ledger.cancel_subscription(instance, at, ctx).await
-    }
-
-    async fn record_usage(&self, usage: &UsageSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        if self.usage_always_fails.load(Ordering::SeqCst) {
-            return Err(injected());
-        }
-        if self.usage_failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
-            return Err(injected());
-        }
-        let applied = self.ledger.record_usage(usage, ctx).await?;
-        if applied != Applied::AlreadyDone {
+    fn after(&self, call: Call<'_>, _: Context<'_>, result: &Result<Applied, BillingError>) {
+        if matches!(call, Call::RecordUsage(_)) && matches!(result, Ok(applied) if *applied != Applied::AlreadyDone) {
             self.usage_recorded.fetch_add(1, Ordering::SeqCst);
         }
-        Ok(applied)
     }
 }
 

@@ -170,4 +170,3 @@ pub mod hostbill;
 pub mod killbill;
 pub mod killbill_server;
 pub mod wait;
-pub mod watch;
