@@ -81,6 +81,13 @@ pub struct ProjectFilter {
 }
 
 impl ProjectFilter {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if let Some(p) = self.include.iter().find(|p| self.exclude.contains(p)) {
+            return Err(format!("project {p} is both in projects.include and projects.exclude"));
+        }
+        Ok(())
+    }
+
     /// Whether events of this project are billed.
     pub fn admits(&self, project: &ProjectId) -> bool {
         !self.exclude.contains(project) && (self.include.is_empty() || self.include.contains(project))

@@ -114,7 +114,65 @@ impl Default for BusSettings {
     }
 }
 
+impl HttpSettings {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if !self.listen.is_empty() && self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "http.listen {:?} is not an address such as 127.0.0.1:9464 (empty disables it)",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl DecodeLimits {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if self.max_body_bytes == 0 {
+            return Err("decode.max_body_bytes must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 impl BusSettings {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        let bus = self;
+        if !(bus.url.expose().starts_with("amqp://") || bus.url.expose().starts_with("amqps://")) {
+            return Err(format!("bus.url {} must start with amqp:// or amqps://", bus.url));
+        }
+        if bus.lanes == 0 || bus.lanes > 1024 {
+            return Err(format!("bus.lanes is {}: it must be between 1 and 1024", bus.lanes));
+        }
+        if bus.prefetch == 0 {
+            return Err("bus.prefetch must be at least 1 (0 would mean unlimited)".into());
+        }
+        if bus.max_attempts == 0 {
+            return Err("bus.max_attempts must be at least 1".into());
+        }
+        if bus.shards > 256 {
+            return Err(format!("bus.shards is {}: it must be between 0 (off) and 256", bus.shards));
+        }
+        if bus.shards > 0 && bus.intake_standby_ms == 0 {
+            return Err("bus.intake_standby_ms must be at least 1 when bus.shards is set".into());
+        }
+        if bus.shards > 0 && bus.intake_takeover_ms < bus.intake_standby_ms {
+            return Err("bus.intake_takeover_ms must be at least bus.intake_standby_ms".into());
+        }
+        if bus.delivery_limit == 0 {
+            return Err("bus.delivery_limit must be at least 1".into());
+        }
+        if bus.queue.is_empty() || bus.bindings.iter().any(|b| b.exchange.is_empty()) {
+            return Err("bus.queue and every bus.bindings exchange must be non-empty".into());
+        }
+        // OpenStack's publishers declare a queue named after each routing key; consuming from
+        // it would steal the notifications Ceilometer reads there.
+        if bus.bindings.iter().any(|b| format!("{}{}", bus.prefix, bus.queue) == b.routing_key) {
+            return Err("bus.queue must not be OpenStack's own notifications queue: consuming it steals messages from Ceilometer".into());
+        }
+        Ok(())
+    }
+
     /// The retry queue's delay.
     pub fn retry_delay(&self) -> Duration {
         Duration::from_millis(self.retry_delay_ms)

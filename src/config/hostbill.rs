@@ -41,3 +41,29 @@ pub(super) fn default_client_email_domain() -> String {
 pub(super) fn default_cycle() -> String {
     "m".to_owned()
 }
+
+impl HostBillSettings {
+    /// The keys a HostBill deployment needs, and a product for every plan `billing` bills.
+    pub(super) fn validate(&self, billing: &BillingSettings) -> Result<(), String> {
+        let mut missing = Vec::new();
+        if self.url.is_none() {
+            missing.push("hostbill.url (e.g. \"https://billing.example\")".to_owned());
+        }
+        if self.api_id.is_none() {
+            missing.push("hostbill.api_id".to_owned());
+        }
+        if self.api_key.is_none() {
+            missing.push("hostbill.api_key (or CONCERTIM_BILLING_HOSTBILL__API_KEY)".to_owned());
+        }
+        let plans = std::iter::once(&billing.default_plan).chain(billing.plans.values());
+        for plan in plans {
+            if !self.products.contains_key(plan.as_str()) && !missing.iter().any(|m| m.contains(plan.as_str())) {
+                missing.push(format!("hostbill.products.\"{plan}\" (the HostBill product id for plan {plan})"));
+            }
+        }
+        if !missing.is_empty() {
+            return Err(format!("billing.backend = \"hostbill\" needs: {}", missing.join(", ")));
+        }
+        Ok(())
+    }
+}

@@ -70,3 +70,12 @@ pub(super) fn default_currency() -> String {
 pub(super) fn default_pool_max_idle() -> usize {
     32
 }
+
+impl KillBillSettings {
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(format!("killbill.url {:?} must start with http:// or https://", self.url));
+        }
+        Ok(())
+    }
+}

@@ -226,86 +226,23 @@ impl Settings {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 
+    /// Every section checks itself; what spans sections (a backend and its section) is here.
     fn validate(&self) -> Result<(), String> {
-        if self.billing.backend == BackendKind::Killbill {
-            let Some(kb) = &self.killbill else {
-                return Err("billing.backend = \"killbill\" needs a [killbill] section (url, username, password, api_key, api_secret)".into());
-            };
-            if !(kb.url.starts_with("http://") || kb.url.starts_with("https://")) {
-                return Err(format!("killbill.url {:?} must start with http:// or https://", kb.url));
-            }
+        match self.billing.backend {
+            BackendKind::Killbill => match &self.killbill {
+                Some(kb) => kb.validate()?,
+                None => return Err("billing.backend = \"killbill\" needs a [killbill] section (url, username, password, api_key, api_secret)".into()),
+            },
+            BackendKind::Hostbill => self.hostbill.clone().unwrap_or_default().validate(&self.billing)?,
+            BackendKind::Ledger => {}
         }
-        if self.billing.backend == BackendKind::Hostbill {
-            let hb = self.hostbill.clone().unwrap_or_default();
-            let mut missing = Vec::new();
-            if hb.url.is_none() {
-                missing.push("hostbill.url (e.g. \"https://billing.example\")".to_owned());
-            }
-            if hb.api_id.is_none() {
-                missing.push("hostbill.api_id".to_owned());
-            }
-            if hb.api_key.is_none() {
-                missing.push("hostbill.api_key (or CONCERTIM_BILLING_HOSTBILL__API_KEY)".to_owned());
-            }
-            let plans = std::iter::once(&self.billing.default_plan).chain(self.billing.plans.values());
-            for plan in plans {
-                if !hb.products.contains_key(plan.as_str()) && !missing.iter().any(|m| m.contains(plan.as_str())) {
-                    missing.push(format!("hostbill.products.\"{plan}\" (the HostBill product id for plan {plan})"));
-                }
-            }
-            if !missing.is_empty() {
-                return Err(format!("billing.backend = \"hostbill\" needs: {}", missing.join(", ")));
-            }
-        }
-        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!(
-                "http.listen {:?} is not an address such as 127.0.0.1:9464 (empty disables it)",
-                self.http.listen
-            ));
-        }
-        let bus = &self.bus;
-        if !(bus.url.expose().starts_with("amqp://") || bus.url.expose().starts_with("amqps://")) {
-            return Err(format!("bus.url {} must start with amqp:// or amqps://", bus.url));
-        }
-        if bus.lanes == 0 || bus.lanes > 1024 {
-            return Err(format!("bus.lanes is {}: it must be between 1 and 1024", bus.lanes));
-        }
-        if bus.prefetch == 0 {
-            return Err("bus.prefetch must be at least 1 (0 would mean unlimited)".into());
-        }
-        if bus.max_attempts == 0 {
-            return Err("bus.max_attempts must be at least 1".into());
-        }
-        if bus.shards > 256 {
-            return Err(format!("bus.shards is {}: it must be between 0 (off) and 256", bus.shards));
-        }
-        if bus.shards > 0 && bus.intake_standby_ms == 0 {
-            return Err("bus.intake_standby_ms must be at least 1 when bus.shards is set".into());
-        }
-        if bus.shards > 0 && bus.intake_takeover_ms < bus.intake_standby_ms {
-            return Err("bus.intake_takeover_ms must be at least bus.intake_standby_ms".into());
-        }
-        if bus.delivery_limit == 0 {
-            return Err("bus.delivery_limit must be at least 1".into());
-        }
-        if bus.queue.is_empty() || bus.bindings.iter().any(|b| b.exchange.is_empty()) {
-            return Err("bus.queue and every bus.bindings exchange must be non-empty".into());
-        }
-        // OpenStack's publishers declare a queue named after each routing key; consuming from
-        // it would steal the notifications Ceilometer reads there.
-        if bus.bindings.iter().any(|b| format!("{}{}", bus.prefix, bus.queue) == b.routing_key) {
-            return Err("bus.queue must not be OpenStack's own notifications queue: consuming it steals messages from Ceilometer".into());
-        }
+        self.http.validate()?;
+        self.bus.validate()?;
         if let Some(c) = &self.concertim {
             c.validate()?;
         }
-        if self.decode.max_body_bytes == 0 {
-            return Err("decode.max_body_bytes must be at least 1".into());
-        }
-        if let Some(p) = self.projects.include.iter().find(|p| self.projects.exclude.contains(p)) {
-            return Err(format!("project {p} is both in projects.include and projects.exclude"));
-        }
-        Ok(())
+        self.decode.validate()?;
+        self.projects.validate()
     }
 }
 
