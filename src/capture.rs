@@ -1,22 +1,16 @@
 //! `capture`: taps the live bus into a fixture file.
 //!
-//! It declares its own exclusive, auto-deleted queue, bound like our main queue, so it takes a
-//! copy of every message and steals nothing from anyone: our main queue and OpenStack's own
-//! queues still get theirs. Credential fields are redacted unless asked otherwise.
+//! It reads a [`Tap`] (an exclusive queue bound like our main queue: a copy of every message,
+//! stolen from no one). Credential fields are redacted unless asked otherwise.
 
 use std::{io::Write, time::Duration};
 
-use futures_lite::StreamExt;
-use lapin::{
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    bus::{broker_error, connect, publish::properties_json, BusError},
+    bus::{tap::Tap, BusError},
     config::BusSettings,
-    fixture::{to_line, FixtureDelivery},
+    fixture::to_line,
     redact::redact,
 };
 
@@ -54,40 +48,7 @@ pub async fn capture(
     stop: CancellationToken,
     mut progress: impl FnMut(usize),
 ) -> Result<usize, CaptureError> {
-    let broker = broker_error(&bus.url);
-    let connection = connect(&bus.url, "concertim-billing capture").await?;
-    let channel = connection.create_channel().await.map_err(&broker)?;
-    let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
-    let queue = channel.queue_declare("".into(), options, FieldTable::default()).await.map_err(&broker)?;
-    for binding in &bus.bindings {
-        // Checked, never created: see `topology::check_upstream`.
-        if !crate::bus::topology::upstream_exists(bus, &binding.exchange).await? {
-            tracing::warn!(
-                "{}; not captured",
-                crate::bus::BusError::UpstreamAbsent { exchange: binding.exchange.clone() }
-            );
-            continue;
-        }
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                binding.exchange.as_str().into(),
-                binding.routing_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(&broker)?;
-    }
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "concertim-billing-capture".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(&broker)?;
+    let mut tap = Tap::open(bus).await?;
     let deadline = async {
         match until.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -101,24 +62,21 @@ pub async fn capture(
         let delivery = tokio::select! {
             () = stop.cancelled() => break,
             () = &mut deadline => break,
-            next = consumer.next() => match next {
+            next = tap.next() => match next {
                 Some(Ok(d)) => d,
-                Some(Err(e)) => return Err(broker(e).into()),
+                Some(Err(e)) => return Err(e.into()),
                 None => break,
             },
         };
-        let fixture = FixtureDelivery {
-            exchange: Some(delivery.exchange.as_str().to_owned()),
-            routing_key: Some(delivery.routing_key.as_str().to_owned()),
-            properties: Some(properties_json(&delivery.properties)),
-            redelivered: delivery.redelivered,
-            body: if raw { delivery.data } else { redact(&delivery.data).into_owned() },
-        };
+        let mut fixture = delivery;
+        if !raw {
+            fixture.body = redact(&fixture.body).into_owned();
+        }
         writeln!(out, "{}", to_line(&fixture))?;
         out.flush()?;
         written += 1;
         progress(written);
     }
-    let _ = connection.close(200, "capture done".into()).await;
+    tap.close().await;
     Ok(written)
 }

@@ -10,18 +10,16 @@
 
 use std::{borrow::Cow, time::Duration};
 
-use lapin::{
-    message::BasicGetMessage,
-    options::{BasicGetOptions, ConfirmSelectOptions},
-    types::{AMQPValue, FieldTable},
-    BasicProperties, Channel,
-};
 use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::{
-    bus::{ack, broker_error, connect, publish::properties_json, BusError, Names},
-    config::{BusSettings, Settings},
+    bus::{
+        ack,
+        dead::{DeadLetters, Fetched},
+        BusError,
+    },
+    config::Settings,
     event::Timestamp,
     fixture::FixtureDelivery,
     notification::{decode, DecodeLimits},
@@ -100,49 +98,32 @@ fn fnv(state: u64, bytes: &[u8]) -> u64 {
 /// FNV-1a's offset basis.
 const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 
-fn x_death(properties: &BasicProperties) -> Option<(String, String)> {
-    let AMQPValue::FieldArray(deaths) = ack::header(properties, "x-death")? else { return None };
-    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else { return None };
-    let text = |v: &AMQPValue| match v {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    };
-    let exchange = first.inner().get("exchange").and_then(text).unwrap_or_default();
-    let key = match first.inner().get("routing-keys") {
-        Some(AMQPValue::FieldArray(keys)) => keys.as_slice().first().and_then(text).unwrap_or_default(),
-        _ => String::new(),
-    };
-    Some((exchange, key))
-}
-
 /// A dead letter's id: 48 bits of a hash of its body and failure headers.
-fn letter_id(body: &[u8], p: &BasicProperties) -> String {
+fn letter_id(body: &[u8], header: impl Fn(&str) -> Option<String>) -> String {
     // Hashed piece by piece: a large body is not copied.
     let mut hash = fnv(FNV_START, body);
     for name in [ack::REASON, ack::FIRST_FAILURE, ack::LAST_FAILURE] {
         hash = fnv(hash, &[0]);
-        hash = fnv(hash, ack::header_text(p, name).unwrap_or_default().as_bytes());
+        hash = fnv(hash, header(name).unwrap_or_default().as_bytes());
     }
     format!("{:012x}", hash >> 16)
 }
 
 impl DeadLetter {
-    fn from_message(message: &BasicGetMessage, limits: DecodeLimits, now: OffsetDateTime) -> Self {
-        let p = &message.delivery.properties;
-        let body = &message.delivery.data;
-        let reason = ack::header_text(p, ack::REASON);
-        let last_failure = ack::header_text(p, ack::LAST_FAILURE);
+    fn from_letter(letter: &Fetched, limits: DecodeLimits, now: OffsetDateTime) -> Self {
+        let body = letter.body();
+        let reason = letter.header(ack::REASON);
+        let last_failure = letter.header(ack::LAST_FAILURE);
         let age_seconds =
             last_failure.as_deref().and_then(|t| Timestamp::parse(t).ok()).map(|t| now.unix_timestamp() - t.unix());
-        let death = x_death(p);
+        let death = letter.first_death();
         let (original_exchange, original_routing_key) =
-            match (ack::header_text(p, ack::ORIGINAL_EXCHANGE), ack::header_text(p, ack::ORIGINAL_ROUTING_KEY)) {
+            match (letter.header(ack::ORIGINAL_EXCHANGE), letter.header(ack::ORIGINAL_ROUTING_KEY)) {
                 (Some(e), Some(k)) => (e, k),
                 _ => death.clone().unwrap_or_default(),
             };
         Self {
-            id: letter_id(body, p),
+            id: letter_id(body, |name| letter.header(name)),
             // Concertim updates are shown as `concertim <event type>`.
             event_type: decode(body, limits).ok().map(|n| n.meta.event_type).or_else(|| {
                 // Concertim work is small: a body over the decode limit is not parsed at all.
@@ -151,7 +132,7 @@ impl DeadLetter {
                     .flatten()
                     .map(|w| format!("concertim {}", w.event_type))
             }),
-            class: ack::header_text(p, ack::CLASS).unwrap_or_else(|| "broker".to_owned()),
+            class: letter.header(ack::CLASS).unwrap_or_else(|| "broker".to_owned()),
             reason: reason.unwrap_or_else(|| {
                 if death.is_some() {
                     "dead-lettered by the broker (delivery limit reached: the consumer crashed on it repeatedly)".into()
@@ -159,7 +140,7 @@ impl DeadLetter {
                     "(no reason recorded)".into()
                 }
             }),
-            attempts: ack::recorded_attempts(&message.delivery.properties),
+            attempts: letter.attempts(),
             last_failure,
             age_seconds,
             original_exchange,
@@ -176,8 +157,7 @@ pub struct Letter<'a> {
     pub meta: DeadLetter,
     /// The message body, as the broker holds it.
     pub body: &'a [u8],
-    /// Its AMQP properties.
-    pub properties: &'a BasicProperties,
+    letter: &'a Fetched,
 }
 
 impl Letter<'_> {
@@ -187,7 +167,7 @@ impl Letter<'_> {
         FixtureDelivery {
             exchange: Some(self.meta.original_exchange.clone()),
             routing_key: Some(self.meta.original_routing_key.clone()),
-            properties: Some(properties_json(self.properties)),
+            properties: Some(self.letter.properties_json()),
             redelivered: false,
             body: if raw { self.body.to_vec() } else { redact(self.body).into_owned() },
         }
@@ -205,7 +185,7 @@ impl Letter<'_> {
         line(&mut out, "attempts", &meta.attempts.to_string());
         line(&mut out, "last failure", meta.last_failure.as_deref().unwrap_or("-"));
         line(&mut out, "original route", &format!("{} / {}", meta.original_exchange, meta.original_routing_key));
-        line(&mut out, "properties", &properties_json(self.properties));
+        line(&mut out, "properties", &self.letter.properties_json());
         let body = if raw { Cow::Borrowed(self.body) } else { redact(self.body) };
         let limits = settings.decode;
         // Pretty JSON escapes control characters itself; its own newlines are kept.
@@ -224,44 +204,6 @@ impl Letter<'_> {
     }
 }
 
-struct Reader {
-    _connection: lapin::Connection,
-    channel: Channel,
-    names: Names,
-}
-
-async fn open(bus: &BusSettings) -> Result<Reader, BusError> {
-    let connection = connect(&bus.url, "concertim-billing dlq").await?;
-    let names = Names::new(bus);
-    // A passive declare of a missing queue closes its channel: check on a channel of its own.
-    let probe = connection.create_channel().await.map_err(broker_error(&bus.url))?;
-    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-    if probe.queue_declare(names.dead_queue.as_str().into(), passive, FieldTable::default()).await.is_err() {
-        return Err(BusError::Missing {
-            what: format!("the dead-letter queue {} on {}", names.dead_queue, bus.url),
-            hint: "is bus.prefix right? `concertim-billing run` or `topology declare` creates it".into(),
-        });
-    }
-    let _ = probe.close(200, "checked".into()).await;
-    let channel = connection.create_channel().await.map_err(broker_error(&bus.url))?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(broker_error(&bus.url))?;
-    Ok(Reader { _connection: connection, channel, names })
-}
-
-impl Reader {
-    async fn next(&self, bus: &BusSettings) -> Result<Option<BasicGetMessage>, BusError> {
-        self.channel
-            .basic_get(self.names.dead_queue.as_str().into(), BasicGetOptions { no_ack: false })
-            .await
-            .map_err(broker_error(&bus.url))
-    }
-
-    /// Returns every unacknowledged message to the queue, in place.
-    async fn close(self) {
-        let _ = self.channel.close(200, "done".into()).await;
-    }
-}
-
 /// Hands every dead letter matching `selector` to `each`, in queue order, one at a time,
 /// leaving the queue as it was. Returns how many it handed over. Only one body is held at a
 /// time: the broker keeps the others (fetched and not acknowledged).
@@ -274,17 +216,16 @@ pub async fn scan<E: From<BusError>>(
     selector: &Selector,
     mut each: impl FnMut(Letter<'_>) -> Result<(), E>,
 ) -> Result<usize, E> {
-    let bus = &settings.bus;
-    let reader = open(bus).await?;
+    let reader = DeadLetters::open(&settings.bus).await?;
     let limits = settings.decode;
     let now = OffsetDateTime::now_utc();
     let mut seen = 0;
     let result = async {
-        while let Some(message) = reader.next(bus).await? {
-            let meta = DeadLetter::from_message(&message, limits, now);
+        while let Some(letter) = reader.next().await? {
+            let meta = DeadLetter::from_letter(&letter, limits, now);
             if selector.matches(&meta) {
                 seen += 1;
-                each(Letter { meta, body: &message.delivery.data, properties: &message.delivery.properties })?;
+                each(Letter { meta, body: letter.body(), letter: &letter })?;
                 if selector.limit.is_some_and(|l| seen >= l) {
                     break;
                 }
@@ -482,15 +423,14 @@ pub async fn apply(settings: &Settings, selector: &Selector, action: Action, dry
     if dry_run {
         return Ok(Moved { done: list(settings, selector).await?, stuck: Vec::new() });
     }
-    let bus = &settings.bus;
-    let reader = open(bus).await?;
+    let reader = DeadLetters::open(&settings.bus).await?;
     let limits = settings.decode;
     let now = OffsetDateTime::now_utc();
     let mut done = Vec::new();
     let mut stuck = Vec::new();
     let result = async {
-        while let Some(message) = reader.next(bus).await? {
-            let dead = DeadLetter::from_message(&message, limits, now);
+        while let Some(letter) = reader.next().await? {
+            let dead = DeadLetter::from_letter(&letter, limits, now);
             if !selector.matches(&dead) {
                 continue;
             }
@@ -501,10 +441,9 @@ pub async fn apply(settings: &Settings, selector: &Selector, action: Action, dry
                     Action::Requeue if dead.original_exchange.is_empty() => {
                         (String::new(), dead.original_routing_key.clone())
                     }
-                    _ => (String::new(), reader.names.queue.clone()),
+                    _ => (String::new(), reader.main_queue().to_owned()),
                 };
-                let delivery = &message.delivery;
-                match republish(&reader.channel, &exchange, &routing_key, &delivery.data, &delivery.properties).await {
+                match reader.republish(&letter, &exchange, &routing_key).await {
                     Ok(()) => {}
                     // No queue for it: it stays (unacknowledged, it goes back in its place when
                     // this channel closes), and the others are still moved.
@@ -515,7 +454,7 @@ pub async fn apply(settings: &Settings, selector: &Selector, action: Action, dry
                     Err(e) => return Err(e),
                 }
             }
-            ack::ack(message.delivery).await?;
+            reader.remove(letter).await?;
             done.push(dead);
             if selector.limit.is_some_and(|l| done.len() >= l) {
                 break;
@@ -536,29 +475,6 @@ pub struct Moved {
     /// The dead letters that could not be requeued (their route leads to no queue), with why:
     /// they stay in the dead-letter queue.
     pub stuck: Vec<(DeadLetter, String)>,
-}
-
-/// Publishes the dead letter's body with its properties, minus this service's failure headers
-/// (a requeued message starts its attempts afresh; its original route is kept).
-async fn republish(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    properties: &BasicProperties,
-) -> Result<(), BusError> {
-    let mut headers = FieldTable::default();
-    if let Some(existing) = properties.headers() {
-        for (k, v) in existing.inner() {
-            let drop = [ack::REASON, ack::CLASS, ack::ATTEMPTS, ack::LAST_FAILURE, "x-death"].contains(&k.as_str());
-            if !drop {
-                headers.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    let properties = properties.clone().with_headers(headers);
-    // Mandatory: a route no queue takes leaves the dead letter where it is.
-    crate::bus::publish_confirmed(channel, exchange, routing_key, body, properties, true).await
 }
 
 /// The table `dlq list` prints (control characters in any field escaped).
@@ -627,14 +543,10 @@ mod tests {
 
     #[test]
     fn two_letters_with_one_body_have_two_ids_and_a_letter_keeps_its_id() {
-        let with = |last: &str| {
-            let mut headers = FieldTable::default();
-            headers.insert(ack::LAST_FAILURE.into(), AMQPValue::LongString(last.as_bytes().to_vec().into()));
-            BasicProperties::default().with_headers(headers)
-        };
-        let (a, b) = (with("2025-03-03T09:00:00Z"), with("2025-03-03T10:00:00Z"));
-        assert_ne!(letter_id(b"{}", &a), letter_id(b"{}", &b));
-        assert_eq!(letter_id(b"{}", &a), letter_id(b"{}", &a.clone()));
+        let failed_at = |last: &'static str| move |name: &str| (name == ack::LAST_FAILURE).then(|| last.to_owned());
+        let (a, b) = (failed_at("2025-03-03T09:00:00Z"), failed_at("2025-03-03T10:00:00Z"));
+        assert_ne!(letter_id(b"{}", a), letter_id(b"{}", b));
+        assert_eq!(letter_id(b"{}", a), letter_id(b"{}", a));
     }
 
     #[test]

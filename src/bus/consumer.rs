@@ -159,8 +159,8 @@ pub trait Handler: Send + Sync + 'static {
     /// A delivery read far enough to choose its lane and name its span.
     type Prepared: Send + 'static;
 
-    /// Reads a delivery.
-    fn prepare(&self, delivery: &Delivery) -> Self::Prepared;
+    /// Reads a delivery's body.
+    fn prepare(&self, body: &[u8]) -> Self::Prepared;
 
     /// The lane key (a project), when there is one.
     fn lane_key(prepared: &Self::Prepared) -> Option<&str>;
@@ -350,7 +350,7 @@ async fn session<H: Handler>(
                 Some(Ok(delivery)) => {
                     consumed = true;
                     metrics::gauge!(telemetry::IN_FLIGHT).increment(1.0);
-                    let prepared = handler.prepare(&delivery);
+                    let prepared = handler.prepare(&delivery.data);
                     let lane = lane_of(H::lane_key(&prepared), delivery.delivery_tag, senders.len());
                     // A busy lane must not hold up shutdown or reconnection: a job dropped here
                     // is unacknowledged, so the broker delivers it again.

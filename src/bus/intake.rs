@@ -57,7 +57,7 @@ pub(super) enum IntakeEnd {
 /// project (invalid ones, events of no project) spread by delivery tag; the shard's consumer
 /// deals with them.
 pub(super) fn routing_key<H: Handler>(router: &H, delivery: &Delivery) -> String {
-    let prepared = router.prepare(delivery);
+    let prepared = router.prepare(&delivery.data);
     match H::lane_key(&prepared) {
         // A routing key is a short string: at most 255 bytes.
         Some(project) if !project.is_empty() && project.len() <= 255 => project.to_owned(),
@@ -300,8 +300,8 @@ mod tests {
     impl Handler for ByBody {
         type Prepared = Option<String>;
 
-        fn prepare(&self, delivery: &Delivery) -> Option<String> {
-            String::from_utf8(delivery.data.clone()).ok().filter(|s| s.chars().all(char::is_alphanumeric))
+        fn prepare(&self, body: &[u8]) -> Option<String> {
+            String::from_utf8(body.to_vec()).ok().filter(|s| s.chars().all(char::is_alphanumeric))
         }
 
         fn lane_key(prepared: &Option<String>) -> Option<&str> {

@@ -6,8 +6,10 @@
 
 pub mod ack;
 pub mod consumer;
+pub mod dead;
 mod intake;
 pub mod publish;
+pub mod tap;
 pub mod topology;
 
 use lapin::{options::BasicPublishOptions, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};

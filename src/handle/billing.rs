@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-use lapin::message::Delivery;
-
 use super::with_retries;
 use crate::{
     billing::Billing,
@@ -35,8 +33,8 @@ pub struct Decoded(Result<Arc<Notification>, DecodeError>);
 impl<B: Billing + 'static> Handler for BillingHandler<B> {
     type Prepared = Decoded;
 
-    fn prepare(&self, delivery: &Delivery) -> Decoded {
-        Decoded(self.executor.decode(&delivery.data).map(Arc::new))
+    fn prepare(&self, body: &[u8]) -> Decoded {
+        Decoded(self.executor.decode(body).map(Arc::new))
     }
 
     fn lane_key(prepared: &Decoded) -> Option<&str> {
@@ -109,10 +107,8 @@ mod tests {
     fn a_notifications_lane_key_is_its_project_and_an_invalid_one_has_none() {
         let executor = Arc::new(Executor::new(Settings::embedded(), Ledger::in_memory()));
         let handler = BillingHandler::new(executor, BackoffSettings::default());
-        let delivery =
-            |body: &[u8]| Delivery::mock(1, "keystone".into(), "notifications.info".into(), false, body.to_vec());
         let created = br#"{"message_id":"m1","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p1"}}"#;
-        assert_eq!(BillingHandler::<Ledger>::lane_key(&handler.prepare(&delivery(created))), Some("p1"));
-        assert_eq!(BillingHandler::<Ledger>::lane_key(&handler.prepare(&delivery(b"{"))), None);
+        assert_eq!(BillingHandler::<Ledger>::lane_key(&handler.prepare(created)), Some("p1"));
+        assert_eq!(BillingHandler::<Ledger>::lane_key(&handler.prepare(b"{")), None);
     }
 }

@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-use lapin::message::Delivery;
-
 use super::{dead_letter, with_retries};
 use crate::{
     billing::Billing,
@@ -29,8 +27,8 @@ impl<B> ConcertimHandler<B> {
 impl<B: Billing + 'static> Handler for ConcertimHandler<B> {
     type Prepared = Result<Work, String>;
 
-    fn prepare(&self, delivery: &Delivery) -> Self::Prepared {
-        serde_json::from_slice(&delivery.data).map_err(|e| format!("not Concertim work: {e}"))
+    fn prepare(&self, body: &[u8]) -> Self::Prepared {
+        serde_json::from_slice(body).map_err(|e| format!("not Concertim work: {e}"))
     }
 
     fn lane_key(prepared: &Self::Prepared) -> Option<&str> {
