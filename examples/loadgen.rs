@@ -253,9 +253,13 @@ impl Generator {
         m["timestamp"] = now_oslo().into();
         match self.mix {
             Mix::Usage => {
+                // Samples dated now, as Ceilometer sends them: one far from its notification's
+                // timestamp is invalid.
+                let now = now_oslo();
                 for sample in m["payload"].as_array_mut().unwrap() {
                     sample["project_id"] = project.as_str().into();
                     sample["resource_id"] = instance.as_str().into();
+                    sample["timestamp"] = now.as_str().into();
                 }
             }
             Mix::Lifecycle => {
@@ -416,7 +420,7 @@ async fn run<B: Billing + 'static>(
     let names = topology::declare(&channel, &settings.bus).await.unwrap();
     assert!(topology::bind_upstream(&settings.bus).await.unwrap().is_empty(), "every upstream exchange is declared");
     channel.confirm_select(Default::default()).await.unwrap();
-    let app = App::new(settings.clone(), Hooked { inner: billing, hooks: Timing::new(args.mix) });
+    let app = App::new(settings.clone(), Hooked { inner: Arc::new(billing), hooks: Timing::new(args.mix) });
     let executor = Arc::clone(&app.executor);
 
     // Warm-up: every usage instance gets its account and subscription (and the client learns

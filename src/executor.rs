@@ -33,8 +33,9 @@ pub enum Outcome {
         event_type: String,
         /// How many actions made a change, found it done, or were late usage.
         effects: Effects,
-        /// What Concertim is to show of it, when Concertim is configured.
-        follow_up: Option<Work>,
+        /// What Concertim is to show of it, when Concertim is configured (boxed: most
+        /// outcomes have none, and every outcome is moved around).
+        follow_up: Option<Box<Work>>,
     },
     /// Nothing to bill: an unhandled event type, a project outside the filter, an event with
     /// no billing effect.
@@ -44,7 +45,7 @@ pub enum Outcome {
         /// Why.
         reason: &'static str,
         /// What Concertim is to show of it (a state change bills nothing but is shown).
-        follow_up: Option<Work>,
+        follow_up: Option<Box<Work>>,
     },
     /// The message can never be processed as it is.
     Invalid(InvalidMessage),
@@ -114,7 +115,7 @@ impl Outcome {
     /// The Concertim work of a message that is done.
     pub fn follow_up(&self) -> Option<&Work> {
         match self {
-            Outcome::Processed { follow_up, .. } | Outcome::Ignored { follow_up, .. } => follow_up.as_ref(),
+            Outcome::Processed { follow_up, .. } | Outcome::Ignored { follow_up, .. } => follow_up.as_deref(),
             Outcome::Invalid(_) | Outcome::Failed { .. } => None,
         }
     }
@@ -199,7 +200,7 @@ impl<B: Billing> Executor<B> {
         }
         if let Outcome::Processed { follow_up, .. } | Outcome::Ignored { follow_up, .. } = &mut outcome {
             if self.settings.concertim.is_some() {
-                *follow_up = concertim::work(notification, &self.settings);
+                *follow_up = concertim::work(notification, &self.settings).map(Box::new);
             }
         }
         outcome

@@ -37,10 +37,12 @@ pub trait Hooks: Send + Sync {
 }
 
 /// `inner`, with `hooks` run around each of its calls; commits and figures go straight through.
+/// The backend is shared, so several hooked services can bill into one (the sharded replicas
+/// of a test).
 #[derive(Debug, Default)]
 pub struct Hooked<B, H> {
     /// The backend doing the work.
-    pub inner: B,
+    pub inner: std::sync::Arc<B>,
     /// What runs around it.
     pub hooks: H,
 }

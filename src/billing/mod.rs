@@ -182,6 +182,9 @@ impl BillingError {
 }
 
 /// A billing application: KillBill, HostBill, or the embedded ledger.
+// FIXME(billing): subscriptions and usage are keyed by `InstanceId`: a meter of another
+// resource (a volume, a floating IP) mapped in `billing.meters` would be billed as an instance's
+// usage. Keying them by a resource id with its kind comes with billing those resources.
 pub trait Billing: Send + Sync {
     /// Creates the project's account unless its key exists, in any state.
     fn ensure_account(
@@ -251,48 +254,6 @@ pub trait Billing: Send + Sync {
         _today: time::Date,
     ) -> impl Future<Output = Result<Option<AccountFigures>, BillingError>> + Send {
         async { Ok(None) }
-    }
-}
-
-/// A shared backend bills like the backend itself (several consumers over one ledger).
-impl<B: Billing + ?Sized> Billing for std::sync::Arc<B> {
-    async fn ensure_account(&self, p: &ProjectId, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        (**self).ensure_account(p, ctx).await
-    }
-    async fn close_account(&self, p: &ProjectId, at: Timestamp, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        (**self).close_account(p, at, ctx).await
-    }
-    async fn ensure_subscription(&self, s: &SubscriptionSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        (**self).ensure_subscription(s, ctx).await
-    }
-    async fn change_plan(
-        &self,
-        i: &InstanceId,
-        p: &PlanName,
-        at: Timestamp,
-        ctx: Context<'_>,
-    ) -> Result<Applied, BillingError> {
-        (**self).change_plan(i, p, at, ctx).await
-    }
-    async fn cancel_subscription(
-        &self,
-        i: &InstanceId,
-        at: Timestamp,
-        ctx: Context<'_>,
-    ) -> Result<Applied, BillingError> {
-        (**self).cancel_subscription(i, at, ctx).await
-    }
-    async fn record_usage(&self, u: &UsageSpec, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        (**self).record_usage(u, ctx).await
-    }
-    async fn commit(&self) -> Result<(), BillingError> {
-        (**self).commit().await
-    }
-    async fn account_ref(&self, p: &ProjectId) -> Result<Option<String>, BillingError> {
-        (**self).account_ref(p).await
-    }
-    async fn account_figures(&self, p: &ProjectId, today: time::Date) -> Result<Option<AccountFigures>, BillingError> {
-        (**self).account_figures(p, today).await
     }
 }
 

@@ -298,7 +298,7 @@ pub struct Faults {
 
 /// A ledger without faults; set its hooks' fields to inject some.
 pub fn faulty() -> Faulty {
-    Hooked { inner: Ledger::in_memory(), hooks: Faults::default() }
+    Hooked { inner: Arc::new(Ledger::in_memory()), hooks: Faults::default() }
 }
 
 fn injected() -> BillingError {
