@@ -54,21 +54,21 @@ impl<B: Billing + 'static> App<B> {
         self
     }
 
-    /// Listens on `listen` (`http.listen`; empty: no listener) for `/healthz`, `/readyz` and
-    /// `/metrics`, recording metrics into a Prometheus recorder installed here.
+    /// Listens on `http.listen` (empty: no listener) for `/healthz`, `/readyz` and `/metrics`,
+    /// recording metrics into a Prometheus recorder installed here.
     ///
     /// # Errors
-    /// When `listen` is not an address or cannot be bound.
-    pub async fn listen(self, listen: &str, backend: String) -> Result<Self, AppError> {
+    /// When `http.listen` is not an address or cannot be bound.
+    pub async fn listen(self, backend: String) -> Result<Self, AppError> {
+        let listen = self.executor.settings().http.listen.clone();
         if listen.is_empty() {
             return Ok(self);
         }
         let addr: std::net::SocketAddr =
-            listen.parse().map_err(|e| AppError::Listen { addr: listen.to_owned(), reason: format!("{e}") })?;
-        let listener = TcpListener::bind(addr).await.map_err(|e| AppError::Listen {
-            addr: listen.to_owned(),
-            reason: format!("{e} (http.listen; \"\" disables it)"),
-        })?;
+            listen.parse().map_err(|e| AppError::Listen { addr: listen.clone(), reason: format!("{e}") })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| AppError::Listen { addr: listen, reason: format!("{e} (http.listen; \"\" disables it)") })?;
         tracing::info!(%addr, "serving /healthz /readyz /metrics");
         Ok(self.with_http(listener, crate::telemetry::install_prometheus(), backend))
     }

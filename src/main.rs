@@ -429,11 +429,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for warning in settings.warnings() {
                 tracing::warn!("{warning}");
             }
-            let listen = settings.http.listen.clone();
             runtime()?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
-                App::new(settings, backend).listen(&listen, described).await?.run(shutdown).await?;
+                App::new(settings, backend).listen(described).await?.run(shutdown).await?;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
@@ -530,13 +529,14 @@ async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<
             } else {
                 dlq::Action::Requeue
             };
-            if to_original_exchange && (all || !filters.selector().is_empty()) {
+            let selector = filters.selector();
+            if to_original_exchange && (all || !selector.is_empty()) {
                 eprintln!(
                     "warning: --to-original-exchange republishes to the upstream exchanges: every queue bound there \
                      (OpenStack's notifications.info, Ceilometer, CloudKitty) gets these messages again"
                 );
             }
-            let moved = dlq::requeue(settings, &filters.selector(), all, action, dry_run).await?;
+            let moved = dlq::requeue(settings, &selector, all, action, dry_run).await?;
             if dry_run {
                 print!("{}", dlq::table(&moved.done));
                 println!("(dry run: nothing moved)");

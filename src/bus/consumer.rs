@@ -153,7 +153,7 @@ struct Consumer {
     follow_ups: Option<String>,
 }
 
-/// What a consumer does with its messages (the billing and Concertim handlers live in
+/// What a consumer does with its messages (the billing and Concertim handlers live in the
 /// `handle` module).
 pub trait Handler: Send + Sync + 'static {
     /// A delivery read far enough to choose its lane and name its span.

@@ -9,14 +9,14 @@ use lapin::{
 };
 
 use super::{ack, broker_error, connect, publish::properties_json, BusError, Names};
-use crate::config::BusSettings;
+use crate::config::{BusSettings, SecretUrl};
 
 /// The dead-letter queue, open for reading.
 pub struct DeadLetters {
     _connection: lapin::Connection,
     channel: lapin::Channel,
     names: Names,
-    bus: BusSettings,
+    url: SecretUrl,
 }
 
 /// One letter fetched and not acknowledged.
@@ -85,7 +85,7 @@ impl DeadLetters {
         let _ = probe.close(200, "checked".into()).await;
         let channel = connection.create_channel().await.map_err(broker_error(&bus.url))?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(broker_error(&bus.url))?;
-        Ok(Self { _connection: connection, channel, names, bus: bus.clone() })
+        Ok(Self { _connection: connection, channel, names, url: bus.url.clone() })
     }
 
     /// Our main queue (where a requeue sends a letter by default).
@@ -100,7 +100,7 @@ impl DeadLetters {
     pub async fn next(&self) -> Result<Option<Fetched>, BusError> {
         let got =
             self.channel.basic_get(self.names.dead_queue.as_str().into(), BasicGetOptions { no_ack: false }).await;
-        Ok(got.map_err(broker_error(&self.bus.url))?.map(Fetched))
+        Ok(got.map_err(broker_error(&self.url))?.map(Fetched))
     }
 
     /// Publishes the letter's body with its properties to `exchange`/`routing_key`, minus this

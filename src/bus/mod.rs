@@ -167,12 +167,12 @@ pub async fn connect(url: &SecretUrl, name: &str) -> Result<Connection, BusError
 
 async fn connect_within(url: &SecretUrl, name: &str, after: Duration) -> Result<Connection, BusError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let opening = Connection::connect(url.expose(), properties);
-    let answer = tokio::time::timeout(after, opening).await;
-    match answer {
-        Ok(connected) => connected.map_err(|source| BusError::Unreachable { url: url.redacted(), source }),
-        Err(_) => Err(BusError::NoAnswer { url: url.redacted(), what: "the connection's opening handshake", after }),
-    }
+    answered_within(after, url, "the connection's opening handshake", async {
+        Connection::connect(url.expose(), properties)
+            .await
+            .map_err(|source| BusError::Unreachable { url: url.redacted(), source })
+    })
+    .await
 }
 
 /// `work`, or [`BusError::NoAnswer`] naming `what` when it takes over [`SETUP_TIMEOUT`].
@@ -181,9 +181,18 @@ pub(crate) async fn answered<T>(
     what: &'static str,
     work: impl std::future::Future<Output = Result<T, BusError>>,
 ) -> Result<T, BusError> {
-    tokio::time::timeout(SETUP_TIMEOUT, work)
+    answered_within(SETUP_TIMEOUT, url, what, work).await
+}
+
+async fn answered_within<T>(
+    after: Duration,
+    url: &SecretUrl,
+    what: &'static str,
+    work: impl std::future::Future<Output = Result<T, BusError>>,
+) -> Result<T, BusError> {
+    tokio::time::timeout(after, work)
         .await
-        .unwrap_or_else(|_| Err(BusError::NoAnswer { url: url.redacted(), what, after: SETUP_TIMEOUT }))
+        .unwrap_or_else(|_| Err(BusError::NoAnswer { url: url.redacted(), what, after }))
 }
 
 /// Wraps a lapin error with the (redacted) broker URL. lapin opens connections in the

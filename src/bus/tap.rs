@@ -9,13 +9,16 @@ use lapin::{
 };
 
 use super::{broker_error, connect, publish::properties_json, topology, BusError};
-use crate::{config::BusSettings, fixture::FixtureDelivery};
+use crate::{
+    config::{BusSettings, SecretUrl},
+    fixture::FixtureDelivery,
+};
 
 /// The tap, in place.
 pub struct Tap {
     connection: lapin::Connection,
     consumer: lapin::Consumer,
-    bus: BusSettings,
+    url: SecretUrl,
 }
 
 impl Tap {
@@ -56,7 +59,7 @@ impl Tap {
             )
             .await
             .map_err(&broker)?;
-        Ok(Self { connection, consumer, bus: bus.clone() })
+        Ok(Self { connection, consumer, url: bus.url.clone() })
     }
 
     /// The next message as a fixture delivery (body as received), or `None` when the broker
@@ -66,7 +69,7 @@ impl Tap {
     /// When the connection fails.
     pub async fn next(&mut self) -> Option<Result<FixtureDelivery, BusError>> {
         let next = self.consumer.next().await?;
-        Some(next.map_err(broker_error(&self.bus.url)).map(|delivery| FixtureDelivery {
+        Some(next.map_err(broker_error(&self.url)).map(|delivery| FixtureDelivery {
             exchange: Some(delivery.exchange.as_str().to_owned()),
             routing_key: Some(delivery.routing_key.as_str().to_owned()),
             properties: Some(properties_json(&delivery.properties)),

@@ -162,6 +162,7 @@ impl Faults {
 async fn apply(State(faults): State<Faults>, request: Request, next: Next) -> Response {
     let latency = faults.state.lock().unwrap().latency;
     if !latency.is_zero() {
+        // The injected latency itself (a slow server), not a synchronisation.
         tokio::time::sleep(latency).await;
     }
     match faults.decide(request.method()) {

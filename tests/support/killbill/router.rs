@@ -48,6 +48,7 @@ async fn handle(State(state): State<Shared>, method: Method, uri: Uri, headers: 
             // The server commits whether or not the client is still waiting: the work goes on
             // in a task of its own, which a client's disconnection does not cancel.
             let task = tokio::spawn(async move {
+                // The injected commit time (a slow cancel), not a synchronisation.
                 tokio::time::sleep(hold).await;
                 let answer = finish(&state, &method, &uri, &headers, &body);
                 state.lock().unwrap().committed.send_modify(|committed| {
