@@ -14,6 +14,8 @@ use crate::{
     config::Settings,
     executor::Executor,
     handle, http,
+    settle::{Horizon, Settler},
+    store::Store,
     telemetry::Health,
 };
 
@@ -43,6 +45,13 @@ impl<B: Billing + 'static> App<B> {
     /// The service over `billing`, configured by `settings`; nothing runs yet.
     pub fn new(settings: Settings, billing: B) -> Self {
         Self { executor: Arc::new(Executor::new(settings, billing)), health: Arc::default(), listener: None }
+    }
+
+    /// Keeps the timelines in `store` (without it they are kept in memory, lost at exit).
+    #[must_use]
+    pub fn with_store(self, store: Arc<Store>) -> Self {
+        self.executor.use_store(store);
+        self
     }
 
     /// Serves `/healthz`, `/readyz` (naming `backend`) and `/metrics` (when `metrics` is
@@ -85,6 +94,42 @@ impl<B: Billing + 'static> App<B> {
             tokio::spawn(http::serve(listener, http::router(state), shutdown.clone()));
         }
         let settings = self.executor.settings().clone();
-        bus::run(&settings, handlers.billing, handlers.concertim, shutdown, self.health).await
+        let settler =
+            self.executor.settler().await.map_err(|e| BusError::Config { detail: format!("state store: {e}") })?;
+        let settling = tokio::spawn(settle_every(settler, settings.billing.time.settle_every_s, shutdown.clone()));
+        let result = bus::run(&settings, handlers.billing, handlers.concertim, shutdown.clone(), self.health).await;
+        shutdown.cancel();
+        // A pass in progress finishes its current step; what it did not reach waits for the next run.
+        let _ = settling.await;
+        result
+    }
+}
+
+/// The one clock of the service: a settlement pass every `every_s` seconds until shutdown.
+async fn settle_every<B: Billing>(settler: Settler<B>, every_s: u64, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(every_s.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let pass = tokio::select! {
+            () = shutdown.cancelled() => return,
+            pass = settler.pass(Horizon::Now(i64::try_from(now).unwrap_or(i64::MAX))) => pass,
+        };
+        match pass {
+            Ok(pass) if pass.posted > 0 || !pass.failures.is_empty() => tracing::info!(
+                reviewed = pass.reviewed,
+                posted = pass.posted,
+                corrections = pass.corrections,
+                failed = pass.failures.len(),
+                held_elsewhere = pass.held,
+                "settlement pass"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "settlement pass failed; the next one tries again"),
+        }
     }
 }

@@ -120,6 +120,13 @@ key_newtype!(
     MessageId,
     "message id"
 );
+impl MessageId {
+    /// The id the settlement's own steps are sent under (they answer no message).
+    pub fn settlement() -> Self {
+        Self("settlement".to_owned())
+    }
+}
+
 key_newtype!(
     /// A Heat stack id.
     StackId,
@@ -149,6 +156,9 @@ pub struct TimestampError {
 }
 
 impl Timestamp {
+    /// 1970-01-01T00:00:00Z.
+    pub const UNIX_EPOCH: Timestamp = Timestamp(OffsetDateTime::UNIX_EPOCH);
+
     /// Reads every timestamp form OpenStack services emit, all UTC:
     /// `2025-08-18 10:38:25.282831` (oslo envelope, naive with a space), `2012-10-29T13:42:11Z`
     /// (Nova versioned), `2017-07-06T16:58:34.000000` (naive with a `T`),
@@ -305,6 +315,8 @@ pub struct Flavor {
     pub memory_mb: Option<u64>,
     /// Root disk in GiB, when known.
     pub root_gb: Option<u64>,
+    /// Ephemeral disk in GiB, when known.
+    pub ephemeral_gb: Option<u64>,
 }
 
 /// What a Nova instance notification says about the instance.
@@ -334,6 +346,32 @@ pub struct Instance {
     pub deleted_at: Option<Timestamp>,
     /// When the instance was terminated (legacy Nova sets this with or instead of `deleted_at`).
     pub terminated_at: Option<Timestamp>,
+    /// What this notification says about the instance's billable life.
+    pub step: Step,
+}
+
+/// What one instance notification means for its timeline (see `timeline`): Nova resets
+/// `launched_at` on every step that [`Step::Launched`] names, and reports the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// `create.end`, `finish_resize.end`/`resize_finish.end`, `resize.revert.end`/
+    /// `resize_revert.end`, `rebuild.end`, `rescue.end`, `unshelve.end`: a (new) `launched_at`
+    /// with the flavor held from then on.
+    Launched,
+    /// `delete.start`, `delete.end`: the current `launched_at` and flavor, and the end.
+    Deleting,
+    /// `exists`: Nova's usage audit of a window.
+    Audit {
+        /// `audit_period_beginning`.
+        begin: Timestamp,
+        /// `audit_period_ending`.
+        end: Timestamp,
+    },
+    /// The instance entered a state that the price policy may charge differently.
+    Entered(crate::timeline::Held),
+    /// Any other step: nothing about its billable time.
+    Other,
 }
 
 /// What happened to an instance.
@@ -374,6 +412,10 @@ pub struct Sample {
     pub launched_at: Option<Timestamp>,
     /// When the instance was created, when the metadata says.
     pub created_at: Option<Timestamp>,
+    /// When the instance was deleted, when the metadata says.
+    pub deleted_at: Option<Timestamp>,
+    /// Ceilometer's `counter_type`: `gauge`, `cumulative` or `delta` (empty when absent).
+    pub counter: String,
 }
 
 /// A Heat stack notification.

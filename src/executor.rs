@@ -13,6 +13,8 @@ use crate::{
     event::Notification,
     notification::{decode, DecodeError},
     plan::{plan, Action, PlanError},
+    settle::Settler,
+    store::{Store, StoreError},
 };
 
 /// A message as the bus (or a fixture) delivers it.
@@ -128,13 +130,43 @@ pub struct Executor<B> {
     billing: std::sync::Arc<B>,
     /// Whether each processed message is committed before its outcome is returned.
     commit_each: bool,
+    /// Where the facts go: the configured store, or one in memory made on first use.
+    store: tokio::sync::OnceCell<std::sync::Arc<Store>>,
 }
 
 impl<B: Billing> Executor<B> {
     /// An executor over a billing backend that commits every processed message before
     /// returning its outcome (what a message must have before it is acknowledged).
     pub fn new(settings: Settings, billing: B) -> Self {
-        Self { settings, billing: std::sync::Arc::new(billing), commit_each: true }
+        Self { settings, billing: std::sync::Arc::new(billing), commit_each: true, store: tokio::sync::OnceCell::new() }
+    }
+
+    /// The same executor, keeping facts in `store` (without it, an in-memory store is made on
+    /// first use: what `replay` and the tests want).
+    #[must_use]
+    pub fn with_store(self, store: std::sync::Arc<Store>) -> Self {
+        Self { store: tokio::sync::OnceCell::new_with(Some(store)), ..self }
+    }
+
+    /// Keeps the facts in `store` from now on; false when a store is already in use.
+    pub fn use_store(&self, store: std::sync::Arc<Store>) -> bool {
+        self.store.set(store).is_ok()
+    }
+
+    /// The state store the facts go to.
+    ///
+    /// # Errors
+    /// When the in-memory store cannot be made.
+    pub async fn store(&self) -> Result<std::sync::Arc<Store>, StoreError> {
+        self.store.get_or_try_init(|| async { Store::in_memory().await.map(std::sync::Arc::new) }).await.cloned()
+    }
+
+    /// A settlement over this executor's backend and store.
+    ///
+    /// # Errors
+    /// When the in-memory store cannot be made.
+    pub async fn settler(&self) -> Result<Settler<B>, StoreError> {
+        Ok(Settler::new(self.settings.clone(), self.shared_billing(), self.store().await?))
     }
 
     /// The same executor, leaving the commit to its caller's [`Executor::commit`] once a whole
@@ -234,14 +266,17 @@ impl<B: Billing> Executor<B> {
     }
 
     async fn apply(&self, action: &Action, ctx: Context<'_>) -> Result<Applied, BillingError> {
-        let b = &*self.billing;
         match action {
-            Action::EnsureAccount { project } => b.ensure_account(project, ctx).await,
-            Action::CloseAccount { project, at } => b.close_account(project, *at, ctx).await,
-            Action::EnsureSubscription(spec) => b.ensure_subscription(spec, ctx).await,
-            Action::ChangePlan { instance, plan, effective } => b.change_plan(instance, plan, *effective, ctx).await,
-            Action::CancelSubscription { instance, at } => b.cancel_subscription(instance, *at, ctx).await,
-            Action::RecordUsage(usage) => b.record_usage(usage, ctx).await,
+            Action::RecordFacts { instance, project, facts } => {
+                let facts: Vec<(String, i64)> = facts.iter().map(|f| (f.key(), f.effective())).collect();
+                let new = self.store().await?.add_facts(instance.as_str(), project.as_str(), &facts).await?;
+                Ok(if new > 0 { Applied::Done } else { Applied::AlreadyDone })
+            }
+            Action::EndProject { project, at } => {
+                self.store().await?.close_project(project.as_str(), at.unix()).await?;
+                Ok(Applied::Done)
+            }
+            other => crate::billing::apply(&*self.billing, other, ctx).await,
         }
     }
 }
@@ -255,6 +290,8 @@ fn describe(action: &Action) -> String {
         Action::ChangePlan { instance, plan, .. } => format!("change plan of {instance} to {plan}"),
         Action::CancelSubscription { instance, .. } => format!("cancel subscription {instance}"),
         Action::RecordUsage(usage) => format!("record usage {} on {}", usage.tracking_id, usage.instance),
+        Action::RecordFacts { instance, facts, .. } => format!("record {} facts of {instance}", facts.len()),
+        Action::EndProject { project, .. } => format!("end the timelines of project {project}"),
     }
 }
 

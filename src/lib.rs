@@ -45,5 +45,7 @@ pub mod plan;
 pub mod redact;
 pub mod replay;
 pub mod retry;
+pub mod settle;
 pub mod store;
 pub mod telemetry;
+pub mod timeline;

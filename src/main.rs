@@ -10,6 +10,7 @@ use concertim_billing::{
     bus::{self, topology},
     config::{BackendKind, SecretUrl, Settings},
     dlq, replay,
+    store::Store,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -151,6 +152,11 @@ enum Command {
         /// of the embedded ledger.
         #[arg(long, conflicts_with_all = ["ledger", "publish"])]
         apply: bool,
+        /// Bill running instances up to this time (RFC 3339); ended ones are billed to their
+        /// end. Default: the latest notification time in the input, so a replay is exact
+        /// whatever the order of its messages.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        as_of: Option<concertim_billing::event::Timestamp>,
     },
 }
 
@@ -401,7 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(if published.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
-        Command::Replay { paths, ledger, report, apply, .. } => {
+        Command::Replay { paths, ledger, report, apply, as_of, .. } => {
             for warning in settings.warnings() {
                 eprintln!("warning: {warning}");
             }
@@ -420,7 +426,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
                 .into());
             }
-            replay_locally(settings, &paths, ledger, report, apply)
+            replay_locally(settings, &paths, ledger, report, apply, as_of)
         }
         Command::Run { ledger, ledger_in_memory } => {
             let backend = Backend::for_service(&settings, ledger.as_deref(), ledger_in_memory)?;
@@ -432,7 +438,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
-                App::new(settings, backend).listen(described).await?.run(shutdown).await?;
+                let store = open_state(&settings, ledger_in_memory).await?;
+                App::new(settings, backend).with_store(store).listen(described).await?.run(shutdown).await?;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
@@ -586,17 +593,35 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
+/// Reads an RFC 3339 time from the command line.
+fn parse_time(text: &str) -> Result<concertim_billing::event::Timestamp, String> {
+    concertim_billing::event::Timestamp::parse(text).map_err(|e| format!("{e}; e.g. 2025-03-31T00:00:00Z"))
+}
+
+/// The state store `run` keeps its timelines in: PostgreSQL when `state.url` is set, else the
+/// SQLite file `state.path`; in memory with --ledger-in-memory (a trial run).
+async fn open_state(settings: &Settings, in_memory: bool) -> anyhow::Result<std::sync::Arc<Store>> {
+    let store = match (&settings.state.url, in_memory) {
+        (_, true) => Store::in_memory().await?,
+        (Some(url), false) => Store::open(url.expose()).await?,
+        (None, false) => Store::open(&settings.state.path).await?,
+    };
+    tracing::info!(store = %store.describe(), "state store");
+    Ok(std::sync::Arc::new(store))
+}
+
 fn replay_locally(
     settings: Settings,
     paths: &[PathBuf],
     ledger: Option<PathBuf>,
     report: ReportFormat,
     apply: bool,
+    as_of: Option<concertim_billing::event::Timestamp>,
 ) -> anyhow::Result<ExitCode> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
-    let output =
-        runtime.block_on(replay::local(settings, paths, ledger.as_deref(), apply, |line| eprintln!("{line}")))?;
+    let output = runtime
+        .block_on(replay::local(settings, paths, ledger.as_deref(), apply, as_of, |line| eprintln!("{line}")))?;
     match report {
         ReportFormat::Text => print!("{}", output.to_text()),
         ReportFormat::Json => println!("{}", output.to_json()),

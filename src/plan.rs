@@ -13,9 +13,9 @@ use rust_decimal::Decimal;
 use crate::{
     config::Settings,
     event::{
-        Event, Instance, InstanceAction, InstanceId, MessageId, Notification, PlanName, ProjectId, Sample, Timestamp,
-        Unit,
+        Event, Instance, InstanceAction, InstanceId, Notification, PlanName, ProjectId, Sample, Step, Timestamp, Unit,
     },
+    timeline::{Fact, Size, Source},
 };
 
 /// One billing step. Every variant is idempotent by key.
@@ -52,8 +52,25 @@ pub enum Action {
         /// When the instance was deleted.
         at: Timestamp,
     },
-    /// Record the usage of one notification for one instance in one call.
+    /// Record usage in one call: one metered sample, or one settled period of an instance.
     RecordUsage(UsageSpec),
+    /// Add facts to an instance's timeline in the state store (a fact already there changes
+    /// nothing); the settlement bills the time they describe.
+    RecordFacts {
+        /// The instance (or the resource a sample measures).
+        instance: InstanceId,
+        /// Its project.
+        project: ProjectId,
+        /// The facts.
+        facts: Vec<Fact>,
+    },
+    /// The project ended at `at`: nothing of it is billed after that.
+    EndProject {
+        /// The project.
+        project: ProjectId,
+        /// When it was deleted.
+        at: Timestamp,
+    },
 }
 
 /// What a subscription is created with.
@@ -73,12 +90,12 @@ pub struct SubscriptionSpec {
     pub display_name: Option<String>,
 }
 
-/// One usage call: every billed sample of one notification for one instance.
+/// One usage call: one settled period of an instance (all its units), or one metered sample.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageSpec {
     /// The subscription's external key.
     pub instance: InstanceId,
-    /// The idempotency key, derived from the notification (see [`tracking_id`]).
+    /// The idempotency key: derived from the period (settled time) or the sample (metered).
     pub tracking_id: String,
     /// The records, in sample order.
     pub records: Vec<UsageRecord>,
@@ -89,9 +106,9 @@ pub struct UsageSpec {
 pub struct UsageRecord {
     /// The billing unit.
     pub unit: Unit,
-    /// The sample's time.
+    /// When it is dated: inside the subscription's life.
     pub date: Timestamp,
-    /// volume × factor, rounded to 9 places.
+    /// The amount in the unit, rounded once to 9 places.
     pub amount: Decimal,
 }
 
@@ -129,6 +146,16 @@ pub enum PlanError {
         /// The configured bound.
         bound: Decimal,
     },
+    /// A lifecycle time far from the notification that carries it (ten years before, a day after).
+    #[error("{what} is {at}, more than ten years before or a day after its notification ({sent})")]
+    AbsurdTime {
+        /// Which field.
+        what: &'static str,
+        /// Its value.
+        at: Timestamp,
+        /// The notification's time.
+        sent: Timestamp,
+    },
     /// A sample dated far from the notification that carries it.
     #[error("meter {meter}: sample dated {sample}, more than a year before or a day after its notification ({sent})")]
     OutOfRange {
@@ -141,17 +168,26 @@ pub enum PlanError {
     },
 }
 
-/// The usage trackingId: the notification's `message_id`. KillBill scopes trackingIds per
-/// subscription and the plan makes one call per (notification, instance), so the id alone is
-/// unique where it must be, and a redelivered or replayed notification carries the same one.
-pub fn tracking_id(message_id: &MessageId) -> String {
-    message_id.as_str().to_owned()
+/// The usage trackingId of one metered sample: its meter and time, never a message id, so a
+/// sample republished under new ids (Ceilometer's retries) collides with its first posting.
+/// KillBill scopes trackingIds per subscription and keeps at most 128 characters: a meter name
+/// too long for that is replaced by its hash.
+pub fn sample_tracking_id(meter: &str, at: Timestamp) -> String {
+    let id = format!("s1:{meter}:{at}");
+    if id.len() <= 128 {
+        return id;
+    }
+    format!("s1:#{:016x}:{at}", crate::timeline::fnv64(meter.as_bytes()))
 }
+
+/// Facts dated more than this before their notification are refused: no instance is audited
+/// ten years after its launch, and a year 1 date would open millions of periods.
+const OLDEST_FACT_S: i64 = 10 * 366 * 86_400;
 
 /// Plans the billing of one notification.
 ///
 /// # Errors
-/// [`PlanError`] when a usage amount cannot be represented.
+/// [`PlanError`] when a usage amount cannot be represented, or a time is absurd.
 pub fn plan(notification: &Notification, settings: &Settings) -> Result<Plan, PlanError> {
     let event = &notification.event;
     // A Ceilometer batch may span projects: plan_usage filters it sample by sample.
@@ -163,12 +199,71 @@ pub fn plan(notification: &Notification, settings: &Settings) -> Result<Plan, Pl
     Ok(match event {
         Event::ProjectCreated { project } => vec![Action::EnsureAccount { project: project.clone() }],
         Event::ProjectDeleted { project } => {
-            vec![Action::CloseAccount { project: project.clone(), at: notification.meta.timestamp }]
+            let at = notification.meta.timestamp;
+            vec![
+                Action::EndProject { project: project.clone(), at },
+                Action::CloseAccount { project: project.clone(), at },
+            ]
         }
-        Event::Instance { action, instance } => plan_instance(*action, instance, notification, settings),
+        Event::Instance { action, instance } => plan_instance(*action, instance, notification, settings)?,
         Event::Usage { samples, .. } => plan_usage(samples, notification, settings)?,
         Event::ProjectUpdated { .. } | Event::Identity(_) | Event::Stack(_) | Event::Ignored { .. } => Vec::new(),
     })
+}
+
+/// A time as a fact holds it: whole seconds, refused when far from its notification.
+fn fact_time(what: &'static str, t: Timestamp, notification: &Notification) -> Result<i64, PlanError> {
+    let sent = notification.meta.timestamp.unix();
+    if t.unix() < sent - OLDEST_FACT_S || t.unix() > sent + 86_400 {
+        return Err(PlanError::AbsurdTime { what, at: t, sent: notification.meta.timestamp });
+    }
+    Ok(t.unix())
+}
+
+/// The flavor as the units see it.
+fn size_of(flavor: &crate::event::Flavor) -> Size {
+    Size {
+        name: flavor.name.clone(),
+        vcpus: flavor.vcpus.map_or(0, u64::from),
+        memory_mb: flavor.memory_mb.unwrap_or(0),
+        disk_gb: flavor.root_gb.unwrap_or(0).saturating_add(flavor.ephemeral_gb.unwrap_or(0)),
+    }
+}
+
+/// What one instance notification adds to the instance's timeline.
+fn instance_facts(instance: &Instance, notification: &Notification) -> Result<Vec<Fact>, PlanError> {
+    let seen = notification.meta.timestamp.unix();
+    let mut facts = Vec::new();
+    let reports_launch = matches!(instance.step, Step::Launched | Step::Deleting | Step::Audit { .. });
+    let launched = instance.launched_at.map(|t| fact_time("launched_at", t, notification)).transpose()?;
+    if let (true, Some(at)) = (reports_launch, launched) {
+        facts.push(Fact::Launch { at, source: Source::Nova, seen, size: size_of(&instance.flavor) });
+    }
+    let terminated = instance.terminated_at.map(|t| fact_time("terminated_at", t, notification)).transpose()?;
+    if matches!(instance.step, Step::Deleting | Step::Audit { .. }) {
+        if let Some(at) = terminated {
+            facts.push(Fact::End { at, terminated: true });
+        }
+        if let Some(t) = instance.deleted_at {
+            facts.push(Fact::End { at: fact_time("deleted_at", t, notification)?, terminated: false });
+        }
+    }
+    match instance.step {
+        Step::Audit { begin, end } => {
+            if let Some(launched_at) = launched {
+                facts.push(Fact::Audit {
+                    begin: fact_time("audit_period_beginning", begin, notification)?,
+                    end: fact_time("audit_period_ending", end, notification)?,
+                    launched_at,
+                    terminated_at: terminated,
+                    size: size_of(&instance.flavor),
+                });
+            }
+        }
+        Step::Entered(held) => facts.push(Fact::State { at: seen, held }),
+        Step::Launched | Step::Deleting | Step::Other => {}
+    }
+    Ok(facts)
 }
 
 fn plan_instance(
@@ -176,48 +271,37 @@ fn plan_instance(
     instance: &Instance,
     notification: &Notification,
     settings: &Settings,
-) -> Plan {
-    let flavor = Some(instance.flavor.name.as_str()).filter(|f| !f.is_empty());
-    let plan = settings.billing.plan_for(flavor).clone();
-    let ensure = |start: Timestamp| {
-        [
-            Action::EnsureAccount { project: instance.project.clone() },
-            Action::EnsureSubscription(SubscriptionSpec {
-                instance: instance.id.clone(),
-                project: instance.project.clone(),
-                plan: plan.clone(),
-                start,
-                flavor: flavor.map(str::to_owned),
-                display_name: Some(instance.display_name.clone()).filter(|n| !n.is_empty()),
-            }),
-        ]
-    };
-    let at = notification.meta.timestamp;
-    match action {
-        InstanceAction::Created => {
-            let start = instance.launched_at.or(instance.created_at).unwrap_or(at);
-            ensure(start).into()
-        }
-        InstanceAction::Resized => {
-            let start = instance.launched_at.or(instance.created_at).unwrap_or(at);
-            let mut actions: Plan = ensure(start).into();
-            actions.push(Action::ChangePlan { instance: instance.id.clone(), plan, effective: at });
-            actions
-        }
-        InstanceAction::Deleted => {
-            // An instance that never launched (a failed build) was never billable.
-            let Some(start) = instance.launched_at else { return Vec::new() };
-            let end = instance.deleted_at.or(instance.terminated_at).unwrap_or(at);
-            let mut actions: Plan = ensure(start).into();
-            actions.push(Action::CancelSubscription { instance: instance.id.clone(), at: end });
-            actions
-        }
-        InstanceAction::StateChanged => Vec::new(),
+) -> Result<Plan, PlanError> {
+    let facts = instance_facts(instance, notification)?;
+    if facts.is_empty() {
+        return Ok(Vec::new());
     }
+    let mut actions = vec![Action::EnsureAccount { project: instance.project.clone() }];
+    // A create shows its subscription at once (the settlement would create it too, later): its
+    // launched_at is the instance's first, so the subscription's start is right.
+    if let (InstanceAction::Created, Some(start)) = (action, instance.launched_at) {
+        let flavor = Some(instance.flavor.name.as_str()).filter(|f| !f.is_empty());
+        actions.push(Action::EnsureSubscription(SubscriptionSpec {
+            instance: instance.id.clone(),
+            project: instance.project.clone(),
+            plan: settings.billing.plan_for(flavor).clone(),
+            start: whole_second(start),
+            flavor: flavor.map(str::to_owned),
+            display_name: Some(instance.display_name.clone()).filter(|n| !n.is_empty()),
+        }));
+    }
+    actions.push(Action::RecordFacts { instance: instance.id.clone(), project: instance.project.clone(), facts });
+    Ok(actions)
 }
 
-/// A sample's billed amount: volume × factor, refused when it is negative, above the bound, or
-/// dated far from its notification (a year before, a day after).
+/// A time without its fraction: timelines count whole seconds, and a subscription must start
+/// no later than the first record the settlement dates at its first launch.
+pub fn whole_second(t: Timestamp) -> Timestamp {
+    Timestamp::from_unix(t.unix()).unwrap_or(t)
+}
+
+/// A metered sample's billed amount: volume × factor, refused when it is negative, above the
+/// bound, or dated far from its notification (a year before, a day after).
 fn amount(
     sample: &Sample,
     notification: &Notification,
@@ -244,24 +328,75 @@ fn amount(
     Ok(amount)
 }
 
+/// The launch a group of one instance's notification-derived samples reveals: the metadata's
+/// `launched_at` and flavor name, the sizes from the gauge meters that carry them.
+// FIXME(billing): a size whose meter is not in the group counts as 0; it only matters when no
+// Nova notification reported the same launch (Nova's report always wins).
+fn sample_facts(group: &[&Sample], notification: &Notification) -> Result<Vec<Fact>, PlanError> {
+    let mut facts = Vec::new();
+    let first = group[0];
+    if let Some(launched) = first.launched_at {
+        let volume = |meter: &str| {
+            group
+                .iter()
+                .find(|s| s.meter == meter)
+                .and_then(|s| u64::try_from(s.volume.trunc().mantissa()).ok())
+                .unwrap_or(0)
+        };
+        let size = Size {
+            name: first.flavor_name.clone().unwrap_or_default(),
+            vcpus: volume("vcpus"),
+            memory_mb: volume("memory"),
+            disk_gb: volume("disk.root.size").saturating_add(volume("disk.ephemeral.size")),
+        };
+        let seen = group.iter().map(|s| s.timestamp.unix()).min().unwrap_or(first.timestamp.unix());
+        facts.push(Fact::Launch {
+            at: fact_time("launched_at", launched, notification)?,
+            source: Source::Sample,
+            seen,
+            size,
+        });
+    }
+    if let Some(deleted) = first.deleted_at {
+        facts.push(Fact::End { at: fact_time("deleted_at", deleted, notification)?, terminated: false });
+    }
+    Ok(facts)
+}
+
 fn plan_usage(samples: &[Sample], notification: &Notification, settings: &Settings) -> Result<Plan, PlanError> {
-    // Group by instance, keeping first-seen order so the plan is deterministic.
+    // Group by resource, keeping first-seen order so the plan is deterministic.
     let mut order: Vec<&InstanceId> = Vec::new();
-    let mut by_instance: BTreeMap<&InstanceId, Vec<&Sample>> = BTreeMap::new();
-    for sample in samples {
-        if !settings.billing.meters.contains_key(&sample.meter) || !settings.projects.admits(&sample.project) {
-            continue;
-        }
-        let entry = by_instance.entry(&sample.resource).or_default();
+    let mut by_resource: BTreeMap<&InstanceId, Vec<&Sample>> = BTreeMap::new();
+    for sample in samples.iter().filter(|s| settings.projects.admits(&s.project)) {
+        let entry = by_resource.entry(&sample.resource).or_default();
         if entry.is_empty() {
             order.push(&sample.resource);
         }
         entry.push(sample);
     }
     let mut actions = Vec::new();
-    for instance in order {
-        let group = &by_instance[instance];
+    for resource in order {
+        let group = &by_resource[resource];
         let first = group[0];
+        let evidence: Vec<&Sample> =
+            group.iter().copied().filter(|s| s.counter != "delta" && s.counter != "cumulative").collect();
+        let facts = if evidence.is_empty() { Vec::new() } else { sample_facts(&evidence, notification)? };
+        let metered: Vec<(&Sample, &crate::config::MeterRule)> = group
+            .iter()
+            .filter_map(|s| {
+                settings.billing.meters.get(&s.meter).filter(|r| r.counter.as_str() == s.counter).map(|r| (*s, r))
+            })
+            .collect();
+        if facts.is_empty() && metered.is_empty() {
+            continue;
+        }
+        actions.push(Action::EnsureAccount { project: first.project.clone() });
+        if !facts.is_empty() {
+            actions.push(Action::RecordFacts { instance: resource.clone(), project: first.project.clone(), facts });
+        }
+        if metered.is_empty() {
+            continue;
+        }
         let start = first
             .launched_at
             .or(first.created_at)
@@ -269,29 +404,28 @@ fn plan_usage(samples: &[Sample], notification: &Notification, settings: &Settin
             // earliest sample of whichever notification arrives first, so it depends on order.
             .unwrap_or_else(|| group.iter().map(|s| s.timestamp).min().unwrap_or(first.timestamp));
         let flavor = first.flavor_name.as_deref().filter(|f| !f.is_empty());
-        actions.push(Action::EnsureAccount { project: first.project.clone() });
         actions.push(Action::EnsureSubscription(SubscriptionSpec {
-            instance: instance.clone(),
+            instance: resource.clone(),
             project: first.project.clone(),
             plan: settings.billing.plan_for(flavor).clone(),
-            start,
+            start: whole_second(start),
             flavor: flavor.map(str::to_owned),
             display_name: first.display_name.clone().filter(|n| !n.is_empty()),
         }));
-        let mut records = Vec::with_capacity(group.len());
-        for sample in group {
-            let rule = &settings.billing.meters[&sample.meter];
-            records.push(UsageRecord {
-                unit: rule.unit.clone(),
-                date: sample.timestamp,
-                amount: amount(sample, notification, rule, settings)?,
-            });
+        for (sample, rule) in metered {
+            // FIXME(billing): cumulative meters are billed as their increase per period by the
+            // settlement; until the timeline keeps readings, a cumulative sample is billed as
+            // if it were a delta only when configured so, and the config refuses `cumulative`.
+            actions.push(Action::RecordUsage(UsageSpec {
+                instance: resource.clone(),
+                tracking_id: sample_tracking_id(&sample.meter, sample.timestamp),
+                records: vec![UsageRecord {
+                    unit: rule.unit.clone(),
+                    date: sample.timestamp,
+                    amount: amount(sample, notification, rule, settings)?,
+                }],
+            }));
         }
-        actions.push(Action::RecordUsage(UsageSpec {
-            instance: instance.clone(),
-            tracking_id: tracking_id(&notification.meta.message_id),
-            records,
-        }));
     }
     Ok(actions)
 }
@@ -301,7 +435,8 @@ mod tests {
     use super::*;
     use crate::{
         config::ProjectFilter,
-        event::{Flavor, Meta},
+        event::{Flavor, MessageId, Meta},
+        timeline::Held,
     };
 
     fn ts(text: &str) -> Timestamp {
@@ -321,24 +456,32 @@ mod tests {
         }
     }
 
-    fn instance(flavor: &str) -> Box<Instance> {
+    fn instance(flavor: &str, step: Step) -> Box<Instance> {
         Box::new(Instance {
             id: InstanceId::parse("i-1").unwrap(),
             project: ProjectId::parse("p-1").unwrap(),
             user: None,
             display_name: "vm".into(),
-            flavor: Flavor { name: flavor.into(), id: None, vcpus: Some(1), memory_mb: Some(512), root_gb: Some(1) },
+            flavor: Flavor {
+                name: flavor.into(),
+                id: None,
+                vcpus: Some(2),
+                memory_mb: Some(512),
+                root_gb: Some(1),
+                ephemeral_gb: Some(4),
+            },
             vm_state: "active".into(),
             task_state: None,
             power_state: None,
             created_at: Some(ts("2025-01-01T09:59:00Z")),
-            launched_at: Some(ts("2025-01-01T10:00:00Z")),
+            launched_at: Some(ts("2025-01-01T10:00:00.750Z")),
             deleted_at: None,
             terminated_at: None,
+            step,
         })
     }
 
-    fn sample(meter: &str, volume: i64) -> Sample {
+    fn sample(meter: &str, volume: i64, counter: &str) -> Sample {
         Sample {
             meter: meter.into(),
             volume: Decimal::from(volume),
@@ -350,102 +493,195 @@ mod tests {
             display_name: None,
             launched_at: Some(ts("2025-01-01T10:00:00Z")),
             created_at: None,
+            deleted_at: None,
+            counter: counter.into(),
+        }
+    }
+
+    fn facts_of(plan: &Plan) -> Vec<Fact> {
+        plan.iter()
+            .filter_map(|a| match a {
+                Action::RecordFacts { facts, .. } => Some(facts.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn launch(at: &str, seen: &str, name: &str) -> Fact {
+        Fact::Launch {
+            at: ts(at).unix(),
+            source: Source::Nova,
+            seen: ts(seen).unix(),
+            size: Size { name: name.into(), vcpus: 2, memory_mb: 512, disk_gb: 5 },
         }
     }
 
     #[test]
-    fn instance_created_ensures_account_then_subscription_from_launched_at() {
-        let n = notification(Event::Instance { action: InstanceAction::Created, instance: instance("m1.small") });
+    fn a_create_ensures_the_subscription_from_the_whole_second_of_its_launch_and_records_the_launch() {
+        let n = notification(Event::Instance {
+            action: InstanceAction::Created,
+            instance: instance("m1.small", Step::Launched),
+        });
         let plan = plan(&n, &Settings::embedded()).unwrap();
         assert!(matches!(&plan[0], Action::EnsureAccount { project } if project.as_str() == "p-1"));
         let Action::EnsureSubscription(spec) = &plan[1] else { panic!("{plan:?}") };
         assert_eq!(spec.start, ts("2025-01-01T10:00:00Z"));
         assert_eq!(spec.plan.as_str(), "openstack-standard-monthly");
-        assert_eq!(plan.len(), 2);
+        assert_eq!(facts_of(&plan), [launch("2025-01-01T10:00:00Z", "2025-01-01T12:00:00Z", "m1.small")]);
     }
 
     #[test]
-    fn delete_before_create_creates_then_cancels_at_deleted_at() {
-        let mut i = instance("m1.small");
-        i.deleted_at = Some(ts("2025-01-01T11:30:00Z"));
+    fn a_delete_reports_its_launch_and_ends_at_terminated_at_and_deleted_at() {
+        let mut i = instance("m1.small", Step::Deleting);
+        i.terminated_at = Some(ts("2025-01-01T11:30:00Z"));
+        i.deleted_at = Some(ts("2025-01-01T11:30:02Z"));
         let n = notification(Event::Instance { action: InstanceAction::Deleted, instance: i });
         let plan = plan(&n, &Settings::embedded()).unwrap();
-        assert!(matches!(&plan[1], Action::EnsureSubscription(_)));
+        assert!(!plan.iter().any(|a| matches!(a, Action::EnsureSubscription(_) | Action::CancelSubscription { .. })));
+        let facts = facts_of(&plan);
+        assert!(facts.contains(&Fact::End { at: ts("2025-01-01T11:30:00Z").unix(), terminated: true }));
+        assert!(facts.contains(&Fact::End { at: ts("2025-01-01T11:30:02Z").unix(), terminated: false }));
+        assert!(facts.contains(&launch("2025-01-01T10:00:00Z", "2025-01-01T12:00:00Z", "m1.small")));
+    }
+
+    #[test]
+    fn a_never_launched_instance_records_only_its_end() {
+        let mut i = instance("m1.small", Step::Deleting);
+        i.launched_at = None;
+        i.deleted_at = Some(ts("2025-01-01T11:30:00Z"));
+        let n = notification(Event::Instance { action: InstanceAction::Deleted, instance: i });
         assert_eq!(
-            plan[2],
-            Action::CancelSubscription { instance: InstanceId::parse("i-1").unwrap(), at: ts("2025-01-01T11:30:00Z") }
+            facts_of(&plan(&n, &Settings::embedded()).unwrap()),
+            [Fact::End { at: ts("2025-01-01T11:30:00Z").unix(), terminated: false }]
         );
     }
 
     #[test]
-    fn a_never_launched_instance_is_not_billed_on_delete() {
-        let mut i = instance("m1.small");
-        i.launched_at = None;
-        let n = notification(Event::Instance { action: InstanceAction::Deleted, instance: i });
+    fn a_power_off_is_a_state_at_its_notification_time_and_an_update_is_nothing() {
+        let n = notification(Event::Instance {
+            action: InstanceAction::StateChanged,
+            instance: instance("m1.small", Step::Entered(Held::Stopped)),
+        });
+        assert_eq!(
+            facts_of(&plan(&n, &Settings::embedded()).unwrap()),
+            [Fact::State { at: ts("2025-01-01T12:00:00Z").unix(), held: Held::Stopped }]
+        );
+        let n = notification(Event::Instance {
+            action: InstanceAction::StateChanged,
+            instance: instance("m1.small", Step::Other),
+        });
         assert!(plan(&n, &Settings::embedded()).unwrap().is_empty());
     }
 
     #[test]
-    fn resize_changes_plan_effective_at_the_notification_time() {
-        let settings =
-            Settings::from_toml("[billing]\ndefault_plan = \"std\"\n[billing.plans]\n\"m1.large\" = \"large\"\n", "t")
-                .unwrap();
-        let n = notification(Event::Instance { action: InstanceAction::Resized, instance: instance("m1.large") });
-        let plan = plan(&n, &settings).unwrap();
-        assert_eq!(
-            plan.last().unwrap(),
-            &Action::ChangePlan {
-                instance: InstanceId::parse("i-1").unwrap(),
-                plan: PlanName::parse("large").unwrap(),
-                effective: ts("2025-01-01T12:00:00Z"),
-            }
-        );
+    fn an_audit_reports_its_window_and_the_launch_it_saw() {
+        let step = Step::Audit { begin: ts("2025-01-01T10:00:00Z"), end: ts("2025-01-01T11:00:00Z") };
+        let n = notification(Event::Instance {
+            action: InstanceAction::StateChanged,
+            instance: instance("m1.small", step),
+        });
+        let facts = facts_of(&plan(&n, &Settings::embedded()).unwrap());
+        assert!(facts.iter().any(|f| matches!(f, Fact::Audit { terminated_at: None, .. })), "{facts:?}");
+        assert!(facts.iter().any(|f| matches!(f, Fact::Launch { .. })), "{facts:?}");
     }
 
     #[test]
-    fn usage_before_create_ensures_the_subscription_and_records_one_call_per_instance() {
-        let n =
-            notification(Event::Usage { samples: vec![sample("vcpus", 2), sample("memory", 1024)], unattributed: 0 });
+    fn a_launch_dated_absurdly_far_from_its_notification_is_invalid() {
+        let mut i = instance("m1.small", Step::Launched);
+        i.launched_at = Some(ts("0001-01-01T00:00:00Z"));
+        let n = notification(Event::Instance { action: InstanceAction::Created, instance: i });
+        assert!(matches!(plan(&n, &Settings::embedded()), Err(PlanError::AbsurdTime { what: "launched_at", .. })));
+    }
+
+    #[test]
+    fn gauge_samples_are_evidence_of_a_launch_never_usage() {
+        let n = notification(Event::Usage {
+            samples: vec![
+                sample("vcpus", 2, "gauge"),
+                sample("memory", 2048, "gauge"),
+                sample("disk.root.size", 20, "gauge"),
+            ],
+            unattributed: 0,
+        });
         let plan = plan(&n, &Settings::embedded()).unwrap();
-        assert_eq!(plan.len(), 3);
-        let Action::RecordUsage(usage) = &plan[2] else { panic!("{plan:?}") };
-        assert_eq!(usage.tracking_id, "msg-1");
-        let amounts: Vec<String> = usage.records.iter().map(|r| format!("{}={}", r.unit, r.amount)).collect();
-        assert_eq!(amounts, ["openstack-billed-vcpus=20", "openstack-billed-memory=10"]);
+        assert!(!plan.iter().any(|a| matches!(a, Action::RecordUsage(_))), "{plan:?}");
+        assert_eq!(
+            facts_of(&plan),
+            [Fact::Launch {
+                at: ts("2025-01-01T10:00:00Z").unix(),
+                source: Source::Sample,
+                seen: ts("2025-01-01T11:00:00Z").unix(),
+                size: Size { name: "m1.small".into(), vcpus: 2, memory_mb: 2048, disk_gb: 20 },
+            }]
+        );
+    }
+
+    fn metered() -> Settings {
+        Settings::from_toml(
+            &crate::config::DEFAULT_TOML.replace(
+                "[billing.meters]\n",
+                "[billing.meters.\"network.outgoing.bytes.delta\"]\nunit = \"egress-gib\"\nfactor = \"1/1073741824\"\ncounter = \"delta\"\n",
+            ),
+            "t",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_delta_sample_is_billed_under_an_id_from_its_meter_and_time_so_a_republication_collides() {
+        let mut s = sample("network.outgoing.bytes.delta", 2_147_483_648, "delta");
+        s.launched_at = None;
+        let n = notification(Event::Usage { samples: vec![s.clone()], unattributed: 0 });
+        let plan = plan(&n, &metered()).unwrap();
+        let Some(Action::RecordUsage(usage)) = plan.last() else { panic!("{plan:?}") };
+        assert_eq!(usage.tracking_id, "s1:network.outgoing.bytes.delta:2025-01-01T11:00:00Z");
+        assert_eq!(usage.records[0].amount, Decimal::from(2));
+        let mut republished = notification(Event::Usage { samples: vec![s], unattributed: 0 });
+        republished.meta.message_id = MessageId::parse("msg-2").unwrap();
+        assert_eq!(super::plan(&republished, &metered()).unwrap(), plan);
+    }
+
+    #[test]
+    fn a_sample_of_another_counter_type_than_its_rule_is_not_billed() {
+        let mut s = sample("network.outgoing.bytes.delta", 5, "gauge");
+        s.launched_at = None;
+        let n = notification(Event::Usage { samples: vec![s], unattributed: 0 });
+        assert!(plan(&n, &metered()).unwrap().is_empty());
     }
 
     #[test]
     fn a_negative_volume_is_invalid_never_a_credit() {
-        let n = notification(Event::Usage { samples: vec![sample("vcpus", -5)], unattributed: 0 });
-        let error = plan(&n, &Settings::embedded()).unwrap_err();
+        let n = notification(Event::Usage {
+            samples: vec![sample("network.outgoing.bytes.delta", -5, "delta")],
+            unattributed: 0,
+        });
+        let error = plan(&n, &metered()).unwrap_err();
         assert!(matches!(error, PlanError::Negative { .. }), "{error}");
         assert!(error.to_string().contains("never billed as a credit"));
     }
 
     #[test]
     fn an_amount_above_the_configured_bound_is_invalid_and_names_the_setting() {
-        let n = notification(Event::Usage { samples: vec![sample("vcpus", 100_000_000_000)], unattributed: 0 });
-        let error = plan(&n, &Settings::embedded()).unwrap_err();
+        let n = notification(Event::Usage {
+            samples: vec![sample("network.outgoing.bytes.delta", i64::MAX, "delta")],
+            unattributed: 0,
+        });
+        let mut settings = metered();
+        settings.billing.max_record_amount = Decimal::from(1000);
+        let error = plan(&n, &settings).unwrap_err();
         assert!(error.to_string().contains("billing.max_record_amount"), "{error}");
-        let mut settings = Settings::embedded();
-        settings.billing.max_record_amount = Decimal::from(2_000_000_000_000u64);
-        assert!(plan(&n, &settings).is_ok(), "a raised bound admits it");
     }
 
     #[test]
     fn a_sample_dated_far_from_its_notification_is_invalid() {
         for when in ["0001-01-01T00:00:00Z", "9999-12-31T00:00:00Z", "2023-12-01T00:00:00Z", "2025-01-03T12:00:00Z"] {
-            let mut far = sample("vcpus", 1);
+            let mut far = sample("network.outgoing.bytes.delta", 1, "delta");
             far.timestamp = ts(when);
+            far.launched_at = None;
             let n = notification(Event::Usage { samples: vec![far], unattributed: 0 });
-            assert!(matches!(plan(&n, &Settings::embedded()), Err(PlanError::OutOfRange { .. })), "{when}");
+            assert!(matches!(plan(&n, &metered()), Err(PlanError::OutOfRange { .. })), "{when}");
         }
-    }
-
-    #[test]
-    fn unmapped_meters_create_nothing() {
-        let n = notification(Event::Usage { samples: vec![sample("cpu_util", 5)], unattributed: 0 });
-        assert!(plan(&n, &Settings::embedded()).unwrap().is_empty());
     }
 
     #[test]
@@ -454,16 +690,24 @@ mod tests {
         settings.projects = ProjectFilter { include: vec![ProjectId::parse("other").unwrap()], exclude: vec![] };
         let n = notification(Event::ProjectCreated { project: ProjectId::parse("p-1").unwrap() });
         assert!(plan(&n, &settings).unwrap().is_empty());
-        let n = notification(Event::Usage { samples: vec![sample("vcpus", 1)], unattributed: 0 });
+        let n = notification(Event::Usage { samples: vec![sample("vcpus", 1, "gauge")], unattributed: 0 });
         assert!(plan(&n, &settings).unwrap().is_empty());
     }
 
     #[test]
-    fn project_deleted_closes_the_account_at_the_notification_time() {
+    fn project_deleted_ends_its_timelines_and_closes_the_account_at_the_notification_time() {
         let n = notification(Event::ProjectDeleted { project: ProjectId::parse("p-1").unwrap() });
+        let p = ProjectId::parse("p-1").unwrap();
+        let at = ts("2025-01-01T12:00:00Z");
         assert_eq!(
             plan(&n, &Settings::embedded()).unwrap(),
-            [Action::CloseAccount { project: ProjectId::parse("p-1").unwrap(), at: ts("2025-01-01T12:00:00Z") }]
+            [Action::EndProject { project: p.clone(), at }, Action::CloseAccount { project: p, at }]
         );
+    }
+
+    #[test]
+    fn a_long_meter_name_is_hashed_to_keep_the_tracking_id_within_128_characters() {
+        let id = sample_tracking_id(&"m".repeat(200), ts("2025-01-01T11:00:00Z"));
+        assert!(id.len() <= 128 && id.starts_with("s1:#"), "{id}");
     }
 }

@@ -16,7 +16,7 @@ use crate::{
     class::ErrorClass,
     config::{BackendKind, Settings},
     event::{InstanceId, Meta, PlanName, ProjectId, Timestamp},
-    plan::{SubscriptionSpec, UsageSpec},
+    plan::{Action, SubscriptionSpec, UsageSpec},
 };
 
 pub use hostbill::HostBill;
@@ -66,6 +66,10 @@ pub enum BillingError {
         /// What the parser said.
         reason: String,
     },
+    /// The embedded ledger's store could not be read or written, or holds a row it did not
+    /// write.
+    #[error("ledger: {0}")]
+    Store(#[from] crate::store::StoreError),
     /// An action named a subscription that does not exist (plans always ensure it first, so
     /// this is a bug or a hand-edited ledger).
     #[error("subscription {0} does not exist")]
@@ -165,6 +169,7 @@ impl BillingError {
         match self {
             // A full disk or a permissions slip can be fixed without changing the message.
             BillingError::LedgerIo { .. } => ErrorClass::Transient,
+            BillingError::Store(e) => e.class(),
             BillingError::ProjectMismatch { .. } => ErrorClass::Invalid,
             BillingError::LedgerCorrupt { .. }
             | BillingError::NoSubscription(_)
@@ -178,6 +183,20 @@ impl BillingError {
             BillingError::Status { status, .. } if *status >= 500 || *status == 429 => ErrorClass::Transient,
             BillingError::Status { .. } => ErrorClass::Permanent,
         }
+    }
+}
+
+/// Runs one backend action. The state store's actions (facts, a project's end) are not the
+/// backend's: they do nothing here.
+pub async fn apply<B: Billing>(b: &B, action: &Action, ctx: Context<'_>) -> Result<Applied, BillingError> {
+    match action {
+        Action::EnsureAccount { project } => b.ensure_account(project, ctx).await,
+        Action::CloseAccount { project, at } => b.close_account(project, *at, ctx).await,
+        Action::EnsureSubscription(spec) => b.ensure_subscription(spec, ctx).await,
+        Action::ChangePlan { instance, plan, effective } => b.change_plan(instance, plan, *effective, ctx).await,
+        Action::CancelSubscription { instance, at } => b.cancel_subscription(instance, *at, ctx).await,
+        Action::RecordUsage(usage) => b.record_usage(usage, ctx).await,
+        Action::RecordFacts { .. } | Action::EndProject { .. } => Ok(Applied::AlreadyDone),
     }
 }
 

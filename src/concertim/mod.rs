@@ -211,7 +211,14 @@ mod tests {
             project: ProjectId::parse("p-1").unwrap(),
             user: None,
             display_name: String::new(),
-            flavor: Flavor { name: "m1".into(), id: None, vcpus: None, memory_mb: None, root_gb: None },
+            flavor: Flavor {
+                name: "m1".into(),
+                id: None,
+                vcpus: None,
+                memory_mb: None,
+                root_gb: None,
+                ephemeral_gb: None,
+            },
             vm_state: vm_state.into(),
             task_state: task.map(str::to_owned),
             power_state: None,
@@ -219,6 +226,7 @@ mod tests {
             launched_at: None,
             deleted_at: None,
             terminated_at: None,
+            step: crate::event::Step::Other,
         })
     }
 
@@ -282,15 +290,28 @@ mod tests {
             display_name: None,
             launched_at: None,
             created_at: None,
+            deleted_at: None,
+            counter: "gauge".into(),
         };
         let n = notification(Event::Usage {
             samples: vec![sample("cpu_util", 42), sample("vcpus", 2), sample("memory", 512)],
             unattributed: 0,
         });
+        // Gauge samples are no usage: the metric is pushed, and no team figure changes.
         let updates = plan(&n, &settings());
-        assert_eq!(updates.len(), 2, "{updates:?}");
+        assert_eq!(updates.len(), 1, "{updates:?}");
         let Update::PushMetrics { metrics, .. } = &updates[0] else { panic!("{updates:?}") };
         assert_eq!((metrics[0].name.as_str(), metrics[0].value, metrics[0].ttl), ("cpu_load", 42.0, 3600));
+        let mut metered = settings();
+        metered.billing.meters.insert(
+            "vcpus".into(),
+            crate::config::MeterRule {
+                unit: crate::event::Unit::parse("u").unwrap(),
+                factor: crate::config::Factor::ONE,
+                counter: crate::config::Counter::Delta,
+            },
+        );
+        let updates = plan(&n, &metered);
         assert_eq!(updates[1], Update::RefreshTeam { project: ProjectId::parse("p-1").unwrap() });
     }
 

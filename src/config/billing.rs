@@ -1,5 +1,6 @@
 //! `[billing]` and `[projects]`: where billing goes, plans, meters, which projects are billed.
 
+use crate::timeline::{Charge, Kind, Period, Policy, TimeUnit};
 use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
@@ -42,6 +43,81 @@ pub struct BillingSettings {
     /// with the reason, never billed (nor credited).
     #[serde(default = "default_max_record_amount")]
     pub max_record_amount: Decimal,
+    /// How instance time is billed: units, periods, settlement, the state policy.
+    #[serde(default)]
+    pub time: TimeSettings,
+}
+
+/// How instance time is billed (`[billing.time]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeSettings {
+    /// The unit amounts are posted in: `seconds` (the default: KillBill's rounding of a month's
+    /// total up to a whole unit then costs at most one second), `minutes` or `hours`.
+    #[serde(default)]
+    pub unit: TimeUnit,
+    /// Usage is posted per instance and aligned UTC period: `hour` (the default) or `day`.
+    #[serde(default)]
+    pub period: Period,
+    /// A period is settled this long after its end (or the instance's end), so that late and
+    /// reordered notifications of it are in first.
+    #[serde(default = "default_grace_s")]
+    pub grace_s: u64,
+    /// How often `run` looks for periods to settle.
+    #[serde(default = "default_settle_every_s")]
+    pub settle_every_s: u64,
+    /// What stopped and suspended instances are charged for: `all` (the default), `disk` or `none`.
+    #[serde(default)]
+    pub stopped: Charge,
+    /// What soft-deleted instances are charged for until their reclaim: `all` (the default) or `none`.
+    #[serde(default)]
+    pub soft_deleted: Charge,
+}
+
+impl Default for TimeSettings {
+    fn default() -> Self {
+        Self {
+            unit: TimeUnit::default(),
+            period: Period::default(),
+            grace_s: default_grace_s(),
+            settle_every_s: default_settle_every_s(),
+            stopped: Charge::default(),
+            soft_deleted: Charge::default(),
+        }
+    }
+}
+
+impl TimeSettings {
+    /// The price policy of the held states.
+    pub fn policy(&self) -> Policy {
+        Policy { stopped: self.stopped, soft_deleted: self.soft_deleted }
+    }
+
+    /// The unit name of a kind (`openstack-vcpu-seconds` …).
+    pub fn unit_name(&self, kind: Kind) -> String {
+        kind.unit_name(self.unit)
+    }
+
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if self.settle_every_s == 0 {
+            return Err("billing.time.settle_every_s must be at least 1".into());
+        }
+        if self.soft_deleted == Charge::Disk {
+            return Err(
+                "billing.time.soft_deleted is \"all\" or \"none\" (a soft-deleted instance keeps its disk either way)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn default_grace_s() -> u64 {
+    900
+}
+
+fn default_settle_every_s() -> u64 {
+    60
 }
 
 pub(super) fn default_max_record_amount() -> Decimal {
@@ -63,6 +139,30 @@ pub struct MeterRule {
     pub unit: Unit,
     /// amount = volume × factor.
     pub factor: Factor,
+    /// What the meter counts: `delta` (each sample is new usage: summed) or `cumulative` (a
+    /// running total: billed as its increases, a restart from zero counted from zero). Samples
+    /// of any other `counter_type` (a gauge is a level, not usage) are not billed.
+    pub counter: Counter,
+}
+
+/// A metered meter's counter type, as Ceilometer's `counter_type` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Counter {
+    /// Each sample is usage since the previous one.
+    Delta,
+    /// Each sample is a running total.
+    Cumulative,
+}
+
+impl Counter {
+    /// Ceilometer's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Counter::Delta => "delta",
+            Counter::Cumulative => "cumulative",
+        }
+    }
 }
 
 /// Which projects are billed. Keystone and Nova notifications carry project ids, not names, so

@@ -18,7 +18,7 @@ mod killbill;
 mod money;
 mod secret;
 
-pub use billing::{BackendKind, BillingSettings, MeterRule, ProjectFilter};
+pub use billing::{BackendKind, BillingSettings, Counter, MeterRule, ProjectFilter, TimeSettings};
 pub use bus::{BackoffSettings, Binding, BusSettings, DecodeLimits, HttpSettings, DEFAULT_MAX_BODY_BYTES};
 pub use concertim::{ConcertimSettings, MetricRule};
 pub use env::env_overrides;
@@ -102,6 +102,40 @@ pub struct Settings {
     /// Concertim, the visualisation app, updated alongside billing when this section is present.
     #[serde(default)]
     pub concertim: Option<ConcertimSettings>,
+    /// Where the instance timelines and what each period posted are kept.
+    #[serde(default)]
+    pub state: StateSettings,
+}
+
+/// The state store (`[state]`): an embedded SQLite file, or PostgreSQL shared by replicas.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    /// The SQLite file `run` keeps its state in (created when missing), unless `url` is set.
+    #[serde(default = "default_state_path")]
+    pub path: String,
+    /// A PostgreSQL URL (`postgres://user:password@host/db`), for several replicas sharing one
+    /// state; its password never appears in logs or `config check`.
+    #[serde(default)]
+    pub url: Option<SecretUrl>,
+    /// A replica that claimed a period and died is taken over after this long (above the
+    /// billing application's longest answer time, so a slow post is never doubled).
+    #[serde(default = "default_claim_lease_s")]
+    pub claim_lease_s: u64,
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self { path: default_state_path(), url: None, claim_lease_s: default_claim_lease_s() }
+    }
+}
+
+fn default_state_path() -> String {
+    "concertim-billing.db".into()
+}
+
+fn default_claim_lease_s() -> u64 {
+    120
 }
 
 impl Settings {
@@ -202,14 +236,8 @@ impl Settings {
     /// emits under no such name (`vcpu` for `vcpus`), either of which bills no usage. `config
     /// check` prints them and `run` logs them at start.
     pub fn warnings(&self) -> Vec<String> {
-        let meters = &self.billing.meters;
-        if meters.is_empty() {
-            return vec![format!(
-                "billing.meters is empty: no usage is billed at all (Ceilometer's instance meters: {})",
-                INSTANCE_METERS.join(", ")
-            )];
-        }
-        meters
+        self.billing
+            .meters
             .keys()
             .filter(|m| !is_ceilometer_meter(m))
             .map(|m| {
@@ -242,6 +270,7 @@ impl Settings {
             c.validate()?;
         }
         self.decode.validate()?;
+        self.billing.time.validate()?;
         self.projects.validate()
     }
 }
@@ -263,14 +292,12 @@ mod tests {
     use crate::event::ProjectId;
 
     #[test]
-    fn a_config_that_bills_no_usage_is_warned_about() {
+    fn a_metered_meter_ceilometer_does_not_have_is_warned_about() {
         assert!(Settings::embedded().warnings().is_empty(), "{:?}", Settings::embedded().warnings());
-        let empty = DEFAULT_TOML.split("\n[billing.meters").next().unwrap().to_owned()
-            + &DEFAULT_TOML[DEFAULT_TOML.find("\n[projects]").unwrap()..];
-        let settings = Settings::from_toml(&empty, "t").unwrap();
-        assert!(settings.billing.meters.is_empty());
-        assert!(settings.warnings()[0].contains("billing.meters is empty"), "{:?}", settings.warnings());
-        let typo = DEFAULT_TOML.replace("[billing.meters.vcpus]", "[billing.meters.vcpu]");
+        let typo = DEFAULT_TOML.replace(
+            "[billing.meters]\n",
+            "[billing.meters.vcpu]\nunit = \"u\"\nfactor = \"1\"\ncounter = \"delta\"\n",
+        );
         let warnings = Settings::from_toml(&typo, "t").unwrap().warnings();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("billing.meters.\"vcpu\""), "{warnings:?}");
@@ -422,7 +449,8 @@ mod tests {
         let s = Settings::embedded();
         let again = Settings::from_toml(&s.to_toml(), "printed").unwrap();
         assert_eq!(again.bus.queue, "concertim-billing");
-        assert_eq!(again.billing.meters["memory"].factor.to_string(), "10/1024");
+        assert_eq!(again.billing.time.grace_s, 900);
+        assert_eq!(again.state.claim_lease_s, 120);
     }
 
     #[test]
@@ -435,12 +463,12 @@ mod tests {
     }
 
     #[test]
-    fn the_embedded_default_is_valid_and_bills_the_instance_meters() {
+    fn the_embedded_default_bills_instance_time_in_seconds_and_no_sample_as_time() {
         let s = Settings::embedded();
         assert_eq!(s.billing.default_plan.as_str(), "openstack-standard-monthly");
-        for meter in ["vcpus", "memory", "disk.root.size", "instance"] {
-            assert!(s.billing.meters.contains_key(meter), "{meter}");
-        }
+        assert!(s.billing.meters.is_empty(), "{:?}", s.billing.meters);
+        assert_eq!(s.billing.time.unit_name(crate::timeline::Kind::MemoryGib), "openstack-memory-gib-seconds");
+        assert_eq!(s.billing.time.period, crate::timeline::Period::Hour);
     }
 
     #[test]

@@ -22,6 +22,8 @@ struct WireSample {
     counter_name: Option<String>,
     #[serde(alias = "unit", default, deserialize_with = "fields::opt_text")]
     counter_unit: Option<String>,
+    #[serde(alias = "type", default, deserialize_with = "fields::opt_text")]
+    counter_type: Option<String>,
     #[serde(alias = "volume", default, deserialize_with = "fields::volume")]
     counter_volume: Option<rust_decimal::Decimal>,
     #[serde(default, deserialize_with = "fields::opt_text")]
@@ -46,6 +48,8 @@ struct Metadata {
     launched_at: Option<String>,
     #[serde(default, deserialize_with = "fields::opt_text")]
     created_at: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt_text")]
+    deleted_at: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -87,6 +91,8 @@ pub(super) fn decode_from<'de>(event_type: &str, payload: impl Source<'de>) -> R
             display_name: meta.display_name.map(|d| bounded(&d, 255)),
             launched_at: opt_time("sample resource_metadata.launched_at", meta.launched_at.as_deref())?,
             created_at: opt_time("sample resource_metadata.created_at", meta.created_at.as_deref())?,
+            deleted_at: opt_time("sample resource_metadata.deleted_at", meta.deleted_at.as_deref())?,
+            counter: bounded(w.counter_type.as_deref().unwrap_or_default(), 16),
         });
     }
     Ok(Event::Usage { samples, unattributed })

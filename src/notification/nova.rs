@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{bounded, id, opt_time, PayloadError, Source};
-use crate::event::{Event, Flavor, Instance, InstanceAction, InstanceId, ProjectId, UserId};
+use crate::event::{Event, Flavor, Instance, InstanceAction, InstanceId, ProjectId, Step, UserId};
 use crate::fields;
 
 #[derive(Deserialize)]
@@ -33,10 +33,16 @@ struct Legacy {
     memory_mb: Option<u64>,
     #[serde(default, deserialize_with = "fields::opt_u64")]
     root_gb: Option<u64>,
+    #[serde(default, deserialize_with = "fields::opt_u64")]
+    ephemeral_gb: Option<u64>,
     #[serde(default, deserialize_with = "fields::opt_text")]
     state: Option<String>,
     #[serde(default, deserialize_with = "fields::opt_text")]
     state_description: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt_text")]
+    audit_period_beginning: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt_text")]
+    audit_period_ending: Option<String>,
     #[serde(default, deserialize_with = "fields::opt_text")]
     created_at: Option<String>,
     #[serde(default, deserialize_with = "fields::opt_text")]
@@ -79,6 +85,22 @@ struct VersionedData {
     deleted_at: Option<String>,
     #[serde(default, deserialize_with = "fields::opt_text")]
     terminated_at: Option<String>,
+    #[serde(default)]
+    audit_period: Option<VersionedAudit>,
+}
+
+#[derive(Deserialize)]
+struct VersionedAudit {
+    #[serde(rename = "nova_object.data")]
+    data: AuditData,
+}
+
+#[derive(Deserialize)]
+struct AuditData {
+    #[serde(default, deserialize_with = "fields::opt_text")]
+    audit_period_beginning: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt_text")]
+    audit_period_ending: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +121,39 @@ struct FlavorData {
     memory_mb: Option<u64>,
     #[serde(default, deserialize_with = "fields::opt_u64")]
     root_gb: Option<u64>,
+    #[serde(default, deserialize_with = "fields::opt_u64")]
+    ephemeral_gb: Option<u64>,
+}
+
+/// What a step (the event name after `compute.instance.` or `instance.`, one spelling per
+/// format where they differ) means for the timeline. `exists` is handled by the caller, which
+/// reads the audit window.
+fn step(rest: &str) -> Step {
+    use crate::timeline::Held;
+    match rest {
+        "create.end" | "finish_resize.end" | "resize_finish.end" | "resize.revert.end" | "resize_revert.end"
+        | "rebuild.end" | "rescue.end" | "unshelve.end" => Step::Launched,
+        "delete.start" | "delete.end" => Step::Deleting,
+        "power_on.end" | "resume.end" | "unpause.end" | "restore.end" | "unrescue.end" => Step::Entered(Held::Running),
+        "power_off.end" | "shelve.end" => Step::Entered(Held::Stopped),
+        "suspend.end" | "pause.end" => Step::Entered(Held::Suspended),
+        "shelve_offload.end" => Step::Entered(Held::Offloaded),
+        "soft_delete.end" => Step::Entered(Held::SoftDeleted),
+        _ => Step::Other,
+    }
+}
+
+/// The audit window of an `exists`, or the step of any other event.
+fn step_with_audit(rest: &str, begin: Option<&str>, end: Option<&str>) -> Result<Step, PayloadError> {
+    if rest != "exists" {
+        return Ok(step(rest));
+    }
+    let begin = opt_time("payload.audit_period_beginning", begin)?;
+    let end = opt_time("payload.audit_period_ending", end)?;
+    Ok(match begin.zip(end) {
+        Some((begin, end)) if begin <= end => Step::Audit { begin, end },
+        _ => Step::Other,
+    })
 }
 
 /// Legacy event names (after `compute.instance.`) that change billing.
@@ -147,6 +202,7 @@ pub(super) fn decode_legacy_from<'de>(rest: &str, payload: impl Source<'de>) -> 
             vcpus: p.vcpus,
             memory_mb: p.memory_mb,
             root_gb: p.root_gb,
+            ephemeral_gb: p.ephemeral_gb,
         },
         vm_state: bounded(p.state.as_deref().unwrap_or_default(), 64),
         task_state: non_empty(p.state_description).map(|s| bounded(&s, 64)),
@@ -155,6 +211,7 @@ pub(super) fn decode_legacy_from<'de>(rest: &str, payload: impl Source<'de>) -> 
         launched_at: opt_time("payload.launched_at", p.launched_at.as_deref())?,
         deleted_at: opt_time("payload.deleted_at", p.deleted_at.as_deref())?,
         terminated_at: opt_time("payload.terminated_at", p.terminated_at.as_deref())?,
+        step: step_with_audit(rest, p.audit_period_beginning.as_deref(), p.audit_period_ending.as_deref())?,
     };
     Ok(Event::Instance { action: legacy_action(rest), instance: Box::new(instance) })
 }
@@ -181,8 +238,16 @@ pub(super) fn decode_versioned_from<'de>(rest: &str, payload: impl Source<'de>) 
                 vcpus: f.vcpus,
                 memory_mb: f.memory_mb,
                 root_gb: f.root_gb,
+                ephemeral_gb: f.ephemeral_gb,
             },
-            None => Flavor { name: String::new(), id: None, vcpus: None, memory_mb: None, root_gb: None },
+            None => Flavor {
+                name: String::new(),
+                id: None,
+                vcpus: None,
+                memory_mb: None,
+                root_gb: None,
+                ephemeral_gb: None,
+            },
         },
         vm_state: bounded(p.state.as_deref().unwrap_or_default(), 64),
         task_state: non_empty(p.task_state).map(|s| bounded(&s, 64)),
@@ -191,6 +256,11 @@ pub(super) fn decode_versioned_from<'de>(rest: &str, payload: impl Source<'de>) 
         launched_at: opt_time("payload.launched_at", p.launched_at.as_deref())?,
         deleted_at: opt_time("payload.deleted_at", p.deleted_at.as_deref())?,
         terminated_at: opt_time("payload.terminated_at", p.terminated_at.as_deref())?,
+        step: {
+            let audit = p.audit_period.map(|a| a.data);
+            let (begin, end) = audit.map_or((None, None), |a| (a.audit_period_beginning, a.audit_period_ending));
+            step_with_audit(rest, begin.as_deref(), end.as_deref())?
+        },
     };
     Ok(Event::Instance { action: versioned_action(rest), instance: Box::new(instance) })
 }

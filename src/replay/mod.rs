@@ -22,7 +22,10 @@ use crate::{
     },
     bus::BusError,
     config::{BackendKind, Settings},
-    executor::{Delivery, Executor, Outcome},
+    event::Timestamp,
+    executor::{Executor, Outcome},
+    settle::Horizon,
+    store::StoreError,
 };
 
 /// Why a replay or a publish could not run (a message that fails is counted, not an error).
@@ -43,6 +46,9 @@ pub enum ReplayError {
     /// The broker failed.
     #[error("{0}")]
     Bus(#[from] BusError),
+    /// The state store failed.
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// Replays every fixture in `paths` through the executor, into the embedded ledger (kept in
@@ -57,6 +63,7 @@ pub async fn local(
     paths: &[PathBuf],
     ledger: Option<&std::path::Path>,
     apply: bool,
+    as_of: Option<Timestamp>,
     mut on_note: impl FnMut(String),
 ) -> Result<Report, ReplayError> {
     let files = fixture::collect_files(paths)?;
@@ -75,6 +82,7 @@ pub async fn local(
     // The ledger file is written once, after the last message (below).
     let executor = Executor::new(settings, backend).committing_at_the_end();
     let counts = replay_files(&executor, &files, |problem| on_note(problem.to_string())).await;
+    let settlement = settle(&executor, as_of.or(counts.latest), &mut on_note).await?;
     let snapshot = match executor.billing().ledger() {
         Some(ledger) => {
             ledger.persist()?;
@@ -85,7 +93,99 @@ pub async fn local(
             Snapshot::default()
         }
     };
-    Ok(Report::new(counts, snapshot))
+    Ok(Report::new(counts, snapshot).with_settlement(settlement))
+}
+
+/// Settles every timeline the replay built, as of `as_of` (the latest notification read,
+/// unless the command line names a time): ended instances to their end, running ones to it.
+///
+/// # Errors
+/// When the in-memory state store fails.
+pub async fn settle<B: Billing>(
+    executor: &Executor<B>,
+    as_of: Option<Timestamp>,
+    on_note: &mut impl FnMut(String),
+) -> Result<Settlement, ReplayError> {
+    let Some(as_of) = as_of else { return Ok(Settlement::default()) };
+    let pass = executor.settler().await?.pass(Horizon::AsOf(as_of.unix())).await?;
+    for failure in &pass.failures {
+        on_note(format!("settlement: {failure}"));
+    }
+    Ok(Settlement {
+        as_of: Some(as_of),
+        periods_posted: pass.posted,
+        corrections: pass.corrections,
+        shortfalls: pass
+            .shortfalls
+            .iter()
+            .map(|s| ShortfallRow {
+                instance_id: s.resource.clone(),
+                period_start: Timestamp::from_unix(s.period_start).unwrap_or(Timestamp::UNIX_EPOCH),
+                unit: s.unit.clone(),
+                billed: s.billed.clone(),
+                due: s.due.clone(),
+            })
+            .collect(),
+        audit_mismatches: pass
+            .audits
+            .iter()
+            .map(|(id, a)| AuditRow {
+                instance_id: id.clone(),
+                audit_begin: Timestamp::from_unix(a.begin).unwrap_or(Timestamp::UNIX_EPOCH),
+                audit_end: Timestamp::from_unix(a.end).unwrap_or(Timestamp::UNIX_EPOCH),
+                audited_vcpu_seconds: a.audited_vcpu_s.to_string(),
+                timeline_vcpu_seconds: a.timeline_vcpu_s.to_string(),
+            })
+            .collect(),
+        failures: pass.failures,
+    })
+}
+
+/// What the settlement at the end of a replay did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Settlement {
+    /// Running instances are billed up to this time.
+    pub as_of: Option<Timestamp>,
+    /// Usage calls posted (periods and corrections).
+    pub periods_posted: usize,
+    /// Of which corrections.
+    pub corrections: usize,
+    /// Recomputed periods below what was posted: listed for a credit or review.
+    pub shortfalls: Vec<ShortfallRow>,
+    /// Nova audits that disagree with the timeline.
+    pub audit_mismatches: Vec<AuditRow>,
+    /// Steps that failed.
+    pub failures: Vec<String>,
+}
+
+/// A period billed above what its facts now say.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShortfallRow {
+    /// The instance.
+    pub instance_id: String,
+    /// The period.
+    pub period_start: Timestamp,
+    /// The unit.
+    pub unit: String,
+    /// What was posted.
+    pub billed: String,
+    /// What the facts say is due.
+    pub due: String,
+}
+
+/// A Nova audit that disagrees with the timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRow {
+    /// The instance.
+    pub instance_id: String,
+    /// The audit window's start.
+    pub audit_begin: Timestamp,
+    /// The audit window's end.
+    pub audit_end: Timestamp,
+    /// vCPU-seconds by Nova's audit.
+    pub audited_vcpu_seconds: String,
+    /// vCPU-seconds by the timeline.
+    pub timeline_vcpu_seconds: String,
 }
 
 /// Message counts by outcome, and what processed messages did.
@@ -105,6 +205,8 @@ pub struct Counts {
     pub already_done: usize,
     /// Usage calls dated after their subscription's end (counted, not billed).
     pub late_usage: usize,
+    /// The latest notification time read: where a replay settles running instances to.
+    pub latest: Option<Timestamp>,
 }
 
 impl Counts {
@@ -178,7 +280,14 @@ async fn run_one<B: Billing>(
     counts: &mut Counts,
     on_problem: &mut impl FnMut(Problem),
 ) {
-    let outcome = executor.handle(Delivery { body: &delivery.body, redelivered: delivery.redelivered }).await;
+    let outcome = match executor.decode(&delivery.body) {
+        Ok(notification) => {
+            let t = notification.meta.timestamp;
+            counts.latest = Some(counts.latest.map_or(t, |l| l.max(t)));
+            executor.handle_decoded(&notification, delivery.redelivered).await
+        }
+        Err(e) => Outcome::Invalid(e.into()),
+    };
     counts.add(&outcome);
     let Some(reason) = outcome.reason() else { return };
     let class = outcome.class().map_or("failed", |c| c.as_str());
@@ -204,6 +313,8 @@ pub struct Report {
     pub subscriptions: Vec<SubscriptionRow>,
     /// Billed usage by instance and unit.
     pub usage: Vec<UsageAmount>,
+    /// What the settlement did.
+    pub settlement: Settlement,
     #[serde(skip)]
     late_records: usize,
     #[serde(skip)]
@@ -248,9 +359,17 @@ impl Report {
                     amount: u.amount.to_f64().unwrap_or(f64::NAN),
                 })
                 .collect(),
+            settlement: Settlement::default(),
             late_records: snapshot.late_records,
             already_done: counts.already_done,
         }
+    }
+
+    /// The report with what the settlement did.
+    #[must_use]
+    pub fn with_settlement(mut self, settlement: Settlement) -> Self {
+        self.settlement = settlement;
+        self
     }
 
     /// The JSON report.
@@ -293,6 +412,54 @@ impl Report {
             "Already done (duplicates, replays, early arrivals): {} actions; usage records after their subscription's end (not billed): {}",
             self.already_done, self.late_records
         );
+        let s = &self.settlement;
+        if let Some(as_of) = s.as_of {
+            let _ = writeln!(
+                out,
+                "Settled as of {as_of}: {} usage calls posted ({} corrections), {} failed",
+                s.periods_posted,
+                s.corrections,
+                s.failures.len()
+            );
+        }
+        if !s.shortfalls.is_empty() {
+            let rows: Vec<[String; 5]> = s
+                .shortfalls
+                .iter()
+                .map(|r| {
+                    [r.instance_id.clone(), r.period_start.to_string(), r.unit.clone(), r.billed.clone(), r.due.clone()]
+                })
+                .collect();
+            out.push('\n');
+            table(
+                &mut out,
+                "Shortfalls: billed above what is due (not posted as negative usage; credit or review)",
+                ["instance", "period", "unit", "billed", "due"],
+                &rows,
+            );
+        }
+        if !s.audit_mismatches.is_empty() {
+            let rows: Vec<[String; 5]> = s
+                .audit_mismatches
+                .iter()
+                .map(|r| {
+                    [
+                        r.instance_id.clone(),
+                        r.audit_begin.to_string(),
+                        r.audit_end.to_string(),
+                        r.audited_vcpu_seconds.clone(),
+                        r.timeline_vcpu_seconds.clone(),
+                    ]
+                })
+                .collect();
+            out.push('\n');
+            table(
+                &mut out,
+                "Nova audits that disagree with the timeline",
+                ["instance", "audit begin", "audit end", "audited vCPU-s", "timeline vCPU-s"],
+                &rows,
+            );
+        }
         out
     }
 }
