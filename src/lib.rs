@@ -45,4 +45,5 @@ pub mod plan;
 pub mod redact;
 pub mod replay;
 pub mod retry;
+pub mod store;
 pub mod telemetry;

@@ -1,0 +1,346 @@
+//! Facts about resources, and which resources have settlement work.
+//!
+//! A resource's facts are a set: adding one twice, or adding facts in any order, gives the same
+//! set. Every change that can alter what settlement computes (a new fact, the project's end)
+//! bumps the resource's `version`; settlement records the version it reviewed, and a resource
+//! is due again as soon as the two differ, or when its `next_due` time comes.
+
+use sha2::{Digest, Sha256};
+
+use super::{Store, StoreError};
+
+/// Everything settlement needs about one resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    /// The resource's id.
+    pub id: String,
+    /// The project it was first reported under.
+    pub project: String,
+    /// Its facts (canonical JSON text), by effective time, then text.
+    pub facts: Vec<String>,
+    /// Bumped by every change since the resource was created.
+    pub version: i64,
+    /// The earliest effective time of the changes not reviewed yet.
+    pub dirty_from: Option<i64>,
+    /// When settlement must look at it again, even without a change.
+    pub next_due: Option<i64>,
+    /// Up to when its billing is settled.
+    pub settled_through: Option<i64>,
+    /// When its project ended, if it did.
+    pub project_closed_at: Option<i64>,
+}
+
+/// The key of a fact: PostgreSQL cannot index long text, so facts are keyed by a digest of
+/// their canonical text (two texts with one digest would need a SHA-256 collision).
+fn digest(fact: &str) -> String {
+    Sha256::digest(fact.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `dirty_from` lowered to `$2` (the SQL of `min(dirty_from, $2)` where NULL is "nothing").
+const LOWER_DIRTY_FROM: &str =
+    "dirty_from = CASE WHEN dirty_from IS NULL OR dirty_from > $2 THEN $2 ELSE dirty_from END";
+
+impl Store {
+    /// Adds facts about a resource: each is (canonical JSON text, effective unix time). A fact
+    /// already stored changes nothing. The resource is created when missing, under `project`;
+    /// a later, different project does not replace the first. When at least one fact is new,
+    /// the version goes up by one and `dirty_from` down to the earliest new effective time. One
+    /// transaction. Returns how many facts were new.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`] when the database cannot be written (nothing is stored then).
+    pub async fn add_facts(&self, resource: &str, project: &str, facts: &[(String, i64)]) -> Result<usize, StoreError> {
+        let fail = |e| self.failed(format_args!("adding facts about resource {resource}"), e);
+        let mut tx = self.begin().await.map_err(fail)?;
+        sqlx::query(
+            "INSERT INTO resources (id, project, version, reviewed_version) VALUES ($1, $2, 0, 0)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(resource)
+        .bind(project)
+        .execute(&mut *tx)
+        .await
+        .map_err(fail)?;
+        let mut new = 0;
+        let mut earliest: Option<i64> = None;
+        for (fact, effective) in facts {
+            let inserted = sqlx::query(
+                "INSERT INTO facts (resource, digest, fact, effective) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (resource, digest) DO NOTHING",
+            )
+            .bind(resource)
+            .bind(digest(fact))
+            .bind(fact.as_str())
+            .bind(*effective)
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?
+            .rows_affected();
+            if inserted == 1 {
+                new += 1;
+                earliest = Some(earliest.map_or(*effective, |e| e.min(*effective)));
+            }
+        }
+        if let Some(earliest) = earliest {
+            sqlx::query(&format!("UPDATE resources SET version = version + 1, {LOWER_DIRTY_FROM} WHERE id = $1"))
+                .bind(resource)
+                .bind(earliest)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+        }
+        tx.commit().await.map_err(fail)?;
+        Ok(new)
+    }
+
+    /// Resources with settlement work: facts not reviewed yet (`version <> reviewed_version`),
+    /// or `next_due <= now`. Oldest `next_due` first, then the resources never reviewed (they
+    /// have none), then by id; at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`] when the database cannot be read.
+    pub async fn due(&self, now: i64, limit: i64) -> Result<Vec<String>, StoreError> {
+        // Two branches, each served by its own index (see the schema), each cut to `limit`
+        // before they are merged: a single OR would scan every resource. NULLS LAST is
+        // PostgreSQL's order for an ascending index, so it reads the first `limit` entries of
+        // the index instead of sorting; SQLite, which puts NULLs first by default, is told.
+        let rows = sqlx::query(
+            "SELECT id, next_due FROM (
+                 SELECT id, next_due FROM resources WHERE version <> reviewed_version
+                 ORDER BY next_due NULLS LAST, id LIMIT $2
+             ) AS unreviewed
+             UNION
+             SELECT id, next_due FROM (
+                 SELECT id, next_due FROM resources WHERE next_due <= $1
+                 ORDER BY next_due, id LIMIT $2
+             ) AS timed
+             ORDER BY next_due NULLS LAST, id
+             LIMIT $2",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.failed("listing the resources due", e))?;
+        rows.iter().map(|row| self.column(row, "id", || "a due resource".to_owned())).collect()
+    }
+
+    /// Everything settlement needs about `resource`, or `None` when it is unknown.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`] when the database cannot be read; [`StoreError::Corrupt`] when a
+    /// row does not read back.
+    pub async fn resource(&self, resource: &str) -> Result<Option<Resource>, StoreError> {
+        let fail = |e| self.failed(format_args!("reading resource {resource}"), e);
+        let which = || format!("resource {resource}");
+        // The version is read before the facts, never after: a fact added in between is then
+        // read with the older version, and `reviewed` with that version does not apply, so the
+        // resource stays due. The other order could mark a fact reviewed that was never read.
+        let Some(row) = sqlx::query(
+            "SELECT r.project, r.version, r.dirty_from, r.next_due, r.settled_through, p.closed_at
+             FROM resources r LEFT JOIN projects p ON p.id = r.project
+             WHERE r.id = $1",
+        )
+        .bind(resource)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(fail)?
+        else {
+            return Ok(None);
+        };
+        let facts = sqlx::query("SELECT fact, effective FROM facts WHERE resource = $1")
+            .bind(resource)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(fail)?;
+        let mut facts = facts
+            .iter()
+            .map(|f| Ok((self.column::<i64>(f, "effective", which)?, self.column::<String>(f, "fact", which)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // Sorted here, by bytes: the databases' text collations differ.
+        facts.sort();
+        Ok(Some(Resource {
+            id: resource.to_owned(),
+            project: self.column(&row, "project", which)?,
+            facts: facts.into_iter().map(|(_, fact)| fact).collect(),
+            version: self.column(&row, "version", which)?,
+            dirty_from: self.column(&row, "dirty_from", which)?,
+            next_due: self.column(&row, "next_due", which)?,
+            settled_through: self.column(&row, "settled_through", which)?,
+            project_closed_at: self.column(&row, "closed_at", which)?,
+        }))
+    }
+
+    /// Records a finished review of `resource` at `version_seen`: the version is reviewed, no
+    /// change is pending, and `next_due` and `settled_through` are set as given. Applies only
+    /// while the resource is still at `version_seen` (a change that came in meanwhile keeps it
+    /// due). Returns whether it applied.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`] when the database cannot be written.
+    pub async fn reviewed(
+        &self,
+        resource: &str,
+        version_seen: i64,
+        next_due: Option<i64>,
+        settled_through: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        let applied = sqlx::query(
+            "UPDATE resources SET reviewed_version = $2, dirty_from = NULL, next_due = $3, settled_through = $4
+             WHERE id = $1 AND version = $2",
+        )
+        .bind(resource)
+        .bind(version_seen)
+        .bind(next_due)
+        .bind(settled_through)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.failed(format_args!("recording the review of resource {resource}"), e))?
+        .rows_affected();
+        Ok(applied == 1)
+    }
+
+    /// Records that `project` ended at `at`; the earliest end wins. When that changes the
+    /// project's end (the first report, or an earlier one), every resource of the project
+    /// becomes due from `at`: its version goes up and `dirty_from` down to `at`. A repeated
+    /// report changes nothing. One transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`] when the database cannot be written (nothing is stored then).
+    pub async fn close_project(&self, project: &str, at: i64) -> Result<(), StoreError> {
+        let fail = |e| self.failed(format_args!("closing project {project}"), e);
+        let mut tx = self.begin().await.map_err(fail)?;
+        let changed = sqlx::query(
+            "INSERT INTO projects (id, closed_at) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET closed_at = excluded.closed_at
+             WHERE projects.closed_at > excluded.closed_at",
+        )
+        .bind(project)
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .map_err(fail)?
+        .rows_affected()
+            == 1;
+        if changed {
+            sqlx::query(&format!("UPDATE resources SET version = version + 1, {LOWER_DIRTY_FROM} WHERE project = $1"))
+                .bind(project)
+                .bind(at)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+        }
+        tx.commit().await.map_err(fail)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::on_every_store;
+
+    fn facts(list: &[(&str, i64)]) -> Vec<(String, i64)> {
+        list.iter().map(|(f, t)| ((*f).to_owned(), *t)).collect()
+    }
+
+    async fn adding_the_same_facts_twice_stores_them_once_and_bumps_the_version_once(store: &Store) {
+        // Arrange
+        let both = facts(&[(r#"{"b":1}"#, 200), (r#"{"a":1}"#, 100)]);
+        // Act
+        let first = store.add_facts("r1", "p1", &both).await.unwrap();
+        let again = store.add_facts("r1", "p1", &both).await.unwrap();
+        // Assert
+        assert_eq!((first, again), (2, 0));
+        let r = store.resource("r1").await.unwrap().unwrap();
+        assert_eq!(r.facts, vec![r#"{"a":1}"#.to_owned(), r#"{"b":1}"#.to_owned()], "by effective time");
+        assert_eq!((r.version, r.dirty_from), (1, Some(100)));
+        assert_eq!(store.counts().await.unwrap().facts, 2);
+    }
+
+    async fn a_later_different_project_does_not_replace_the_first(store: &Store) {
+        store.add_facts("r1", "p1", &facts(&[("f1", 100)])).await.unwrap();
+        store.add_facts("r1", "p2", &facts(&[("f2", 50)])).await.unwrap();
+        let r = store.resource("r1").await.unwrap().unwrap();
+        assert_eq!(r.project, "p1");
+        assert_eq!((r.version, r.dirty_from), (2, Some(50)), "new facts still count");
+    }
+
+    async fn an_unknown_resource_reads_as_none(store: &Store) {
+        assert_eq!(store.resource("nope").await.unwrap(), None);
+    }
+
+    async fn a_long_fact_is_stored_whole(store: &Store) {
+        // Longer than PostgreSQL can index as text (about 2.7 kB).
+        let long = format!(r#"{{"x":"{}"}}"#, "y".repeat(10_000));
+        store.add_facts("r1", "p1", &[(long.clone(), 1)]).await.unwrap();
+        assert_eq!(store.add_facts("r1", "p1", &[(long.clone(), 1)]).await.unwrap(), 0);
+        assert_eq!(store.resource("r1").await.unwrap().unwrap().facts, vec![long]);
+    }
+
+    async fn new_facts_make_a_resource_due_until_it_is_reviewed(store: &Store) {
+        // Arrange
+        store.add_facts("r1", "p1", &facts(&[("f1", 100)])).await.unwrap();
+        assert_eq!(store.due(1_000, 10).await.unwrap(), vec!["r1"]);
+        // Act
+        let applied = store.reviewed("r1", 1, Some(5_000), Some(900)).await.unwrap();
+        // Assert
+        assert!(applied);
+        assert!(store.due(1_000, 10).await.unwrap().is_empty());
+        let r = store.resource("r1").await.unwrap().unwrap();
+        assert_eq!((r.dirty_from, r.next_due, r.settled_through), (None, Some(5_000), Some(900)));
+        assert_eq!(store.due(5_000, 10).await.unwrap(), vec!["r1"], "due again when next_due comes");
+    }
+
+    async fn a_review_of_a_stale_version_does_not_apply(store: &Store) {
+        store.add_facts("r1", "p1", &facts(&[("f1", 100)])).await.unwrap();
+        let seen = store.resource("r1").await.unwrap().unwrap().version;
+        store.add_facts("r1", "p1", &facts(&[("f2", 50)])).await.unwrap();
+        assert!(!store.reviewed("r1", seen, Some(5_000), None).await.unwrap());
+        assert_eq!(store.due(0, 10).await.unwrap(), vec!["r1"]);
+        assert_eq!(store.resource("r1").await.unwrap().unwrap().dirty_from, Some(50));
+    }
+
+    async fn due_lists_unreviewed_first_then_by_next_due_up_to_the_limit(store: &Store) {
+        // Arrange: r1 and r2 reviewed with next_due 300 and 200, r0 never reviewed, r4 not due.
+        for (id, next_due) in [("r1", Some(300)), ("r2", Some(200)), ("r4", Some(10_000))] {
+            store.add_facts(id, "p", &facts(&[("f", 1)])).await.unwrap();
+            assert!(store.reviewed(id, 1, next_due, None).await.unwrap());
+        }
+        store.add_facts("r0", "p", &facts(&[("f", 1)])).await.unwrap();
+        // Act, Assert
+        assert_eq!(store.due(1_000, 10).await.unwrap(), vec!["r2", "r1", "r0"]);
+        assert_eq!(store.due(1_000, 2).await.unwrap(), vec!["r2", "r1"]);
+    }
+
+    async fn closing_a_project_makes_its_resources_due_from_its_end(store: &Store) {
+        // Arrange: two reviewed resources of p1, one of p2.
+        for (id, project) in [("r1", "p1"), ("r2", "p1"), ("r3", "p2")] {
+            store.add_facts(id, project, &facts(&[("f", 100)])).await.unwrap();
+            assert!(store.reviewed(id, 1, None, None).await.unwrap());
+        }
+        // Act
+        store.close_project("p1", 500).await.unwrap();
+        store.close_project("p1", 400).await.unwrap();
+        store.close_project("p1", 600).await.unwrap();
+        // Assert
+        assert_eq!(store.due(0, 10).await.unwrap(), vec!["r1", "r2"]);
+        let r1 = store.resource("r1").await.unwrap().unwrap();
+        assert_eq!((r1.project_closed_at, r1.dirty_from, r1.version), (Some(400), Some(400), 3));
+        assert!(store.reviewed("r1", 3, None, None).await.unwrap());
+        store.close_project("p1", 450).await.unwrap();
+        assert_eq!(store.due(0, 10).await.unwrap(), vec!["r2"], "a later end changes nothing");
+        assert_eq!(store.resource("r3").await.unwrap().unwrap().project_closed_at, None);
+    }
+
+    on_every_store!(
+        adding_the_same_facts_twice_stores_them_once_and_bumps_the_version_once,
+        a_later_different_project_does_not_replace_the_first,
+        an_unknown_resource_reads_as_none,
+        a_long_fact_is_stored_whole,
+        new_facts_make_a_resource_due_until_it_is_reviewed,
+        a_review_of_a_stale_version_does_not_apply,
+        due_lists_unreviewed_first_then_by_next_due_up_to_the_limit,
+        closing_a_project_makes_its_resources_due_from_its_end,
+    );
+}
