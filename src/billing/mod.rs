@@ -66,6 +66,10 @@ pub enum BillingError {
         /// What the parser said.
         reason: String,
     },
+    /// The embedded ledger's store could not be read or written, or holds a row it did not
+    /// write.
+    #[error("ledger: {0}")]
+    Store(#[from] crate::store::StoreError),
     /// An action named a subscription that does not exist (plans always ensure it first, so
     /// this is a bug or a hand-edited ledger).
     #[error("subscription {0} does not exist")]
@@ -165,6 +169,7 @@ impl BillingError {
         match self {
             // A full disk or a permissions slip can be fixed without changing the message.
             BillingError::LedgerIo { .. } => ErrorClass::Transient,
+            BillingError::Store(e) => e.class(),
             BillingError::ProjectMismatch { .. } => ErrorClass::Invalid,
             BillingError::LedgerCorrupt { .. }
             | BillingError::NoSubscription(_)
