@@ -9,6 +9,8 @@
 //! - [`config`]: the typed settings (flavor → plan, meter → unit and factor, project filter).
 //! - [`plan`]: event + settings → ordered billing actions; pure.
 //! - [`billing`]: the [`billing::Billing`] trait and its backends (the embedded ledger).
+//! - [`store`]: the durable state store (facts, postings, the ledger's rows): a SQLite file, in
+//!   memory, or PostgreSQL shared by replicas.
 //! - [`concertim`]: event → Concertim updates (pure), their client and worker.
 //! - [`executor`]: one delivery → decode → plan → billing → commit → [`executor::Outcome`]
 //!   (with its Concertim follow-up).

@@ -19,11 +19,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &["event"]),
     ("retry", &["config"]),
     ("telemetry", &["event", "redact"]),
+    // Durable state: knows failure classes, nothing of events or billing.
+    ("store", &["class"]),
     // The pure core: wire formats in, billing actions out.
     ("notification", &["config", "event", "fields"]),
     ("plan", &["config", "event"]),
     // Effects.
-    ("billing", &["class", "config", "event", "fields", "outbound", "plan"]),
+    ("billing", &["class", "config", "event", "fields", "outbound", "plan", "store"]),
     ("concertim", &["billing", "class", "config", "event", "outbound", "retry", "telemetry"]),
     ("executor", &["billing", "class", "concertim", "config", "event", "notification", "plan"]),
     // The transport, and what runs on top of it.

@@ -7,8 +7,11 @@
 #
 # The KillBill tests run against a real KillBill (deploy/dev/killbill.sh: KillBill's war from
 # Maven Central on Jetty, with a private PostgreSQL from Debian, on 127.0.0.1). When none
-# answers, this script starts one (installing and fetching what is missing). The tests that
-# publish as Nova does use oslo.messaging from PyPI, installed into target/dev/oslo-venv.
+# answers, this script starts one (installing and fetching what is missing). The store's tests
+# run against that PostgreSQL too, in a database `concertim_billing_test` (created when missing;
+# each test uses a schema of its own): CONCERTIM_BILLING_TEST_POSTGRES_URL names it, whichever
+# KillBill the tests use. The tests that publish as Nova does use oslo.messaging from PyPI,
+# installed into target/dev/oslo-venv.
 # Whatever this script starts (the broker, PostgreSQL, KillBill) it stops when the tests are
 # done; what was already running is left running. Set
 # CONCERTIM_BILLING_KILLBILL=fake to run them against the in-process fake instead (fast, no
@@ -76,6 +79,26 @@ if ! broker_answers; then
 fi
 enable_shard_plugin
 
+# The private PostgreSQL (deploy/dev/postgres.sh) for the store's tests, and KillBill's data.
+if ! deploy/dev/postgres.sh status >/dev/null 2>&1; then
+    deploy/dev/postgres.sh start
+    cleanup+=("deploy/dev/postgres.sh stop")
+fi
+psql_pg() {
+    local bin
+    bin=$(ls -d /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$bin" ] || bin=psql
+    "$bin" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${CONCERTIM_BILLING_PG_PORT:-55432}" -U postgres "$@"
+}
+psql_pg -d postgres <<'EOF'
+SELECT 'CREATE DATABASE concertim_billing_test ENCODING ''UTF8'' TEMPLATE template0'
+WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'concertim_billing_test') \gexec
+EOF
+pg_url=$(deploy/dev/postgres.sh url)
+CONCERTIM_BILLING_TEST_POSTGRES_URL="${pg_url%/postgres}/concertim_billing_test"
+export CONCERTIM_BILLING_TEST_POSTGRES_URL
+echo "test.sh: the store's PostgreSQL tests use $CONCERTIM_BILLING_TEST_POSTGRES_URL" >&2
+
 # OpenStack's own publishing code for the tests that publish as Nova does: oslo.messaging from
 # PyPI, in a virtualenv of the project's (reused when already there).
 oslo_venv=target/dev/oslo-venv
@@ -92,7 +115,7 @@ export CONCERTIM_BILLING_OSLO_PYTHON
 # JVM only: the PostgreSQL cluster keeps its data for the next run, and postgres.sh stop ends it).
 if [ "${CONCERTIM_BILLING_KILLBILL:-real}" != fake ]; then
     if ! deploy/dev/killbill.sh status >/dev/null 2>&1; then
-        deploy/dev/postgres.sh status >/dev/null 2>&1 || cleanup+=("deploy/dev/postgres.sh stop")
+        # PostgreSQL answers already (above): killbill.sh keeps its data there.
         deploy/dev/killbill.sh start
         cleanup+=("deploy/dev/killbill.sh stop")
     fi

@@ -1,4 +1,4 @@
-//! The embedded ledger: the default billing backend, in memory or in a file.
+//! The embedded ledger: the default billing backend, in memory, in a file, or in the store.
 //!
 //! It keeps accounts by project id, subscriptions by instance uuid, and usage by
 //! (instance, trackingId), with KillBill's idempotency rules (billing-apis.md §1.6-1.9): a
@@ -14,14 +14,16 @@
 //! - usage totals count the records dated up to the end, whenever the end became known.
 //!
 //! The file is written whole to a temporary file beside it, synced, then renamed over it, so a
-//! crash mid-write leaves the previous ledger intact.
+//! crash mid-write leaves the previous ledger intact. In the store ([`Ledger::in_store`]) each
+//! account, subscription and usage record is a row, and a commit writes only the rows changed
+//! since the previous one, in one transaction.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::Write,
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use rust_decimal::Decimal;
@@ -31,9 +33,11 @@ use super::{Applied, Billing, BillingError, Context};
 use crate::{
     event::{InstanceId, PlanName, ProjectId, Timestamp, Unit},
     plan::{SubscriptionSpec, UsageSpec},
+    store::{Store, StoreError},
 };
 
-/// The ledger file's format marker; bumped on incompatible changes.
+/// The ledger file's format marker (also the store's `format` row); bumped on incompatible
+/// changes.
 const FORMAT: &str = "concertim-billing-ledger/1";
 
 /// The embedded billing backend.
@@ -41,7 +45,24 @@ const FORMAT: &str = "concertim-billing-ledger/1";
 pub struct Ledger {
     // A std Mutex: no lock is held across an await, and every operation is a few map lookups.
     state: Mutex<State>,
-    path: Option<PathBuf>,
+    durable: Durable,
+}
+
+/// Where a commit makes the ledger durable.
+#[derive(Debug, Default)]
+enum Durable {
+    /// Nowhere: lost at exit.
+    #[default]
+    Memory,
+    /// A JSON file, rewritten whole.
+    File(PathBuf),
+    /// The store's ledger rows, written as they change.
+    Store {
+        store: Arc<Store>,
+        /// Held from taking the changed rows to their write: two commits taking turns could
+        /// otherwise write an older value of a row after a newer one.
+        commits: tokio::sync::Mutex<()>,
+    },
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -50,6 +71,168 @@ struct State {
     format: String,
     accounts: BTreeMap<ProjectId, Account>,
     subscriptions: BTreeMap<InstanceId, Subscription>,
+    /// What changed since the last commit: the store's rows to write.
+    #[serde(skip)]
+    changed: BTreeSet<Key>,
+}
+
+/// A row of the ledger in the store.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Key {
+    /// The format marker.
+    Format,
+    /// `account/<project>`.
+    Account(ProjectId),
+    /// `sub/<instance>`: the subscription without its usage.
+    Subscription(InstanceId),
+    /// `usage/<instance>/<tracking id>`: one notification's records.
+    Usage(InstanceId, String),
+}
+
+impl Key {
+    fn row(&self) -> String {
+        match self {
+            Key::Format => "format".to_owned(),
+            Key::Account(project) => format!("account/{project}"),
+            Key::Subscription(instance) => format!("sub/{instance}"),
+            Key::Usage(instance, tracking_id) => format!("usage/{instance}/{tracking_id}"),
+        }
+    }
+}
+
+/// An account's row. Each row names its own ids, so that loading never parses a key.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountValue {
+    project: ProjectId,
+    closed_at: Option<Timestamp>,
+}
+
+/// A subscription's row: everything but its usage, which has rows of its own.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionValue {
+    instance: InstanceId,
+    project: ProjectId,
+    start: Timestamp,
+    end: Option<Timestamp>,
+    plans: BTreeSet<(Timestamp, PlanName)>,
+    flavor: Option<String>,
+    display_name: Option<String>,
+}
+
+/// One tracking id's usage records.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageValue {
+    instance: InstanceId,
+    tracking_id: String,
+    records: Vec<Record>,
+}
+
+/// A row's JSON value.
+fn json(value: &impl Serialize) -> String {
+    // Structs of strings, ids, timestamps and decimals (as text), in sequences: serialising them
+    // cannot fail.
+    serde_json::to_string(value).expect("ledger rows serialise")
+}
+
+impl State {
+    /// The row of `key` as the store keeps it, or `None` when the ledger holds nothing under
+    /// it (nothing is ever removed, so a changed key always has a row).
+    fn row(&self, key: &Key) -> Option<(String, String)> {
+        let value = match key {
+            Key::Format => json(&FORMAT),
+            Key::Account(project) => {
+                let a = self.accounts.get(project)?;
+                json(&AccountValue { project: project.clone(), closed_at: a.closed_at })
+            }
+            Key::Subscription(instance) => {
+                let s = self.subscriptions.get(instance)?;
+                json(&SubscriptionValue {
+                    instance: instance.clone(),
+                    project: s.project.clone(),
+                    start: s.start,
+                    end: s.end,
+                    plans: s.plans.clone(),
+                    flavor: s.flavor.clone(),
+                    display_name: s.display_name.clone(),
+                })
+            }
+            Key::Usage(instance, tracking_id) => {
+                let records = self.subscriptions.get(instance)?.usage.get(tracking_id)?;
+                json(&UsageValue {
+                    instance: instance.clone(),
+                    tracking_id: tracking_id.clone(),
+                    records: records.clone(),
+                })
+            }
+        };
+        Some((key.row(), value))
+    }
+
+    /// The state the store's rows hold.
+    ///
+    /// # Errors
+    /// The row that is not one the ledger writes, and why.
+    fn from_rows(rows: &[(String, String)]) -> Result<State, (String, String)> {
+        let mut state = State { format: FORMAT.to_owned(), ..State::default() };
+        let mut usage = Vec::new();
+        for (row, value) in rows {
+            let bad = |detail: String| (row.clone(), detail);
+            let parse_error = |e: serde_json::Error| bad(e.to_string());
+            let key = if row == "format" {
+                let format: String = serde_json::from_str(value).map_err(parse_error)?;
+                if format != FORMAT {
+                    return Err(bad(format!("format {format:?}, expected {FORMAT:?}")));
+                }
+                Key::Format
+            } else if row.starts_with("account/") {
+                let a: AccountValue = serde_json::from_str(value).map_err(parse_error)?;
+                let key = Key::Account(a.project.clone());
+                state.accounts.insert(a.project, Account { closed_at: a.closed_at });
+                key
+            } else if row.starts_with("sub/") {
+                let s: SubscriptionValue = serde_json::from_str(value).map_err(parse_error)?;
+                if s.plans.is_empty() {
+                    return Err(bad("a subscription without a plan".to_owned()));
+                }
+                let key = Key::Subscription(s.instance.clone());
+                state.subscriptions.insert(
+                    s.instance,
+                    Subscription {
+                        project: s.project,
+                        start: s.start,
+                        end: s.end,
+                        plans: s.plans,
+                        flavor: s.flavor,
+                        display_name: s.display_name,
+                        usage: BTreeMap::new(),
+                    },
+                );
+                key
+            } else if row.starts_with("usage/") {
+                let u: UsageValue = serde_json::from_str(value).map_err(parse_error)?;
+                let key = Key::Usage(u.instance.clone(), u.tracking_id.clone());
+                usage.push((row, u));
+                key
+            } else {
+                return Err(bad("not a ledger row".to_owned()));
+            };
+            // A row under another key than its ids' would be written again under theirs.
+            if key.row() != *row {
+                return Err(bad(format!("its value belongs under {:?}", key.row())));
+            }
+        }
+        for (row, u) in usage {
+            let s = state
+                .subscriptions
+                .get_mut(&u.instance)
+                .ok_or_else(|| (row.clone(), format!("usage of subscription {}, which has no row", u.instance)))?;
+            s.usage.insert(u.tracking_id, u.records);
+        }
+        Ok(state)
+    }
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -176,18 +359,60 @@ impl Ledger {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(io(e)),
         };
-        Ok(Self { state: Mutex::new(state), path: Some(path.to_owned()) })
+        Ok(Self { state: Mutex::new(state), durable: Durable::File(path.to_owned()) })
     }
 
-    /// Writes the ledger to its file (a no-op in memory): temporary file, fsync, rename, so a
-    /// crash leaves either the old or the new ledger, never a torn one.
+    /// Opens the ledger kept in `store`'s ledger rows (empty when it has none). Each
+    /// [`Billing::commit`] writes the rows changed since the previous one, in one transaction.
+    ///
+    /// # Errors
+    /// When the store cannot be read, or holds a ledger row this version did not write.
+    pub async fn in_store(store: Arc<Store>) -> Result<Ledger, BillingError> {
+        let rows = store.ledger_rows().await?;
+        let mut state = State::from_rows(&rows).map_err(|(row, detail)| StoreError::Corrupt {
+            what: format!("store ({}): ledger row {row}", store.describe()),
+            detail,
+        })?;
+        if rows.is_empty() {
+            // A new ledger: its first commit marks the rows with their format.
+            state.changed.insert(Key::Format);
+        }
+        let commits = tokio::sync::Mutex::new(());
+        Ok(Self { state: Mutex::new(state), durable: Durable::Store { store, commits } })
+    }
+
+    /// Writes the rows changed since the last commit to the store; how many it wrote. On
+    /// failure they stay marked as changed, for the next commit.
+    async fn write_changes(&self, store: &Store, commits: &tokio::sync::Mutex<()>) -> Result<usize, BillingError> {
+        let _turn = commits.lock().await;
+        let (keys, rows) = {
+            let mut state = self.lock();
+            let keys = std::mem::take(&mut state.changed);
+            let rows: Vec<_> = keys.iter().filter_map(|key| state.row(key)).collect();
+            (keys, rows)
+        };
+        if let Err(e) = store.ledger_put(&rows).await {
+            self.lock().changed.extend(keys);
+            return Err(e.into());
+        }
+        Ok(rows.len())
+    }
+
+    /// Writes the ledger to its file (a no-op in memory or in the store, which
+    /// [`Billing::commit`] writes): temporary file, fsync, rename, so a crash leaves either the
+    /// old or the new ledger, never a torn one.
     ///
     /// # Errors
     /// When the file or its directory cannot be written.
     pub fn persist(&self) -> Result<(), BillingError> {
-        let Some(path) = &self.path else { return Ok(()) };
+        let Durable::File(path) = &self.durable else { return Ok(()) };
         let io = |source| BillingError::LedgerIo { path: path.display().to_string(), source };
-        let mut state = self.lock().clone();
+        let mut state = {
+            let mut state = self.lock();
+            // The file is written whole: what changed needs no tracking.
+            state.changed.clear();
+            state.clone()
+        };
         state.format = FORMAT.to_owned();
         // Maps keyed by string newtypes, timestamps and decimals as strings: cannot fail.
         let bytes = serde_json::to_vec_pretty(&state).expect("ledger state serialises");
@@ -268,6 +493,7 @@ impl Billing for Ledger {
             return Ok(Applied::AlreadyDone);
         }
         state.accounts.insert(project.clone(), Account::default());
+        state.changed.insert(Key::Account(project.clone()));
         Ok(Applied::Done)
     }
 
@@ -278,17 +504,24 @@ impl Billing for Ledger {
         _ctx: Context<'_>,
     ) -> Result<Applied, BillingError> {
         let mut state = self.lock();
-        let mut changed = false;
-        for s in state.subscriptions.values_mut().filter(|s| &s.project == project) {
+        let State { accounts, subscriptions, changed, .. } = &mut *state;
+        let mut did = false;
+        for (instance, s) in subscriptions.iter_mut().filter(|(_, s)| &s.project == project) {
             let end = earliest(s.end, at);
-            changed |= s.end != Some(end);
-            s.end = Some(end);
+            if s.end != Some(end) {
+                s.end = Some(end);
+                changed.insert(Key::Subscription(instance.clone()));
+                did = true;
+            }
         }
-        let account = state.accounts.entry(project.clone()).or_default();
+        let account = accounts.entry(project.clone()).or_default();
         let closed_at = earliest(account.closed_at, at);
-        changed |= account.closed_at != Some(closed_at);
-        account.closed_at = Some(closed_at);
-        Ok(if changed { Applied::Done } else { Applied::AlreadyDone })
+        if account.closed_at != Some(closed_at) {
+            account.closed_at = Some(closed_at);
+            changed.insert(Key::Account(project.clone()));
+            did = true;
+        }
+        Ok(if did { Applied::Done } else { Applied::AlreadyDone })
     }
 
     async fn ensure_subscription(&self, spec: &SubscriptionSpec, _ctx: Context<'_>) -> Result<Applied, BillingError> {
@@ -304,8 +537,13 @@ impl Billing for Ledger {
             }
             // The key exists: KillBill would do nothing. The ledger keeps the earliest launch
             // and the creation evidence, so its state is the same in any arrival order.
-            s.start = s.start.min(spec.start);
-            s.plans.insert((spec.start, spec.plan.clone()));
+            let start = s.start.min(spec.start);
+            let moved = start != s.start;
+            s.start = start;
+            let evidence = s.plans.insert((spec.start, spec.plan.clone()));
+            if moved || evidence {
+                state.changed.insert(Key::Subscription(spec.instance.clone()));
+            }
             return Ok(Applied::AlreadyDone);
         }
         state.subscriptions.insert(
@@ -321,6 +559,7 @@ impl Billing for Ledger {
                 usage: BTreeMap::new(),
             },
         );
+        state.changed.insert(Key::Subscription(spec.instance.clone()));
         Ok(Applied::Done)
     }
 
@@ -335,7 +574,11 @@ impl Billing for Ledger {
         let s = Self::subscription(&mut state, instance)?;
         let before = s.plan().clone();
         let inserted = s.plans.insert((effective, plan.clone()));
-        Ok(if inserted && s.plan() != &before { Applied::Done } else { Applied::AlreadyDone })
+        let moved = s.plan() != &before;
+        if inserted {
+            state.changed.insert(Key::Subscription(instance.clone()));
+        }
+        Ok(if inserted && moved { Applied::Done } else { Applied::AlreadyDone })
     }
 
     async fn cancel_subscription(
@@ -349,6 +592,9 @@ impl Billing for Ledger {
         let end = earliest(s.end, at);
         let changed = s.end != Some(end);
         s.end = Some(end);
+        if changed {
+            state.changed.insert(Key::Subscription(instance.clone()));
+        }
         Ok(if changed { Applied::Done } else { Applied::AlreadyDone })
     }
 
@@ -363,11 +609,19 @@ impl Billing for Ledger {
         let records =
             usage.records.iter().map(|r| Record { unit: r.unit.clone(), date: r.date, amount: r.amount }).collect();
         s.usage.insert(usage.tracking_id.clone(), records);
+        state.changed.insert(Key::Usage(usage.instance.clone(), usage.tracking_id.clone()));
         Ok(if late { Applied::Late } else { Applied::Done })
     }
 
     async fn commit(&self) -> Result<(), BillingError> {
-        self.persist()
+        match &self.durable {
+            Durable::Memory => {
+                self.lock().changed.clear();
+                Ok(())
+            }
+            Durable::File(_) => self.persist(),
+            Durable::Store { store, commits } => self.write_changes(store, commits).await.map(|_| ()),
+        }
     }
 }
 
@@ -501,6 +755,101 @@ mod tests {
         ledger.record_usage(&usage("t", "2025-01-01T11:00:00Z", 3), ctx).await.unwrap();
         ledger.persist().unwrap();
         assert_eq!(Ledger::open(&path).unwrap().snapshot(), ledger.snapshot());
+    }
+
+    /// A ledger with an account, a subscription resized and cancelled, and two usage records.
+    async fn fill(ledger: &Ledger, ctx: Context<'_>) {
+        let i = InstanceId::parse("i").unwrap();
+        ledger.ensure_account(&ProjectId::parse("p").unwrap(), ctx).await.unwrap();
+        ledger.ensure_subscription(&spec("2025-01-01T10:00:00Z", "small"), ctx).await.unwrap();
+        ledger.change_plan(&i, &PlanName::parse("big").unwrap(), ts("2025-01-01T11:00:00Z"), ctx).await.unwrap();
+        ledger.record_usage(&usage("t1", "2025-01-01T11:30:00Z", 3), ctx).await.unwrap();
+        ledger.record_usage(&usage("t2", "2025-01-01T13:00:00Z", 4), ctx).await.unwrap();
+        ledger.cancel_subscription(&i, ts("2025-01-01T12:00:00Z"), ctx).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_ledger_committed_into_a_sqlite_store_reopens_with_the_same_content() {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("state.db").display());
+        let m = meta();
+        let ctx = Context { meta: &m, redelivered: false };
+        let store = Arc::new(Store::open(&url).await.unwrap());
+        let ledger = Ledger::in_store(Arc::clone(&store)).await.unwrap();
+        fill(&ledger, ctx).await;
+        // Act
+        ledger.commit().await.unwrap();
+        drop(ledger);
+        drop(store);
+        let reopened = Ledger::in_store(Arc::new(Store::open(&url).await.unwrap())).await.unwrap();
+        // Assert
+        let snapshot = reopened.snapshot();
+        assert_eq!(snapshot.subscriptions[0].plan, PlanName::parse("big").unwrap());
+        assert_eq!((snapshot.usage[0].amount, snapshot.late_records), (Decimal::from(3), 1));
+        let expected = Ledger::in_memory();
+        fill(&expected, ctx).await;
+        assert_eq!(snapshot, expected.snapshot());
+    }
+
+    #[tokio::test]
+    async fn a_commit_writes_only_the_rows_changed_since_the_last_one() {
+        // Arrange: a committed ledger (format, account, subscription, two usage rows).
+        let m = meta();
+        let ctx = Context { meta: &m, redelivered: false };
+        let store = Arc::new(Store::in_memory().await.unwrap());
+        let ledger = Ledger::in_store(Arc::clone(&store)).await.unwrap();
+        fill(&ledger, ctx).await;
+        let Durable::Store { commits, .. } = &ledger.durable else { unreachable!("a store ledger") };
+        assert_eq!(ledger.write_changes(&store, commits).await.unwrap(), 5);
+        // Act: one more record.
+        ledger.record_usage(&usage("t3", "2025-01-01T11:45:00Z", 1), ctx).await.unwrap();
+        let written = ledger.write_changes(&store, commits).await.unwrap();
+        // Assert
+        assert_eq!(written, 1);
+        assert_eq!(store.ledger_rows().await.unwrap().len(), 6);
+        assert_eq!(ledger.write_changes(&store, commits).await.unwrap(), 0, "nothing changed since");
+        // Closing the project before the cancel changes the account and the subscription.
+        let p = ProjectId::parse("p").unwrap();
+        ledger.close_account(&p, ts("2025-01-01T11:50:00Z"), ctx).await.unwrap();
+        assert_eq!(ledger.write_changes(&store, commits).await.unwrap(), 2);
+        let reopened = Ledger::in_store(Arc::clone(&store)).await.unwrap();
+        assert_eq!(reopened.snapshot(), ledger.snapshot());
+    }
+
+    #[tokio::test]
+    async fn a_repeated_message_changes_no_row() {
+        let m = meta();
+        let ctx = Context { meta: &m, redelivered: true };
+        let store = Arc::new(Store::in_memory().await.unwrap());
+        let ledger = Ledger::in_store(Arc::clone(&store)).await.unwrap();
+        fill(&ledger, ctx).await;
+        ledger.commit().await.unwrap();
+        fill(&ledger, ctx).await;
+        let Durable::Store { commits, .. } = &ledger.durable else { unreachable!("a store ledger") };
+        assert_eq!(ledger.write_changes(&store, commits).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_keeps_its_changes_for_the_next_one() {
+        let m = meta();
+        let ctx = Context { meta: &m, redelivered: false };
+        let store = Arc::new(Store::in_memory().await.unwrap());
+        let ledger = Ledger::in_store(Arc::clone(&store)).await.unwrap();
+        fill(&ledger, ctx).await;
+        store.pool.close().await;
+        let err = ledger.commit().await.unwrap_err();
+        assert_eq!(err.class(), crate::class::ErrorClass::Transient, "{err}");
+        assert_eq!(ledger.lock().changed.len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_store_row_the_ledger_did_not_write_is_refused_naming_it() {
+        let store = Arc::new(Store::in_memory().await.unwrap());
+        store.ledger_put(&[("sub/x".to_owned(), "{}".to_owned())]).await.unwrap();
+        let err = Ledger::in_store(Arc::clone(&store)).await.unwrap_err();
+        assert_eq!(err.class(), crate::class::ErrorClass::Permanent);
+        assert!(err.to_string().contains("ledger row sub/x"), "{err}");
     }
 
     #[test]

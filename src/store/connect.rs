@@ -252,6 +252,53 @@ mod tests {
         schema.drop().await;
     }
 
+    /// The environment variable that names the child's store file.
+    const CRASH_CHILD_STORE: &str = "CONCERTIM_BILLING_TEST_CRASH_STORE";
+
+    #[tokio::test]
+    #[ignore = "the child process of a_committed_write_survives_sigkill"]
+    async fn crash_child_adds_facts_until_killed() {
+        // Run alone (--include-ignored), it has no store to write to.
+        let Ok(url) = std::env::var(CRASH_CHILD_STORE) else { return };
+        let store = Store::open(&url).await.unwrap();
+        for i in 0.. {
+            store.add_facts(&format!("r{i}"), "p", &[(format!("f{i}"), i)]).await.unwrap();
+            // Said only once committed: every number printed must be in the file after the kill.
+            println!("committed {i}");
+        }
+    }
+
+    #[test]
+    fn a_committed_write_survives_sigkill() {
+        use std::io::BufRead;
+        // Arrange: a child process writing to a SQLite file, one committed fact at a time.
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "store::connect::tests::crash_child_adds_facts_until_killed", "--ignored", "--nocapture"])
+            .env(CRASH_CHILD_STORE, &url)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut last = None;
+        for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+            if let Some(n) = line.unwrap().strip_prefix("committed ") {
+                last = Some(n.parse::<i64>().unwrap());
+                if last >= Some(20) {
+                    break;
+                }
+            }
+        }
+        // Act: SIGKILL, mid-write.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Assert: every fact it reported committed is there.
+        let last = last.expect("the child committed facts");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let facts = runtime.block_on(async { Store::open(&url).await.unwrap().counts().await.unwrap().facts });
+        assert!(facts > last, "{facts} facts stored, the child reported fact {last} committed");
+    }
+
     #[tokio::test]
     async fn the_sqlite_file_and_its_directory_are_created_in_wal_mode() {
         let dir = tempfile::tempdir().unwrap();

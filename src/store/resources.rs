@@ -95,7 +95,7 @@ impl Store {
 
     /// Resources with settlement work: facts not reviewed yet (`version <> reviewed_version`),
     /// or `next_due <= now`. Oldest `next_due` first, then the resources never reviewed (they
-    /// have none), then by id; at most `limit`.
+    /// have none), then by id; at most `limit` (none when it is not positive).
     ///
     /// # Errors
     /// [`StoreError::Query`] when the database cannot be read.
@@ -118,7 +118,8 @@ impl Store {
              LIMIT $2",
         )
         .bind(now)
-        .bind(limit)
+        // PostgreSQL refuses a negative LIMIT, SQLite reads it as "no limit": neither is asked.
+        .bind(limit.max(0))
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.failed("listing the resources due", e))?;
@@ -311,6 +312,7 @@ mod tests {
         // Act, Assert
         assert_eq!(store.due(1_000, 10).await.unwrap(), vec!["r2", "r1", "r0"]);
         assert_eq!(store.due(1_000, 2).await.unwrap(), vec!["r2", "r1"]);
+        assert!(store.due(1_000, -1).await.unwrap().is_empty());
     }
 
     async fn closing_a_project_makes_its_resources_due_from_its_end(store: &Store) {
