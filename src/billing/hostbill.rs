@@ -12,8 +12,22 @@
 //!   `getAccounts filter[domain]`; terminated on delete; a resize to another product terminates
 //!   it and orders a new one for the same uuid (HostBill's upgrade orders are not in the API we
 //!   rely on), and the live account is the one not terminated;
-//! - **usage** with `meteredAddUsageBulk`, one variable per unit, `date_created` = the sample
-//!   time.
+//! - **usage** with `meteredAddUsageBulk`, one variable per unit, `date_created` = the latest
+//!   date of that unit's records in the call.
+//!
+//! The product of each plan (`[hostbill] products`) must be a Metered Billing product with a
+//! variable per unit billed, named exactly as the unit: usage is added by variable name, and
+//! HostBill prices a variable only if the product defines it. Instance time is billed in four
+//! variables, each priced per second (one bracket from 0 without end, so every pricing scheme
+//! charges quantity × price); the prices are examples, the standard plan's:
+//! - `openstack-instance-seconds`, seconds the instance was held: 0.000001 ($0.0036 an hour);
+//! - `openstack-vcpu-seconds`, vCPUs × seconds: 0.00001 ($0.036 per vCPU-hour);
+//! - `openstack-memory-gib-seconds`, memory_mb / 1024 × seconds: 0.000002 ($0.0072 per GiB-hour);
+//! - `openstack-disk-gib-seconds`, (root_gb + ephemeral_gb) × seconds: 0.00000003 ($0.000108
+//!   per GiB-hour).
+//!
+//! The previous `openstack-billed-*` variables stay while usage recorded in them is still to
+//! be invoiced (`deploy/README.md`, "HostBill products").
 //!
 //! No double counting without a key: every usage entry carries `rawoutput =
 //! "concertim-billing <trackingId>"`, and before adding, `meteredGetUsage` is read and every

@@ -4,6 +4,7 @@
 mod support;
 
 mod bus;
+mod catalog;
 mod concertim;
 mod conformance;
 mod deploy;

@@ -8,8 +8,9 @@ use serde::Serialize;
 use crate::billing::BillingError;
 use crate::event::Timestamp;
 
-/// The catalog written for this project (`deploy/killbill/catalog.xml`): usage-only plans in the
-/// units of the default meters.
+/// The catalog written for this project (`deploy/killbill/catalog.xml`): one version of
+/// usage-only plans, billing instance time by the second and still billing the previous
+/// version's sample-counted units.
 pub const CATALOG_XML: &str = include_str!("../../../deploy/killbill/catalog.xml");
 
 /// What `bootstrap` did.
@@ -23,7 +24,8 @@ pub struct Bootstrapped {
 
 impl KillBill {
     /// Creates the tenant when absent, then uploads `catalog_xml` unless a catalog with its
-    /// `effectiveDate` is already there. Safe to repeat.
+    /// `effectiveDate` is already there. Safe to repeat. KillBill keeps every version it is
+    /// given, so a server holding only older versions gets this one added beside them.
     ///
     /// # Errors
     /// When KillBill refuses or cannot be reached.
@@ -187,4 +189,180 @@ pub async fn bootstrap_configured(
     }
     let created_by = kb.created_by.clone();
     Ok(KillBill::new(kb)?.bootstrap(&xml, &created_by).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    //! What the bundled catalog must declare for the time billing to be invoiced, read from
+    //! `deploy/killbill/catalog.xml` itself.
+
+    use rust_decimal::Decimal;
+
+    use super::{catalog_effective_dates, CATALOG_XML};
+    use crate::event::Timestamp;
+
+    /// The units of exact time billing, amounts in seconds.
+    const TIME_UNITS: [&str; 4] = [
+        "openstack-instance-seconds",
+        "openstack-vcpu-seconds",
+        "openstack-memory-gib-seconds",
+        "openstack-disk-gib-seconds",
+    ];
+
+    /// The units of the previous version, counted from Ceilometer samples.
+    const PREVIOUS_UNITS: [&str; 4] =
+        ["openstack-billed-instance", "openstack-billed-vcpus", "openstack-billed-memory", "openstack-billed-disk"];
+
+    /// The text between the first `<tag>` after `from` and its `</tag>`.
+    fn inner<'a>(from: &'a str, tag: &str) -> Option<&'a str> {
+        let rest = from.split_once(&format!("<{tag}>"))?.1;
+        Some(rest.split_once(&format!("</{tag}>"))?.0.trim())
+    }
+
+    /// Every plan definition, as (name, text up to its `</plan>`).
+    fn plans() -> Vec<(&'static str, &'static str)> {
+        let plans = CATALOG_XML.split_once("<plans>").unwrap().1.split_once("</plans>").unwrap().0;
+        plans
+            .split("<plan name=\"")
+            .skip(1)
+            .map(|rest| {
+                let (name, body) = rest.split_once('"').unwrap();
+                (name, body.split_once("</plan>").unwrap().0)
+            })
+            .collect()
+    }
+
+    /// A plan's usage sections, as (opening tag, body).
+    fn usages(plan: &str) -> Vec<(&str, &str)> {
+        plan.split("<usage ")
+            .skip(1)
+            .map(|rest| {
+                let (open, body) = rest.split_once('>').unwrap();
+                (open, body.split_once("</usage>").unwrap().0)
+            })
+            .collect()
+    }
+
+    /// The tiered blocks of a usage section, each with the comment just before it, if any.
+    fn blocks(usage: &str) -> Vec<(Option<&str>, &str)> {
+        let mut found = Vec::new();
+        let mut before = usage;
+        for (i, piece) in usage.split("<tieredBlock>").enumerate() {
+            if i > 0 {
+                let comment = before
+                    .trim_end()
+                    .strip_suffix("-->")
+                    .and_then(|text| text.rsplit_once("<!--"))
+                    .map(|(_, text)| text.trim());
+                found.push((comment, piece.split_once("</tieredBlock>").unwrap().0));
+            }
+            before = piece;
+        }
+        found
+    }
+
+    /// The block of `unit` in the plan's usage, with its comment.
+    fn block_of<'a>(plan: &'a str, unit: &str) -> Option<(Option<&'a str>, &'a str)> {
+        let unit_tag = format!("<unit>{unit}</unit>");
+        usages(plan).into_iter().flat_map(|(_, body)| blocks(body)).find(|(_, block)| block.contains(&unit_tag))
+    }
+
+    fn price(block: &str) -> (String, Decimal) {
+        let price = inner(block, "price").expect("a <price>");
+        let currency = inner(price, "currency").expect("a <currency>").to_owned();
+        let value = inner(price, "value").expect("a <value>").parse().expect("a decimal price");
+        (currency, value)
+    }
+
+    #[test]
+    fn the_catalog_has_four_plans() {
+        let names: Vec<&str> = plans().into_iter().map(|(name, _)| name).collect();
+        // The configuration maps flavors to these names: renaming one strands its subscriptions.
+        assert_eq!(
+            names,
+            [
+                "openstack-standard-monthly",
+                "openstack-compute-monthly",
+                "openstack-memory-monthly",
+                "openstack-large-monthly"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_plan_bills_each_time_unit_consumable_in_arrear_all_tiers_by_blocks_of_one_at_a_usd_price() {
+        for unit in TIME_UNITS {
+            assert!(CATALOG_XML.contains(&format!("<unit name=\"{unit}\"/>")), "<units> lacks {unit}");
+        }
+        for (plan, body) in plans() {
+            let sections = usages(body);
+            assert_eq!(sections.len(), 1, "{plan}: one usage section");
+            let (open, _) = sections[0];
+            for attribute in
+                [r#"billingMode="IN_ARREAR""#, r#"usageType="CONSUMABLE""#, r#"tierBlockPolicy="ALL_TIERS""#]
+            {
+                assert!(open.contains(attribute), "{plan}: the usage section lacks {attribute}: {open}");
+            }
+            assert_eq!(inner(sections[0].1, "billingPeriod"), Some("MONTHLY"), "{plan}");
+            for unit in TIME_UNITS {
+                let (_, block) = block_of(body, unit).unwrap_or_else(|| panic!("{plan} does not bill {unit}"));
+                // Blocks of one unit-second: KillBill rounds each period's total up to whole blocks.
+                assert_eq!(inner(block, "size"), Some("1"), "{plan} {unit}");
+                // Unbounded: KillBill stops counting a tier at its max, and a month of a large
+                // instance is billions of GiB-seconds.
+                assert_eq!(inner(block, "max"), Some("-1"), "{plan} {unit}");
+                let (currency, value) = price(block);
+                assert_eq!(currency, "USD", "{plan} {unit}");
+                assert!(value > Decimal::ZERO, "{plan} {unit}: price {value}");
+                // KillBill keeps invoice rates to 9 places (numeric(15,9)).
+                assert!(value.scale() <= 9, "{plan} {unit}: price {value} has more than 9 decimals");
+            }
+        }
+    }
+
+    #[test]
+    fn each_time_unit_price_comment_states_the_price_per_second_times_3600() {
+        for (plan, body) in plans() {
+            for unit in TIME_UNITS {
+                let (comment, block) = block_of(body, unit).unwrap();
+                let comment = comment.unwrap_or_else(|| panic!("{plan} {unit}: no hourly price comment"));
+                let hourly: Decimal = comment
+                    .strip_prefix('$')
+                    .and_then(|text| text.split_whitespace().next())
+                    .and_then(|text| text.parse().ok())
+                    .unwrap_or_else(|| panic!("{plan} {unit}: the comment {comment:?} does not start with $<price>"));
+                let (_, per_second) = price(block);
+                assert_eq!(hourly, per_second * Decimal::from(3600), "{plan} {unit}: {comment:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_plan_still_bills_the_previous_units() {
+        for unit in PREVIOUS_UNITS {
+            assert!(CATALOG_XML.contains(&format!("<unit name=\"{unit}\"/>")), "<units> lacks {unit}");
+        }
+        for (plan, body) in plans() {
+            for unit in PREVIOUS_UNITS {
+                let (_, block) = block_of(body, unit).unwrap_or_else(|| panic!("{plan} no longer bills {unit}"));
+                assert_eq!(inner(block, "size"), Some("1"), "{plan} {unit}");
+                assert!(price(block).1 > Decimal::ZERO, "{plan} {unit}");
+            }
+        }
+    }
+
+    #[test]
+    fn this_version_is_later_than_the_previous_one_and_moves_existing_subscriptions_to_it() {
+        let effective = catalog_effective_dates(CATALOG_XML);
+        assert_eq!(effective.len(), 1, "one version per file: KillBill takes one per upload");
+        let previous = Timestamp::parse("2025-01-01T00:00:00Z").unwrap();
+        assert!(effective[0] > previous, "{} is not after the previous version", effective[0]);
+        for (plan, body) in plans() {
+            // Without it, subscriptions that started under the previous version stay on it,
+            // which does not know the time units; KillBill refuses a date before the version's.
+            let moved = inner(body, "effectiveDateForExistingSubscriptions")
+                .unwrap_or_else(|| panic!("{plan} keeps existing subscriptions on the previous version"));
+            assert_eq!(Timestamp::parse(moved).unwrap(), effective[0], "{plan}");
+        }
+    }
 }

@@ -14,9 +14,13 @@
 //! the spec would reject is answered 400 and recorded as a violation.
 //!
 //! What it cannot reproduce: invoices (its dry run sums usage at the test's own prices, not
-//! KillBill's invoice of the bill cycle), the test clock, usage amounts truncated to whole
-//! numbers by 0.22, two concurrent usage calls with one trackingId both being stored (its check
-//! and insert are atomic; KillBill's are not), and column limits (field sizes, 4-byte UTF-8).
+//! KillBill's invoice of the bill cycle), which catalog version bills a subscription (it bills
+//! usage in any unit an uploaded version declares; KillBill bills by the version in effect for
+//! the subscription, and keeps one that started under an older version on it unless the newer
+//! plan has an `effectiveDateForExistingSubscriptions`), the test clock, usage amounts
+//! truncated to whole numbers by 0.22, two concurrent usage calls with one trackingId both
+//! being stored (its check and insert are atomic; KillBill's are not), and column limits (field
+//! sizes, 4-byte UTF-8).
 
 //!
 //! `model.rs` holds the state and the billing arithmetic, `schema.rs` the check of request
