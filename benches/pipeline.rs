@@ -41,7 +41,7 @@ fn pipeline(c: &mut Criterion) {
     let bodies = bodies();
     let settings = Settings::embedded();
     let limits = DecodeLimits::default();
-    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 
     let mut group = c.benchmark_group("fixtures");
     group.throughput(Throughput::Elements(bodies.len() as u64));

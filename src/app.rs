@@ -107,7 +107,10 @@ impl<B: Billing + 'static> App<B> {
 
 /// The one clock of the service: a settlement pass every `every_s` seconds until shutdown.
 async fn settle_every<B: Billing>(settler: Settler<B>, every_s: u64, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(every_s.max(1)));
+    // The first pass comes one period after the start, not at once: a replica that restarts
+    // in a loop does not hammer the billing application.
+    let every = std::time::Duration::from_secs(every_s.max(1));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

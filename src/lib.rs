@@ -7,7 +7,12 @@
 //!   Ceilometer, Heat); pure, owns every wire format.
 //! - [`event`]: the domain events and the value types they are made of.
 //! - [`config`]: the typed settings (flavor → plan, meter → unit and factor, project filter).
-//! - [`plan`]: event + settings → ordered billing actions; pure.
+//! - [`plan`]: event + settings → ordered billing actions (and the facts an event adds to an
+//!   instance's timeline); pure.
+//! - [`timeline`]: an instance's facts → its segments and the seconds × quantities held in any
+//!   window; pure.
+//! - [`settle`]: timelines → usage posted once per (instance, period), with corrections and
+//!   shortfalls.
 //! - [`billing`]: the [`billing::Billing`] trait and its backends (the embedded ledger).
 //! - [`store`]: the durable state store (facts, postings, the ledger's rows): a SQLite file, in
 //!   memory, or PostgreSQL shared by replicas.

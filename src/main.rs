@@ -51,7 +51,7 @@ enum Command {
     /// is refused: a replica started without its config would otherwise bill into memory and
     /// acknowledge its share of the messages.
     #[command(
-        after_help = "Examples:\n  concertim-billing run --ledger /var/lib/concertim-billing/ledger.json\n  CONCERTIM_BILLING_AMQP_URL=amqps://billing:…@rabbit:5671/openstack concertim-billing run --config /etc/concertim-billing.toml"
+        after_help = "Examples:\n  concertim-billing run --ledger /var/lib/concertim-billing/ledger.db\n  CONCERTIM_BILLING_AMQP_URL=amqps://billing:…@rabbit:5671/openstack concertim-billing run --config /etc/concertim-billing.toml"
     )]
     Run {
         /// Bill into the embedded ledger, kept in this file.
@@ -129,7 +129,7 @@ enum Command {
     /// Exit status: 0 when every message was processed or ignored, 3 when any was invalid or
     /// failed (each is listed on stderr with its file, line and reason), 2 on a usage error.
     #[command(
-        after_help = "Examples:\n  concertim-billing replay fixtures/\n  concertim-billing replay --report json fixtures/nova-legacy\n  concertim-billing replay --ledger billing.json captured.jsonl\n  concertim-billing replay --ledger billing.json          # show what the ledger holds"
+        after_help = "Examples:\n  concertim-billing replay fixtures/\n  concertim-billing replay --report json fixtures/nova-legacy\n  concertim-billing replay --ledger billing.db captured.jsonl\n  concertim-billing replay --ledger billing.db          # show what the ledger holds"
     )]
     Replay {
         /// Fixture files or folders.
@@ -429,7 +429,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             replay_locally(settings, &paths, ledger, report, apply, as_of)
         }
         Command::Run { ledger, ledger_in_memory } => {
-            let backend = Backend::for_service(&settings, ledger.as_deref(), ledger_in_memory)?;
+            if settings.billing.backend == BackendKind::Ledger && ledger.is_none() && !ledger_in_memory {
+                // Said before anything is opened or created.
+                return Err(concertim_billing::billing::BackendError::WouldBillIntoMemory.into());
+            }
             let described = Backend::describe(&settings, ledger.as_deref());
             tracing::info!(backend = %described, "billing backend");
             for warning in settings.warnings() {
@@ -438,7 +441,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
-                let store = open_state(&settings, ledger_in_memory).await?;
+                // --ledger FILE keeps the ledger and the timelines in one embedded store.
+                let store = open_state(&settings, ledger.as_deref(), ledger_in_memory).await?;
+                let ledger_store = ledger.is_some().then(|| std::sync::Arc::clone(&store));
+                let backend = Backend::for_service(&settings, ledger_store, ledger_in_memory).await?;
                 App::new(settings, backend).with_store(store).listen(described).await?.run(shutdown).await?;
                 anyhow::Ok(())
             })?;
@@ -598,13 +604,19 @@ fn parse_time(text: &str) -> Result<concertim_billing::event::Timestamp, String>
     concertim_billing::event::Timestamp::parse(text).map_err(|e| format!("{e}; e.g. 2025-03-31T00:00:00Z"))
 }
 
-/// The state store `run` keeps its timelines in: PostgreSQL when `state.url` is set, else the
-/// SQLite file `state.path`; in memory with --ledger-in-memory (a trial run).
-async fn open_state(settings: &Settings, in_memory: bool) -> anyhow::Result<std::sync::Arc<Store>> {
-    let store = match (&settings.state.url, in_memory) {
-        (_, true) => Store::in_memory().await?,
-        (Some(url), false) => Store::open(url.expose()).await?,
-        (None, false) => Store::open(&settings.state.path).await?,
+/// The state store `run` keeps its timelines in: the --ledger FILE, PostgreSQL when
+/// `state.url` is set, else the SQLite file `state.path`; in memory with --ledger-in-memory (a
+/// trial run).
+async fn open_state(
+    settings: &Settings,
+    ledger: Option<&std::path::Path>,
+    in_memory: bool,
+) -> anyhow::Result<std::sync::Arc<Store>> {
+    let store = match (ledger, &settings.state.url, in_memory) {
+        (_, _, true) => Store::in_memory().await?,
+        (Some(file), _, false) => Store::open(&file.to_string_lossy()).await?,
+        (None, Some(url), false) => Store::open(url.expose()).await?,
+        (None, None, false) => Store::open(&settings.state.path).await?,
     };
     tracing::info!(store = %store.describe(), "state store");
     Ok(std::sync::Arc::new(store))

@@ -352,16 +352,19 @@ pub enum BackendError {
 }
 
 impl Backend {
-    /// The backend `settings` configure; `ledger_file` keeps the embedded ledger in a file
-    /// (in memory without one).
+    /// The backend `settings` configure; `ledger_store` keeps the embedded ledger in a state
+    /// store (`--ledger FILE`; in memory without one).
     ///
     /// # Errors
     /// As [`BackendError`].
-    pub fn from_settings(settings: &Settings, ledger_file: Option<&std::path::Path>) -> Result<Self, BackendError> {
+    pub async fn from_settings(
+        settings: &Settings,
+        ledger_store: Option<std::sync::Arc<crate::store::Store>>,
+    ) -> Result<Self, BackendError> {
         Ok(match settings.billing.backend {
-            BackendKind::Ledger => Self::embedded(ledger_file)?,
-            BackendKind::Killbill if ledger_file.is_some() => return Err(BackendError::LedgerWithRemote("killbill")),
-            BackendKind::Hostbill if ledger_file.is_some() => return Err(BackendError::LedgerWithRemote("hostbill")),
+            BackendKind::Ledger => Self::embedded(ledger_store).await?,
+            BackendKind::Killbill if ledger_store.is_some() => return Err(BackendError::LedgerWithRemote("killbill")),
+            BackendKind::Hostbill if ledger_store.is_some() => return Err(BackendError::LedgerWithRemote("hostbill")),
             BackendKind::Killbill => {
                 Backend::KillBill(KillBill::new(settings.killbill.clone().ok_or(BackendError::MissingKillBill)?)?)
             }
@@ -374,24 +377,24 @@ impl Backend {
     ///
     /// # Errors
     /// [`BackendError::WouldBillIntoMemory`]; as [`Backend::from_settings`].
-    pub fn for_service(
+    pub async fn for_service(
         settings: &Settings,
-        ledger_file: Option<&std::path::Path>,
+        ledger_store: Option<std::sync::Arc<crate::store::Store>>,
         in_memory: bool,
     ) -> Result<Self, BackendError> {
-        if settings.billing.backend == BackendKind::Ledger && ledger_file.is_none() && !in_memory {
+        if settings.billing.backend == BackendKind::Ledger && ledger_store.is_none() && !in_memory {
             return Err(BackendError::WouldBillIntoMemory);
         }
-        Self::from_settings(settings, ledger_file)
+        Self::from_settings(settings, ledger_store).await
     }
 
-    /// The embedded ledger, in `file` or in memory.
+    /// The embedded ledger, in a state store or in memory.
     ///
     /// # Errors
-    /// When the file cannot be read or is not a ledger.
-    pub fn embedded(file: Option<&std::path::Path>) -> Result<Self, BillingError> {
-        Ok(Backend::Ledger(match file {
-            Some(path) => Ledger::open(path)?,
+    /// When the store cannot be read or holds rows that are not a ledger's.
+    pub async fn embedded(store: Option<std::sync::Arc<crate::store::Store>>) -> Result<Self, BillingError> {
+        Ok(Backend::Ledger(match store {
+            Some(store) => Ledger::in_store(store).await?,
             None => Ledger::in_memory(),
         }))
     }

@@ -7,9 +7,12 @@ pub fn env_overrides(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(V
     vars.into_iter()
         .filter_map(|(key, value)| {
             let rest = key.strip_prefix(ENV_PREFIX)?;
-            // CONFIG, AMQP_URL and LOG_FORMAT are the command line's own variables.
-            (!matches!(rest, "CONFIG" | "AMQP_URL" | "LOG_FORMAT") && !rest.is_empty() && !rest.starts_with("REQUIRE_"))
-                .then(|| (rest.split("__").map(str::to_ascii_lowercase).collect(), value))
+            // CONFIG, AMQP_URL and LOG_FORMAT are the command line's own variables; REQUIRE_* and
+            // TEST_* belong to the test suite.
+            let own = matches!(rest, "CONFIG" | "AMQP_URL" | "LOG_FORMAT")
+                || rest.starts_with("REQUIRE_")
+                || rest.starts_with("TEST_");
+            (!own && !rest.is_empty()).then(|| (rest.split("__").map(str::to_ascii_lowercase).collect(), value))
         })
         .collect()
 }

@@ -25,7 +25,7 @@ use crate::{
     event::Timestamp,
     executor::{Executor, Outcome},
     settle::Horizon,
-    store::StoreError,
+    store::{Store, StoreError},
 };
 
 /// Why a replay or a publish could not run (a message that fails is counted, not an error).
@@ -69,7 +69,7 @@ pub async fn local(
     let files = fixture::collect_files(paths)?;
     let backend = if apply {
         on_note(format!("applying to {}", Backend::describe(&settings, None)));
-        Backend::from_settings(&settings, None)?
+        Backend::from_settings(&settings, None).await?
     } else {
         if settings.billing.backend != BackendKind::Ledger {
             on_note(format!(
@@ -77,17 +77,19 @@ pub async fn local(
                 Backend::describe(&settings, None)
             ));
         }
-        Backend::embedded(ledger)?
+        let store = match ledger {
+            Some(file) => Some(std::sync::Arc::new(Store::open(&file.to_string_lossy()).await?)),
+            None => None,
+        };
+        Backend::embedded(store).await?
     };
     // The ledger file is written once, after the last message (below).
     let executor = Executor::new(settings, backend).committing_at_the_end();
     let counts = replay_files(&executor, &files, |problem| on_note(problem.to_string())).await;
     let settlement = settle(&executor, as_of.or(counts.latest), &mut on_note).await?;
+    executor.commit().await?;
     let snapshot = match executor.billing().ledger() {
-        Some(ledger) => {
-            ledger.persist()?;
-            ledger.snapshot()
-        }
+        Some(ledger) => ledger.snapshot(),
         None => {
             on_note("note: billing went to the billing application; its accounts, subscriptions and usage are not listed here".into());
             Snapshot::default()

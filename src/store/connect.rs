@@ -67,7 +67,17 @@ impl Store {
     /// file's directory cannot be created; [`StoreError::Open`] when the database cannot be
     /// reached or migrated; [`StoreError::Newer`] when a newer version migrated it.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
-        Self::connect(Location::parse(url)?).await
+        let location = Location::parse(url)?;
+        if let Location::File(path) = &location {
+            // An existing file that is not SQLite (an older JSON ledger, a typo naming another
+            // file) is refused at once, before the driver retries a connection it cannot make.
+            let mut header = [0u8; 16];
+            let read = std::fs::File::open(path).and_then(|mut f| std::io::Read::read(&mut f, &mut header));
+            if matches!(read, Ok(n) if n > 0 && &header[..n.min(16)] != &b"SQLite format 3\0"[..n.min(16)]) {
+                return Err(StoreError::NotAStore { path: path.display().to_string() });
+            }
+        }
+        Self::connect(location).await
     }
 
     /// An empty in-memory store (SQLite), gone when dropped.

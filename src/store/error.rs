@@ -20,6 +20,12 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The file exists and is not an SQLite database: never written over.
+    #[error("{path} is not a concertim-billing ledger or state store (not an SQLite database); it is left untouched: give a new file name, or the file `run --ledger`/`replay --ledger` or `state.path` wrote")]
+    NotAStore {
+        /// The file.
+        path: String,
+    },
     /// The store could not be opened: connecting, or bringing its schema up to date.
     #[error("cannot open the store ({what}): {source}")]
     Open {
@@ -64,7 +70,10 @@ impl StoreError {
     /// corrupt row or a newer schema needs an operator, so it is permanent.
     pub fn class(&self) -> ErrorClass {
         match self {
-            StoreError::Url { .. } | StoreError::Corrupt { .. } | StoreError::Newer { .. } => ErrorClass::Permanent,
+            StoreError::Url { .. }
+            | StoreError::NotAStore { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::Newer { .. } => ErrorClass::Permanent,
             // A URL that parses but that the driver refuses: retrying changes nothing.
             StoreError::Open { source: sqlx::Error::Configuration(_), .. } => ErrorClass::Permanent,
             // Permissions and full disks can be fixed without changing anything else.

@@ -143,7 +143,7 @@ fn wrap(message: &Value, enveloped: bool) -> Vec<u8> {
 fn never_panics(bytes: &[u8]) {
     let _ = decode(bytes, DecodeLimits::default());
     let executor = Executor::new(Settings::embedded(), Ledger::in_memory());
-    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let _ = runtime.block_on(executor.handle(Delivery { body: bytes, redelivered: false }));
 }
 

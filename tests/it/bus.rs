@@ -16,9 +16,7 @@ use lapin::{
 };
 
 use crate::support::{
-    bus::{
-        billed_vcpu_minutes, faulty, service_command, signal, spawn_app, usage_batch, usage_fixture, Proxy, TestBus,
-    },
+    bus::{billed_test_units, faulty, service_command, signal, spawn_app, usage_batch, usage_fixture, Proxy, TestBus},
     deliveries,
     wait::eventually,
 };
@@ -288,7 +286,8 @@ async fn service_mid_batch(bus: &TestBus, ledger: &std::path::Path) -> std::proc
     for d in &usage_batch(&usage_fixture(), 300) {
         bus.publish(d).await;
     }
-    eventually("some messages to be billed", LIMIT, || async { (billed_vcpu_minutes(ledger) > 0).then_some(()) }).await;
+    eventually("some messages to be billed", LIMIT, || async { (billed_test_units(ledger).await > 0).then_some(()) })
+        .await;
     service
 }
 
@@ -296,22 +295,22 @@ async fn service_mid_batch(bus: &TestBus, ledger: &std::path::Path) -> std::proc
 async fn a_consumer_killed_mid_batch_and_restarted_bills_every_message_exactly_once() {
     let bus = TestBus::new("sigkill").await;
     let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("ledger.json");
+    let ledger = dir.path().join("ledger.db");
     let mut service = service_mid_batch(&bus, &ledger).await;
     let queue = bus.names().queue;
     signal(&service, "KILL");
     service.wait().unwrap();
-    let billed_before_restart = billed_vcpu_minutes(&ledger);
+    let billed_before_restart = billed_test_units(&ledger).await;
 
     let mut service = service_command(&bus, &ledger).spawn().unwrap();
     eventually("every message to be billed", LIMIT, || async {
-        (billed_vcpu_minutes(&ledger) >= 3000 && bus.depth(&queue).await == 0).then_some(())
+        (billed_test_units(&ledger).await >= 3000 && bus.depth(&queue).await == 0).then_some(())
     })
     .await;
     signal(&service, "TERM");
     assert!(service.wait().unwrap().success());
     eprintln!("killed after {billed_before_restart} of 3000 vCPU-minutes were billed");
-    assert_eq!(billed_vcpu_minutes(&ledger), 3000, "300 messages × 10 vCPU-minutes, none twice");
+    assert_eq!(billed_test_units(&ledger).await, 3000, "300 messages × 10 vCPU-minutes, none twice");
     assert_eq!(bus.depth(&bus.names().dead_queue).await, 0);
     bus.cleanup().await;
 }
@@ -320,7 +319,7 @@ async fn a_consumer_killed_mid_batch_and_restarted_bills_every_message_exactly_o
 async fn sigterm_with_work_in_flight_finishes_and_acks_it_then_exits_zero() {
     let bus = TestBus::new("sigterm").await;
     let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("ledger.json");
+    let ledger = dir.path().join("ledger.db");
     let mut service = service_mid_batch(&bus, &ledger).await;
     let queue = bus.names().queue;
     signal(&service, "TERM");
@@ -329,7 +328,7 @@ async fn sigterm_with_work_in_flight_finishes_and_acks_it_then_exits_zero() {
 
     // Every message is either billed (and so acknowledged) or back in the queue, never both:
     // a message billed but not acknowledged would be counted twice here.
-    let billed = billed_vcpu_minutes(&ledger) / 10;
+    let billed = billed_test_units(&ledger).await / 10;
     let waiting = u64::from(bus.depth(&queue).await);
     eprintln!("on SIGTERM: {billed} billed, {waiting} left in the queue");
     assert_eq!(billed + waiting, 300);

@@ -9,7 +9,7 @@ use concertim_billing::{
 };
 
 use crate::support::{
-    bus::{billed_vcpu_minutes, cli_command, signal, usage_batch, usage_fixture, Proxy, TestBus},
+    bus::{billed_test_units, cli_command, signal, usage_batch, usage_fixture, Proxy, TestBus},
     deliveries,
     wait::eventually,
 };
@@ -36,7 +36,7 @@ async fn metrics_count_what_happened_and_readiness_follows_the_broker() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let base = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("ledger.json");
+    let ledger = dir.path().join("ledger.db");
     let mut service = cli_command(&bus)
         .args(["--amqp-url", &proxy.url, "run", "--ledger", ledger.to_str().unwrap()])
         .env("CONCERTIM_BILLING_HTTP__LISTEN", format!("127.0.0.1:{port}"))
@@ -98,7 +98,7 @@ async fn json_logs_of_a_whole_run_never_contain_the_configured_passwords() {
     run(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
     let killbill_password = "Sup3r-Secret-killbill-pw";
     let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("ledger.json");
+    let ledger = dir.path().join("ledger.db");
     let service = cli_command(&bus)
         .args(["--log-format", "json", "run", "--ledger", ledger.to_str().unwrap()])
         .env("CONCERTIM_BILLING_AMQP_URL", format!("amqp://{user}:{password}@127.0.0.1:5672/%2f"))
@@ -190,7 +190,7 @@ async fn a_flood_of_idle_connections_neither_uses_up_descriptors_nor_stops_billi
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let base = format!("http://127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("ledger.json");
+    let ledger = dir.path().join("ledger.db");
     let mut service = cli_command(&bus)
         .args(["run", "--ledger", ledger.to_str().unwrap()])
         .env("CONCERTIM_BILLING_HTTP__LISTEN", format!("127.0.0.1:{port}"))
@@ -214,7 +214,7 @@ async fn a_flood_of_idle_connections_neither_uses_up_descriptors_nor_stops_billi
         bus.publish(d).await;
     }
     eventually("every message billed during the flood", LIMIT, || async {
-        (billed_vcpu_minutes(&ledger) == 1000).then_some(())
+        (billed_test_units(&ledger).await == 1000).then_some(())
     })
     .await;
     let during = open_descriptors(service.id());

@@ -7,19 +7,25 @@ use concertim_billing::{
     executor::{Delivery, Executor},
     fixture::FixtureDelivery,
     notification::{decode, DecodeLimits},
+    settle::Horizon,
 };
 use proptest::prelude::*;
 
 use crate::support::{billable, permutation_with_duplicates, resize_settings as settings};
 
+/// What the ledger holds after the messages in `order`, settled as of 2025-03-10 (after the
+/// last fixture): the instances that ended to their end, the running ones to that time.
 fn replay_in(order: impl IntoIterator<Item = usize>, all: &[FixtureDelivery]) -> Snapshot {
     let executor = Executor::new(settings(), Ledger::in_memory());
-    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         for i in order {
             let d = &all[i];
             executor.handle(Delivery { body: &d.body, redelivered: d.redelivered }).await;
         }
+        let as_of = concertim_billing::event::Timestamp::parse("2025-03-10T00:00:00Z").unwrap();
+        let pass = executor.settler().await.unwrap().pass(Horizon::AsOf(as_of.unix())).await.unwrap();
+        assert!(pass.failures.is_empty(), "{:?}", pass.failures);
     });
     executor.billing().snapshot()
 }
@@ -89,7 +95,7 @@ proptest! {
         let bytes = if inner { rewrap(&text) } else { text };
         let _ = decode(&bytes, DecodeLimits::default());
         let executor = Executor::new(Settings::embedded(), Ledger::in_memory());
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _ = runtime.block_on(executor.handle(Delivery { body: &bytes, redelivered: false }));
     }
 }

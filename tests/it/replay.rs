@@ -17,6 +17,20 @@ fn billing_part(report: &Value) -> Value {
     })
 }
 
+/// Every instance of the fixtures is billed for the seconds it held each flavor (m1.small: 1
+/// vCPU, 2 GiB, 20 GiB disk; m1.large: 4 vCPUs, 8 GiB, 80 GiB), checked by hand:
+/// - nova-legacy 2dc673b9: launched 09:00:41 small, resized 09:26:30 (its new launched_at),
+///   terminated 09:40:01 → 1549 s small + 811 s large = 2360 instance-s; vCPU 1549 + 4 × 811 =
+///   4793; memory GiB 2 × 1549 + 8 × 811 = 9586; disk GiB 20 × 1549 + 80 × 811 = 95860. The
+///   power-off at 09:35:04 changes nothing under the default policy (stopped: all).
+/// - nova-versioned 7e114a35: launched 14:02:10 small, resized 14:15:42, deleted 14:30:08 (no
+///   terminated_at) → 812 s small + 866 s large = 1678; vCPU 812 + 4 × 866 = 4276; memory
+///   2 × 812 + 8 × 866 = 8552; disk 20 × 812 + 80 × 866 = 85520.
+/// - out-of-order 31d87a72 (its delete first): 11:00:20 → terminated 11:30:03 = 1783 s small.
+/// - the running ones are billed to the latest notification read, 2025-03-09T10:00:00Z:
+///   7366c705 from 2025-03-06T10:00:30 = 3 days − 30 s = 259170 s; 98ef5e1a from
+///   2025-03-08T16:00:40 = 18 h − 40 s = 64760 s (its samples and duplicates add nothing);
+///   e98ab25f launched 2025-03-09T10:00:00 holds 0 s.
 #[test]
 fn the_fixtures_replay_to_the_expected_report() {
     let out = run_cli(&["replay", "--report", "json", "fixtures/"]);
@@ -33,7 +47,12 @@ fn the_report_has_exactly_the_documented_shape() {
     let report = report(&out.stdout);
     // serde_json's map is sorted, so the keys come back in name order.
     let keys: Vec<&str> = report.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys, ["accounts", "failed", "ignored", "invalid", "messages", "processed", "subscriptions", "usage"]);
+    assert_eq!(
+        keys,
+        ["accounts", "failed", "ignored", "invalid", "messages", "processed", "settlement", "subscriptions", "usage"]
+    );
+    let settlement: Vec<&str> = report["settlement"].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(settlement, ["as_of", "audit_mismatches", "corrections", "failures", "periods_posted", "shortfalls"]);
     let sub = report["subscriptions"][0].as_object().unwrap();
     let keys: Vec<&str> = sub.keys().map(String::as_str).collect();
     assert_eq!(keys, ["end", "instance_id", "plan", "project_id", "start", "state"]);
@@ -57,7 +76,7 @@ fn a_clean_replay_exits_zero_and_prints_the_summary_tables() {
 #[test]
 fn replaying_the_fixtures_twice_into_one_ledger_leaves_every_total_unchanged() {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = dir.path().join("ledger.json");
+    let ledger = dir.path().join("ledger.db");
     let first = report(&run_cli(&["replay", "--report", "json", "--ledger", arg(&ledger), "fixtures/"]).stdout);
     let second = report(&run_cli(&["replay", "--report", "json", "--ledger", arg(&ledger), "fixtures/"]).stdout);
     assert_eq!(billing_part(&first), billing_part(&second));
@@ -142,7 +161,7 @@ fn a_file_that_is_not_a_ledger_is_refused_with_its_name_and_left_untouched() {
     let out = run_cli(&["replay", "--ledger", arg(&ledger), "fixtures/nova-legacy"]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stderr.contains("notes.json is not a concertim-billing ledger"), "{stderr}");
+    assert!(stderr.contains("notes.json is not a concertim-billing ledger or state store"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&ledger).unwrap(), "{\"my\": \"notes\"}");
 }
 
@@ -202,13 +221,18 @@ fn negative_or_absurd_volumes_are_invalid_with_their_reason_and_never_crash_the_
         .to_owned();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("hostile.jsonl");
+    // The fixture's samples are gauges; made deltas of a metered vcpus meter, they are usage.
+    let line = line.replace("\\\"counter_type\\\": \\\"gauge\\\"", "\\\"counter_type\\\": \\\"delta\\\"");
     let huge = line.replace("\\\"counter_volume\\\": 1,", "\\\"counter_volume\\\": 7e27,");
     let negative =
         line.replace("\\\"counter_volume\\\": 1,", "\\\"counter_volume\\\": -5,").replace("b4f5d873", "c4f5d873");
     assert!(huge != line && negative != line, "the fixture's vcpus volume is 1");
     std::fs::write(&file, format!("{huge}\n{}\n{negative}\n", huge.replace("b4f5d873", "d4f5d873"))).unwrap();
-    let ledger = dir.path().join("ledger.json");
-    let out = run_cli(&["replay", "--ledger", arg(&ledger), arg(&file)]);
+    let ledger = dir.path().join("ledger.db");
+    let config = dir.path().join("metered.toml");
+    let metered = "[billing.meters.vcpus]\nunit = \"openstack-vcpu-samples\"\nfactor = \"1\"\ncounter = \"delta\"\n";
+    std::fs::write(&config, concertim_billing::config::DEFAULT_TOML.replace("[billing.meters]\n", metered)).unwrap();
+    let out = run_cli(&["replay", "--config", arg(&config), "--ledger", arg(&ledger), arg(&file)]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert_eq!(stderr.matches("billing.max_record_amount").count(), 2, "{stderr}");

@@ -38,6 +38,21 @@ use tokio_util::sync::CancellationToken;
 /// The broker every bus test uses.
 pub const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// The metered meter the bus tests bill: a delta counter, each sample's volume in one unit, so
+/// that every message of a batch is usage of its own (its sample time is its key).
+pub const TEST_METER: &str = "test.usage";
+/// The unit [`TEST_METER`] bills.
+pub const TEST_UNIT: &str = "openstack-test-usage";
+
+/// The billing rule of [`TEST_METER`].
+pub fn test_meter() -> concertim_billing::config::MeterRule {
+    concertim_billing::config::MeterRule {
+        unit: concertim_billing::event::Unit::parse(TEST_UNIT).unwrap(),
+        factor: concertim_billing::config::Factor::ONE,
+        counter: concertim_billing::config::Counter::Delta,
+    }
+}
+
 /// The upstream exchanges and routing keys the fixtures use.
 pub const UPSTREAM: [(&str, &str); 8] = [
     ("nova", "notifications.info"),
@@ -89,6 +104,10 @@ impl TestBus {
         settings.bus.backoff.max_elapsed_ms = 50;
         settings.bus.shutdown_deadline_ms = 20_000;
         settings.bus.reconnect_max_ms = 500;
+        settings.billing.meters.insert(TEST_METER.into(), test_meter());
+        // Settlement is the subject of its own tests, which ask for it; the others compare
+        // what messages do.
+        settings.billing.time.settle_every_s = 86_400;
         let bus = Self { prefix, settings, connection, channel };
         bus.declare_upstream().await;
         bus
@@ -420,44 +439,62 @@ pub fn cli_command(bus: &TestBus) -> std::process::Command {
         .env("CONCERTIM_BILLING_BUS__PREFETCH", b.prefetch.to_string())
         // Tests run several services at once: no listener unless a test asks for one.
         .env("CONCERTIM_BILLING_HTTP__LISTEN", "")
+        .env(
+            "CONCERTIM_BILLING_BILLING__METERS",
+            format!("{{\"{TEST_METER}\" = {{unit = \"{TEST_UNIT}\", factor = \"1\", counter = \"delta\"}}}}"),
+        )
+        .env("CONCERTIM_BILLING_BILLING__TIME__SETTLE_EVERY_S", bus.settings.billing.time.settle_every_s.to_string())
+        .env("CONCERTIM_BILLING_STATE__PATH", std::env::temp_dir().join(format!("{}state.db", bus.prefix)))
         .env("RUST_LOG", "warn")
         .stderr(std::process::Stdio::inherit());
     command
 }
 
-/// `count` distinct Ceilometer messages (fresh `message_id`s) for the same instance, each
-/// billing one vCPU sample: 10 vCPU-minutes.
+/// `count` distinct Ceilometer messages (fresh `message_id`s, and sample times a second apart)
+/// for the same instance, each with one [`TEST_METER`] sample of the template's volume.
 pub fn usage_batch(template: &FixtureDelivery, count: usize) -> Vec<FixtureDelivery> {
     let envelope: serde_json::Value = serde_json::from_slice(&template.body).unwrap();
-    let mut message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
-    let samples = message["payload"].as_array().unwrap().clone();
-    let vcpus: Vec<_> = samples.into_iter().filter(|s| s["counter_name"] == "vcpus").collect();
-    message["payload"] = serde_json::Value::Array(vcpus);
+    let message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+    let base =
+        concertim_billing::event::Timestamp::parse(message["payload"][0]["timestamp"].as_str().unwrap()).unwrap();
     (0..count)
         .map(|i| {
+            let mut message = message.clone();
             message["message_id"] = serde_json::json!(format!("batch-{i:06}"));
+            let at = concertim_billing::event::Timestamp::from_unix(base.unix() + i as i64).unwrap();
+            message["payload"][0]["timestamp"] = serde_json::json!(at.to_rfc3339());
             let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
             FixtureDelivery { body: serde_json::to_vec(&body).unwrap(), ..template.clone() }
         })
         .collect()
 }
 
-/// A Ceilometer message with usage for one instance of the lifecycle fixtures.
+/// A Ceilometer message with usage for one instance of the lifecycle fixtures: one
+/// [`TEST_METER`] sample of 10 (the fixture's first sample, made a delta of the test meter).
 pub fn usage_fixture() -> FixtureDelivery {
-    super::deliveries("duplicates").into_iter().find(|d| d.exchange.as_deref() == Some("ceilometer")).unwrap()
+    let template =
+        super::deliveries("duplicates").into_iter().find(|d| d.exchange.as_deref() == Some("ceilometer")).unwrap();
+    let envelope: serde_json::Value = serde_json::from_slice(&template.body).unwrap();
+    let mut message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+    let mut sample = message["payload"][0].clone();
+    sample["counter_name"] = TEST_METER.into();
+    sample["counter_type"] = "delta".into();
+    sample["counter_unit"] = "unit".into();
+    sample["counter_volume"] = 10.into();
+    message["payload"] = serde_json::json!([sample]);
+    let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
+    FixtureDelivery { body: serde_json::to_vec(&body).unwrap(), ..template }
 }
 
-/// vCPU-minutes billed in a ledger file (0 before it exists).
-pub fn billed_vcpu_minutes(ledger: &std::path::Path) -> u64 {
+/// [`TEST_UNIT`]s billed in the embedded store of `run --ledger FILE` (0 before it exists).
+pub async fn billed_test_units(ledger: &std::path::Path) -> u64 {
     use rust_decimal::prelude::ToPrimitive;
-    let Ok(ledger) = Ledger::open(ledger) else { return 0 };
-    ledger
-        .snapshot()
-        .usage
-        .iter()
-        .filter(|u| u.unit.as_str() == "openstack-billed-vcpus")
-        .map(|u| u.amount.to_u64().unwrap())
-        .sum()
+    if !ledger.exists() {
+        return 0;
+    }
+    let Ok(store) = concertim_billing::store::Store::open(&ledger.to_string_lossy()).await else { return 0 };
+    let Ok(ledger) = Ledger::in_store(Arc::new(store)).await else { return 0 };
+    ledger.snapshot().usage.iter().filter(|u| u.unit.as_str() == TEST_UNIT).map(|u| u.amount.to_u64().unwrap()).sum()
 }
 
 /// Sends a signal to a child process.
