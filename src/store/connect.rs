@@ -73,7 +73,7 @@ impl Store {
             // file) is refused at once, before the driver retries a connection it cannot make.
             let mut header = [0u8; 16];
             let read = std::fs::File::open(path).and_then(|mut f| std::io::Read::read(&mut f, &mut header));
-            if matches!(read, Ok(n) if n > 0 && &header[..n.min(16)] != &b"SQLite format 3\0"[..n.min(16)]) {
+            if matches!(read, Ok(n) if n > 0 && header[..n.min(16)] != b"SQLite format 3\0"[..n.min(16)]) {
                 return Err(StoreError::NotAStore { path: path.display().to_string() });
             }
         }
