@@ -445,3 +445,304 @@ fn hostname() -> String {
 pub fn instance_units(settings: &Settings) -> Vec<String> {
     Kind::ALL.iter().map(|k| settings.billing.time.unit_name(*k)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        billing::Ledger,
+        timeline::{Held, Size, Source},
+    };
+
+    /// Seconds of 2025-03-03 at "HH:MM:SS" UTC.
+    fn at(hms: &str) -> i64 {
+        let p: Vec<i64> = hms.split(':').map(|x| x.parse().unwrap()).collect();
+        1_740_960_000 + p[0] * 3600 + p[1] * 60 + p[2]
+    }
+
+    fn small() -> Size {
+        Size { name: "m1.small".into(), vcpus: 1, memory_mb: 2048, disk_gb: 20 }
+    }
+
+    fn large() -> Size {
+        Size { name: "m1.large".into(), vcpus: 4, memory_mb: 8192, disk_gb: 80 }
+    }
+
+    fn launch(t: &str, size: Size) -> Fact {
+        Fact::Launch { at: at(t), source: Source::Nova, seen: at(t), size }
+    }
+
+    fn end(t: &str) -> Fact {
+        Fact::End { at: at(t), terminated: true }
+    }
+
+    struct World {
+        settler: Settler<Ledger>,
+        store: Arc<Store>,
+        ledger: Arc<Ledger>,
+    }
+
+    async fn world(settings: Settings) -> World {
+        let store = Arc::new(Store::in_memory().await.unwrap());
+        let ledger = Arc::new(Ledger::in_memory());
+        let settler = Settler::new(settings, Arc::clone(&ledger), Arc::clone(&store));
+        World { settler, store, ledger }
+    }
+
+    fn settings() -> Settings {
+        let mut s = Settings::embedded();
+        s.billing.plans.insert("m1.large".into(), crate::event::PlanName::parse("openstack-large-monthly").unwrap());
+        s
+    }
+
+    impl World {
+        async fn add(&self, instance: &str, facts: &[Fact]) {
+            let facts: Vec<(String, i64)> = facts.iter().map(|f| (f.key(), f.effective())).collect();
+            self.store.add_facts(instance, "p-1", &facts).await.unwrap();
+        }
+
+        /// What the ledger holds of `unit` for `instance`.
+        fn billed(&self, instance: &str, unit: &str) -> Decimal {
+            self.ledger
+                .snapshot()
+                .usage
+                .iter()
+                .filter(|u| u.instance_id.as_str() == instance && u.unit.as_str() == unit)
+                .map(|u| u.amount)
+                .sum()
+        }
+
+        fn subscription(&self, instance: &str) -> Option<crate::billing::ledger::SubscriptionRow> {
+            self.ledger.snapshot().subscriptions.into_iter().find(|s| s.instance_id.as_str() == instance)
+        }
+    }
+
+    const VCPU: &str = "openstack-vcpu-seconds";
+    const INSTANCE: &str = "openstack-instance-seconds";
+    const DISK: &str = "openstack-disk-gib-seconds";
+
+    #[tokio::test]
+    async fn a_resize_mid_period_is_billed_per_flavor_and_the_plan_changes_at_its_launch() {
+        let w = world(settings()).await;
+        // launched 09:00:41 small, resized 09:26:30, terminated 09:40:01:
+        // 1549 s × 1 vCPU + 811 s × 4 vCPUs = 4793 vCPU-s; 2360 instance-s.
+        w.add("i-1", &[launch("09:00:41", small()), launch("09:26:30", large()), end("09:40:01")]).await;
+        let pass = w.settler.pass(Horizon::Now(at("12:00:00"))).await.unwrap();
+        assert!(pass.failures.is_empty(), "{:?}", pass.failures);
+        assert_eq!(w.billed("i-1", VCPU), Decimal::from(4793));
+        assert_eq!(w.billed("i-1", INSTANCE), Decimal::from(2360));
+        let sub = w.subscription("i-1").unwrap();
+        assert_eq!(sub.plan.as_str(), "openstack-large-monthly");
+        assert_eq!(sub.end.map(|e| e.unix()), Some(at("09:40:01")));
+        assert_eq!(sub.start.unix(), at("09:00:41"));
+    }
+
+    #[tokio::test]
+    async fn a_period_is_settled_only_after_its_end_and_the_grace() {
+        let w = world(settings()).await;
+        w.add("i-1", &[launch("09:00:00", small())]).await;
+        // 10:10 is within the 15 min grace of the 09:00-10:00 period: nothing yet.
+        w.settler.pass(Horizon::Now(at("10:10:00"))).await.unwrap();
+        assert_eq!(w.billed("i-1", INSTANCE), Decimal::ZERO);
+        w.settler.pass(Horizon::Now(at("10:15:00"))).await.unwrap();
+        assert_eq!(w.billed("i-1", INSTANCE), Decimal::from(3600));
+        // A second pass at the same time posts nothing again.
+        let again = w.settler.pass(Horizon::Now(at("10:15:00"))).await.unwrap();
+        assert_eq!(again.posted, 0);
+        assert_eq!(w.billed("i-1", INSTANCE), Decimal::from(3600));
+    }
+
+    #[tokio::test]
+    async fn a_late_resize_after_its_period_was_settled_posts_one_correction() {
+        let w = world(settings()).await;
+        w.add("i-1", &[launch("09:00:00", small()), end("09:40:00")]).await;
+        w.settler.pass(Horizon::Now(at("11:00:00"))).await.unwrap();
+        assert_eq!(w.billed("i-1", VCPU), Decimal::from(2400));
+        // The resize at 09:20 arrives after the period was settled: 1200 s × 1 + 1200 s × 4.
+        w.add("i-1", &[launch("09:20:00", large())]).await;
+        let pass = w.settler.pass(Horizon::Now(at("11:01:00"))).await.unwrap();
+        assert_eq!((pass.posted, pass.corrections), (1, 1));
+        assert_eq!(w.billed("i-1", VCPU), Decimal::from(6000));
+        assert_eq!(w.billed("i-1", DISK), Decimal::from(1200 * 20 + 1200 * 80));
+        // Settling again changes nothing: the correction is posted once.
+        w.add("i-1", &[launch("09:20:00", large())]).await;
+        let again = w.settler.pass(Horizon::Now(at("11:02:00"))).await.unwrap();
+        assert_eq!(again.posted, 0);
+        assert_eq!(w.billed("i-1", VCPU), Decimal::from(6000));
+    }
+
+    #[tokio::test]
+    async fn a_late_delete_after_a_full_period_was_posted_is_a_shortfall_never_negative_usage() {
+        let w = world(settings()).await;
+        w.add("i-1", &[launch("09:00:00", small())]).await;
+        w.settler.pass(Horizon::Now(at("10:20:00"))).await.unwrap();
+        assert_eq!(w.billed("i-1", INSTANCE), Decimal::from(3600));
+        // It was terminated at 09:30: the period is 1800 s above what is due.
+        w.add("i-1", &[end("09:30:00")]).await;
+        let pass = w.settler.pass(Horizon::Now(at("10:21:00"))).await.unwrap();
+        assert_eq!(pass.posted, 0);
+        let instance = pass.shortfalls.iter().find(|s| s.unit == INSTANCE).unwrap();
+        assert_eq!((instance.billed.as_str(), instance.due.as_str()), ("3600", "1800"));
+        assert_eq!(pass.shortfalls.len(), 4, "one per unit: {:?}", pass.shortfalls);
+        assert_eq!(w.billed("i-1", INSTANCE), Decimal::from(3600), "nothing is taken back as usage");
+        // Listed once, however often the period is reviewed.
+        let again = w.settler.pass(Horizon::Now(at("11:00:00"))).await.unwrap();
+        assert!(again.shortfalls.is_empty());
+        assert_eq!(w.store.shortfalls().await.unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn delete_before_create_bills_the_whole_life_once_both_are_in() {
+        let w = world(settings()).await;
+        // The delete alone reports the last launch and the end.
+        w.add("i-1", &[launch("11:00:20", small()), end("11:30:03")]).await;
+        w.add("i-1", &[launch("11:00:20", small())]).await;
+        w.settler.pass(Horizon::AsOf(at("12:00:00"))).await.unwrap();
+        assert_eq!(w.billed("i-1", INSTANCE), Decimal::from(1783));
+        assert_eq!(w.subscription("i-1").unwrap().state, "cancelled");
+    }
+
+    #[tokio::test]
+    async fn shelve_offload_then_unshelve_bills_the_time_on_a_host_only() {
+        let w = world(settings()).await;
+        w.add(
+            "i-1",
+            &[
+                launch("09:00:00", small()),
+                Fact::State { at: at("09:10:00"), held: Held::Stopped },
+                Fact::State { at: at("09:15:00"), held: Held::Offloaded },
+                launch("10:30:00", small()),
+                end("10:45:00"),
+            ],
+        )
+        .await;
+        w.settler.pass(Horizon::Now(at("12:00:00"))).await.unwrap();
+        // 09:00-09:15 (stopped time billed by default) + 10:30-10:45.
+        assert_eq!(w.billed("i-1", INSTANCE), Decimal::from(900 + 900));
+    }
+
+    #[tokio::test]
+    async fn a_failed_build_bills_nothing_and_leaves_no_subscription() {
+        let w = world(settings()).await;
+        w.add("i-1", &[Fact::End { at: at("09:00:05"), terminated: false }]).await;
+        let pass = w.settler.pass(Horizon::Now(at("12:00:00"))).await.unwrap();
+        assert!(pass.failures.is_empty());
+        assert!(w.subscription("i-1").is_none());
+        assert!(w.ledger.snapshot().accounts.is_empty());
+    }
+
+    #[tokio::test]
+    async fn each_stopped_policy_bills_what_it_says() {
+        for (policy, instance_s, disk) in [("all", 3600, 72_000), ("disk", 1800, 72_000), ("none", 1800, 36_000)] {
+            let mut s = settings();
+            s.billing.time.stopped = serde_json::from_str(&format!("\"{policy}\"")).unwrap();
+            let w = world(s).await;
+            w.add("i-1", &[launch("09:00:00", small()), Fact::State { at: at("09:30:00"), held: Held::Stopped }]).await;
+            w.settler.pass(Horizon::Now(at("10:30:00"))).await.unwrap();
+            assert_eq!(w.billed("i-1", INSTANCE), Decimal::from(instance_s), "{policy}");
+            assert_eq!(w.billed("i-1", DISK), Decimal::from(disk), "{policy}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_running_instance_is_billed_to_the_replays_as_of_and_keeps_its_subscription() {
+        let w = world(settings()).await;
+        w.add("i-1", &[launch("09:00:41", small())]).await;
+        w.settler.pass(Horizon::AsOf(at("11:12:34"))).await.unwrap();
+        // 09:00:41 → 11:12:34 = 2 h 11 min 53 s = 7913 s.
+        assert_eq!(w.billed("i-1", INSTANCE), Decimal::from(7913));
+        assert_eq!(w.subscription("i-1").unwrap().state, "active");
+    }
+
+    #[tokio::test]
+    async fn an_audit_that_disagrees_with_the_timeline_is_reported_with_both_figures() {
+        let w = world(settings()).await;
+        let audit = Fact::Audit {
+            begin: at("09:00:00"),
+            end: at("10:00:00"),
+            launched_at: at("09:00:00"),
+            terminated_at: None,
+            size: small(),
+        };
+        w.add("i-1", &[launch("09:00:00", small()), end("09:30:00"), audit]).await;
+        let pass = w.settler.pass(Horizon::Now(at("11:00:00"))).await.unwrap();
+        assert_eq!(pass.audits.len(), 1);
+        assert_eq!((pass.audits[0].1.audited_vcpu_s, pass.audits[0].1.timeline_vcpu_s), (3600, 1800));
+    }
+
+    #[tokio::test]
+    async fn a_step_held_by_a_live_replica_is_left_to_it_and_a_dead_ones_is_taken_over_and_sent_as_claimed() {
+        let w = world(settings()).await;
+        w.add("i-1", &[launch("09:00:00", small()), end("09:30:00")]).await;
+        let now = at("11:00:00");
+        // Another replica claimed the subscription step a moment ago and is still at it.
+        assert_eq!(w.store.claim("i-1", "sub", Some(at("09:00:00")), "", "other", now, 120).await.unwrap(), Claim::Won);
+        let pass = w.settler.pass(Horizon::Now(now)).await.unwrap();
+        assert_eq!((pass.held, pass.posted), (1, 0));
+        // It died: after the lease the step is taken over, and the period is posted once.
+        let pass = w.settler.pass(Horizon::Now(now + 121)).await.unwrap();
+        assert_eq!((pass.held, pass.posted), (0, 1));
+        assert_eq!(w.billed("i-1", INSTANCE), Decimal::from(1800));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+            /// Facts arriving in any order, duplicated, across passes at any times, end with
+            /// the same ledger as all of them settled at once: the seconds held.
+            #[test]
+            fn any_order_duplication_and_pass_times_bill_the_same_seconds(
+                order in Just((0..7usize).collect::<Vec<_>>()).prop_shuffle(),
+                copies in prop::collection::vec(0usize..7, 0..4),
+                passes in prop::collection::vec(0i64..5 * 3600, 0..4),
+            ) {
+                let facts = [
+                    launch("09:00:41", small()),
+                    launch("09:26:30", large()),
+                    Fact::State { at: at("10:05:00"), held: Held::Stopped },
+                    Fact::State { at: at("10:20:00"), held: Held::Offloaded },
+                    launch("11:00:00", small()),
+                    Fact::State { at: at("11:30:00"), held: Held::Stopped },
+                    end("12:40:01"),
+                ];
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let (got, want) = runtime.block_on(async {
+                    let w = world(settings()).await;
+                    let mut sequence: Vec<usize> = order.clone();
+                    sequence.extend(copies.iter().copied());
+                    let mut passes = passes.clone();
+                    passes.sort_unstable();
+                    for (i, f) in sequence.iter().enumerate() {
+                        w.add("i-1", std::slice::from_ref(&facts[*f])).await;
+                        if let Some(t) = passes.get(i) {
+                            w.settler.pass(Horizon::Now(at("09:00:00") + t)).await.unwrap();
+                        }
+                    }
+                    w.settler.pass(Horizon::Now(at("15:00:00"))).await.unwrap();
+                    let at_once = world(settings()).await;
+                    at_once.add("i-1", &facts).await;
+                    at_once.settler.pass(Horizon::Now(at("15:00:00"))).await.unwrap();
+                    let total = |w: &World| [INSTANCE, VCPU, DISK].map(|u| w.billed("i-1", u));
+                    (total(&w), total(&at_once))
+                });
+                // Independently: 09:00:41-09:26:30 small (1549 s), 09:26:30-10:20 large
+                // (3210 s, stopped from 10:05 billed by default), offloaded to 11:00, then
+                // small 11:00-12:40:01 (6001 s).
+                prop_assert_eq!(want[0], Decimal::from(1549 + 3210 + 6001));
+                prop_assert_eq!(want[1], Decimal::from(1549 + 4 * 3210 + 6001));
+                // A fact arriving late can only raise a period (a correction) or leave a
+                // shortfall; what was billed is never below what is due.
+                for (g, w) in got.iter().zip(want.iter()) {
+                    prop_assert!(g >= w, "{got:?} {want:?}");
+                }
+                if passes.is_empty() {
+                    prop_assert_eq!(got, want);
+                }
+            }
+        }
+    }
+}
