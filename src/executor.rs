@@ -319,6 +319,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_sample_republished_under_new_ids_is_billed_once() {
+        let text = crate::config::DEFAULT_TOML.replace(
+            "[billing.meters]\n",
+            "[billing.meters.\"network.outgoing.bytes.delta\"]\nunit = \"egress\"\nfactor = \"1\"\ncounter = \"delta\"\n",
+        );
+        let e = Executor::new(Settings::from_toml(&text, "t").unwrap(), Ledger::in_memory());
+        let sample = |id: &str| {
+            format!(
+                r#"{{"message_id":"{id}","event_type":"metering","timestamp":"2025-01-01 00:00:05","payload":[{{"counter_name":"network.outgoing.bytes.delta","counter_type":"delta","counter_unit":"B","counter_volume":512,"project_id":"p1","resource_id":"r1","timestamp":"2025-01-01T00:00:00Z","resource_metadata":{{}}}}]}}"#
+            )
+        };
+        for id in ["first", "republished-by-ceilometer", "and-again"] {
+            assert!(matches!(handle(&e, &sample(id)).await, Outcome::Processed { .. }));
+        }
+        let usage = e.billing().snapshot().usage;
+        assert_eq!(usage.len(), 1, "{usage:?}");
+        assert_eq!(usage[0].amount, rust_decimal::Decimal::from(512));
+    }
+
+    #[tokio::test]
     async fn unhandled_and_malformed_messages_are_ignored_and_invalid() {
         let e = executor();
         let body = r#"{"message_id":"m1","event_type":"image.update","timestamp":"2025-01-01 00:00:00","payload":{}}"#;

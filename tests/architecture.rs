@@ -10,33 +10,36 @@ use std::{
 /// Each module of `src/` and the modules it may use. `main` (the binary) and `lib` may use any.
 const ALLOWED: &[(&str, &[&str])] = &[
     // Foundations: the domain's value types, error classes, shared formats and helpers.
-    ("event", &[]),
+    // An instance's timeline: facts → seconds held, pure arithmetic over plain values.
+    ("timeline", &[]),
+    ("event", &["timeline"]),
     ("class", &[]),
     ("fields", &[]),
     ("fixture", &[]),
     ("outbound", &[]),
     ("redact", &[]),
-    ("config", &["event"]),
+    ("config", &["event", "timeline"]),
     ("retry", &["config"]),
     ("telemetry", &["event", "redact"]),
     // Durable state: knows failure classes, nothing of events or billing.
     ("store", &["class"]),
     // The pure core: wire formats in, billing actions out.
-    ("notification", &["config", "event", "fields"]),
-    ("plan", &["config", "event"]),
+    ("notification", &["config", "event", "fields", "timeline"]),
+    ("plan", &["config", "event", "timeline"]),
     // Effects.
     ("billing", &["class", "config", "event", "fields", "outbound", "plan", "store"]),
     ("concertim", &["billing", "class", "config", "event", "outbound", "retry", "telemetry"]),
-    ("executor", &["billing", "class", "concertim", "config", "event", "notification", "plan"]),
+    ("settle", &["billing", "class", "config", "event", "plan", "store", "timeline"]),
+    ("executor", &["billing", "class", "concertim", "config", "event", "notification", "plan", "settle", "store"]),
     // The transport, and what runs on top of it.
     ("bus", &["class", "config", "event", "fixture", "retry", "telemetry"]),
     (
         "handle",
         &["billing", "bus", "class", "concertim", "config", "event", "executor", "notification", "retry", "telemetry"],
     ),
-    ("replay", &["billing", "bus", "class", "config", "executor", "fixture"]),
+    ("replay", &["billing", "bus", "class", "config", "event", "executor", "fixture", "settle", "store"]),
     ("http", &["telemetry"]),
-    ("app", &["billing", "bus", "config", "executor", "handle", "http", "telemetry"]),
+    ("app", &["billing", "bus", "config", "executor", "handle", "http", "settle", "store", "telemetry"]),
     ("capture", &["bus", "config", "fixture", "redact"]),
     ("dlq", &["bus", "class", "concertim", "config", "event", "fixture", "notification", "redact"]),
 ];
