@@ -18,7 +18,8 @@ pub struct HostBillSettings {
     /// API key.
     pub api_key: Option<Secret>,
     /// Plan name (from `[billing.plans]` and `default_plan`) → HostBill product id of a
-    /// Metered Billing product whose variables are the meter units.
+    /// Metered Billing product whose variables are the billed units (the four time units and any
+    /// metered meter's).
     #[serde(default)]
     pub products: BTreeMap<String, String>,
     /// Clients are found again by the email `<project id>@<client_email_domain>`.
