@@ -36,6 +36,22 @@ fn digest(fact: &str) -> String {
     Sha256::digest(fact.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Facts remembered as committed, at most: about 40 MiB; the set starts over when full.
+const KNOWN_MAX: usize = 1 << 20;
+
+/// The key of a (resource, fact) pair in [`Store::known`]: 128 bits of SHA-256 (a collision,
+/// which would skip a new fact, is as likely as guessing a random 128-bit key).
+fn known_key(resource: &str, fact: &str) -> u128 {
+    let mut h = Sha256::new();
+    h.update(resource.as_bytes());
+    h.update([0]);
+    h.update(fact.as_bytes());
+    let d = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&d[..16]);
+    u128::from_le_bytes(bytes)
+}
+
 /// `dirty_from` lowered to `$2` (the SQL of `min(dirty_from, $2)` where NULL is "nothing").
 const LOWER_DIRTY_FROM: &str =
     "dirty_from = CASE WHEN dirty_from IS NULL OR dirty_from > $2 THEN $2 ELSE dirty_from END";
@@ -50,6 +66,30 @@ impl Store {
     /// # Errors
     /// [`StoreError::Query`] when the database cannot be written (nothing is stored then).
     pub async fn add_facts(&self, resource: &str, project: &str, facts: &[(String, i64)]) -> Result<usize, StoreError> {
+        let keys: Vec<u128> = facts.iter().map(|(f, _)| known_key(resource, f)).collect();
+        let fresh: Vec<usize> = {
+            let known = self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            (0..facts.len()).filter(|i| !known.contains(&keys[*i])).collect()
+        };
+        if fresh.is_empty() {
+            // Every fact was committed before (a duplicate, a republished sample's evidence).
+            return Ok(0);
+        }
+        let new = self.insert_facts(resource, project, fresh.iter().map(|i| &facts[*i])).await?;
+        let mut known = self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known.len() + fresh.len() > KNOWN_MAX {
+            known.clear();
+        }
+        known.extend(fresh.iter().map(|i| keys[*i]));
+        Ok(new)
+    }
+
+    async fn insert_facts<'f>(
+        &self,
+        resource: &str,
+        project: &str,
+        facts: impl Iterator<Item = &'f (String, i64)>,
+    ) -> Result<usize, StoreError> {
         let fail = |e| self.failed(format_args!("adding facts about resource {resource}"), e);
         let mut tx = self.begin().await.map_err(fail)?;
         sqlx::query(
