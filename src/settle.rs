@@ -259,7 +259,7 @@ impl<B: Billing> Settler<B> {
             for p in existing.iter().filter(|p| p.state == PostingState::Claimed) {
                 let records = decode_body(&p.body);
                 let usage = [usage_action(&instance, &p.id, &records, date)];
-                if let Err(stop) = stepper.once(&p.id, Some(p0), &p.body, &usage).await? {
+                if let Err(stop) = stepper.again(&p.id, Some(p0), &p.body, &usage).await? {
                     return Ok(Err(stop));
                 }
             }
@@ -353,6 +353,30 @@ impl<B: Billing> Steps<'_, B> {
         body: &str,
         actions: &[Action],
     ) -> Result<Result<(), Stop>, StoreError> {
+        self.send(id, period_start, body, actions, false).await
+    }
+
+    /// As [`Steps::once`], for a step a replica claimed and may have sent before it died: the
+    /// backend is told (`redelivered`), so one without idempotency keys (HostBill) checks
+    /// first.
+    async fn again(
+        &mut self,
+        id: &str,
+        period_start: Option<i64>,
+        body: &str,
+        actions: &[Action],
+    ) -> Result<Result<(), Stop>, StoreError> {
+        self.send(id, period_start, body, actions, true).await
+    }
+
+    async fn send(
+        &mut self,
+        id: &str,
+        period_start: Option<i64>,
+        body: &str,
+        actions: &[Action],
+        redelivered: bool,
+    ) -> Result<Result<(), Stop>, StoreError> {
         let s = self.settler;
         let store = &s.store;
         let lease = i64::try_from(s.settings.state.claim_lease_s).unwrap_or(i64::MAX);
@@ -363,7 +387,7 @@ impl<B: Billing> Steps<'_, B> {
             Claim::Won => {}
         }
         let meta = settlement_meta(self.now);
-        let ctx = Context { meta: &meta, redelivered: false };
+        let ctx = Context { meta: &meta, redelivered };
         for action in actions {
             match billing::apply(&*s.billing, action, ctx).await {
                 Ok(applied) => {
