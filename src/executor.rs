@@ -132,13 +132,28 @@ pub struct Executor<B> {
     commit_each: bool,
     /// Where the facts go: the configured store, or one in memory made on first use.
     store: tokio::sync::OnceCell<std::sync::Arc<Store>>,
+    /// How far the notifications handled have got: see [`Executor::watermark`].
+    progress: Progress,
+}
+
+/// The latest notification time handled, and when (wall clock) a message was last handled.
+#[derive(Debug, Default)]
+struct Progress {
+    latest_sent: std::sync::atomic::AtomicI64,
+    last_handled: std::sync::atomic::AtomicI64,
 }
 
 impl<B: Billing> Executor<B> {
     /// An executor over a billing backend that commits every processed message before
     /// returning its outcome (what a message must have before it is acknowledged).
     pub fn new(settings: Settings, billing: B) -> Self {
-        Self { settings, billing: std::sync::Arc::new(billing), commit_each: true, store: tokio::sync::OnceCell::new() }
+        Self {
+            settings,
+            billing: std::sync::Arc::new(billing),
+            commit_each: true,
+            store: tokio::sync::OnceCell::new(),
+            progress: Progress::default(),
+        }
     }
 
     /// The same executor, keeping facts in `store` (without it, an in-memory store is made on
@@ -146,6 +161,20 @@ impl<B: Billing> Executor<B> {
     #[must_use]
     pub fn with_store(self, store: std::sync::Arc<Store>) -> Self {
         Self { store: tokio::sync::OnceCell::new_with(Some(store)), ..self }
+    }
+
+    /// Up to when the settlement may bill, at wall-clock time `now`: `now` while the consumer
+    /// is idle (no message handled for `idle_s` seconds), else the latest notification time
+    /// handled. So a backlog being drained after an outage (creates and deletes of the last
+    /// hours still queued) is never settled past the point the consumer has read: an instance
+    /// whose delete is still queued is not billed up to now.
+    pub fn watermark(&self, now: i64, idle_s: i64) -> i64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.progress.last_handled.load(Relaxed);
+        if now.saturating_sub(last) >= idle_s {
+            return now;
+        }
+        self.progress.latest_sent.load(Relaxed).min(now)
     }
 
     /// Keeps the facts in `store` from now on; false when a store is already in use.
@@ -221,6 +250,12 @@ impl<B: Billing> Executor<B> {
     /// [`Executor::handle`] after the decode: plans and runs a notification, commits its
     /// changes, and adds its Concertim work once it is done.
     pub async fn handle_decoded(&self, notification: &Notification, redelivered: bool) -> Outcome {
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            self.progress.last_handled.store(i64::try_from(wall).unwrap_or(i64::MAX), Relaxed);
+            self.progress.latest_sent.fetch_max(notification.meta.timestamp.unix(), Relaxed);
+        }
         let mut outcome = self.execute(notification, redelivered).await;
         if let Outcome::Processed { event_type, .. } = &outcome {
             if self.commit_each {
@@ -298,7 +333,7 @@ fn describe(action: &Action) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::billing::Ledger;
+    use crate::{billing::Ledger, event::Timestamp};
 
     fn executor() -> Executor<Ledger> {
         Executor::new(Settings::embedded(), Ledger::in_memory())
@@ -336,6 +371,20 @@ mod tests {
         let usage = e.billing().snapshot().usage;
         assert_eq!(usage.len(), 1, "{usage:?}");
         assert_eq!(usage[0].amount, rust_decimal::Decimal::from(512));
+    }
+
+    #[tokio::test]
+    async fn the_watermark_is_the_latest_notification_while_busy_and_now_once_idle() {
+        let e = executor();
+        let now = 1_800_000_000;
+        assert_eq!(e.watermark(now, 5), now, "nothing handled yet");
+        let body = r#"{"message_id":"m1","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p1"}}"#;
+        handle(&e, body).await;
+        let wall = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs())
+            .unwrap();
+        let sent = Timestamp::parse("2025-01-01T00:00:00Z").unwrap().unix();
+        assert_eq!(e.watermark(wall, 5), sent, "a backlog of old notifications holds the settlement back");
+        assert_eq!(e.watermark(wall + 5, 5), wall + 5, "idle: settled up to now");
     }
 
     #[tokio::test]
