@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 
 use crate::{
-    config::Settings,
+    config::{Counter, Settings},
     event::{
         Event, Instance, InstanceAction, InstanceId, Notification, PlanName, ProjectId, Sample, Step, Timestamp, Unit,
     },
@@ -363,6 +363,20 @@ fn sample_facts(group: &[&Sample], notification: &Notification) -> Result<Vec<Fa
     Ok(facts)
 }
 
+/// A cumulative sample as a reading of its running total: its increases are billed per period
+/// by the settlement. Refused like any usage when negative or dated far from its notification.
+fn reading(sample: &Sample, notification: &Notification) -> Result<Fact, PlanError> {
+    let meter = || sample.meter.clone();
+    if sample.volume.is_sign_negative() && !sample.volume.is_zero() {
+        return Err(PlanError::Negative { meter: meter(), volume: sample.volume });
+    }
+    let sent = notification.meta.timestamp;
+    if sample.timestamp.unix() < sent.unix() - 366 * 86_400 || sample.timestamp.unix() > sent.unix() + 86_400 {
+        return Err(PlanError::OutOfRange { meter: meter(), sample: sample.timestamp, sent });
+    }
+    Ok(Fact::Reading { meter: meter(), at: sample.timestamp.unix(), total: sample.volume.normalize().to_string() })
+}
+
 fn plan_usage(samples: &[Sample], notification: &Notification, settings: &Settings) -> Result<Plan, PlanError> {
     // Group by resource, keeping first-seen order so the plan is deterministic.
     let mut order: Vec<&InstanceId> = Vec::new();
@@ -380,13 +394,16 @@ fn plan_usage(samples: &[Sample], notification: &Notification, settings: &Settin
         let first = group[0];
         let evidence: Vec<&Sample> =
             group.iter().copied().filter(|s| s.counter != "delta" && s.counter != "cumulative").collect();
-        let facts = if evidence.is_empty() { Vec::new() } else { sample_facts(&evidence, notification)? };
-        let metered: Vec<(&Sample, &crate::config::MeterRule)> = group
+        let mut facts = if evidence.is_empty() { Vec::new() } else { sample_facts(&evidence, notification)? };
+        let (cumulative, metered): (Vec<_>, Vec<_>) = group
             .iter()
             .filter_map(|s| {
                 settings.billing.meters.get(&s.meter).filter(|r| r.counter.as_str() == s.counter).map(|r| (*s, r))
             })
-            .collect();
+            .partition(|(_, r)| r.counter == Counter::Cumulative);
+        for (sample, _) in &cumulative {
+            facts.push(reading(sample, notification)?);
+        }
         if facts.is_empty() && metered.is_empty() {
             continue;
         }
@@ -413,9 +430,6 @@ fn plan_usage(samples: &[Sample], notification: &Notification, settings: &Settin
             display_name: first.display_name.clone().filter(|n| !n.is_empty()),
         }));
         for (sample, rule) in metered {
-            // FIXME(billing): cumulative meters are billed as their increase per period by the
-            // settlement; until the timeline keeps readings, a cumulative sample is billed as
-            // if it were a delta only when configured so, and the config refuses `cumulative`.
             actions.push(Action::RecordUsage(UsageSpec {
                 instance: resource.clone(),
                 tracking_id: sample_tracking_id(&sample.meter, sample.timestamp),

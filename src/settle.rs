@@ -174,12 +174,25 @@ impl<B: Billing> Settler<B> {
         if res.dirty_from.is_some() {
             pass.audits.extend(timeline::audit(&facts, &tl).into_iter().map(|a| (res.id.clone(), a)));
         }
-        let (Some(first), Some(size)) = (tl.first_launch, tl.first_size()) else {
-            // Never launched (a failed build), or ended before it ran: nothing is billed, and no
-            // subscription is left behind. A later launch fact makes it due again.
-            self.store.reviewed(id, res.version, None, res.settled_through).await?;
-            return Ok(Ok(()));
+        let first_reading = facts
+            .iter()
+            .filter_map(|f| match f {
+                Fact::Reading { at, .. } => Some(*at),
+                _ => None,
+            })
+            .min();
+        let first = match (tl.first_launch.filter(|_| !tl.segments.is_empty()), first_reading) {
+            (Some(launch), _) => launch,
+            // A resource measured only by a cumulative meter (a network port): from its first reading.
+            (None, Some(reading)) => reading,
+            (None, None) => {
+                // Never launched (a failed build), or ended before it ran: nothing is billed,
+                // and no subscription is left behind. A later launch fact makes it due again.
+                self.store.reviewed(id, res.version, None, res.settled_through).await?;
+                return Ok(Ok(()));
+            }
         };
+        let first_flavor = tl.first_size().map(|s| s.name.clone()).unwrap_or_default();
         let time = &self.settings.billing.time;
         let len = time.period.seconds();
         let first_period = time.period.start_of(first);
@@ -201,13 +214,13 @@ impl<B: Billing> Settler<B> {
         let mut stepper = Steps { settler: self, instance: &instance, now: horizon.now(), pass };
 
         // The subscription, from the first launch on the first flavor's plan.
-        let plan = self.settings.billing.plan_for(Some(size.name.as_str()).filter(|n| !n.is_empty())).clone();
+        let plan = self.settings.billing.plan_for(Some(first_flavor.as_str()).filter(|n| !n.is_empty())).clone();
         let spec = SubscriptionSpec {
             instance: instance.clone(),
             project: project.clone(),
             plan,
             start: ts(first),
-            flavor: Some(size.name.clone()).filter(|n| !n.is_empty()),
+            flavor: Some(first_flavor.clone()).filter(|n| !n.is_empty()),
             display_name: None,
         };
         let subscribe = [Action::EnsureAccount { project: project.clone() }, Action::EnsureSubscription(spec)];
@@ -227,7 +240,7 @@ impl<B: Billing> Settler<B> {
         let mut reviewed_periods = 0;
         while due(p0) && reviewed_periods < MAX_PERIODS_PER_REVIEW {
             // A plan change inside the period goes first, at the launch that made it.
-            let mut previous = self.settings.billing.plan_for(Some(size.name.as_str())).clone();
+            let mut previous = self.settings.billing.plan_for(Some(first_flavor.as_str())).clone();
             for (t, name) in &changes {
                 let plan = self.settings.billing.plan_for(Some(name)).clone();
                 if (p0..p0 + len).contains(t) && plan != previous {
@@ -245,7 +258,18 @@ impl<B: Billing> Settler<B> {
             let Some(amounts) = timeline::amounts(&held, time.unit) else {
                 return Ok(Err(Stop::Failed(format!("the amounts of period {} overflow", at(p0)))));
             };
-            let amounts: Vec<(String, Decimal)> = amounts.into_iter().map(|(k, a)| (time.unit_name(k), a)).collect();
+            let mut amounts: Vec<(String, Decimal)> =
+                amounts.into_iter().map(|(k, a)| (time.unit_name(k), a)).collect();
+            for (meter, increase) in timeline::increases(&facts, p0, window_end(p0)) {
+                let Some(rule) = self.settings.billing.meters.get(&meter) else { continue };
+                let Some(amount) = rule.factor.apply(increase) else {
+                    return Ok(Err(Stop::Failed(format!("meter {meter}: the increase {increase} overflows"))));
+                };
+                match amounts.iter_mut().find(|(u, _)| u == rule.unit.as_str()) {
+                    Some((_, a)) => *a += amount,
+                    None => amounts.push((rule.unit.to_string(), amount)),
+                }
+            }
             if let Some((unit, amount)) = amounts.iter().find(|(_, a)| *a > self.settings.billing.max_record_amount) {
                 return Ok(Err(Stop::Failed(format!(
                     "period {}: {unit} amount {amount} is above billing.max_record_amount; raise it if this is real usage",
@@ -707,6 +731,48 @@ mod tests {
         let pass = w.settler.pass(Horizon::Now(now + 121)).await.unwrap();
         assert_eq!((pass.held, pass.posted), (0, 1));
         assert_eq!(w.billed("i-1", INSTANCE), Decimal::from(1800));
+    }
+
+    #[tokio::test]
+    async fn a_cumulative_meter_is_billed_as_its_increase_per_period_on_a_resource_of_its_own() {
+        let mut s = settings();
+        s.billing.meters.insert(
+            "network.outgoing.bytes".into(),
+            crate::config::MeterRule {
+                unit: crate::event::Unit::parse("egress-gib").unwrap(),
+                factor: "1/1073741824".parse().unwrap(),
+                counter: crate::config::Counter::Cumulative,
+            },
+        );
+        let w = world(s).await;
+        let gib = 1_073_741_824u64;
+        let reading = |t: &str, total: u64| Fact::Reading {
+            meter: "network.outgoing.bytes".into(),
+            at: at(t),
+            total: total.to_string(),
+        };
+        // Baseline 1 GiB at 08:55; 3 GiB at 09:30 (+2); the port's counter restarts: 1 GiB at
+        // 09:50 (+1); 4 GiB at 10:20 (+3, the next hour).
+        w.add(
+            "port-1",
+            &[
+                reading("08:55:00", gib),
+                reading("09:30:00", 3 * gib),
+                reading("09:50:00", gib),
+                reading("10:20:00", 4 * gib),
+            ],
+        )
+        .await;
+        let pass = w.settler.pass(Horizon::Now(at("11:30:00"))).await.unwrap();
+        assert!(pass.failures.is_empty(), "{:?}", pass.failures);
+        assert_eq!(w.billed("port-1", "egress-gib"), Decimal::from(6));
+        assert_eq!(w.billed("port-1", INSTANCE), Decimal::ZERO, "a port is no instance");
+        let sub = w.subscription("port-1").unwrap();
+        assert_eq!((sub.start.unix(), sub.state), (at("08:55:00"), "active"));
+        // A reading republished under a new id is the same fact: nothing more.
+        w.add("port-1", &[reading("10:20:00", 4 * gib)]).await;
+        w.settler.pass(Horizon::Now(at("11:31:00"))).await.unwrap();
+        assert_eq!(w.billed("port-1", "egress-gib"), Decimal::from(6));
     }
 
     mod properties {

@@ -100,6 +100,16 @@ pub enum Fact {
         /// The flavor it reports.
         size: Size,
     },
+    /// A reading of a cumulative meter (a running total, e.g. bytes sent): billed as its
+    /// increases per period.
+    Reading {
+        /// The meter.
+        meter: String,
+        /// The sample's time.
+        at: i64,
+        /// The running total, as decimal text (normalised, so one reading is one fact).
+        total: String,
+    },
 }
 
 impl Fact {
@@ -116,6 +126,7 @@ impl Fact {
         match self {
             Fact::Launch { at, .. } | Fact::State { at, .. } | Fact::End { at, .. } => *at,
             Fact::Audit { end, .. } => *end,
+            Fact::Reading { at, .. } => *at,
         }
     }
 }
@@ -199,7 +210,7 @@ impl Timeline {
                 Fact::State { at, held } => states.push((*at, *held)),
                 Fact::End { at, terminated: true } => terminated = Some(terminated.map_or(*at, |t| t.min(*at))),
                 Fact::End { at, terminated: false } => deleted = Some(deleted.map_or(*at, |t| t.min(*at))),
-                Fact::Audit { .. } => {}
+                Fact::Audit { .. } | Fact::Reading { .. } => {}
             }
         }
         let end = [terminated.or(deleted), closed_at].into_iter().flatten().min();
@@ -435,6 +446,38 @@ pub fn amounts(held: &Held4, unit: TimeUnit) -> Option<Vec<(Kind, Decimal)>> {
     Some(out)
 }
 
+/// The increase of each cumulative meter over `[from, to)`: for every reading in the window, its
+/// total minus the previous reading's (or the whole total when it is lower: the counter started
+/// again from zero, as after a reboot). The first reading ever is the baseline and adds nothing.
+/// Two readings at one instant count once (the larger). Pure, so any order gives the same sums.
+pub fn increases(facts: &[Fact], from: i64, to: i64) -> BTreeMap<String, Decimal> {
+    let mut readings: BTreeMap<&str, BTreeMap<i64, Decimal>> = BTreeMap::new();
+    for fact in facts {
+        if let Fact::Reading { meter, at, total } = fact {
+            let Ok(total) = total.parse::<Decimal>() else { continue };
+            let slot = readings.entry(meter.as_str()).or_default().entry(*at).or_insert(total);
+            *slot = (*slot).max(total);
+        }
+    }
+    let mut out = BTreeMap::new();
+    for (meter, series) in readings {
+        let mut previous: Option<Decimal> = None;
+        let mut sum = Decimal::ZERO;
+        for (at, total) in series {
+            if (from..to).contains(&at) {
+                if let Some(before) = previous {
+                    sum += if total >= before { total - before } else { total };
+                }
+            }
+            previous = Some(total);
+        }
+        if !sum.is_zero() {
+            out.insert(meter.to_owned(), sum);
+        }
+    }
+    out
+}
+
 /// FNV-1a, 64 bits: a stable hash for derived ids (the standard library's hasher may change
 /// between releases, and an id must not).
 pub fn fnv64(bytes: &[u8]) -> u64 {
@@ -646,6 +689,21 @@ mod tests {
         let found = audit(&disagreeing, &Timeline::of(&disagreeing, None));
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].audited_vcpu_s, found[0].timeline_vcpu_s), (7200, 3600));
+    }
+
+    #[test]
+    fn a_cumulative_counter_bills_its_increases_per_window_and_a_restart_from_zero() {
+        let reading = |t: &str, total: u32| Fact::Reading { meter: "net".into(), at: at(t), total: total.to_string() };
+        // 100 at 09:55 is the baseline; +50 by 10:05, then a reboot (20 from zero), then +10.
+        let facts =
+            [reading("10:05:00", 150), reading("09:55:00", 100), reading("10:30:00", 20), reading("11:10:00", 30)];
+        assert_eq!(increases(&facts, at("10:00:00"), at("11:00:00"))["net"], Decimal::from(70));
+        assert_eq!(increases(&facts, at("11:00:00"), at("12:00:00"))["net"], Decimal::from(10));
+        assert!(increases(&facts, at("09:00:00"), at("10:00:00")).is_empty(), "the first reading is a baseline");
+        let mut shuffled = facts.to_vec();
+        shuffled.reverse();
+        shuffled.push(facts[1].clone());
+        assert_eq!(increases(&shuffled, at("10:00:00"), at("11:00:00"))["net"], Decimal::from(70));
     }
 
     #[test]

@@ -271,14 +271,6 @@ impl Settings {
         }
         self.decode.validate()?;
         self.billing.time.validate()?;
-        // FIXME(billing): cumulative meters (network.*.bytes) need their readings kept per
-        // resource and billed as per-period increases; until then such a meter is refused
-        // rather than billed wrong.
-        if let Some((meter, _)) = self.billing.meters.iter().find(|(_, r)| r.counter == Counter::Cumulative) {
-            return Err(format!(
-                "billing.meters.\"{meter}\": counter = \"cumulative\" is not billed yet (its increases per period need its readings kept); bill its delta form (e.g. a Ceilometer rate-of-change transformer publishing delta samples) with counter = \"delta\""
-            ));
-        }
         self.projects.validate()
     }
 }
