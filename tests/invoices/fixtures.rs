@@ -2,46 +2,18 @@
 
 use std::collections::BTreeMap;
 
-use concertim_billing::{billing::killbill::CATALOG_XML, fixture::FixtureDelivery};
+use concertim_billing::fixture::FixtureDelivery;
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde_json::Value;
 
-use crate::support::{
-    assert_no_failures, billable,
-    killbill_server::{real_url, RealKillBill},
-    run_through, through_ledger,
+use crate::{
+    helpers::{catalog_prices, decimal, set_clock, CLOCK},
+    support::{
+        assert_no_failures, billable,
+        killbill_server::{real_url, RealKillBill},
+        run_through, through_ledger,
+    },
 };
-
-/// The catalog's price of each (plan, unit), read from the bundled catalog file.
-fn catalog_prices() -> BTreeMap<(String, String), Decimal> {
-    let mut prices = BTreeMap::new();
-    for plan in CATALOG_XML.split("<plan name=\"").skip(1) {
-        let name = plan.split('"').next().unwrap().to_owned();
-        for block in plan.split("<tieredBlock>").skip(1) {
-            let unit = block.split("<unit>").nth(1).unwrap().split("</unit>").next().unwrap();
-            let value = block.split("<value>").nth(1).unwrap().split("</value>").next().unwrap();
-            prices.insert((name.clone(), unit.to_owned()), value.parse().unwrap());
-        }
-    }
-    prices
-}
-
-fn decimal(v: &Value) -> Decimal {
-    v.to_string().parse().unwrap_or_else(|_| panic!("{v} is not a decimal"))
-}
-
-/// One test at a time moves the server's clock.
-pub static CLOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn set_clock(real: &RealKillBill, to: Option<&str>) -> Value {
-    let path = match to {
-        Some(to) => format!("/1.0/kb/test/clock?requestedDate={to}"),
-        None => "/1.0/kb/test/clock".to_owned(),
-    };
-    let (status, body) = real.call(reqwest::Method::POST, &path, None).await;
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
 
 #[tokio::test]
 async fn the_fixture_lifecycles_are_invoiced_as_the_ledger_prices_them() {
