@@ -1,12 +1,14 @@
-//! Invoices are the proof: the fixture lifecycles replayed into the real KillBill, its test
-//! clock moved past every account's billing day, and every invoice's usage items compared with
-//! what the embedded ledger says was used, and with what that costs at the catalog's prices.
+//! Invoices are the proof: instance lives replayed into the real KillBill, its test clock moved
+//! past the account's billing day, and every invoice's usage items compared with what was used,
+//! at the catalog's prices.
 //!
 //! A target of its own because KillBill's test clock is one for the whole server: cargo runs
 //! test targets one after another, so no other test meets the moved clock. Within the target the
-//! tests take [`CLOCK`] in turn, and each puts the clock back to the real time.
+//! tests take [`helpers::CLOCK`] in turn, and each puts the clock back to the real time.
 
 #[path = "../support/mod.rs"]
 mod support;
 
 mod fixtures;
+mod helpers;
+mod month;
