@@ -276,6 +276,11 @@ impl<B: Billing> Settler<B> {
                     at(p0)
                 ))));
             }
+            // FIXME(billing): a period's records are dated at its start, so in the hour of a
+            // resize that changes the plan, the new flavor's seconds are priced at the old
+            // plan's rates on KillBill 0.24 (0.22 bills plan changes by the day anyway). Splitting
+            // the hour's records at the change (and keeping that split in the posted body) would
+            // price each part at its own plan.
             let date = ts(p0.max(first));
             let existing = by_period.get(&p0).map(Vec::as_slice).unwrap_or_default();
             // A step claimed by a replica that died is sent again as it was claimed: the
