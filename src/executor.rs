@@ -303,8 +303,21 @@ impl<B: Billing> Executor<B> {
     async fn apply(&self, action: &Action, ctx: Context<'_>) -> Result<Applied, BillingError> {
         match action {
             Action::RecordFacts { instance, project, facts } => {
+                let store = self.store().await?;
+                // An instance's facts come from its own project only: another project's (a
+                // sample naming an instance it does not own) would shape the owner's bill, so
+                // the message is invalid, as such usage is. The project that first named the
+                // instance owns it, as the billing applications' subscriptions do. (Two
+                // projects naming a new instance at once, on two lanes, may both get through.)
+                if let Some(owner) = store.owner(instance.as_str()).await?.filter(|o| o != project.as_str()) {
+                    return Err(BillingError::ProjectMismatch {
+                        instance: instance.clone(),
+                        owner,
+                        claimed: project.clone(),
+                    });
+                }
                 let facts: Vec<(String, i64)> = facts.iter().map(|f| (f.key(), f.effective())).collect();
-                let new = self.store().await?.add_facts(instance.as_str(), project.as_str(), &facts).await?;
+                let new = store.add_facts(instance.as_str(), project.as_str(), &facts).await?;
                 Ok(if new > 0 { Applied::Done } else { Applied::AlreadyDone })
             }
             Action::EndProject { project, at } => {
@@ -394,6 +407,30 @@ mod tests {
         assert!(matches!(handle(&e, body).await, Outcome::Ignored { reason: "unhandled event type", .. }));
         let outcome = handle(&e, "{not json").await;
         assert_eq!(outcome.class(), Some(ErrorClass::Invalid));
+    }
+
+    /// A Ceilometer message with one gauge sample of instance i-1, as `project` names it.
+    fn gauge(message: &str, project: &str, launched_at: &str) -> String {
+        format!(
+            r#"{{"message_id":"{message}","event_type":"metering","timestamp":"2025-01-01 00:10:00","payload":[{{"counter_name":"vcpus","counter_type":"gauge","counter_unit":"vcpu","counter_volume":2,"project_id":"{project}","resource_id":"i-1","timestamp":"2025-01-01T00:10:00Z","resource_metadata":{{"flavor_name":"m1.tiny","launched_at":"{launched_at}"}}}}]}}"#
+        )
+    }
+
+    #[tokio::test]
+    async fn facts_about_an_instance_from_a_project_that_does_not_own_it_are_invalid_and_change_nothing() {
+        // Arrange: p1's sample makes p1 the instance's owner.
+        let e = executor();
+        assert!(matches!(handle(&e, &gauge("m1", "p1", "2025-01-01T00:00:00")).await, Outcome::Processed { .. }));
+        let store = e.store().await.unwrap();
+        let before = store.resource("i-1").await.unwrap().unwrap();
+        // Act: p2 names the instance, with a launch of its own that would add a segment.
+        let outcome = handle(&e, &gauge("m2", "p2", "2025-01-01T00:05:00")).await;
+        // Assert
+        assert_eq!(outcome.class(), Some(ErrorClass::Invalid));
+        let reason = outcome.reason().unwrap();
+        assert!(reason.contains("instance i-1 belongs to p1, not to project p2"), "{reason}");
+        let after = store.resource("i-1").await.unwrap().unwrap();
+        assert_eq!((after.project, after.facts, after.version), (before.project, before.facts, before.version));
     }
 
     #[tokio::test]

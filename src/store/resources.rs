@@ -166,6 +166,20 @@ impl Store {
         rows.iter().map(|row| self.column(row, "id", || "a due resource".to_owned())).collect()
     }
 
+    /// The project `resource` was first recorded under, or `None` when it is unknown.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`] when the database cannot be read; [`StoreError::Corrupt`] when the
+    /// row does not read back.
+    pub async fn owner(&self, resource: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT project FROM resources WHERE id = $1")
+            .bind(resource)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.failed(format_args!("reading the project of resource {resource}"), e))?;
+        row.map(|row| self.column(&row, "project", || format!("resource {resource}"))).transpose()
+    }
+
     /// Everything settlement needs about `resource`, or `None` when it is unknown.
     ///
     /// # Errors
@@ -304,11 +318,13 @@ mod tests {
         store.add_facts("r1", "p2", &facts(&[("f2", 50)])).await.unwrap();
         let r = store.resource("r1").await.unwrap().unwrap();
         assert_eq!(r.project, "p1");
+        assert_eq!(store.owner("r1").await.unwrap().as_deref(), Some("p1"));
         assert_eq!((r.version, r.dirty_from), (2, Some(50)), "new facts still count");
     }
 
     async fn an_unknown_resource_reads_as_none(store: &Store) {
         assert_eq!(store.resource("nope").await.unwrap(), None);
+        assert_eq!(store.owner("nope").await.unwrap(), None);
     }
 
     async fn a_long_fact_is_stored_whole(store: &Store) {

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use concertim_billing::{
     billing::{ledger::Snapshot, HostBill, Ledger},
     class::ErrorClass,
-    event::{Event, InstanceAction, Timestamp},
+    event::{Event, InstanceAction},
     executor::{Delivery, Executor, Outcome},
     fixture::FixtureDelivery,
 };
@@ -13,15 +13,28 @@ use proptest::prelude::*;
 use rust_decimal::Decimal;
 
 use crate::support::{
-    assert_no_failures, billable, deliveries,
+    assert_no_failures, billable,
+    bus::{test_usage_of, TEST_UNIT},
+    deliveries, ended_usage,
     hostbill::{FakeHostBill, HostBillState},
-    permutation_with_duplicates, resize_settings as settings, run_through, through_ledger,
+    latest, metered_settings, permutation_with_duplicates, resize_settings as settings, run_settling, run_with, settle,
+    settled_ledger,
 };
 
 const PRODUCTS: [(&str, &str); 2] = [("openstack-standard-monthly", "1"), ("openstack-large-monthly", "2")];
 
+/// Runs `fixtures` in order through the HostBill client, with the test meter billed.
 async fn through_hostbill(fake: &FakeHostBill, fixtures: &[&FixtureDelivery]) -> Vec<Outcome> {
-    run_through(HostBill::new(fake.settings(&PRODUCTS)).unwrap(), fixtures).await.1
+    run_with(metered_settings(), HostBill::new(fake.settings(&PRODUCTS)).unwrap(), fixtures).await.1
+}
+
+/// Runs `fixtures` as [`through_hostbill`] does, then settles as of the latest of them, as
+/// `replay` settles.
+async fn settled_hostbill(fake: &FakeHostBill, fixtures: &[&FixtureDelivery]) {
+    let (executor, outcomes) =
+        run_with(metered_settings(), HostBill::new(fake.settings(&PRODUCTS)).unwrap(), fixtures).await;
+    assert_no_failures(&outcomes);
+    settle(&executor, latest(fixtures)).await;
 }
 
 /// The ledger in HostBill's terms: clients by project, the product and liveness of each
@@ -48,20 +61,33 @@ async fn the_fixture_lifecycles_leave_hostbill_billing_what_the_ledger_bills() {
     let fake = FakeHostBill::start().await;
     let all = billable();
     let fixtures: Vec<&FixtureDelivery> = all.iter().collect();
-    assert_no_failures(&through_hostbill(&fake, &fixtures).await);
-    assert_eq!(fake.state(), as_hostbill(&through_ledger(&fixtures).await));
+    let hostbill = HostBill::new(fake.settings(&PRODUCTS)).unwrap();
+    assert_no_failures(&run_settling(metered_settings(), hostbill, &fixtures).await.1);
+    let (ledger, outcomes) = run_settling(metered_settings(), Ledger::in_memory(), &fixtures).await;
+    assert_no_failures(&outcomes);
+    let settled = ledger.billing().snapshot();
+    // Each ended instance's whole life is settled, as one settlement at the end settles it.
+    let ended = ended_usage(&settled);
+    assert_eq!(ended.len(), 3 * 4, "three instances ended, four units each: {ended:?}");
+    assert_eq!(ended, ended_usage(&settled_ledger(&fixtures).await));
+    assert_eq!(fake.state(), as_hostbill(&settled));
 }
 
-/// What HostBill cannot reproduce of the ledger in this order: an account cannot change product
-/// once terminated, and HostBill records no termination time, so usage is judged by when it
-/// arrives, not by its date: usage arriving after the delete is not sent, and usage dated after
-/// the delete but arriving before it is billed (the ledger, knowing the end, does the opposite).
+/// What HostBill cannot reproduce of the ledger once settled. The settlement comes after every
+/// message, so a deleted project's HostBill accounts are already terminated when it changes
+/// their products and posts their usage. A terminated account cannot change product, and
+/// HostBill records no termination time, so usage is judged by when it arrives: usage arriving
+/// after the termination is not sent (the ledger, knowing the end, bills what is dated before
+/// it). So: the product of a resized instance of a deleted project, and the usage of every
+/// instance of a deleted project.
+///
+/// FIXME(billing): in `run` too, a project deleted before the settlement of its instances' last
+/// periods (within `billing.time.grace_s` of their end) leaves those periods unbilled in
+/// HostBill, and a resize in them on the old product.
 fn masked(order: &[&FixtureDelivery], state: &mut HostBillState) {
     let executor = Executor::new(settings(), Ledger::in_memory());
     let mut closed = BTreeSet::new();
-    let mut gone = BTreeSet::new();
-    let (mut plan, mut usage) = (BTreeSet::new(), BTreeSet::new());
-    let (mut ends, mut project_ends, mut dated) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
+    let (mut instances, mut resized) = (BTreeMap::new(), BTreeSet::new());
     for d in order {
         let Ok(n) = executor.decode(&d.body) else { continue };
         match &n.event {
@@ -69,52 +95,26 @@ fn masked(order: &[&FixtureDelivery], state: &mut HostBillState) {
                 closed.insert(project.to_string());
             }
             Event::Instance { action, instance } => {
-                let id = instance.id.to_string();
-                let dead = gone.contains(&id) || closed.contains(instance.project.as_str());
-                match action {
-                    InstanceAction::Deleted => {
-                        gone.insert(id);
-                    }
-                    InstanceAction::Resized if dead => {
-                        plan.insert(id);
-                    }
-                    _ => {}
+                instances.insert(instance.id.to_string(), instance.project.to_string());
+                if *action == InstanceAction::Resized {
+                    resized.insert(instance.id.to_string());
                 }
             }
             Event::Usage { samples, .. } => {
                 for s in samples {
-                    if gone.contains(s.resource.as_str()) || closed.contains(s.project.as_str()) {
-                        usage.insert(s.resource.to_string());
-                    }
-                    dated.push((s.resource.to_string(), s.project.to_string(), s.timestamp));
+                    instances.insert(s.resource.to_string(), s.project.to_string());
                 }
             }
             _ => {}
         }
-        match &n.event {
-            Event::Instance { action: InstanceAction::Deleted, instance } => {
-                let end = instance.deleted_at.unwrap_or(n.meta.timestamp);
-                ends.entry(instance.id.to_string()).and_modify(|e: &mut Timestamp| *e = (*e).min(end)).or_insert(end);
-            }
-            Event::ProjectDeleted { project } => {
-                project_ends.insert(project.to_string(), n.meta.timestamp);
-            }
-            _ => {}
-        }
     }
-    for (instance, project, at) in dated {
-        let after_end =
-            ends.get(&instance).is_some_and(|end| at > *end) || project_ends.get(&project).is_some_and(|end| at > *end);
-        if after_end {
-            usage.insert(instance);
-        }
-    }
+    let of_closed = |id: &str| instances.get(id).is_some_and(|project| closed.contains(project));
     for (id, (product, _)) in state.accounts.iter_mut() {
-        if plan.contains(id) {
+        if resized.contains(id) && of_closed(id) {
             *product = "(masked)".into();
         }
     }
-    state.usage.retain(|(id, _), _| !usage.contains(id));
+    state.usage.retain(|(id, _), _| !of_closed(id));
 }
 
 proptest! {
@@ -132,9 +132,10 @@ proptest! {
             let fixtures: Vec<FixtureDelivery> =
                 order.iter().map(|i| FixtureDelivery { redelivered: redelivered || all[*i].redelivered, ..all[*i].clone() }).collect();
             let fixtures: Vec<&FixtureDelivery> = fixtures.iter().collect();
-            assert_no_failures(&through_hostbill(&fake, &fixtures).await);
+            // Both settled as of the latest notification, the same time in any order.
+            settled_hostbill(&fake, &fixtures).await;
             let in_order: Vec<&FixtureDelivery> = all.iter().collect();
-            let (mut got, mut want) = (fake.state(), as_hostbill(&through_ledger(&in_order).await));
+            let (mut got, mut want) = (fake.state(), as_hostbill(&settled_ledger(&in_order).await));
             masked(&fixtures, &mut got);
             masked(&fixtures, &mut want);
             assert_eq!(got, want);
@@ -142,8 +143,12 @@ proptest! {
     }
 }
 
+/// The legacy lifecycle's first Ceilometer message made one delta sample of the test meter (10
+/// units at 09:10:00.101): the gauges it carries are evidence of a launch, not usage.
 fn usage_message() -> FixtureDelivery {
-    deliveries("nova-legacy").into_iter().find(|d| d.exchange.as_deref() == Some("ceilometer")).unwrap()
+    let template =
+        deliveries("nova-legacy").into_iter().find(|d| d.routing_key.as_deref() == Some("metering.sample")).unwrap();
+    test_usage_of(&template)
 }
 
 #[tokio::test]
@@ -155,7 +160,10 @@ async fn a_usage_message_redelivered_after_hostbills_reply_adds_nothing_the_seco
     let again = FixtureDelivery { redelivered: true, ..usage.clone() };
     let outcomes = through_hostbill(&fake, &[&usage, &again, &usage]).await;
     assert_no_failures(&outcomes);
-    assert_eq!(fake.usage_rows(), 3, "one entry per variable, once");
+    assert_eq!(fake.usage_rows(), 1, "one entry, once");
+    let usage: Vec<_> = fake.state().usage.into_iter().collect();
+    let instance = "2dc673b9-8b8f-dcab-44c5-c769c9d8677c".to_owned();
+    assert_eq!(usage, [((instance, TEST_UNIT.to_owned()), Decimal::from(10))]);
     let Outcome::Processed { effects, .. } = &outcomes[1] else { panic!("{:?}", outcomes[1]) };
     assert_eq!(effects.done, 0, "{effects:?}");
 }
@@ -178,7 +186,7 @@ async fn success_false_is_permanent_with_hostbills_own_words_and_5xx_is_transien
 
     let mut closed = fake.settings(&PRODUCTS);
     closed.url = Some("http://127.0.0.1:1".into());
-    let executor = Executor::new(settings(), HostBill::new(closed).unwrap());
+    let executor = Executor::new(metered_settings(), HostBill::new(closed).unwrap());
     let outcome = executor.handle(Delivery { body: &usage.body, redelivered: false }).await;
     assert_eq!(outcome.class(), Some(ErrorClass::Transient), "connection refused");
 }

@@ -9,29 +9,87 @@ use concertim_billing::{
     billing::{ledger::Snapshot, Backend, KillBill, Ledger},
     class::ErrorClass,
     config::Settings,
+    event::Timestamp,
     executor::{Delivery, Executor, Outcome},
     fixture::FixtureDelivery,
 };
 use proptest::prelude::*;
+use rust_decimal::Decimal;
 
 use crate::support::{
     assert_no_failures, billable,
-    bus::{spawn_app, TestBus},
-    claimed_by, deliveries,
+    bus::{spawn_app, test_usage_of, usage_fixture, TestBus, TEST_UNIT},
+    claimed_by, deliveries, ended_usage,
     killbill::FakeKillBill,
     killbill_server::{KillBillServer, RealKillBill},
-    permutation_with_duplicates, resize_settings as settings, run_through, through_ledger,
+    latest, metered_settings, permutation_with_duplicates, resize_settings as settings, run_settling, run_with, settle,
+    settled_ledger,
     wait::eventually,
 };
 
 fn billing_part(s: &Snapshot, days: bool) -> (Vec<String>, Vec<String>, Vec<String>) {
-    comparable(s, &Masks { plan: Vec::new(), end: Vec::new(), late_usage: Vec::new() }, days)
+    comparable(s, &Masks::default(), days)
+}
+
+/// Runs `fixtures` in order through the KillBill client, with the test meter billed; returns
+/// the executor (to settle) and the outcomes.
+async fn killbill_executor(
+    server: &KillBillServer,
+    fixtures: &[&FixtureDelivery],
+) -> (Executor<KillBill>, Vec<Outcome>) {
+    let run = run_with(metered_settings(), server.client(), fixtures).await;
+    assert!(server.violations().is_empty(), "bodies the OpenAPI spec rejects: {:?}", server.violations());
+    run
 }
 
 async fn through_killbill(server: &KillBillServer, fixtures: &[&FixtureDelivery]) -> Vec<Outcome> {
-    let (_, outcomes) = run_through(server.client(), fixtures).await;
+    killbill_executor(server, fixtures).await.1
+}
+
+/// [`through_killbill`], then a settlement as of the latest of `fixtures`, as `replay` settles.
+async fn settled_killbill(server: &KillBillServer, fixtures: &[&FixtureDelivery]) -> Vec<Outcome> {
+    let (executor, outcomes) = killbill_executor(server, fixtures).await;
+    assert_no_failures(&outcomes);
+    settle(&executor, latest(fixtures)).await;
     assert!(server.violations().is_empty(), "bodies the OpenAPI spec rejects: {:?}", server.violations());
     outcomes
+}
+
+/// What the ledger holds after `fixtures` in order, with the test meter billed (not settled).
+async fn metered_ledger(fixtures: &[&FixtureDelivery]) -> Snapshot {
+    run_with(metered_settings(), Ledger::in_memory(), fixtures).await.0.billing().snapshot()
+}
+
+fn ts(text: &str) -> Timestamp {
+    Timestamp::parse(text).unwrap()
+}
+
+/// The usage of one instance as (unit, amount), units in name order.
+fn usage_of(s: &Snapshot, instance: &str) -> Vec<(String, Decimal)> {
+    let mut usage: Vec<(String, Decimal)> =
+        s.usage.iter().filter(|u| u.instance_id.as_str() == instance).map(|u| (u.unit.to_string(), u.amount)).collect();
+    usage.sort();
+    usage
+}
+
+/// The usage KillBill holds for the instance, every unit together: what tests whose only usage
+/// is the test meter read (the fake's snapshot, like an invoice, counts the catalog's units only,
+/// and the test unit is none of them).
+async fn recorded(server: &KillBillServer, instance: &str) -> Decimal {
+    server.usage_since(instance, "2025-01-01").await
+}
+
+/// `[(unit, amount)]` of the instance-time units in name order: disk, instance, memory, vCPU.
+fn seconds(disk: i64, instance: i64, memory: i64, vcpu: i64) -> Vec<(String, Decimal)> {
+    [
+        ("openstack-disk-gib-seconds", disk),
+        ("openstack-instance-seconds", instance),
+        ("openstack-memory-gib-seconds", memory),
+        ("openstack-vcpu-seconds", vcpu),
+    ]
+    .into_iter()
+    .map(|(unit, amount)| (unit.to_owned(), Decimal::from(amount)))
+    .collect()
 }
 
 /// Whether dates are compared as days: KillBill 0.22 keeps subscription dates as days.
@@ -44,10 +102,17 @@ async fn the_fixture_lifecycles_leave_killbill_billing_what_the_ledger_bills() {
     let server = KillBillServer::start().await;
     let all = billable();
     let fixtures: Vec<&FixtureDelivery> = all.iter().collect();
-    let outcomes = through_killbill(&server, &fixtures).await;
+    assert_no_failures(&run_settling(metered_settings(), server.client(), &fixtures).await.1);
+    assert!(server.violations().is_empty(), "bodies the OpenAPI spec rejects: {:?}", server.violations());
+    let (ledger, outcomes) = run_settling(metered_settings(), Ledger::in_memory(), &fixtures).await;
     assert_no_failures(&outcomes);
+    let ledger = ledger.billing().snapshot();
+    // Each ended instance's whole life is settled, as one settlement at the end settles it.
+    let ended = ended_usage(&ledger);
+    assert_eq!(ended.len(), 3 * 4, "three instances ended, four units each: {ended:?}");
+    assert_eq!(ended, ended_usage(&settled_ledger(&fixtures).await));
     let days = days(&server);
-    assert_eq!(billing_part(&server.snapshot().await, days), billing_part(&through_ledger(&fixtures).await, days));
+    assert_eq!(billing_part(&server.snapshot().await, days), billing_part(&ledger, days));
 }
 
 /// Messages of one lifecycle by event type, from the legacy Nova fixtures.
@@ -58,8 +123,15 @@ fn legacy(event_type: &str) -> FixtureDelivery {
         .unwrap_or_else(|| panic!("no {event_type} fixture"))
 }
 
+/// The legacy lifecycle's Ceilometer samples (09:10, 09:20 and, after the delete, 09:50), each
+/// made one delta sample of the test meter, 10 units at its time: the gauges the fixtures
+/// carry are evidence of a launch, not usage.
 fn legacy_usage() -> Vec<FixtureDelivery> {
-    deliveries("nova-legacy").into_iter().filter(|d| d.exchange.as_deref() == Some("ceilometer")).collect()
+    deliveries("nova-legacy")
+        .into_iter()
+        .filter(|d| d.routing_key.as_deref() == Some("metering.sample"))
+        .map(|d| test_usage_of(&d))
+        .collect()
 }
 
 #[tokio::test]
@@ -68,32 +140,44 @@ async fn a_duplicate_delivery_records_usage_once() {
     let usage = &legacy_usage()[0];
     let outcomes = through_killbill(&server, &[usage, usage, usage]).await;
     assert_no_failures(&outcomes);
-    let once = through_ledger(&[usage]).await;
-    assert_eq!(billing_part(&server.snapshot().await, days(&server)), billing_part(&once, days(&server)));
-    assert_eq!(once.usage.len(), 3, "one call, three units, stored once");
-    let Outcome::Processed { effects, .. } = &outcomes[1] else { panic!("{:?}", outcomes[1]) };
-    assert_eq!(effects.done, 0, "the second delivery found everything done: {effects:?}");
+    let once = metered_ledger(&[usage]).await;
+    let (accounts, subscriptions, _) = billing_part(&server.snapshot().await, days(&server));
+    let (once_accounts, once_subscriptions, _) = billing_part(&once, days(&server));
+    assert_eq!((accounts, subscriptions), (once_accounts, once_subscriptions));
+    let instance = "2dc673b9-8b8f-dcab-44c5-c769c9d8677c";
+    assert_eq!(usage_of(&once, instance), [(TEST_UNIT.to_owned(), Decimal::from(10))], "one sample, stored once");
+    assert_eq!(recorded(&server, instance).await, Decimal::from(10), "recorded once in KillBill");
+    for (i, outcome) in outcomes.iter().enumerate().skip(1) {
+        let Outcome::Processed { effects, .. } = outcome else { panic!("{outcome:?}") };
+        assert_eq!(effects.done, 0, "delivery {i} found everything done: {effects:?}");
+    }
 }
 
+/// Checked by hand: the create reports launched_at 09:00:41 as m1.small (1 vCPU, 2 GiB, 20 GiB
+/// disk); the delete reports the resize's launched_at 09:26:30 as m1.large (4 vCPUs, 8 GiB,
+/// 80 GiB) and terminated_at 09:40:01. So 1549 s small + 811 s large, in the one hour from
+/// 09:00: 2360 instance-s; vCPU 1549 + 4 × 811 = 4793; memory GiB 2 × 1549 + 8 × 811 = 9586;
+/// disk GiB 20 × 1549 + 80 × 811 = 95860. The subscription runs from the first launch to the
+/// termination.
 #[tokio::test]
-async fn delete_before_create_bills_the_real_lifetime_and_the_late_create_changes_nothing() {
+async fn delete_before_create_bills_the_real_lifetime_as_create_then_delete_does() {
     let server = KillBillServer::start().await;
     let (delete, create) = (legacy("compute.instance.delete.end"), legacy("compute.instance.create.end"));
-    let outcomes = through_killbill(&server, &[&delete, &create]).await;
-    assert_no_failures(&outcomes);
+    settled_killbill(&server, &[&delete, &create]).await;
     let snapshot = server.snapshot().await;
     let sub = &snapshot.subscriptions[0];
     let expected = if days(&server) {
         ("2025-03-03T00:00:00Z", "2025-03-03T00:00:00Z")
     } else {
-        ("2025-03-03T09:00:41Z", "2025-03-03T09:40:03Z")
+        ("2025-03-03T09:00:41Z", "2025-03-03T09:40:01Z")
     };
     assert_eq!(
         (sub.start.to_rfc3339(), sub.end.map(|e| e.to_rfc3339())),
         (expected.0.to_owned(), Some(expected.1.to_owned()))
     );
-    let Outcome::Processed { effects, .. } = &outcomes[1] else { panic!() };
-    assert_eq!(effects.done, 0);
+    assert_eq!(usage_of(&snapshot, sub.instance_id.as_str()), seconds(95_860, 2_360, 9_586, 4_793));
+    let days = days(&server);
+    assert_eq!(billing_part(&snapshot, days), billing_part(&settled_ledger(&[&create, &delete]).await, days));
 }
 
 #[tokio::test]
@@ -106,28 +190,34 @@ async fn usage_before_create_ensures_the_subscription_from_the_sample() {
     assert_eq!(snapshot.accounts.len(), 1);
     let start = if days(&server) { "2025-03-03T00:00:00Z" } else { "2025-03-03T09:00:41Z" };
     assert_eq!(snapshot.subscriptions[0].start.to_rfc3339(), start);
-    assert_eq!(snapshot.usage.len(), 3);
+    assert_eq!(recorded(&server, snapshot.subscriptions[0].instance_id.as_str()).await, Decimal::from(10));
     let fields = server.subscription_fields(snapshot.subscriptions[0].instance_id.as_str()).await;
     assert!(fields.contains(&("openstack_flavor".into(), "m1.small".into())), "{fields:?}");
 }
 
 #[tokio::test]
 async fn a_sample_from_a_project_that_does_not_own_the_instance_is_invalid_and_bills_nobody() {
-    // Before: the other project's samples were billed to the owner's subscription.
+    // Before: the other project's samples were billed to the owner's subscription. The metered
+    // sample is usage; the gauges the fixtures carry are evidence of a launch, which would
+    // shape the owner's timeline: the other project's is invalid either way.
     let server = KillBillServer::start().await;
-    let owned = &legacy_usage()[0];
-    let claimed = claimed_by(owned, "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb");
-    for outcomes in [
-        through_killbill(&server, &[owned, &claimed]).await,
-        run_through(Ledger::in_memory(), &[owned, &claimed]).await.1,
-    ] {
-        assert!(matches!(outcomes[0], Outcome::Processed { .. }), "{:?}", outcomes[0]);
-        let Outcome::Failed { error, .. } = &outcomes[1] else { panic!("{:?}", outcomes[1]) };
-        assert_eq!(error.class(), ErrorClass::Invalid, "{error}");
-        assert!(error.to_string().contains("not to project bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"), "{error}");
+    let gauges =
+        deliveries("nova-legacy").into_iter().find(|d| d.routing_key.as_deref() == Some("metering.sample")).unwrap();
+    for owned in [&legacy_usage()[0], &gauges] {
+        let claimed = claimed_by(owned, "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb");
+        for outcomes in [
+            through_killbill(&server, &[owned, &claimed]).await,
+            run_with(metered_settings(), Ledger::in_memory(), &[owned, &claimed]).await.1,
+        ] {
+            assert!(matches!(outcomes[0], Outcome::Processed { .. }), "{:?}", outcomes[0]);
+            let Outcome::Failed { error, .. } = &outcomes[1] else { panic!("{:?}", outcomes[1]) };
+            assert_eq!(error.class(), ErrorClass::Invalid, "{error}");
+            assert!(error.to_string().contains("not to project bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"), "{error}");
+        }
     }
     let snapshot = server.snapshot().await;
-    assert_eq!(snapshot.usage.len(), 3, "only the owner's own samples: {:?}", snapshot.usage);
+    let owner = "2dc673b9-8b8f-dcab-44c5-c769c9d8677c";
+    assert_eq!(recorded(&server, owner).await, Decimal::from(10), "only the owner's own sample");
     assert_eq!(snapshot.subscriptions.len(), 1);
 }
 
@@ -138,21 +228,37 @@ async fn usage_after_delete_is_counted_late_and_acknowledged() {
     let fake = FakeKillBill::start().await;
     let create = legacy("compute.instance.create.end");
     let delete = legacy("compute.instance.delete.end");
+    // The 09:50 sample, ten minutes after the termination (09:40:01).
     let late = legacy_usage().pop().unwrap();
-    let outcomes = run_through(KillBill::new(fake.settings()).unwrap(), &[&create, &delete, &late]).await.1;
-    let Outcome::Processed { effects, .. } = &outcomes[2] else { panic!("{:?}", outcomes[2]) };
+    let (executor, outcomes) =
+        run_with(metered_settings(), KillBill::new(fake.settings()).unwrap(), &[&create, &delete]).await;
+    assert_no_failures(&outcomes);
+    // The settlement cancels the subscription at the termination, then the sample arrives.
+    settle(&executor, latest(&[&create, &delete])).await;
+    assert!(fake.snapshot().subscriptions[0].end.is_some());
+    let outcome = executor.handle(Delivery { body: &late.body, redelivered: false }).await;
+    let Outcome::Processed { effects, .. } = &outcome else { panic!("{outcome:?}") };
     assert_eq!(effects.late, 1);
-    assert_eq!(fake.usage_rows(), 0);
+    let test_rows: Vec<_> = fake.usage_records().into_iter().filter(|(_, unit, _, _)| unit == TEST_UNIT).collect();
+    assert!(test_rows.is_empty(), "{test_rows:?}");
 }
 
+/// Checked by hand, settled as of 10:00:00 with the instance still running (the last period cut
+/// there): m1.small (1 vCPU, 2 GiB, 20 GiB disk) from 09:00:41 to the resize's launch at 09:26:30
+/// = 1549 s, then m1.large (4, 8, 80) to 10:00:00 = 2010 s: 3559 instance-s; vCPU 1549 + 4 ×
+/// 2010 = 9589; memory GiB 2 × 1549 + 8 × 2010 = 19178; disk GiB 20 × 1549 + 80 × 2010 = 191780.
 #[tokio::test]
 async fn resize_moves_the_subscription_to_the_new_flavors_plan() {
     let server = KillBillServer::start().await;
     let create = legacy("compute.instance.create.end");
     let resize = legacy("compute.instance.finish_resize.end");
-    let outcomes = through_killbill(&server, &[&create, &resize, &resize]).await;
+    let (executor, outcomes) = killbill_executor(&server, &[&create, &resize, &resize]).await;
     assert_no_failures(&outcomes);
-    assert_eq!(server.snapshot().await.subscriptions[0].plan.as_str(), "openstack-large-monthly");
+    settle(&executor, ts("2025-03-03T10:00:00Z")).await;
+    let snapshot = server.snapshot().await;
+    let sub = &snapshot.subscriptions[0];
+    assert_eq!((sub.plan.as_str(), sub.end), ("openstack-large-monthly", None));
+    assert_eq!(usage_of(&snapshot, sub.instance_id.as_str()), seconds(191_780, 3_559, 19_178, 9_589));
 }
 
 #[tokio::test]
@@ -176,73 +282,65 @@ async fn killbill_answering_503_for_a_while_is_retried_and_records_once() {
     // No in-process retries: each attempt meets exactly one 503 and goes back through the
     // retry queue, so two 503s mean success on the third and last attempt, whatever the timing.
     bus.settings.bus.backoff.max_elapsed_ms = 0;
-    let usage = legacy_usage()[0].clone();
+    let usage = usage_fixture();
     let app = spawn_app(&bus, Backend::KillBill(KillBill::new(fake.settings()).unwrap()), None).await;
     fake.fail_next(&[503, 503]);
     bus.publish(&usage).await;
-    eventually("the usage in KillBill", Duration::from_secs(60), || async { (fake.usage_rows() == 3).then_some(()) })
+    eventually("the usage in KillBill", Duration::from_secs(60), || async { (fake.usage_rows() == 1).then_some(()) })
         .await;
     let names = bus.names();
     eventually("the queues to empty", Duration::from_secs(60), || async {
         (bus.depth(&names.queue).await == 0 && bus.depth(&names.retry_queue).await == 0).then_some(())
     })
     .await;
-    assert_eq!(fake.usage_rows(), 3, "recorded once");
+    assert_eq!(fake.usage_rows(), 1, "recorded once");
     assert_eq!(bus.depth(&names.dead_queue).await, 0);
     app.shutdown().await.unwrap();
     bus.cleanup().await;
 }
 
-/// What KillBill cannot reproduce of the ledger in this order. KillBill cannot change the plan
-/// of a cancelled subscription, nor move a cancellation earlier; the ledger, independent of
-/// order, can. So: the plan of an instance resized after it was cancelled (by its own delete or
-/// its project's), and the end (and the usage counted up to it) of an instance deleted after
-/// its project was.
+/// What KillBill cannot reproduce of the ledger once settled. The settlement comes after every
+/// message, so a project's deletion has already closed its account and cancelled its
+/// subscriptions (at the deletion) when the settlement changes their plans and cancels them at
+/// the instances' ends. KillBill cannot change the plan of a cancelled subscription, nor move a
+/// cancellation earlier; the ledger, independent of order, can. So: the plan of a resized
+/// instance of a deleted project, and the end of a deleted instance of a deleted project. Their
+/// usage is compared: the settlement dates it inside the instance's life, which KillBill accepts.
 ///
-/// On KillBill 0.22, which keeps a subscription's end as a day, usage recorded before the delete
-/// arrived and dated later on the delete's day stays billed; the usage of such an instance is
-/// masked on the real server only (`late_usage`).
+/// FIXME(billing): in `run` too, a project deleted before the settlement of its instances' last
+/// periods (within `billing.time.grace_s` of their end, or a period after a resize) leaves
+/// KillBill billing the resized time at the old plan's prices and ending the subscription at
+/// the deletion, not at the termination.
+#[derive(Default)]
 struct Masks {
     plan: Vec<String>,
     end: Vec<String>,
-    late_usage: Vec<String>,
 }
 
 fn masks(order: &[&FixtureDelivery]) -> Masks {
     use concertim_billing::event::{Event, InstanceAction};
     let executor = Executor::new(settings(), Ledger::in_memory());
     let mut closed = std::collections::BTreeSet::new();
-    let mut cancelled = std::collections::BTreeSet::new();
-    let mut masks = Masks { plan: Vec::new(), end: Vec::new(), late_usage: Vec::new() };
-    let mut used = std::collections::BTreeSet::new();
+    let (mut resized, mut deleted) = (Vec::new(), Vec::new());
     for d in order {
         let Ok(n) = executor.decode(&d.body) else { continue };
         match &n.event {
             Event::ProjectDeleted { project } => {
                 closed.insert(project.to_string());
             }
-            Event::Instance { action, instance } => {
-                let id = instance.id.to_string();
-                let project_closed = closed.contains(instance.project.as_str());
-                match action {
-                    InstanceAction::Deleted => {
-                        if used.contains(&id) {
-                            masks.late_usage.push(id.clone());
-                        }
-                        if project_closed {
-                            masks.end.push(id.clone());
-                        }
-                        cancelled.insert(id);
-                    }
-                    InstanceAction::Resized if project_closed || cancelled.contains(&id) => masks.plan.push(id),
-                    _ => {}
-                }
+            Event::Instance { action: InstanceAction::Resized, instance } => {
+                resized.push((instance.id.to_string(), instance.project.to_string()));
             }
-            Event::Usage { samples, .. } => used.extend(samples.iter().map(|x| x.resource.to_string())),
+            Event::Instance { action: InstanceAction::Deleted, instance } => {
+                deleted.push((instance.id.to_string(), instance.project.to_string()));
+            }
             _ => {}
         }
     }
-    masks
+    let of_closed = |list: Vec<(String, String)>| -> Vec<String> {
+        list.into_iter().filter(|(_, project)| closed.contains(project)).map(|(id, _)| id).collect()
+    };
+    Masks { plan: of_closed(resized), end: of_closed(deleted) }
 }
 
 /// The text of a time, or of its day when `days` (KillBill 0.22 keeps subscription dates as days).
@@ -274,12 +372,7 @@ fn comparable(s: &Snapshot, masks: &Masks, days: bool) -> (Vec<String>, Vec<Stri
                 format!("{id} {} {plan} {} {} {end}", x.project_id, x.state, when(x.start, days))
             })
             .collect(),
-        s.usage
-            .iter()
-            .filter(|u| !masks.end.iter().any(|m| m == u.instance_id.as_str()))
-            .filter(|u| !days || !masks.late_usage.iter().any(|m| m == u.instance_id.as_str()))
-            .map(|u| format!("{} {} {}", u.instance_id, u.unit, u.amount))
-            .collect(),
+        s.usage.iter().map(|u| format!("{} {} {}", u.instance_id, u.unit, u.amount.normalize())).collect(),
     )
 }
 
@@ -297,12 +390,12 @@ proptest! {
         runtime.block_on(async {
             let server = KillBillServer::start().await;
             let fixtures: Vec<&FixtureDelivery> = order.iter().map(|i| &all[*i]).collect();
-            let outcomes = through_killbill(&server, &fixtures).await;
-            assert_no_failures(&outcomes);
+            // Both settled as of the latest notification, the same time in any order.
+            settled_killbill(&server, &fixtures).await;
             let in_order: Vec<&FixtureDelivery> = all.iter().collect();
             let masks = masks(&fixtures);
             let days = days(&server);
-            assert_eq!(comparable(&server.snapshot().await, &masks, days), comparable(&through_ledger(&in_order).await, &masks, days));
+            assert_eq!(comparable(&server.snapshot().await, &masks, days), comparable(&settled_ledger(&in_order).await, &masks, days));
             assert!(server.violations().is_empty(), "{:?}", server.violations());
         });
     }
@@ -363,7 +456,7 @@ async fn a_project_deleted_before_created_leaves_a_closed_account_and_the_late_c
 async fn the_fake_sums_usage_over_a_half_open_window_and_wants_both_dates() {
     let fake = FakeKillBill::start().await;
     let usage = &legacy_usage()[0];
-    run_through(KillBill::new(fake.settings()).unwrap(), &[usage]).await;
+    run_with(metered_settings(), KillBill::new(fake.settings()).unwrap(), &[usage]).await;
     let id = fake.subscription_id(&fake.snapshot().subscriptions[0].instance_id.to_string()).unwrap();
     let http = reqwest::Client::new();
     let get = |query: &'static str| {
@@ -381,7 +474,7 @@ async fn the_fake_sums_usage_over_a_half_open_window_and_wants_both_dates() {
         get("startDate=2025-03-03&endDate=2025-03-03T09:10:00.101Z").await.unwrap().json().await.unwrap();
     assert_eq!(before["rolledUpUnits"], serde_json::json!([]));
     let after: serde_json::Value = get("startDate=2025-03-03&endDate=2025-03-04").await.unwrap().json().await.unwrap();
-    assert_eq!(after["rolledUpUnits"].as_array().unwrap().len(), 3);
+    assert_eq!(after["rolledUpUnits"].as_array().unwrap().len(), 1);
 }
 
 /// Direct calls on the backend, for the cases no fixture produces.

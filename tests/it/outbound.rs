@@ -83,15 +83,16 @@ async fn no_client_follows_a_redirect_and_the_error_names_its_target() {
 
 #[tokio::test]
 async fn a_usage_call_answered_by_anything_but_killbills_201_is_not_recorded_and_is_tried_again() {
-    use crate::support::run_through;
+    use crate::support::{bus::test_usage_of, deliveries, metered_settings, run_with};
     let fake = FakeKillBill::start().await;
-    let usage = &crate::support::deliveries("nova-legacy")
-        .into_iter()
-        .find(|d| d.exchange.as_deref() == Some("ceilometer"))
-        .unwrap();
+    // The legacy lifecycle's 09:10 sample, made one of the metered test meter.
+    let usage = &test_usage_of(
+        &deliveries("nova-legacy").into_iter().find(|d| d.routing_key.as_deref() == Some("metering.sample")).unwrap(),
+    );
     // The first delivery creates the subscription and records; the client then knows it.
-    let (executor, _) = run_through(KillBill::new(fake.settings()).unwrap(), &[usage]).await;
+    let (executor, _) = run_with(metered_settings(), KillBill::new(fake.settings()).unwrap(), &[usage]).await;
     let rows = fake.usage_rows();
+    assert_eq!(rows, 1, "the delivery's sample is recorded");
     let mut spec = concertim_billing::plan::UsageSpec {
         instance: fake.snapshot().subscriptions[0].instance_id.clone(),
         tracking_id: "another-notification".into(),

@@ -14,6 +14,7 @@ use concertim_billing::{
         Applied, BillingError, Context, Ledger,
     },
     bus::ack,
+    event::Timestamp,
     executor::{Delivery, Executor},
     fixture::FixtureDelivery,
 };
@@ -58,11 +59,15 @@ impl Hooks for Log {
 }
 
 /// `per_project` Ceilometer messages for each of `projects` projects (one instance each),
-/// interleaved round-robin as many projects' traffic is; message ids are `<project>-<seq>`.
+/// interleaved round-robin as many projects' traffic is; message ids are `<project>-<seq>`. Each
+/// carries one sample of the metered test meter, a second after the project's previous one (a
+/// sample's time is its usage's key).
 fn interleaved(template: &FixtureDelivery, projects: usize, per_project: usize) -> Vec<FixtureDelivery> {
+    let template = support::bus::test_usage_of(template);
     let envelope: serde_json::Value = serde_json::from_slice(&template.body).unwrap();
     let mut message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
-    let sample = message["payload"].as_array().unwrap().iter().find(|s| s["counter_name"] == "vcpus").unwrap().clone();
+    let sample = message["payload"][0].clone();
+    let base = Timestamp::parse(sample["timestamp"].as_str().unwrap()).unwrap();
     let mut out = Vec::with_capacity(projects * per_project);
     for seq in 0..per_project {
         for p in 0..projects {
@@ -71,6 +76,8 @@ fn interleaved(template: &FixtureDelivery, projects: usize, per_project: usize) 
             sample["project_id"] = project.clone().into();
             sample["resource_id"] = format!("00000000-0000-4000-8000-{p:012x}").into();
             sample["message_id"] = format!("{project}-{seq:05}-sample").into();
+            let at = Timestamp::from_unix(base.unix() + seq as i64).unwrap();
+            sample["timestamp"] = at.to_rfc3339().into();
             message["payload"] = serde_json::json!([sample]);
             message["message_id"] = format!("{project}-{seq:05}").into();
             let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
@@ -165,6 +172,7 @@ async fn two_sharded_replicas_keep_each_projects_order_and_a_stopped_ones_shards
         offline.handle(Delivery { body: &m.body, redelivered: false }).await;
     }
     assert_eq!(ledger.snapshot(), offline.billing().snapshot());
+    assert_eq!(ledger.snapshot().usage.len(), PROJECTS, "every project's instance billed");
 
     let dead = bus.drain(&bus.names().dead_queue).await;
     assert_eq!(dead.len(), 1, "only the invalid message is dead-lettered");
@@ -205,7 +213,8 @@ async fn an_intake_lock_held_by_a_connection_that_moves_nothing_turns_readyz_unr
     assert!(waiting > 0);
 
     let refs: Vec<&FixtureDelivery> = messages.iter().collect();
-    let expected = support::through_ledger(&refs).await;
+    let expected = support::run_with(bus.settings.clone(), Ledger::in_memory(), &refs).await.0.billing().snapshot();
+    assert_eq!(expected.usage.len(), 1, "the batch bills the test meter: {:?}", expected.usage);
     let executor = &app.executor;
     eventually("the main queue taken over and everything billed", Duration::from_secs(60), || async {
         (executor.billing().snapshot().usage == expected.usage).then_some(())

@@ -474,6 +474,12 @@ pub fn usage_batch(template: &FixtureDelivery, count: usize) -> Vec<FixtureDeliv
 pub fn usage_fixture() -> FixtureDelivery {
     let template =
         super::deliveries("duplicates").into_iter().find(|d| d.exchange.as_deref() == Some("ceilometer")).unwrap();
+    test_usage_of(&template)
+}
+
+/// A Ceilometer message `template` with its first sample made a [`TEST_METER`] delta sample of
+/// 10 (same resource, project, time, metadata and message id) and its other samples dropped.
+pub fn test_usage_of(template: &FixtureDelivery) -> FixtureDelivery {
     let envelope: serde_json::Value = serde_json::from_slice(&template.body).unwrap();
     let mut message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
     let mut sample = message["payload"][0].clone();
@@ -483,7 +489,7 @@ pub fn usage_fixture() -> FixtureDelivery {
     sample["counter_volume"] = 10.into();
     message["payload"] = serde_json::json!([sample]);
     let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
-    FixtureDelivery { body: serde_json::to_vec(&body).unwrap(), ..template }
+    FixtureDelivery { body: serde_json::to_vec(&body).unwrap(), ..template.clone() }
 }
 
 /// [`TEST_UNIT`]s billed in the embedded store of `run --ledger FILE` (0 before it exists).

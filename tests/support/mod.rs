@@ -10,8 +10,10 @@ use std::{
 use concertim_billing::{
     billing::{ledger::Snapshot, Billing, Ledger},
     config::Settings,
+    event::Timestamp,
     executor::{Delivery, Executor, Outcome},
     fixture::{self, FixtureDelivery},
+    settle::{Horizon, Pass},
 };
 use proptest::prelude::*;
 
@@ -62,14 +64,99 @@ pub fn resize_settings() -> Settings {
     Settings::from_toml(&text, "test").unwrap()
 }
 
+/// The settings of the resize tests with the bus tests' delta test meter ([`bus::TEST_METER`])
+/// billed too: what a test about how one message's usage is recorded runs with.
+pub fn metered_settings() -> Settings {
+    let mut settings = resize_settings();
+    settings.billing.meters.insert(bus::TEST_METER.into(), bus::test_meter());
+    settings
+}
+
 /// Runs `fixtures` in order through an executor over `billing`; returns it and the outcomes.
 pub async fn run_through<B: Billing>(billing: B, fixtures: &[&FixtureDelivery]) -> (Executor<B>, Vec<Outcome>) {
-    let executor = Executor::new(resize_settings(), billing);
+    run_with(resize_settings(), billing, fixtures).await
+}
+
+/// [`run_through`] under `settings`.
+pub async fn run_with<B: Billing>(
+    settings: Settings,
+    billing: B,
+    fixtures: &[&FixtureDelivery],
+) -> (Executor<B>, Vec<Outcome>) {
+    let executor = Executor::new(settings, billing);
     let mut outcomes = Vec::with_capacity(fixtures.len());
     for d in fixtures {
         outcomes.push(executor.handle(Delivery { body: &d.body, redelivered: d.redelivered }).await);
     }
     (executor, outcomes)
+}
+
+/// Runs `fixtures` in order under `settings` as `run` does, its clock the notifications' times:
+/// a settlement pass as at the latest notification time so far before each message and after
+/// the last (a period is settled once its end, or the instance's end, plus
+/// `billing.time.grace_s` has passed; a running instance's current period waits). Returns the
+/// executor and the outcomes; fails the test on a settlement step that failed.
+pub async fn run_settling<B: Billing>(
+    settings: Settings,
+    billing: B,
+    fixtures: &[&FixtureDelivery],
+) -> (Executor<B>, Vec<Outcome>) {
+    let executor = Executor::new(settings, billing);
+    let settler = executor.settler().await.unwrap();
+    let pass = |now: Timestamp| {
+        let settler = &settler;
+        async move {
+            let pass = settler.pass(Horizon::Now(now.unix())).await.unwrap();
+            assert!(pass.failures.is_empty(), "settlement steps failed: {:?}", pass.failures);
+        }
+    };
+    let mut outcomes = Vec::with_capacity(fixtures.len());
+    let mut clock: Option<Timestamp> = None;
+    for d in fixtures {
+        if let Ok(n) = executor.decode(&d.body) {
+            let now = clock.map_or(n.meta.timestamp, |t| t.max(n.meta.timestamp));
+            clock = Some(now);
+            pass(now).await;
+        }
+        outcomes.push(executor.handle(Delivery { body: &d.body, redelivered: d.redelivered }).await);
+    }
+    pass(clock.expect("some fixture decodes")).await;
+    (executor, outcomes)
+}
+
+/// The usage of the instances whose subscription has ended, in `snapshot`: what is settled
+/// for good.
+pub fn ended_usage(snapshot: &Snapshot) -> Vec<concertim_billing::billing::ledger::UsageRow> {
+    let ended: Vec<_> = snapshot.subscriptions.iter().filter(|s| s.end.is_some()).map(|s| &s.instance_id).collect();
+    snapshot.usage.iter().filter(|u| ended.contains(&&u.instance_id)).cloned().collect()
+}
+
+/// The latest notification time among `fixtures` (those that decode): where `replay` settles
+/// the running instances to.
+pub fn latest(fixtures: &[&FixtureDelivery]) -> Timestamp {
+    let executor = Executor::new(resize_settings(), Ledger::in_memory());
+    fixtures
+        .iter()
+        .filter_map(|d| executor.decode(&d.body).ok())
+        .map(|n| n.meta.timestamp)
+        .max()
+        .expect("some fixture decodes")
+}
+
+/// Settles every timeline `executor` built, as of `as_of`, as `replay` does (ended instances to
+/// their end, running ones to `as_of`); fails the test on a step that failed.
+pub async fn settle<B: Billing>(executor: &Executor<B>, as_of: Timestamp) -> Pass {
+    let pass = executor.settler().await.unwrap().pass(Horizon::AsOf(as_of.unix())).await.unwrap();
+    assert!(pass.failures.is_empty(), "settlement steps failed: {:?}", pass.failures);
+    pass
+}
+
+/// What the ledger holds after `fixtures`, in order, settled as of the latest of them.
+pub async fn settled_ledger(fixtures: &[&FixtureDelivery]) -> Snapshot {
+    let (executor, outcomes) = run_through(Ledger::in_memory(), fixtures).await;
+    assert_no_failures(&outcomes);
+    settle(&executor, latest(fixtures)).await;
+    executor.billing().snapshot()
 }
 
 /// What the ledger holds after `fixtures`, in order.
