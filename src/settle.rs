@@ -66,7 +66,8 @@ impl Horizon {
 pub struct Pass {
     /// Instances reviewed.
     pub reviewed: usize,
-    /// Usage calls posted (periods and corrections).
+    /// Usage calls this pass sent (periods and corrections; not the ones it found posted by
+    /// another replica).
     pub posted: usize,
     /// Of which corrections of a period settled before.
     pub corrections: usize,
@@ -308,10 +309,10 @@ impl<B: Billing> Settler<B> {
                 if !amounts.is_empty() {
                     let body = encode_body(&amounts);
                     let usage = [usage_action(&instance, &base, &amounts, date)];
-                    if let Err(stop) = stepper.once(&base, Some(p0), &body, &usage).await? {
-                        return Ok(Err(stop));
+                    match stepper.once(&base, Some(p0), &body, &usage).await? {
+                        Ok(sent) => stepper.pass.posted += usize::from(sent),
+                        Err(stop) => return Ok(Err(stop)),
                     }
-                    stepper.pass.posted += 1;
                 }
             } else {
                 let mut more = Vec::new();
@@ -340,11 +341,13 @@ impl<B: Billing> Settler<B> {
                 if !more.is_empty() {
                     let id = format!("{base}:c{:016x}", fnv64(encode_body(&amounts).as_bytes()));
                     let usage = [usage_action(&instance, &id, &more, date)];
-                    if let Err(stop) = stepper.once(&id, Some(p0), &encode_body(&more), &usage).await? {
-                        return Ok(Err(stop));
+                    match stepper.once(&id, Some(p0), &encode_body(&more), &usage).await? {
+                        Ok(sent) => {
+                            stepper.pass.posted += usize::from(sent);
+                            stepper.pass.corrections += usize::from(sent);
+                        }
+                        Err(stop) => return Ok(Err(stop)),
                     }
-                    stepper.pass.posted += 1;
-                    stepper.pass.corrections += 1;
                 }
             }
             p0 += len;
@@ -379,14 +382,16 @@ struct Steps<'a, B> {
 }
 
 impl<B: Billing> Steps<'_, B> {
-    /// Claims `id`, runs `actions` through the backend, and marks it posted.
+    /// Claims `id`, runs `actions` through the backend, and marks it posted: `Ok(true)`; or
+    /// finds it posted already (by another replica since this review read the postings), and
+    /// sends nothing: `Ok(false)`.
     async fn once(
         &mut self,
         id: &str,
         period_start: Option<i64>,
         body: &str,
         actions: &[Action],
-    ) -> Result<Result<(), Stop>, StoreError> {
+    ) -> Result<Result<bool, Stop>, StoreError> {
         self.send(id, period_start, body, actions, false).await
     }
 
@@ -399,7 +404,7 @@ impl<B: Billing> Steps<'_, B> {
         period_start: Option<i64>,
         body: &str,
         actions: &[Action],
-    ) -> Result<Result<(), Stop>, StoreError> {
+    ) -> Result<Result<bool, Stop>, StoreError> {
         self.send(id, period_start, body, actions, true).await
     }
 
@@ -410,13 +415,13 @@ impl<B: Billing> Steps<'_, B> {
         body: &str,
         actions: &[Action],
         redelivered: bool,
-    ) -> Result<Result<(), Stop>, StoreError> {
+    ) -> Result<Result<bool, Stop>, StoreError> {
         let s = self.settler;
         let store = &s.store;
         let lease = i64::try_from(s.settings.state.claim_lease_s).unwrap_or(i64::MAX);
         let key = self.instance.as_str();
         match store.claim(key, id, period_start, body, &s.owner, self.now, lease).await? {
-            Claim::Posted { .. } => return Ok(Ok(())),
+            Claim::Posted { .. } => return Ok(Ok(false)),
             Claim::Held => return Ok(Err(Stop::Held)),
             Claim::Won => {}
         }
@@ -450,7 +455,7 @@ impl<B: Billing> Steps<'_, B> {
             return Ok(Err(Stop::Failed(format!("{id}: make the changes durable: {}", crate::class::chain(&error)))));
         }
         store.posted(key, id, &s.owner, self.now).await?;
-        Ok(Ok(()))
+        Ok(Ok(true))
     }
 }
 
@@ -844,5 +849,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_period_found_posted_at_its_claim_is_not_counted_as_posted_by_this_pass() {
+        // Arrange: an instance that ran 12:00–12:30, and its hour's usage posted by another
+        // replica between this review's read of the postings and its claim (stored without its
+        // period here, so that the read misses it as it misses one posted meanwhile).
+        let store = Arc::new(Store::in_memory().await.unwrap());
+        let (instance, project) = ("00000000-0000-4000-8000-000000000001", "0000000000000000000000000000000a");
+        let start = 1_741_003_200; // 2025-03-03T12:00:00Z
+        let size = Size { name: "m1.small".into(), vcpus: 1, memory_mb: 2048, disk_gb: 20 };
+        let facts = [
+            Fact::Launch { at: start, source: timeline::Source::Nova, seen: start, size },
+            Fact::End { at: start + 1_800, terminated: true },
+        ];
+        let rows: Vec<(String, i64)> = facts.iter().map(|f| (f.key(), f.effective())).collect();
+        store.add_facts(instance, project, &rows).await.unwrap();
+        let id = format!("tb1:{}", super::at(start));
+        assert_eq!(store.claim(instance, &id, None, "[]", "other", start, 60).await.unwrap(), Claim::Won);
+        assert!(store.posted(instance, &id, "other", start).await.unwrap());
+        let mut settings = Settings::embedded();
+        settings.billing.time.grace_s = 0;
+        let ledger = Arc::new(Ledger::in_memory());
+        let settler = Settler::new(settings, Arc::clone(&ledger), store);
+        // Act
+        let pass = settler.pass(Horizon::Now(start + 7_200)).await.unwrap();
+        // Assert
+        assert!(pass.failures.is_empty(), "{:?}", pass.failures);
+        assert!(ledger.snapshot().usage.is_empty(), "this pass sent no usage");
+        assert_eq!(pass.posted, 0, "usage calls this pass posted");
     }
 }

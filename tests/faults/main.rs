@@ -1,7 +1,9 @@
-//! The fault-injection suite: the service under proxy cuts, a broker restart, SIGKILLs, KillBill
-//! outages and lost answers, Concertim down, floods of invalid messages and hostile input, each
-//! scenario ending with the fake KillBill's totals compared exactly with the totals computed
-//! from what was published. Each scenario prints its row of `RELIABILITY.md` on stderr
+//! The fault-injection suite: the service under proxy cuts, a broker restart, SIGKILLs (also in
+//! the middle of a settlement), KillBill outages and lost answers, Concertim down, floods of
+//! invalid messages and hostile input, and two replicas settling from one PostgreSQL state
+//! store; each scenario ending with the fake KillBill's totals, and every metered sample and
+//! instance period in it, compared exactly with what was computed from what was published.
+//! Each scenario prints its row of `RELIABILITY.md` on stderr
 //! (`cargo test --test faults -- --nocapture`).
 //!
 //! `CONCERTIM_BILLING_SOAK=1` runs the long variants; `CONCERTIM_BILLING_FAULTS_BROKER_RESTART=1`
@@ -16,16 +18,17 @@ mod bus;
 mod fuzz;
 mod hostile;
 mod kill;
+mod replicas;
 mod traffic;
 
 use std::time::{Duration, Instant};
 
-use concertim_billing::{billing::ledger::Snapshot, bus::ack};
+use concertim_billing::{billing::ledger::Snapshot, bus::ack, config::Settings, store::Store};
 use lapin::types::AMQPValue;
 
 use crate::{
     support::{bus::TestBus, killbill::FakeKillBill, wait::poll},
-    traffic::Expected,
+    traffic::{Exactness, Expected},
 };
 
 /// Scenarios that use the broker hold this for reading; the broker restart holds it for
@@ -45,9 +48,9 @@ pub struct Row {
     pub messages: usize,
     /// The faults injected, in words.
     pub faults: String,
-    /// Usage messages lost.
+    /// Usage messages (metered samples and instance periods) lost.
     pub lost: usize,
-    /// Usage messages billed more than once.
+    /// Usage messages (metered samples and instance periods) billed more than once.
     pub duplicated: usize,
     /// Messages in the dead-letter queue.
     pub dead_lettered: usize,
@@ -101,20 +104,37 @@ pub async fn dead_letters(bus: &TestBus) -> Vec<DeadLetter> {
         .collect()
 }
 
-/// Waits until KillBill holds every expected usage row, the main and retry queues are empty and
-/// the dead-letter queue holds `dead` messages, then until KillBill's snapshot equals the
-/// expected one; returns how long that took. On timeout it returns too: the caller's exact
-/// comparison then says what differs.
-pub async fn settle(bus: &TestBus, fake: &FakeKillBill, expected: &Expected, dead: u32, limit: Duration) -> Duration {
+/// Settlement as the scenarios run it: a pass every second, on the clock of the generated
+/// traffic (see `traffic`'s module doc).
+pub fn settling(settings: &mut Settings) {
+    settings.billing.time.settle_every_s = 1;
+    settings.billing.time.grace_s = crate::traffic::grace_s();
+}
+
+/// Waits until KillBill holds every expected usage row, the main and retry queues are empty, the
+/// dead-letter queue holds `dead` messages and the state store has recorded every settlement
+/// step posted (it does so after KillBill answered, and a step whose answer timed out is
+/// recorded by a later pass), then until KillBill's snapshot equals the expected one; returns
+/// how long that took. On timeout it returns too: the caller's exact comparisons then say what
+/// differs.
+pub async fn settle(
+    bus: &TestBus,
+    fake: &FakeKillBill,
+    store: &Store,
+    expected: &Expected,
+    dead: u32,
+    limit: Duration,
+) -> Duration {
     let start = Instant::now();
     let want = expected.snapshot();
     let names = bus.names();
     // Every 100 ms: a snapshot of a large run is not cheap.
     let settled = poll(limit, Duration::from_millis(100), || async {
-        let cheap = fake.usage_rows() >= expected.usage_messages() * 2
+        let cheap = fake.usage_rows() >= expected.rows()
             && bus.depth(&names.queue).await == 0
             && bus.depth(&names.retry_queue).await == 0
-            && bus.depth(&names.dead_queue).await >= dead;
+            && bus.depth(&names.dead_queue).await >= dead
+            && store.counts().await.is_ok_and(|c| c.posted >= expected.steps() as i64);
         if cheap && fake.snapshot() == want {
             Ok(())
         } else {
@@ -126,17 +146,38 @@ pub async fn settle(bus: &TestBus, fake: &FakeKillBill, expected: &Expected, dea
     start.elapsed()
 }
 
-/// Asserts KillBill holds exactly what was published, and returns (lost, duplicated) usage
-/// messages, which are then 0.
+/// Asserts KillBill holds exactly what was published: every metered sample and every instance
+/// period once, under its own trackingId, with its exact amounts, and the totals, accounts and
+/// subscriptions of its snapshot. Returns (lost, duplicated) usage messages, which are then 0.
 pub fn assert_exact(scenario: &str, fake: &FakeKillBill, expected: &Expected) -> (usize, usize) {
-    let (lost, duplicated) = expected.lost_and_duplicated(&fake.usage_records());
-    eprintln!("{scenario}: {lost} usage messages lost, {duplicated} billed twice");
+    let e = expected.exactness(&fake.usage_records());
+    eprintln!(
+        "{scenario}: {} of {} metered samples lost, {} billed twice; {} of {} instance periods lost, {} billed twice",
+        e.samples_lost,
+        expected.samples(),
+        e.samples_duplicated,
+        e.periods_lost,
+        expected.periods(),
+        e.periods_duplicated
+    );
     let got: Snapshot = fake.snapshot();
     let want = expected.snapshot();
     assert_same(scenario, &got, &want);
-    assert_eq!((lost, duplicated), (0, 0), "{scenario}: lost, duplicated");
+    assert_eq!(e, Exactness::default(), "{scenario}: lost, duplicated");
     assert!(fake.violations().is_empty(), "{scenario}: bodies the OpenAPI spec rejects: {:?}", fake.violations());
-    (lost, duplicated)
+    (e.lost(), e.duplicated())
+}
+
+/// Asserts the state store agrees: every settlement step (each period, each subscription, each
+/// cancel) posted, none left claimed, none posted beyond them (a correction would be), and no
+/// period recomputed below what was posted.
+pub async fn assert_settled(scenario: &str, store: &Store, expected: &Expected) {
+    let counts = store.counts().await.unwrap();
+    assert_eq!(
+        (counts.claimed, counts.posted, counts.shortfalls),
+        (0, expected.steps() as i64, 0),
+        "{scenario}: claimed, posted and shortfalls in the state store"
+    );
 }
 
 /// Rows only one side has, at most a few of each, in words.
