@@ -236,7 +236,7 @@ impl<B: Billing> Settler<B> {
         // subscription started at a later one; KillBill then skips the records dated before
         // that start, silently.
         if due(start) {
-            if let Err(stop) = stepper.once("sub", Some(first), "", &subscribe).await? {
+            if let Err(stop) = stepper.once("sub", Some(first), "", &subscribe, false).await? {
                 return Ok(Err(stop));
             }
         }
@@ -260,7 +260,7 @@ impl<B: Billing> Settler<B> {
                     let change =
                         [Action::ChangePlan { instance: instance.clone(), plan: plan.clone(), effective: ts(*t) }];
                     if let Err(stop) =
-                        stepper.once(&format!("plan:{}", at(*t)), Some(*t), plan.as_str(), &change).await?
+                        stepper.once(&format!("plan:{}", at(*t)), Some(*t), plan.as_str(), &change, false).await?
                     {
                         return Ok(Err(stop));
                     }
@@ -301,7 +301,7 @@ impl<B: Billing> Settler<B> {
             for p in existing.iter().filter(|p| p.state == PostingState::Claimed) {
                 let records = decode_body(&p.body);
                 let usage = [usage_action(&instance, &p.id, &records, date)];
-                if let Err(stop) = stepper.again(&p.id, Some(p0), &p.body, &usage).await? {
+                if let Err(stop) = stepper.once(&p.id, Some(p0), &p.body, &usage, true).await? {
                     return Ok(Err(stop));
                 }
             }
@@ -316,7 +316,7 @@ impl<B: Billing> Settler<B> {
                 if !amounts.is_empty() {
                     let body = encode_body(&amounts);
                     let usage = [usage_action(&instance, &base, &amounts, date)];
-                    match stepper.once(&base, Some(p0), &body, &usage).await? {
+                    match stepper.once(&base, Some(p0), &body, &usage, false).await? {
                         Ok(sent) => stepper.pass.posted += usize::from(sent),
                         Err(stop) => return Ok(Err(stop)),
                     }
@@ -348,7 +348,7 @@ impl<B: Billing> Settler<B> {
                 if !more.is_empty() {
                     let id = format!("{base}:c{:016x}", fnv64(encode_body(&amounts).as_bytes()));
                     let usage = [usage_action(&instance, &id, &more, date)];
-                    match stepper.once(&id, Some(p0), &encode_body(&more), &usage).await? {
+                    match stepper.once(&id, Some(p0), &encode_body(&more), &usage, false).await? {
                         Ok(sent) => {
                             stepper.pass.posted += usize::from(sent);
                             stepper.pass.corrections += usize::from(sent);
@@ -366,7 +366,7 @@ impl<B: Billing> Settler<B> {
         });
         if let Some(e) = ended {
             let cancel = [Action::CancelSubscription { instance: instance.clone(), at: ts(e) }];
-            if let Err(stop) = stepper.once("cancel", Some(e), "", &cancel).await? {
+            if let Err(stop) = stepper.once("cancel", Some(e), "", &cancel, false).await? {
                 return Ok(Err(stop));
             }
         }
@@ -391,31 +391,9 @@ struct Steps<'a, B> {
 impl<B: Billing> Steps<'_, B> {
     /// Claims `id`, runs `actions` through the backend, and marks it posted: `Ok(true)`; or
     /// finds it posted already (by another replica since this review read the postings), and
-    /// sends nothing: `Ok(false)`.
+    /// sends nothing: `Ok(false)`. `redelivered` says the step is one a replica claimed and may
+    /// have sent before it died, so a backend without idempotency keys (HostBill) checks first.
     async fn once(
-        &mut self,
-        id: &str,
-        period_start: Option<i64>,
-        body: &str,
-        actions: &[Action],
-    ) -> Result<Result<bool, Stop>, StoreError> {
-        self.send(id, period_start, body, actions, false).await
-    }
-
-    /// As [`Steps::once`], for a step a replica claimed and may have sent before it died: the
-    /// backend is told (`redelivered`), so one without idempotency keys (HostBill) checks
-    /// first.
-    async fn again(
-        &mut self,
-        id: &str,
-        period_start: Option<i64>,
-        body: &str,
-        actions: &[Action],
-    ) -> Result<Result<bool, Stop>, StoreError> {
-        self.send(id, period_start, body, actions, true).await
-    }
-
-    async fn send(
         &mut self,
         id: &str,
         period_start: Option<i64>,

@@ -61,7 +61,8 @@ fn fresh_ids(value: &mut Value, map: &mut BTreeMap<String, String>, n: usize) {
                     if hex {
                         format!("{:08x}{:012x}{:012x}", 0xbad, n, next)
                     } else {
-                        format!("{:08x}-{:04x}-4000-8000-{:012x}", 0xbad, n % 0xffff, next)
+                        // n in full: two messages of different projects never name one instance.
+                        format!("{:08x}-4000-4000-8000-{:06x}{:06x}", 0xbad, n & 0xff_ffff, next)
                     }
                 });
                 *s = new.clone();
@@ -266,6 +267,12 @@ async fn hostile_input_never_crashes_and_exactly_the_refused_messages_are_dead_l
         match offline.handle(Delivery { body: &h.message.body, redelivered: false }).await {
             Outcome::Invalid(e) => {
                 refused.insert(h.message.body.clone(), e.to_string());
+            }
+            // A mutated project id naming another project's instance: refused, as invalid.
+            outcome @ Outcome::Failed { .. }
+                if outcome.class() == Some(concertim_billing::class::ErrorClass::Invalid) =>
+            {
+                refused.insert(h.message.body.clone(), outcome.reason().unwrap_or_default());
             }
             Outcome::Failed { error, .. } => panic!("{}: the ledger failed: {error}", h.label),
             _ => accepted.push(h.label.as_str()),
