@@ -429,10 +429,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             replay_locally(settings, &paths, ledger, report, apply, as_of)
         }
         Command::Run { ledger, ledger_in_memory } => {
-            if settings.billing.backend == BackendKind::Ledger && ledger.is_none() && !ledger_in_memory {
-                // Said before anything is opened or created.
-                return Err(concertim_billing::billing::BackendError::WouldBillIntoMemory.into());
-            }
+            // Said before anything is opened or created.
+            Backend::check_for_service(&settings, ledger.is_some(), ledger_in_memory)?;
             let described = Backend::describe(&settings, ledger.as_deref());
             tracing::info!(backend = %described, "billing backend");
             for warning in settings.warnings() {

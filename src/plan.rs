@@ -315,14 +315,7 @@ fn amount(
     settings: &Settings,
 ) -> Result<Decimal, PlanError> {
     let meter = || sample.meter.clone();
-    if sample.volume.is_sign_negative() && !sample.volume.is_zero() {
-        return Err(PlanError::Negative { meter: meter(), volume: sample.volume });
-    }
-    let sent = notification.meta.timestamp;
-    let (earliest, latest) = (sent.unix() - 366 * 86_400, sent.unix() + 86_400);
-    if sample.timestamp.unix() < earliest || sample.timestamp.unix() > latest {
-        return Err(PlanError::OutOfRange { meter: meter(), sample: sample.timestamp, sent });
-    }
+    check_usage(sample, notification)?;
     let amount = rule
         .factor
         .apply(sample.volume)
@@ -372,15 +365,26 @@ fn sample_facts(group: &[&Sample], notification: &Notification) -> Result<Vec<Fa
 /// A cumulative sample as a reading of its running total: its increases are billed per period
 /// by the settlement. Refused like any usage when negative or dated far from its notification.
 fn reading(sample: &Sample, notification: &Notification) -> Result<Fact, PlanError> {
-    let meter = || sample.meter.clone();
+    check_usage(sample, notification)?;
+    Ok(Fact::Reading {
+        meter: sample.meter.clone(),
+        at: sample.timestamp.unix(),
+        total: sample.volume.normalize().to_string(),
+    })
+}
+
+/// What every metered sample must be: not negative (usage is never a credit), and dated
+/// within a year before and a day after its notification.
+fn check_usage(sample: &Sample, notification: &Notification) -> Result<(), PlanError> {
     if sample.volume.is_sign_negative() && !sample.volume.is_zero() {
-        return Err(PlanError::Negative { meter: meter(), volume: sample.volume });
+        return Err(PlanError::Negative { meter: sample.meter.clone(), volume: sample.volume });
     }
     let sent = notification.meta.timestamp;
-    if sample.timestamp.unix() < sent.unix() - 366 * 86_400 || sample.timestamp.unix() > sent.unix() + 86_400 {
-        return Err(PlanError::OutOfRange { meter: meter(), sample: sample.timestamp, sent });
+    let (earliest, latest) = (sent.unix() - 366 * 86_400, sent.unix() + 86_400);
+    if sample.timestamp.unix() < earliest || sample.timestamp.unix() > latest {
+        return Err(PlanError::OutOfRange { meter: sample.meter.clone(), sample: sample.timestamp, sent });
     }
-    Ok(Fact::Reading { meter: meter(), at: sample.timestamp.unix(), total: sample.volume.normalize().to_string() })
+    Ok(())
 }
 
 fn plan_usage(samples: &[Sample], notification: &Notification, settings: &Settings) -> Result<Plan, PlanError> {

@@ -27,7 +27,7 @@ use crate::{
     event::{InstanceId, MessageId, Meta, ProjectId, Timestamp, Unit},
     plan::{Action, SubscriptionSpec, UsageRecord, UsageSpec},
     store::{Claim, PostingState, Shortfall, Store, StoreError},
-    timeline::{self, fnv64, AuditMismatch, Fact, Kind, Timeline},
+    timeline::{self, fnv64, AuditMismatch, Fact, Timeline},
 };
 
 /// Metric: settlement steps by what became of them.
@@ -361,9 +361,8 @@ impl<B: Billing> Settler<B> {
             reviewed_periods += 1;
         }
         // The cancel, once every period up to the end is posted.
-        let ended = end.filter(|e| {
-            p0 >= *e && matches!(horizon, Horizon::Now(_)) || matches!(horizon, Horizon::AsOf(t) if *e <= t && p0 >= *e)
-        });
+        // Every period up to the end is posted, and (in a replay) the end is not past the cut.
+        let ended = end.filter(|e| p0 >= *e && !matches!(horizon, Horizon::AsOf(t) if *e > t));
         if let Some(e) = ended {
             let cancel = [Action::CancelSubscription { instance: instance.clone(), at: ts(e) }];
             if let Err(stop) = stepper.once("cancel", Some(e), "", &cancel, false).await? {
@@ -487,11 +486,6 @@ fn at(t: i64) -> String {
 
 fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "host".into())
-}
-
-/// The unit names of the instance kinds under the settings (what the catalog must declare).
-pub fn instance_units(settings: &Settings) -> Vec<String> {
-    Kind::ALL.iter().map(|k| settings.billing.time.unit_name(*k)).collect()
 }
 
 #[cfg(test)]

@@ -382,10 +382,21 @@ impl Backend {
         ledger_store: Option<std::sync::Arc<crate::store::Store>>,
         in_memory: bool,
     ) -> Result<Self, BackendError> {
-        if settings.billing.backend == BackendKind::Ledger && ledger_store.is_none() && !in_memory {
+        Self::check_for_service(settings, ledger_store.is_some(), in_memory)?;
+        Self::from_settings(settings, ledger_store).await
+    }
+
+    /// The rule of [`Backend::for_service`] alone, so `run` can refuse before it opens or
+    /// creates anything: a configuration that names no backend bills into the embedded ledger
+    /// only when asked for (`--ledger FILE` or `--ledger-in-memory`).
+    ///
+    /// # Errors
+    /// [`BackendError::WouldBillIntoMemory`].
+    pub fn check_for_service(settings: &Settings, ledger_file: bool, in_memory: bool) -> Result<(), BackendError> {
+        if settings.billing.backend == BackendKind::Ledger && !ledger_file && !in_memory {
             return Err(BackendError::WouldBillIntoMemory);
         }
-        Self::from_settings(settings, ledger_store).await
+        Ok(())
     }
 
     /// The embedded ledger, in a state store or in memory.
