@@ -14,8 +14,11 @@ use concertim_billing::{
 };
 
 fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this binary without it, as a
+    // smoke test that must stay quick in a debug build.
+    let measuring = std::env::args().any(|a| a == "--bench");
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let instances: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let instances: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(if measuring { 100_000 } else { 200 });
     let periods: i64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1);
     let url = args.get(2).cloned();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
