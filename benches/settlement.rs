@@ -28,7 +28,7 @@ fn main() {
             None => Store::in_memory().await.unwrap(),
         });
         let launched = 1_740_960_000; // 2025-03-03T00:00:00Z
-        let size = Size { name: "m1.small".into(), vcpus: 2, memory_mb: 4096, disk_gb: 40 };
+        let size = Size { name: "m1.small".into(), vcpus: 2, memory_mb: 4096, disk_gb: 40, bytes: 0 };
         let started = Instant::now();
         for i in 0..instances {
             let fact = Fact::Launch {
@@ -38,7 +38,12 @@ fn main() {
                 size: size.clone(),
             };
             store
-                .add_facts(&format!("i-{i:08}"), &format!("p-{:04}", i % 1000), &[(fact.key(), fact.effective())])
+                .add_facts(
+                    &format!("i-{i:08}"),
+                    "instance",
+                    &format!("p-{:04}", i % 1000),
+                    &[(fact.key(), fact.effective())],
+                )
                 .await
                 .unwrap();
         }

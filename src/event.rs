@@ -418,6 +418,111 @@ pub struct Sample {
     pub counter: String,
 }
 
+/// What kind of resource a billed id names: each kind has its own lifecycle notifications,
+/// units and plans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceKind {
+    /// A Nova instance: instance, vCPU, memory and disk time.
+    #[default]
+    Instance,
+    /// A Cinder volume: GiB × time, its plan from its volume type.
+    Volume,
+    /// A Cinder volume snapshot: GiB × time.
+    Snapshot,
+    /// A Neutron floating IP: time (allocated, or only while associated: a policy).
+    FloatingIp,
+    /// A Glance image owned by a project: GiB × time (public images are billed to nobody).
+    Image,
+    /// An instance's network interface, measured by Ceilometer's cumulative traffic meters.
+    NetworkInterface,
+}
+
+impl ResourceKind {
+    /// Every kind, in the order reports list them.
+    pub const ALL: [ResourceKind; 6] = [
+        ResourceKind::Instance,
+        ResourceKind::Volume,
+        ResourceKind::Snapshot,
+        ResourceKind::FloatingIp,
+        ResourceKind::Image,
+        ResourceKind::NetworkInterface,
+    ];
+
+    /// The kind's name, as the store, reports and custom fields spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceKind::Instance => "instance",
+            ResourceKind::Volume => "volume",
+            ResourceKind::Snapshot => "snapshot",
+            ResourceKind::FloatingIp => "floating_ip",
+            ResourceKind::Image => "image",
+            ResourceKind::NetworkInterface => "network_interface",
+        }
+    }
+
+    /// The kind a name spells, if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a Cinder, Neutron or Glance notification says about one of its resources.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Resource {
+    /// Which kind of resource.
+    pub kind: ResourceKind,
+    /// Its id (volume, snapshot, floating IP or image uuid).
+    pub id: InstanceId,
+    /// The owning project. Neutron's `floatingip.delete.end` names only the floating IP.
+    pub project: Option<ProjectId>,
+    /// The display name (may be empty).
+    pub display_name: String,
+    /// The volume type (name or id, as Cinder sends it): selects a volume's plan.
+    pub type_name: Option<String>,
+    /// The size: GiB for volumes and snapshots, bytes for images; none for floating IPs.
+    pub size: Option<u64>,
+    /// The service's status (`available`, `in-use`, `active`, `DOWN` …), as sent.
+    pub status: String,
+    /// When it started to be held: `launched_at` (volumes), else `created_at`.
+    pub created_at: Option<Timestamp>,
+    /// When it was deleted, when the payload says.
+    pub deleted_at: Option<Timestamp>,
+    /// For a floating IP: whether it is associated with a port.
+    pub associated: Option<bool>,
+    /// For an image: whether it is public (billed to nobody).
+    pub public: bool,
+    /// The instance a volume is attached to, when the payload says.
+    pub attached_to: Option<InstanceId>,
+    /// What this notification means for the resource's billable life.
+    pub step: ResourceStep,
+}
+
+/// What one resource notification means for its timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceStep {
+    /// `volume.create.end`, `snapshot.create.end`, `floatingip.create.end`, `image.upload`,
+    /// `image.activate`: held from its start, at its size.
+    Created,
+    /// `volume.resize.end` (an extend) or `volume.retype`: the new size or type from the
+    /// notification's time on.
+    Changed,
+    /// `floatingip.update.end` (and the `associate`/`disassociate` names): associated or not
+    /// from the notification's time on.
+    Associated,
+    /// `volume.delete.end`, `snapshot.delete.end`, `floatingip.delete.end`, `image.delete`.
+    Deleted,
+    /// Any other step (attach, detach, update): its status only.
+    Other,
+}
+
 /// A Heat stack notification.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Stack {
@@ -480,6 +585,8 @@ pub enum Event {
         /// The instance as the notification describes it.
         instance: Box<Instance>,
     },
+    /// A Cinder volume or snapshot, Neutron floating IP or Glance image step.
+    Resource(Box<Resource>),
     /// Ceilometer samples (`metering` or `telemetry.polling`).
     Usage {
         /// The samples, in notification order.
@@ -506,6 +613,7 @@ impl Event {
             Event::Identity(IdentityChange::RoleAssignment { project, .. }) => project.as_ref(),
             Event::Identity(IdentityChange::User { .. }) | Event::Ignored { .. } => None,
             Event::Instance { instance, .. } => Some(&instance.project),
+            Event::Resource(resource) => resource.project.as_ref(),
             Event::Usage { samples, .. } => samples.first().map(|s| &s.project),
             Event::Stack(stack) => Some(&stack.project),
         }

@@ -10,7 +10,7 @@ use crate::{
     class::{chain, ErrorClass, Fate, Label},
     concertim::{self, Work},
     config::Settings,
-    event::Notification,
+    event::{Notification, ProjectId},
     notification::{decode, DecodeError},
     plan::{plan, Action, PlanError},
     settle::Settler,
@@ -302,22 +302,26 @@ impl<B: Billing> Executor<B> {
 
     async fn apply(&self, action: &Action, ctx: Context<'_>) -> Result<Applied, BillingError> {
         match action {
-            Action::RecordFacts { instance, project, facts } => {
+            Action::RecordFacts { instance, kind, project, facts } => {
                 let store = self.store().await?;
                 // An instance's facts come from its own project only: another project's (a
                 // sample naming an instance it does not own) would shape the owner's bill, so
                 // the message is invalid, as such usage is. The project that first named the
                 // instance owns it, as the billing applications' subscriptions do. (Two
                 // projects naming a new instance at once, on two lanes, may both get through.)
-                if let Some(owner) = store.owner(instance.as_str()).await?.filter(|o| o != project.as_str()) {
-                    return Err(BillingError::ProjectMismatch {
-                        instance: instance.clone(),
-                        owner,
-                        claimed: project.clone(),
-                    });
+                if let Some(project) = project {
+                    let owner = store.owner(instance.as_str()).await?;
+                    if let Some(owner) = owner.filter(|o| !o.is_empty() && o != project.as_str()) {
+                        return Err(BillingError::ProjectMismatch {
+                            instance: instance.clone(),
+                            owner,
+                            claimed: project.clone(),
+                        });
+                    }
                 }
                 let facts: Vec<(String, i64)> = facts.iter().map(|f| (f.key(), f.effective())).collect();
-                let new = store.add_facts(instance.as_str(), project.as_str(), &facts).await?;
+                let project = project.as_ref().map_or("", ProjectId::as_str);
+                let new = store.add_facts(instance.as_str(), kind.as_str(), project, &facts).await?;
                 Ok(if new > 0 { Applied::Done } else { Applied::AlreadyDone })
             }
             Action::EndProject { project, at } => {

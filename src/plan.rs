@@ -13,9 +13,10 @@ use rust_decimal::Decimal;
 use crate::{
     config::{Counter, Settings},
     event::{
-        Event, Instance, InstanceAction, InstanceId, Notification, PlanName, ProjectId, Sample, Step, Timestamp, Unit,
+        Event, Instance, InstanceAction, InstanceId, Notification, PlanName, ProjectId, Resource, ResourceKind,
+        ResourceStep, Sample, Step, Timestamp, Unit,
     },
-    timeline::{Fact, Size, Source},
+    timeline::{Fact, Held, Size, Source},
 };
 
 /// One billing step. Every variant is idempotent by key.
@@ -57,10 +58,13 @@ pub enum Action {
     /// Add facts to an instance's timeline in the state store (a fact already there changes
     /// nothing); the settlement bills the time they describe.
     RecordFacts {
-        /// The instance (or the resource a sample measures).
+        /// The resource (an instance, volume, …, or the resource a sample measures).
         instance: InstanceId,
-        /// Its project.
-        project: ProjectId,
+        /// What kind of resource it is.
+        kind: ResourceKind,
+        /// Its project; `None` when the notification does not say (Neutron's floating IP
+        /// delete): the resource's project is then the one another notification names.
+        project: Option<ProjectId>,
         /// The facts.
         facts: Vec<Fact>,
     },
@@ -76,8 +80,10 @@ pub enum Action {
 /// What a subscription is created with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscriptionSpec {
-    /// External key: the instance uuid.
+    /// External key: the resource's id (an instance uuid, a volume uuid …).
     pub instance: InstanceId,
+    /// What kind of resource it is (kept as a custom field).
+    pub kind: ResourceKind,
     /// The account it belongs to.
     pub project: ProjectId,
     /// The plan of the instance's flavor.
@@ -213,6 +219,7 @@ pub fn plan(notification: &Notification, settings: &Settings) -> Result<Plan, Pl
         }
         Event::Instance { action, instance } => plan_instance(*action, instance, notification, settings)?,
         Event::Usage { samples, .. } => plan_usage(samples, notification, settings)?,
+        Event::Resource(resource) => plan_resource(resource, notification, settings)?,
         Event::ProjectUpdated { .. } | Event::Identity(_) | Event::Stack(_) | Event::Ignored { .. } => Vec::new(),
     })
 }
@@ -233,6 +240,7 @@ fn size_of(flavor: &crate::event::Flavor) -> Size {
         vcpus: flavor.vcpus.map_or(0, u64::from),
         memory_mb: flavor.memory_mb.unwrap_or(0),
         disk_gb: flavor.root_gb.unwrap_or(0).saturating_add(flavor.ephemeral_gb.unwrap_or(0)),
+        bytes: 0,
     }
 }
 
@@ -289,6 +297,7 @@ fn plan_instance(
         let flavor = Some(instance.flavor.name.as_str()).filter(|f| !f.is_empty());
         actions.push(Action::EnsureSubscription(SubscriptionSpec {
             instance: instance.id.clone(),
+            kind: ResourceKind::Instance,
             project: instance.project.clone(),
             plan: settings.billing.plan_for(flavor).clone(),
             start: whole_second(start),
@@ -296,7 +305,93 @@ fn plan_instance(
             display_name: Some(instance.display_name.clone()).filter(|n| !n.is_empty()),
         }));
     }
-    actions.push(Action::RecordFacts { instance: instance.id.clone(), project: instance.project.clone(), facts });
+    actions.push(Action::RecordFacts {
+        instance: instance.id.clone(),
+        kind: ResourceKind::Instance,
+        project: Some(instance.project.clone()),
+        facts,
+    });
+    Ok(actions)
+}
+
+/// What a volume, snapshot, floating IP or image holds, as the units see it: its type (the
+/// plan) and its size (GiB, or bytes for an image).
+fn resource_size(resource: &Resource) -> Size {
+    let size = resource.size.unwrap_or(0);
+    Size {
+        name: resource.type_name.clone().unwrap_or_default(),
+        disk_gb: if resource.kind == ResourceKind::Image { 0 } else { size },
+        bytes: if resource.kind == ResourceKind::Image { size } else { 0 },
+        ..Size::default()
+    }
+}
+
+/// What one Cinder, Neutron or Glance notification adds to its resource's timeline: the start
+/// (its own `launched_at`/`created_at`, else the notification's time) with its size, a change
+/// of size or type from the notification's time, an association, or the end. A delete also
+/// reports the start it carries, so a resource whose create never arrives is still billed from
+/// its real start.
+fn resource_facts(resource: &Resource, notification: &Notification) -> Result<Vec<Fact>, PlanError> {
+    let seen = notification.meta.timestamp.unix();
+    let start = resource.created_at.map(|t| fact_time("created_at", t, notification)).transpose()?;
+    let sized = resource.kind == ResourceKind::FloatingIp || resource.size.is_some();
+    let launch = |at: i64| Fact::Launch { at, source: Source::Nova, seen, size: resource_size(resource) };
+    let association = |at: i64| {
+        resource.associated.map(|on| Fact::State { at, held: if on { Held::Running } else { Held::Stopped } })
+    };
+    let mut facts = Vec::new();
+    match resource.step {
+        ResourceStep::Created if sized => {
+            let at = start.unwrap_or(seen);
+            facts.push(launch(at));
+            // Created unassociated: "stopped" from its first second (the policy decides).
+            facts.extend(association(at).filter(|f| matches!(f, Fact::State { held: Held::Stopped, .. })));
+        }
+        ResourceStep::Changed if sized => facts.push(launch(seen)),
+        ResourceStep::Associated => facts.extend(association(seen)),
+        ResourceStep::Deleted => {
+            if let (Some(at), true) = (start, sized && resource.kind != ResourceKind::FloatingIp) {
+                facts.push(launch(at));
+            }
+            let end = resource.deleted_at.map(|t| fact_time("deleted_at", t, notification)).transpose()?;
+            facts.push(Fact::End { at: end.unwrap_or(seen), terminated: true });
+        }
+        ResourceStep::Created | ResourceStep::Changed | ResourceStep::Other => {}
+    }
+    Ok(facts)
+}
+
+fn plan_resource(resource: &Resource, notification: &Notification, settings: &Settings) -> Result<Plan, PlanError> {
+    if resource.public {
+        // A public image is everyone's: billed to nobody.
+        return Ok(Vec::new());
+    }
+    let facts = resource_facts(resource, notification)?;
+    if facts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut actions = Vec::new();
+    if let Some(project) = &resource.project {
+        actions.push(Action::EnsureAccount { project: project.clone() });
+        // A create shows its subscription at once, as an instance's does.
+        if let (ResourceStep::Created, Some(Fact::Launch { at, .. })) = (resource.step, facts.first()) {
+            actions.push(Action::EnsureSubscription(SubscriptionSpec {
+                instance: resource.id.clone(),
+                kind: resource.kind,
+                project: project.clone(),
+                plan: settings.billing.plan_of(resource.kind, resource.type_name.as_deref()).clone(),
+                start: Timestamp::from_unix(*at).unwrap_or(notification.meta.timestamp),
+                flavor: resource.type_name.clone(),
+                display_name: Some(resource.display_name.clone()).filter(|n| !n.is_empty()),
+            }));
+        }
+    }
+    actions.push(Action::RecordFacts {
+        instance: resource.id.clone(),
+        kind: resource.kind,
+        project: resource.project.clone(),
+        facts,
+    });
     Ok(actions)
 }
 
@@ -347,6 +442,7 @@ fn sample_facts(group: &[&Sample], notification: &Notification) -> Result<Vec<Fa
             vcpus: volume("vcpus"),
             memory_mb: volume("memory"),
             disk_gb: volume("disk.root.size").saturating_add(volume("disk.ephemeral.size")),
+            bytes: 0,
         };
         let seen = group.iter().map(|s| s.timestamp.unix()).min().unwrap_or(first.timestamp.unix());
         facts.push(Fact::Launch {
@@ -405,7 +501,7 @@ fn plan_usage(samples: &[Sample], notification: &Notification, settings: &Settin
         let evidence: Vec<&Sample> =
             group.iter().copied().filter(|s| s.counter != "delta" && s.counter != "cumulative").collect();
         let mut facts = if evidence.is_empty() { Vec::new() } else { sample_facts(&evidence, notification)? };
-        let (cumulative, metered): (Vec<_>, Vec<_>) = group
+        let (cumulative, metered): (Vec<(&Sample, &crate::config::MeterRule)>, Vec<_>) = group
             .iter()
             .filter_map(|s| {
                 settings.billing.meters.get(&s.meter).filter(|r| r.counter.as_str() == s.counter).map(|r| (*s, r))
@@ -419,7 +515,14 @@ fn plan_usage(samples: &[Sample], notification: &Notification, settings: &Settin
         }
         actions.push(Action::EnsureAccount { project: first.project.clone() });
         if !facts.is_empty() {
-            actions.push(Action::RecordFacts { instance: resource.clone(), project: first.project.clone(), facts });
+            // A traffic meter's resource is an interface, not the instance.
+            let kind = cumulative.first().map_or(ResourceKind::Instance, |(_, rule)| rule.resource);
+            actions.push(Action::RecordFacts {
+                instance: resource.clone(),
+                kind,
+                project: Some(first.project.clone()),
+                facts,
+            });
         }
         if metered.is_empty() {
             continue;
@@ -433,6 +536,7 @@ fn plan_usage(samples: &[Sample], notification: &Notification, settings: &Settin
         let flavor = first.flavor_name.as_deref().filter(|f| !f.is_empty());
         actions.push(Action::EnsureSubscription(SubscriptionSpec {
             instance: resource.clone(),
+            kind: metered.first().map_or(ResourceKind::Instance, |(_, rule)| rule.resource),
             project: first.project.clone(),
             plan: settings.billing.plan_for(flavor).clone(),
             start: whole_second(start),
@@ -537,7 +641,7 @@ mod tests {
             at: ts(at).unix(),
             source: Source::Nova,
             seen: ts(seen).unix(),
-            size: Size { name: name.into(), vcpus: 2, memory_mb: 512, disk_gb: 5 },
+            size: Size { name: name.into(), vcpus: 2, memory_mb: 512, disk_gb: 5, bytes: 0 },
         }
     }
 
@@ -636,7 +740,7 @@ mod tests {
                 at: ts("2025-01-01T10:00:00Z").unix(),
                 source: Source::Sample,
                 seen: ts("2025-01-01T11:00:00Z").unix(),
-                size: Size { name: "m1.small".into(), vcpus: 2, memory_mb: 2048, disk_gb: 20 },
+                size: Size { name: "m1.small".into(), vcpus: 2, memory_mb: 2048, disk_gb: 20, bytes: 0 },
             }]
         );
     }

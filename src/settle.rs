@@ -24,7 +24,7 @@ use rust_decimal::Decimal;
 use crate::{
     billing::{self, Applied, Billing, Context},
     config::Settings,
-    event::{InstanceId, MessageId, Meta, ProjectId, Timestamp, Unit},
+    event::{InstanceId, MessageId, Meta, ProjectId, ResourceKind, Timestamp, Unit},
     plan::{Action, SubscriptionSpec, UsageRecord, UsageSpec},
     store::{Claim, PostingState, Shortfall, Store, StoreError},
     timeline::{self, fnv64, AuditMismatch, Fact, Timeline},
@@ -173,8 +173,17 @@ impl<B: Billing> Settler<B> {
                 Err(e) => return Ok(Err(Stop::Failed(format!("a stored fact is unreadable ({e}): {text:.200}")))),
             }
         }
+        if res.project.is_empty() {
+            // Only a notification naming no project has reported it (a floating IP's delete):
+            // nothing is billed until the one naming its project arrives.
+            self.store.reviewed(id, res.version, None, res.settled_through).await?;
+            return Ok(Ok(()));
+        }
         let (Ok(instance), Ok(project)) = (InstanceId::parse(&res.id), ProjectId::parse(&res.project)) else {
-            return Ok(Err(Stop::Failed("the stored instance or project id is not an id".into())));
+            return Ok(Err(Stop::Failed("the stored resource or project id is not an id".into())));
+        };
+        let Some(kind) = ResourceKind::parse(&res.kind) else {
+            return Ok(Err(Stop::Failed(format!("the stored resource kind {:?} is unknown", res.kind))));
         };
         let tl = Timeline::of(&facts, res.project_closed_at);
         if res.dirty_from.is_some() {
@@ -220,9 +229,12 @@ impl<B: Billing> Settler<B> {
         let mut stepper = Steps { settler: self, instance: &instance, now: horizon.now(), pass };
 
         // The subscription, from the first launch on the first flavor's plan.
-        let plan = self.settings.billing.plan_for(Some(first_flavor.as_str()).filter(|n| !n.is_empty())).clone();
+        let billing = &self.settings.billing;
+        let plan_of = |name: &str| billing.plan_of(kind, Some(name).filter(|n| !n.is_empty())).clone();
+        let plan = plan_of(&first_flavor);
         let spec = SubscriptionSpec {
             instance: instance.clone(),
+            kind,
             project: project.clone(),
             plan,
             start: ts(first),
@@ -253,9 +265,9 @@ impl<B: Billing> Settler<B> {
         let mut reviewed_periods = 0;
         while due(p0) && reviewed_periods < MAX_PERIODS_PER_REVIEW {
             // A plan change inside the period goes first, at the launch that made it.
-            let mut previous = self.settings.billing.plan_for(Some(first_flavor.as_str())).clone();
+            let mut previous = plan_of(&first_flavor);
             for (t, name) in &changes {
-                let plan = self.settings.billing.plan_for(Some(name)).clone();
+                let plan = plan_of(name);
                 if (p0..p0 + len).contains(t) && plan != previous {
                     let change =
                         [Action::ChangePlan { instance: instance.clone(), plan: plan.clone(), effective: ts(*t) }];
@@ -267,8 +279,8 @@ impl<B: Billing> Settler<B> {
                 }
                 previous = plan;
             }
-            let held = tl.held(p0, window_end(p0), &time.policy());
-            let Some(amounts) = timeline::amounts(&held, time.unit) else {
+            let held = tl.held(p0, window_end(p0), &billing.policy_of(kind));
+            let Some(amounts) = timeline::amounts(&held, time.unit, kind) else {
                 return Ok(Err(Stop::Failed(format!("the amounts of period {} overflow", at(p0)))));
             };
             let mut amounts: Vec<(String, Decimal)> =
@@ -503,11 +515,11 @@ mod tests {
     }
 
     fn small() -> Size {
-        Size { name: "m1.small".into(), vcpus: 1, memory_mb: 2048, disk_gb: 20 }
+        Size { name: "m1.small".into(), vcpus: 1, memory_mb: 2048, disk_gb: 20, bytes: 0 }
     }
 
     fn large() -> Size {
-        Size { name: "m1.large".into(), vcpus: 4, memory_mb: 8192, disk_gb: 80 }
+        Size { name: "m1.large".into(), vcpus: 4, memory_mb: 8192, disk_gb: 80, bytes: 0 }
     }
 
     fn launch(t: &str, size: Size) -> Fact {
@@ -540,7 +552,7 @@ mod tests {
     impl World {
         async fn add(&self, instance: &str, facts: &[Fact]) {
             let facts: Vec<(String, i64)> = facts.iter().map(|f| (f.key(), f.effective())).collect();
-            self.store.add_facts(instance, "p-1", &facts).await.unwrap();
+            self.store.add_facts(instance, "instance", "p-1", &facts).await.unwrap();
         }
 
         /// What the ledger holds of `unit` for `instance`.
@@ -749,6 +761,7 @@ mod tests {
                 unit: crate::event::Unit::parse("egress-gib").unwrap(),
                 factor: "1/1073741824".parse().unwrap(),
                 counter: crate::config::Counter::Cumulative,
+                resource: ResourceKind::NetworkInterface,
             },
         );
         let w = world(s).await;
@@ -851,13 +864,13 @@ mod tests {
         let store = Arc::new(Store::in_memory().await.unwrap());
         let (instance, project) = ("00000000-0000-4000-8000-000000000001", "0000000000000000000000000000000a");
         let start = 1_741_003_200; // 2025-03-03T12:00:00Z
-        let size = Size { name: "m1.small".into(), vcpus: 1, memory_mb: 2048, disk_gb: 20 };
+        let size = Size { name: "m1.small".into(), vcpus: 1, memory_mb: 2048, disk_gb: 20, bytes: 0 };
         let facts = [
             Fact::Launch { at: start, source: timeline::Source::Nova, seen: start, size },
             Fact::End { at: start + 1_800, terminated: true },
         ];
         let rows: Vec<(String, i64)> = facts.iter().map(|f| (f.key(), f.effective())).collect();
-        store.add_facts(instance, project, &rows).await.unwrap();
+        store.add_facts(instance, "instance", project, &rows).await.unwrap();
         let id = format!("tb1:{}", super::at(start));
         assert_eq!(store.claim(instance, &id, None, "[]", "other", start, 60).await.unwrap(), Claim::Won);
         assert!(store.posted(instance, &id, "other", start).await.unwrap());

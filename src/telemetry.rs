@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::event::Event;
+use crate::event::{Event, ResourceKind};
 
 /// Messages by outcome (`processed`, `ignored`, `invalid`, `transient`, `permanent`) and source.
 pub const MESSAGES: &str = "concertim_billing_messages_total";
@@ -45,6 +45,12 @@ pub fn source(event: &Event) -> &'static str {
         Event::Instance { .. } => "nova",
         Event::Usage { .. } => "ceilometer",
         Event::Stack(_) => "heat",
+        Event::Resource(r) => match r.kind {
+            ResourceKind::Volume | ResourceKind::Snapshot => "cinder",
+            ResourceKind::FloatingIp | ResourceKind::NetworkInterface => "neutron",
+            ResourceKind::Image => "glance",
+            ResourceKind::Instance => "nova",
+        },
         Event::Ignored { .. } => "other",
     }
 }

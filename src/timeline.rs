@@ -15,8 +15,10 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::event::ResourceKind;
+
 /// What a flavor holds, as the billing units see it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Size {
     /// The flavor name (selects the plan).
     pub name: String,
@@ -24,8 +26,16 @@ pub struct Size {
     pub vcpus: u64,
     /// RAM in MiB.
     pub memory_mb: u64,
-    /// Root plus ephemeral disk, in GiB.
+    /// Root plus ephemeral disk, in GiB (a volume's or a snapshot's size).
     pub disk_gb: u64,
+    /// A size in bytes (an image's); absent from the fact's key when zero, so the facts of
+    /// kinds without it keep their keys.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Who reported a launch: Nova's own notification outranks the metadata of a Ceilometer sample,
@@ -276,6 +286,7 @@ impl Timeline {
                     total.vcpu_s += seconds * i128::from(s.size.vcpus);
                     total.memory_mb_s += seconds * i128::from(s.size.memory_mb);
                     total.disk_gb_s += seconds * i128::from(s.size.disk_gb);
+                    total.byte_s += seconds * i128::from(s.size.bytes);
                 }
                 Charge::Disk => total.disk_gb_s += seconds * i128::from(s.size.disk_gb),
                 Charge::None => {}
@@ -321,6 +332,8 @@ pub struct Held4 {
     pub memory_mb_s: i128,
     /// GiB-seconds of disk.
     pub disk_gb_s: i128,
+    /// Byte-seconds (images).
+    pub byte_s: i128,
 }
 
 impl Held4 {
@@ -390,7 +403,7 @@ impl TimeUnit {
     }
 }
 
-/// The four units an instance is billed in, by kind.
+/// The time units resources are billed in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     /// The instance itself.
@@ -401,44 +414,71 @@ pub enum Kind {
     MemoryGib,
     /// Its root and ephemeral disk, in GiB.
     DiskGib,
+    /// A volume's GiB.
+    VolumeGib,
+    /// A snapshot's GiB.
+    SnapshotGib,
+    /// A floating IP.
+    FloatingIp,
+    /// An image's GiB (of 2^30 bytes).
+    ImageGib,
 }
 
 impl Kind {
-    /// Every kind, in the order records are posted.
+    /// The instance kinds, in the order records are posted.
     pub const ALL: [Kind; 4] = [Kind::Instance, Kind::Vcpu, Kind::MemoryGib, Kind::DiskGib];
 
-    /// The unit name in a time unit: `openstack-instance-seconds`, `openstack-memory-gib-hours` ….
+    /// The unit name in a time unit: `openstack-instance-seconds`, `openstack-volume-gib-hours` ….
     pub fn unit_name(self, unit: TimeUnit) -> String {
         let kind = match self {
             Kind::Instance => "instance",
             Kind::Vcpu => "vcpu",
             Kind::MemoryGib => "memory-gib",
             Kind::DiskGib => "disk-gib",
+            Kind::VolumeGib => "volume-gib",
+            Kind::SnapshotGib => "snapshot-gib",
+            Kind::FloatingIp => "floating-ip",
+            Kind::ImageGib => "image-gib",
         };
         format!("openstack-{kind}-{}", unit.suffix())
+    }
+
+    /// The time units a resource kind is billed in, each with the quantity it counts and the
+    /// divisor from that quantity to one unit-second.
+    fn of(resource: ResourceKind, held: &Held4) -> Vec<(Kind, i128, i128)> {
+        match resource {
+            ResourceKind::Instance => vec![
+                (Kind::Instance, held.instance_s, 1),
+                (Kind::Vcpu, held.vcpu_s, 1),
+                (Kind::MemoryGib, held.memory_mb_s, 1024),
+                (Kind::DiskGib, held.disk_gb_s, 1),
+            ],
+            ResourceKind::Volume => vec![(Kind::VolumeGib, held.disk_gb_s, 1)],
+            ResourceKind::Snapshot => vec![(Kind::SnapshotGib, held.disk_gb_s, 1)],
+            ResourceKind::FloatingIp => vec![(Kind::FloatingIp, held.instance_s, 1)],
+            ResourceKind::Image => vec![(Kind::ImageGib, held.byte_s, 1 << 30)],
+            // Measured by its traffic meters only: no time unit.
+            ResourceKind::NetworkInterface => Vec::new(),
+        }
     }
 }
 
 /// Decimal places of a posted amount (KillBill keeps usage as `decimal(18,9)`).
 pub const SCALE: u32 = 9;
 
-/// The amounts of one window, one rounding per record: `(kind, amount)` for every kind held
-/// (zero amounts are left out). `None` when an amount does not fit a decimal.
-pub fn amounts(held: &Held4, unit: TimeUnit) -> Option<Vec<(Kind, Decimal)>> {
+/// The amounts of one window of a resource of this kind, one rounding per record:
+/// `(kind, amount)` for every unit held (zero amounts are left out). `None` when an amount does
+/// not fit a decimal.
+pub fn amounts(held: &Held4, unit: TimeUnit, resource: ResourceKind) -> Option<Vec<(Kind, Decimal)>> {
     let per = i128::from(unit.seconds());
     let mut out = Vec::with_capacity(4);
-    for (kind, value, divisor) in [
-        (Kind::Instance, held.instance_s, per),
-        (Kind::Vcpu, held.vcpu_s, per),
-        (Kind::MemoryGib, held.memory_mb_s, per * 1024),
-        (Kind::DiskGib, held.disk_gb_s, per),
-    ] {
+    for (kind, value, divisor) in Kind::of(resource, held) {
         if value == 0 {
             continue;
         }
         let amount = Decimal::try_from_i128_with_scale(value, 0)
             .ok()?
-            .checked_div(Decimal::try_from_i128_with_scale(divisor, 0).ok()?)?
+            .checked_div(Decimal::try_from_i128_with_scale(per * divisor, 0).ok()?)?
             .round_dp(SCALE)
             .normalize();
         out.push((kind, amount));
@@ -535,7 +575,7 @@ mod tests {
     }
 
     fn size(name: &str, vcpus: u64, memory_mb: u64, disk_gb: u64) -> Size {
-        Size { name: name.into(), vcpus, memory_mb, disk_gb }
+        Size { name: name.into(), vcpus, memory_mb, disk_gb, bytes: 0 }
     }
 
     fn launch(t: &str, s: &Size) -> Fact {
@@ -665,10 +705,11 @@ mod tests {
 
     #[test]
     fn amounts_are_rounded_once_per_record_in_the_chosen_unit() {
-        let held = Held4 { instance_s: 2360, vcpu_s: 3171, memory_mb_s: 1549 * 2048 + 811 * 4096, disk_gb_s: 1 };
-        let seconds = amounts(&held, TimeUnit::Seconds).unwrap();
+        let held =
+            Held4 { instance_s: 2360, vcpu_s: 3171, memory_mb_s: 1549 * 2048 + 811 * 4096, disk_gb_s: 1, byte_s: 0 };
+        let seconds = amounts(&held, TimeUnit::Seconds, ResourceKind::Instance).unwrap();
         assert_eq!(seconds[2], (Kind::MemoryGib, Decimal::new(6342, 0)));
-        let hours = amounts(&held, TimeUnit::Hours).unwrap();
+        let hours = amounts(&held, TimeUnit::Hours, ResourceKind::Instance).unwrap();
         assert_eq!(hours[0], (Kind::Instance, "0.655555556".parse().unwrap()));
         assert_eq!(Kind::MemoryGib.unit_name(TimeUnit::Minutes), "openstack-memory-gib-minutes");
     }

@@ -650,6 +650,7 @@ mod tests {
     fn spec(start: &str, plan: &str) -> SubscriptionSpec {
         SubscriptionSpec {
             instance: InstanceId::parse("i").unwrap(),
+            kind: crate::event::ResourceKind::Instance,
             project: ProjectId::parse("p").unwrap(),
             plan: PlanName::parse(plan).unwrap(),
             start: ts(start),

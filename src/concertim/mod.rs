@@ -309,6 +309,7 @@ mod tests {
                 unit: crate::event::Unit::parse("u").unwrap(),
                 factor: crate::config::Factor::ONE,
                 counter: crate::config::Counter::Delta,
+                resource: crate::event::ResourceKind::Instance,
             },
         );
         let updates = plan(&n, &metered);

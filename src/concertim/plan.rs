@@ -117,6 +117,7 @@ pub fn plan(notification: &Notification, settings: &Settings) -> Vec<Update> {
         | Event::ProjectDeleted { .. }
         | Event::ProjectUpdated { .. }
         | Event::Identity(_)
+        | Event::Resource(_)
         | Event::Ignored { .. } => Vec::new(),
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::event::{PlanName, ProjectId, Unit};
+use crate::event::{PlanName, ProjectId, ResourceKind, Unit};
 
 use super::*;
 
@@ -46,7 +46,108 @@ pub struct BillingSettings {
     /// How instance time is billed: units, periods, settlement, the state policy.
     #[serde(default)]
     pub time: TimeSettings,
+    /// The plans and policies of the other resource kinds: volumes, snapshots, floating IPs,
+    /// images, network traffic.
+    #[serde(default)]
+    pub resources: ResourceSettings,
 }
+
+/// The other resource kinds (`[billing.resources]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceSettings {
+    /// The plan of volumes whose type is not in `volume_types`.
+    #[serde(default = "default_volume_plan")]
+    pub volume_plan: PlanName,
+    /// Volume type (as Cinder sends it: the type's name, or its id in older releases) → plan.
+    #[serde(default)]
+    pub volume_types: BTreeMap<String, PlanName>,
+    /// The plan of volume snapshots.
+    #[serde(default = "default_snapshot_plan")]
+    pub snapshot_plan: PlanName,
+    /// The plan of floating IPs.
+    #[serde(default = "default_floating_ip_plan")]
+    pub floating_ip_plan: PlanName,
+    /// When a floating IP is billed: `allocated` (the default: from its creation to its
+    /// deletion) or `associated` (only while it is associated with a port).
+    #[serde(default)]
+    pub floating_ip_billed: FloatingIpBilled,
+    /// The plan of images a project owns (public images are billed to nobody).
+    #[serde(default = "default_image_plan")]
+    pub image_plan: PlanName,
+    /// The plan of network interfaces, whose traffic is billed.
+    #[serde(default = "default_network_plan")]
+    pub network_plan: PlanName,
+    /// Bill Ceilometer's `network.outgoing.bytes` in GiB as `openstack-network-egress-gib`
+    /// (unless `[billing.meters]` lists the meter itself).
+    #[serde(default = "yes")]
+    pub network_egress: bool,
+    /// Bill `network.incoming.bytes` in GiB as `openstack-network-ingress-gib` (off by default).
+    #[serde(default)]
+    pub network_ingress: bool,
+}
+
+impl Default for ResourceSettings {
+    fn default() -> Self {
+        Self {
+            volume_plan: default_volume_plan(),
+            volume_types: BTreeMap::new(),
+            snapshot_plan: default_snapshot_plan(),
+            floating_ip_plan: default_floating_ip_plan(),
+            floating_ip_billed: FloatingIpBilled::default(),
+            image_plan: default_image_plan(),
+            network_plan: default_network_plan(),
+            network_egress: true,
+            network_ingress: false,
+        }
+    }
+}
+
+/// When a floating IP is billed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FloatingIpBilled {
+    /// From its creation to its deletion: the address is held either way.
+    #[default]
+    Allocated,
+    /// Only while associated with a port.
+    Associated,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn plan_name(name: &str) -> PlanName {
+    // The built-in names are valid plan names.
+    PlanName::parse(name).unwrap_or_else(|_| unreachable!("{name} is a valid plan name"))
+}
+
+fn default_volume_plan() -> PlanName {
+    plan_name("openstack-volume-monthly")
+}
+
+fn default_snapshot_plan() -> PlanName {
+    plan_name("openstack-snapshot-monthly")
+}
+
+fn default_floating_ip_plan() -> PlanName {
+    plan_name("openstack-floating-ip-monthly")
+}
+
+fn default_image_plan() -> PlanName {
+    plan_name("openstack-image-monthly")
+}
+
+fn default_network_plan() -> PlanName {
+    plan_name("openstack-network-monthly")
+}
+
+/// The built-in traffic meters: (meter, unit, the `[billing.resources]` switch).
+const TRAFFIC_METERS: [(&str, &str); 2] = [
+    ("network.outgoing.bytes", "openstack-network-egress-gib"),
+    ("network.incoming.bytes", "openstack-network-ingress-gib"),
+];
 
 /// How instance time is billed (`[billing.time]`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -129,6 +230,53 @@ impl BillingSettings {
     pub fn plan_for(&self, flavor: Option<&str>) -> &PlanName {
         flavor.and_then(|name| self.plans.get(name)).unwrap_or(&self.default_plan)
     }
+
+    /// The plan of a resource of a kind: an instance's from its flavor, a volume's from its
+    /// type, the others' from `[billing.resources]`.
+    pub fn plan_of(&self, kind: ResourceKind, type_name: Option<&str>) -> &PlanName {
+        let r = &self.resources;
+        match kind {
+            ResourceKind::Instance => self.plan_for(type_name),
+            ResourceKind::Volume => type_name.and_then(|t| r.volume_types.get(t)).unwrap_or(&r.volume_plan),
+            ResourceKind::Snapshot => &r.snapshot_plan,
+            ResourceKind::FloatingIp => &r.floating_ip_plan,
+            ResourceKind::Image => &r.image_plan,
+            ResourceKind::NetworkInterface => &r.network_plan,
+        }
+    }
+
+    /// The price policy of a kind's held states: instances follow `[billing.time]`; a floating
+    /// IP is "stopped" while not associated, charged or not as `floating_ip_billed` says.
+    pub fn policy_of(&self, kind: ResourceKind) -> Policy {
+        match kind {
+            ResourceKind::FloatingIp => Policy {
+                stopped: match self.resources.floating_ip_billed {
+                    FloatingIpBilled::Allocated => Charge::All,
+                    FloatingIpBilled::Associated => Charge::None,
+                },
+                soft_deleted: Charge::All,
+            },
+            ResourceKind::Instance => self.time.policy(),
+            _ => Policy::default(),
+        }
+    }
+
+    /// Adds the traffic meters `[billing.resources]` switches on, unless `[billing.meters]`
+    /// lists them already: cumulative bytes, billed in GiB (2^30 bytes) on the interface.
+    pub(super) fn add_traffic_meters(&mut self) {
+        let on = [self.resources.network_egress, self.resources.network_ingress];
+        for ((meter, unit), on) in TRAFFIC_METERS.into_iter().zip(on) {
+            if on && !self.meters.contains_key(meter) {
+                let rule = MeterRule {
+                    unit: Unit::parse(unit).unwrap_or_else(|_| unreachable!("{unit} is a valid unit")),
+                    factor: "1/1073741824".parse().unwrap_or(Factor::ONE),
+                    counter: Counter::Cumulative,
+                    resource: ResourceKind::NetworkInterface,
+                };
+                self.meters.insert(meter.to_owned(), rule);
+            }
+        }
+    }
 }
 
 /// How one Ceilometer meter is billed.
@@ -143,6 +291,10 @@ pub struct MeterRule {
     /// running total: billed as its increases, a restart from zero counted from zero). Samples
     /// of any other `counter_type` (a gauge is a level, not usage) are not billed.
     pub counter: Counter,
+    /// The kind of resource the meter measures: `instance` (the default) or
+    /// `network_interface` (a traffic meter's resource is the instance's interface).
+    #[serde(default)]
+    pub resource: ResourceKind,
 }
 
 /// A metered meter's counter type, as Ceilometer's `counter_type` names it.

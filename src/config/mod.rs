@@ -18,7 +18,9 @@ mod killbill;
 mod money;
 mod secret;
 
-pub use billing::{BackendKind, BillingSettings, Counter, MeterRule, ProjectFilter, TimeSettings};
+pub use billing::{
+    BackendKind, BillingSettings, Counter, FloatingIpBilled, MeterRule, ProjectFilter, ResourceSettings, TimeSettings,
+};
 pub use bus::{BackoffSettings, Binding, BusSettings, DecodeLimits, HttpSettings, DEFAULT_MAX_BODY_BYTES};
 pub use concertim::{ConcertimSettings, MetricRule};
 pub use env::env_overrides;
@@ -212,7 +214,9 @@ impl Settings {
     /// The settings a table holds, or why not (values never echoed).
     fn from_table(mut table: toml::Table) -> Result<Self, String> {
         read_secret_files(&mut table, "")?;
-        table.try_into().map_err(|e: toml::de::Error| without_values(&e.to_string()))
+        let mut settings: Self = table.try_into().map_err(|e: toml::de::Error| without_values(&e.to_string()))?;
+        settings.billing.add_traffic_meters();
+        Ok(settings)
     }
 
     /// Loads a config file, or the embedded default when `path` is `None`, then the
@@ -463,12 +467,31 @@ mod tests {
     }
 
     #[test]
-    fn the_embedded_default_bills_instance_time_in_seconds_and_no_sample_as_time() {
+    fn the_embedded_default_bills_instance_time_in_seconds_and_only_egress_traffic_as_metered_usage() {
         let s = Settings::embedded();
         assert_eq!(s.billing.default_plan.as_str(), "openstack-standard-monthly");
-        assert!(s.billing.meters.is_empty(), "{:?}", s.billing.meters);
+        let metered: Vec<&String> = s.billing.meters.keys().collect();
+        assert_eq!(metered, ["network.outgoing.bytes"]);
+        let egress = &s.billing.meters["network.outgoing.bytes"];
+        assert_eq!((egress.unit.as_str(), egress.counter), ("openstack-network-egress-gib", Counter::Cumulative));
+        assert_eq!(egress.resource, crate::event::ResourceKind::NetworkInterface);
+        assert_eq!(s.billing.resources.floating_ip_billed, FloatingIpBilled::Allocated);
         assert_eq!(s.billing.time.unit_name(crate::timeline::Kind::MemoryGib), "openstack-memory-gib-seconds");
         assert_eq!(s.billing.time.period, crate::timeline::Period::Hour);
+    }
+
+    #[test]
+    fn ingress_traffic_is_billed_when_switched_on_and_a_listed_meter_wins_over_the_built_in_rule() {
+        let on =
+            Settings::from_toml("[billing]\ndefault_plan = \"p\"\n[billing.resources]\nnetwork_ingress = true\n", "t")
+                .unwrap();
+        assert_eq!(on.billing.meters["network.incoming.bytes"].unit.as_str(), "openstack-network-ingress-gib");
+        let listed = Settings::from_toml(
+            "[billing]\ndefault_plan = \"p\"\n[billing.meters.\"network.outgoing.bytes\"]\nunit = \"mine\"\nfactor = \"1\"\ncounter = \"cumulative\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(listed.billing.meters["network.outgoing.bytes"].unit.as_str(), "mine");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Decoding: bytes off the bus → [`Notification`] (envelope facts + typed [`Event`]).
 //!
 //! Owns every OpenStack wire format: the oslo.messaging 2.0 envelope (`oslo.message` is a JSON
-//! string inside JSON) and bare 1.0 messages, and the payloads of Keystone, Nova, Ceilometer and
-//! Heat. Pure: no I/O, no clock. Everything it cannot interpret is a [`DecodeError`], whose class
+//! string inside JSON) and bare 1.0 messages, and the payloads of Keystone, Nova, Ceilometer,
+//! Heat, Cinder, Neutron (floating IPs) and Glance. Pure: no I/O, no clock. Everything it cannot interpret is a [`DecodeError`], whose class
 //! is always *invalid*; event types nobody handles decode to [`Event::Ignored`], not an error.
 //! Nothing outside this module sees `serde_json::Value`.
 
@@ -12,6 +12,7 @@ mod heat;
 mod keystone;
 mod nova;
 mod one_pass;
+mod resources;
 
 use envelope::usual_envelope;
 use one_pass::OnePass;
@@ -221,6 +222,8 @@ fn service_of(event_type: &str) -> Option<Service<'_>> {
         Service::Ceilometer
     } else if let Some(rest) = event_type.strip_prefix("orchestration.stack.") {
         Service::Heat(rest)
+    } else if resources::step_of(event_type).is_some() {
+        Service::Resources
     } else {
         return None;
     })
@@ -238,6 +241,7 @@ fn decode_service<'de>(
         Service::NovaVersioned(rest) => nova::decode_versioned_from(rest, payload),
         Service::Ceilometer => ceilometer::decode_from(event_type, payload),
         Service::Heat(rest) => heat::decode_from(rest, payload),
+        Service::Resources => resources::decode_from(event_type, payload),
     }
 }
 
@@ -247,6 +251,8 @@ enum Service<'a> {
     NovaVersioned(&'a str),
     Ceilometer,
     Heat(&'a str),
+    /// Cinder, Neutron floating IP and Glance steps.
+    Resources,
 }
 
 /// What a service decoder can fail with; the JSON variant gets its layer name from the caller.
@@ -338,7 +344,7 @@ mod tests {
 
     #[test]
     fn unknown_event_types_are_ignored_without_reading_the_payload() {
-        let body = br#"{"message_id":"m","event_type":"volume.create.end","timestamp":"2016-03-07T16:23:08+00:00","payload":"not even an object"}"#;
+        let body = br#"{"message_id":"m","event_type":"port.create.end","timestamp":"2016-03-07T16:23:08+00:00","payload":"not even an object"}"#;
         let n = decode(body, DecodeLimits::default()).unwrap();
         assert!(matches!(n.event, Event::Ignored { .. }));
     }

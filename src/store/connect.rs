@@ -275,7 +275,7 @@ mod tests {
         let Ok(url) = std::env::var(CRASH_CHILD_STORE) else { return };
         let store = Store::open(&url).await.unwrap();
         for i in 0.. {
-            store.add_facts(&format!("r{i}"), "p", &[(format!("f{i}"), i)]).await.unwrap();
+            store.add_facts(&format!("r{i}"), "instance", "p", &[(format!("f{i}"), i)]).await.unwrap();
             // Said only once committed: every number printed must be in the file after the kill.
             println!("committed {i}");
         }

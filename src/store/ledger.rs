@@ -70,7 +70,7 @@ mod tests {
         // Arrange: one of each kind of row.
         let test = TestStore::sqlite_file().await;
         let store = &test.store;
-        store.add_facts("r1", "p1", &[("f1".to_owned(), 100)]).await.unwrap();
+        store.add_facts("r1", "instance", "p1", &[("f1".to_owned(), 100)]).await.unwrap();
         store.claim("r1", "u1", Some(0), "b", "a", 100, 60).await.unwrap();
         store.posted("r1", "u1", "a", 101).await.unwrap();
         store.claim("r1", "u2", Some(50), "b", "a", 100, 60).await.unwrap();

@@ -14,7 +14,10 @@ use super::{Store, StoreError};
 pub struct Resource {
     /// The resource's id.
     pub id: String,
-    /// The project it was first reported under.
+    /// What kind of resource it is (`instance`, `volume` …, as `ResourceKind` spells it).
+    pub kind: String,
+    /// The project it was first reported under (empty while only a notification naming no
+    /// project, a floating IP's delete, has reported it).
     pub project: String,
     /// Its facts (canonical JSON text), by effective time, then text.
     pub facts: Vec<String>,
@@ -57,15 +60,22 @@ const LOWER_DIRTY_FROM: &str =
     "dirty_from = CASE WHEN dirty_from IS NULL OR dirty_from > $2 THEN $2 ELSE dirty_from END";
 
 impl Store {
-    /// Adds facts about a resource: each is (canonical JSON text, effective unix time). A fact
-    /// already stored changes nothing. The resource is created when missing, under `project`;
-    /// a later, different project does not replace the first. When at least one fact is new,
+    /// Adds facts about a resource of a kind: each is (canonical JSON text, effective unix
+    /// time). A fact already stored changes nothing. The resource is created when missing,
+    /// under `project`; a later, different project does not replace the first, except the
+    /// empty project of a notification that named none. When at least one fact is new,
     /// the version goes up by one and `dirty_from` down to the earliest new effective time. One
     /// transaction. Returns how many facts were new.
     ///
     /// # Errors
     /// [`StoreError::Query`] when the database cannot be written (nothing is stored then).
-    pub async fn add_facts(&self, resource: &str, project: &str, facts: &[(String, i64)]) -> Result<usize, StoreError> {
+    pub async fn add_facts(
+        &self,
+        resource: &str,
+        kind: &str,
+        project: &str,
+        facts: &[(String, i64)],
+    ) -> Result<usize, StoreError> {
         let keys: Vec<u128> = facts.iter().map(|(f, _)| known_key(resource, f)).collect();
         let fresh: Vec<usize> = {
             let known = self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -75,7 +85,7 @@ impl Store {
             // Every fact was committed before (a duplicate, a republished sample's evidence).
             return Ok(0);
         }
-        let new = self.insert_facts(resource, project, fresh.iter().map(|i| &facts[*i])).await?;
+        let new = self.insert_facts(resource, kind, project, fresh.iter().map(|i| &facts[*i])).await?;
         let mut known = self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if known.len() + fresh.len() > KNOWN_MAX {
             known.clear();
@@ -87,16 +97,19 @@ impl Store {
     async fn insert_facts<'f>(
         &self,
         resource: &str,
+        kind: &str,
         project: &str,
         facts: impl Iterator<Item = &'f (String, i64)>,
     ) -> Result<usize, StoreError> {
         let fail = |e| self.failed(format_args!("adding facts about resource {resource}"), e);
         let mut tx = self.begin().await.map_err(fail)?;
         sqlx::query(
-            "INSERT INTO resources (id, project, version, reviewed_version) VALUES ($1, $2, 0, 0)
-             ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO resources (id, kind, project, version, reviewed_version) VALUES ($1, $2, $3, 0, 0)
+             ON CONFLICT (id) DO UPDATE SET project = excluded.project
+             WHERE resources.project = '' AND excluded.project <> ''",
         )
         .bind(resource)
+        .bind(kind)
         .bind(project)
         .execute(&mut *tx)
         .await
@@ -192,7 +205,7 @@ impl Store {
         // read with the older version, and `reviewed` with that version does not apply, so the
         // resource stays due. The other order could mark a fact reviewed that was never read.
         let Some(row) = sqlx::query(
-            "SELECT r.project, r.version, r.dirty_from, r.next_due, r.settled_through, p.closed_at
+            "SELECT r.kind, r.project, r.version, r.dirty_from, r.next_due, r.settled_through, p.closed_at
              FROM resources r LEFT JOIN projects p ON p.id = r.project
              WHERE r.id = $1",
         )
@@ -216,6 +229,7 @@ impl Store {
         facts.sort();
         Ok(Some(Resource {
             id: resource.to_owned(),
+            kind: self.column(&row, "kind", which)?,
             project: self.column(&row, "project", which)?,
             facts: facts.into_iter().map(|(_, fact)| fact).collect(),
             version: self.column(&row, "version", which)?,
@@ -303,8 +317,8 @@ mod tests {
         // Arrange
         let both = facts(&[(r#"{"b":1}"#, 200), (r#"{"a":1}"#, 100)]);
         // Act
-        let first = store.add_facts("r1", "p1", &both).await.unwrap();
-        let again = store.add_facts("r1", "p1", &both).await.unwrap();
+        let first = store.add_facts("r1", "instance", "p1", &both).await.unwrap();
+        let again = store.add_facts("r1", "instance", "p1", &both).await.unwrap();
         // Assert
         assert_eq!((first, again), (2, 0));
         let r = store.resource("r1").await.unwrap().unwrap();
@@ -314,8 +328,8 @@ mod tests {
     }
 
     async fn a_later_different_project_does_not_replace_the_first(store: &Store) {
-        store.add_facts("r1", "p1", &facts(&[("f1", 100)])).await.unwrap();
-        store.add_facts("r1", "p2", &facts(&[("f2", 50)])).await.unwrap();
+        store.add_facts("r1", "instance", "p1", &facts(&[("f1", 100)])).await.unwrap();
+        store.add_facts("r1", "instance", "p2", &facts(&[("f2", 50)])).await.unwrap();
         let r = store.resource("r1").await.unwrap().unwrap();
         assert_eq!(r.project, "p1");
         assert_eq!(store.owner("r1").await.unwrap().as_deref(), Some("p1"));
@@ -330,14 +344,14 @@ mod tests {
     async fn a_long_fact_is_stored_whole(store: &Store) {
         // Longer than PostgreSQL can index as text (about 2.7 kB).
         let long = format!(r#"{{"x":"{}"}}"#, "y".repeat(10_000));
-        store.add_facts("r1", "p1", &[(long.clone(), 1)]).await.unwrap();
-        assert_eq!(store.add_facts("r1", "p1", &[(long.clone(), 1)]).await.unwrap(), 0);
+        store.add_facts("r1", "instance", "p1", &[(long.clone(), 1)]).await.unwrap();
+        assert_eq!(store.add_facts("r1", "instance", "p1", &[(long.clone(), 1)]).await.unwrap(), 0);
         assert_eq!(store.resource("r1").await.unwrap().unwrap().facts, vec![long]);
     }
 
     async fn new_facts_make_a_resource_due_until_it_is_reviewed(store: &Store) {
         // Arrange
-        store.add_facts("r1", "p1", &facts(&[("f1", 100)])).await.unwrap();
+        store.add_facts("r1", "instance", "p1", &facts(&[("f1", 100)])).await.unwrap();
         assert_eq!(store.due(1_000, 10).await.unwrap(), vec!["r1"]);
         // Act
         let applied = store.reviewed("r1", 1, Some(5_000), Some(900)).await.unwrap();
@@ -350,9 +364,9 @@ mod tests {
     }
 
     async fn a_review_of_a_stale_version_does_not_apply(store: &Store) {
-        store.add_facts("r1", "p1", &facts(&[("f1", 100)])).await.unwrap();
+        store.add_facts("r1", "instance", "p1", &facts(&[("f1", 100)])).await.unwrap();
         let seen = store.resource("r1").await.unwrap().unwrap().version;
-        store.add_facts("r1", "p1", &facts(&[("f2", 50)])).await.unwrap();
+        store.add_facts("r1", "instance", "p1", &facts(&[("f2", 50)])).await.unwrap();
         assert!(!store.reviewed("r1", seen, Some(5_000), None).await.unwrap());
         assert_eq!(store.due(0, 10).await.unwrap(), vec!["r1"]);
         assert_eq!(store.resource("r1").await.unwrap().unwrap().dirty_from, Some(50));
@@ -361,10 +375,10 @@ mod tests {
     async fn due_lists_unreviewed_first_then_by_next_due_up_to_the_limit(store: &Store) {
         // Arrange: r1 and r2 reviewed with next_due 300 and 200, r0 never reviewed, r4 not due.
         for (id, next_due) in [("r1", Some(300)), ("r2", Some(200)), ("r4", Some(10_000))] {
-            store.add_facts(id, "p", &facts(&[("f", 1)])).await.unwrap();
+            store.add_facts(id, "instance", "p", &facts(&[("f", 1)])).await.unwrap();
             assert!(store.reviewed(id, 1, next_due, None).await.unwrap());
         }
-        store.add_facts("r0", "p", &facts(&[("f", 1)])).await.unwrap();
+        store.add_facts("r0", "instance", "p", &facts(&[("f", 1)])).await.unwrap();
         // Act, Assert
         assert_eq!(store.due(1_000, 10).await.unwrap(), vec!["r2", "r1", "r0"]);
         assert_eq!(store.due(1_000, 2).await.unwrap(), vec!["r2", "r1"]);
@@ -374,7 +388,7 @@ mod tests {
     async fn closing_a_project_makes_its_resources_due_from_its_end(store: &Store) {
         // Arrange: two reviewed resources of p1, one of p2.
         for (id, project) in [("r1", "p1"), ("r2", "p1"), ("r3", "p2")] {
-            store.add_facts(id, project, &facts(&[("f", 100)])).await.unwrap();
+            store.add_facts(id, "instance", project, &facts(&[("f", 100)])).await.unwrap();
             assert!(store.reviewed(id, 1, None, None).await.unwrap());
         }
         // Act

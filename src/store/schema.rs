@@ -18,10 +18,11 @@ use super::StoreError;
 /// `due()` reads two indexes: `resources_next_due` for the resources whose time has come, and
 /// the partial `resources_unreviewed`, which holds only the resources with unreviewed facts, so
 /// a pass over many settled resources does not scan them.
-const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE resources (
+const MIGRATIONS: &[(i64, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE resources (
             id TEXT PRIMARY KEY,
             project TEXT NOT NULL,
             version BIGINT NOT NULL,
@@ -30,19 +31,19 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             next_due BIGINT,
             settled_through BIGINT
         )",
-        "CREATE INDEX resources_by_project ON resources (project)",
-        "CREATE INDEX resources_next_due ON resources (next_due, id)",
-        "CREATE INDEX resources_unreviewed ON resources (next_due, id) WHERE version <> reviewed_version",
-        // A fact is keyed by its digest: PostgreSQL cannot index text longer than a third of a
-        // page, and a fact's JSON has no bound.
-        "CREATE TABLE facts (
+            "CREATE INDEX resources_by_project ON resources (project)",
+            "CREATE INDEX resources_next_due ON resources (next_due, id)",
+            "CREATE INDEX resources_unreviewed ON resources (next_due, id) WHERE version <> reviewed_version",
+            // A fact is keyed by its digest: PostgreSQL cannot index text longer than a third of a
+            // page, and a fact's JSON has no bound.
+            "CREATE TABLE facts (
             resource TEXT NOT NULL,
             digest TEXT NOT NULL,
             fact TEXT NOT NULL,
             effective BIGINT NOT NULL,
             PRIMARY KEY (resource, digest)
         )",
-        "CREATE TABLE postings (
+            "CREATE TABLE postings (
             resource TEXT NOT NULL,
             id TEXT NOT NULL,
             period_start BIGINT,
@@ -53,7 +54,7 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             posted_at BIGINT,
             PRIMARY KEY (resource, id)
         )",
-        "CREATE TABLE shortfalls (
+            "CREATE TABLE shortfalls (
             resource TEXT NOT NULL,
             project TEXT NOT NULL,
             period_start BIGINT NOT NULL,
@@ -63,16 +64,22 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             noticed_at BIGINT NOT NULL,
             PRIMARY KEY (resource, period_start, unit, due)
         )",
-        "CREATE TABLE projects (
+            "CREATE TABLE projects (
             id TEXT PRIMARY KEY,
             closed_at BIGINT NOT NULL
         )",
-        "CREATE TABLE ledger (
+            "CREATE TABLE ledger (
             key TEXT PRIMARY KEY,
             value TEXT NOT NULL
         )",
-    ],
-)];
+        ],
+    ),
+    (
+        2,
+        // What kind of resource each is (instances only before this version).
+        &["ALTER TABLE resources ADD COLUMN kind TEXT NOT NULL DEFAULT 'instance'"],
+    ),
+];
 
 /// The advisory lock key that serialises migrations on PostgreSQL (any fixed number works; this
 /// one is "cbstore" in ASCII).

@@ -511,6 +511,7 @@ mod calls {
     pub fn spec(start: &str) -> SubscriptionSpec {
         SubscriptionSpec {
             instance: InstanceId::parse(unique("i")).unwrap(),
+            kind: concertim_billing::event::ResourceKind::Instance,
             project: ProjectId::parse(unique("p")).unwrap(),
             plan: PlanName::parse("openstack-standard-monthly").unwrap(),
             start: t(start),

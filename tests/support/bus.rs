@@ -50,6 +50,7 @@ pub fn test_meter() -> concertim_billing::config::MeterRule {
         unit: concertim_billing::event::Unit::parse(TEST_UNIT).unwrap(),
         factor: concertim_billing::config::Factor::ONE,
         counter: concertim_billing::config::Counter::Delta,
+        resource: concertim_billing::event::ResourceKind::Instance,
     }
 }
 
