@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use concertim_billing::{
-    event::{Event, IdentityChange, InstanceAction},
+    event::{Event, IdentityChange, InstanceAction, ResourceKind, ResourceStep},
     notification::{decode, DecodeLimits},
 };
 use serde_json::{json, Map, Value};
@@ -20,11 +20,11 @@ use serde_json::{json, Map, Value};
 use crate::support::upstream_corpus;
 
 /// One message extracted from a corpus file.
-struct Case {
-    label: String,
+pub(crate) struct Case {
+    pub(crate) label: String,
     /// The message dict (bare form) the body carries, for cross-checks.
-    message: Value,
-    body: Vec<u8>,
+    pub(crate) message: Value,
+    pub(crate) body: Vec<u8>,
 }
 
 #[test]
@@ -96,6 +96,14 @@ fn check(case: &Case) -> Result<(), String> {
             let expected = data["instance_id"].as_str().or(data["uuid"].as_str()).unwrap_or_default();
             (instance.id.as_str() == expected).then_some(()).ok_or(format!("instance {} != {expected}", instance.id))
         }
+        (Kind::Resource(kind, step), Event::Resource(resource)) if resource.kind == kind && resource.step == step => {
+            let object = payload.get("floatingip").unwrap_or(payload);
+            let expected = ["volume_id", "snapshot_id", "floatingip_id", "id"]
+                .iter()
+                .find_map(|key| object[*key].as_str().filter(|_| key_of(kind, key)))
+                .unwrap_or_default();
+            (resource.id.as_str() == expected).then_some(()).ok_or(format!("resource {} != {expected}", resource.id))
+        }
         (Kind::Usage, Event::Usage { samples, unattributed }) => {
             let list = payload.as_array().or(payload["samples"].as_array()).map_or(0, Vec::len);
             (samples.len() + unattributed == list && list > 0)
@@ -118,7 +126,19 @@ enum Kind {
     Instance(InstanceAction),
     Usage,
     Stack,
+    Resource(ResourceKind, ResourceStep),
     Ignored,
+}
+
+/// Which payload key holds a kind's id.
+fn key_of(kind: ResourceKind, key: &str) -> bool {
+    matches!(
+        (kind, key),
+        (ResourceKind::Volume, "volume_id")
+            | (ResourceKind::Snapshot, "snapshot_id")
+            | (ResourceKind::FloatingIp, "floatingip_id" | "id")
+            | (ResourceKind::Image, "id")
+    )
 }
 
 /// The event table, written independently of the decoder.
@@ -150,7 +170,23 @@ fn expected_kind(event_type: &str) -> Kind {
             _ => InstanceAction::StateChanged,
         });
     }
+    let resource = |kind, step| Kind::Resource(kind, step);
     match event_type {
+        "volume.create.end" => resource(ResourceKind::Volume, ResourceStep::Created),
+        "volume.resize.end" | "volume.retype" => resource(ResourceKind::Volume, ResourceStep::Changed),
+        "volume.delete.end" => resource(ResourceKind::Volume, ResourceStep::Deleted),
+        "volume.attach.end" | "volume.detach.end" | "volume.update.end" => {
+            resource(ResourceKind::Volume, ResourceStep::Other)
+        }
+        "snapshot.create.end" => resource(ResourceKind::Snapshot, ResourceStep::Created),
+        "snapshot.delete.end" => resource(ResourceKind::Snapshot, ResourceStep::Deleted),
+        "floatingip.create.end" => resource(ResourceKind::FloatingIp, ResourceStep::Created),
+        "floatingip.update.end" | "floatingip.associate.end" | "floatingip.disassociate.end" => {
+            resource(ResourceKind::FloatingIp, ResourceStep::Associated)
+        }
+        "floatingip.delete.end" => resource(ResourceKind::FloatingIp, ResourceStep::Deleted),
+        "image.upload" | "image.activate" => resource(ResourceKind::Image, ResourceStep::Created),
+        "image.delete" => resource(ResourceKind::Image, ResourceStep::Deleted),
         "metering" | "telemetry.polling" => Kind::Usage,
         t if t.starts_with("orchestration.stack.") => Kind::Stack,
         _ => Kind::Ignored,
@@ -178,7 +214,7 @@ fn read_json(path: &Path) -> Value {
 }
 
 /// Every message a corpus file holds, normalised to the body a consumer would receive.
-fn cases(corpus: &Path, file: &Path, rel: &str) -> Vec<Case> {
+pub(crate) fn cases(corpus: &Path, file: &Path, rel: &str) -> Vec<Case> {
     if rel.contains("notigen-templates") {
         let text = fill_placeholders(&std::fs::read_to_string(file).unwrap());
         let list: Vec<Value> = serde_json::from_str(&text).unwrap();

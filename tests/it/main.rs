@@ -7,6 +7,7 @@ mod bus;
 mod catalog;
 mod concertim;
 mod conformance;
+mod conformance_kinds;
 mod deploy;
 mod dlq;
 mod hostbill;
