@@ -619,10 +619,11 @@ impl Event {
         }
     }
 
-    /// The instance this event is about, when it is about exactly one.
+    /// The instance (or other resource) this event is about, when it is about exactly one.
     pub fn instance(&self) -> Option<&InstanceId> {
         match self {
             Event::Instance { instance, .. } => Some(&instance.id),
+            Event::Resource(resource) => Some(&resource.id),
             _ => None,
         }
     }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 
 use crate::{
-    config::{Counter, Settings},
+    config::{Counter, Settings, INSTANCE_METERS},
     event::{
         Event, Instance, InstanceAction, InstanceId, Notification, PlanName, ProjectId, Resource, ResourceKind,
         ResourceStep, Sample, Step, Timestamp, Unit,
@@ -498,8 +498,15 @@ fn plan_usage(samples: &[Sample], notification: &Notification, settings: &Settin
     for resource in order {
         let group = &by_resource[resource];
         let first = group[0];
-        let evidence: Vec<&Sample> =
-            group.iter().copied().filter(|s| s.counter != "delta" && s.counter != "cumulative").collect();
+        // Only an instance's own gauges reveal its launch: a `volume.size` gauge, say, names a
+        // volume, which Cinder's notifications bill.
+        let evidence: Vec<&Sample> = group
+            .iter()
+            .copied()
+            .filter(|s| {
+                s.counter != "delta" && s.counter != "cumulative" && INSTANCE_METERS.contains(&s.meter.as_str())
+            })
+            .collect();
         let mut facts = if evidence.is_empty() { Vec::new() } else { sample_facts(&evidence, notification)? };
         let (cumulative, metered): (Vec<(&Sample, &crate::config::MeterRule)>, Vec<_>) = group
             .iter()
@@ -743,6 +750,64 @@ mod tests {
                 size: Size { name: "m1.small".into(), vcpus: 2, memory_mb: 2048, disk_gb: 20, bytes: 0 },
             }]
         );
+    }
+
+    fn volume(step: ResourceStep, project: Option<&str>) -> Event {
+        Event::Resource(Box::new(Resource {
+            kind: ResourceKind::Volume,
+            id: InstanceId::parse("v-1").unwrap(),
+            project: project.map(|p| ProjectId::parse(p).unwrap()),
+            display_name: "data".into(),
+            type_name: Some("ssd".into()),
+            size: Some(10),
+            status: "available".into(),
+            created_at: Some(ts("2025-01-01T11:00:00.5Z")),
+            deleted_at: None,
+            associated: None,
+            public: false,
+            attached_to: None,
+            step,
+        }))
+    }
+
+    #[test]
+    fn a_volume_create_subscribes_it_on_its_types_plan_from_its_whole_second_launch() {
+        let mut settings = Settings::embedded();
+        settings.billing.resources.volume_types.insert("ssd".into(), PlanName::parse("fast").unwrap());
+        let plan = plan(&notification(volume(ResourceStep::Created, Some("p-1"))), &settings).unwrap();
+        let Action::EnsureSubscription(spec) = &plan[1] else { panic!("{plan:?}") };
+        assert_eq!(
+            (spec.kind, spec.plan.as_str(), spec.start),
+            (ResourceKind::Volume, "fast", ts("2025-01-01T11:00:00Z"))
+        );
+        let Action::RecordFacts { kind, facts, .. } = &plan[2] else { panic!("{plan:?}") };
+        let size = Size { name: "ssd".into(), disk_gb: 10, ..Size::default() };
+        let launch = Fact::Launch {
+            at: ts("2025-01-01T11:00:00Z").unix(),
+            source: Source::Nova,
+            seen: ts("2025-01-01T12:00:00Z").unix(),
+            size,
+        };
+        assert_eq!((*kind, facts.as_slice()), (ResourceKind::Volume, [launch].as_slice()));
+    }
+
+    #[test]
+    fn a_resize_starts_the_new_size_at_the_notification_and_a_delete_without_a_project_records_only_facts() {
+        let plan_of = |step, project| plan(&notification(volume(step, project)), &Settings::embedded()).unwrap();
+        let facts = facts_of(&plan_of(ResourceStep::Changed, Some("p-1")));
+        assert!(
+            matches!(facts.as_slice(), [Fact::Launch { at, .. }] if *at == ts("2025-01-01T12:00:00Z").unix()),
+            "{facts:?}"
+        );
+        let plan = plan_of(ResourceStep::Deleted, None);
+        assert!(matches!(plan.as_slice(), [Action::RecordFacts { project: None, .. }]), "{plan:?}");
+        assert!(facts_of(&plan).contains(&Fact::End { at: ts("2025-01-01T12:00:00Z").unix(), terminated: true }));
+    }
+
+    #[test]
+    fn a_volume_gauge_is_no_evidence_of_an_instance() {
+        let n = notification(Event::Usage { samples: vec![sample("volume.size", 10, "gauge")], unattributed: 0 });
+        assert_eq!(plan(&n, &Settings::embedded()).unwrap(), Vec::new());
     }
 
     fn metered() -> Settings {

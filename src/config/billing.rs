@@ -347,8 +347,7 @@ impl ProjectFilter {
 }
 
 /// The meters Ceilometer emits per instance, which the default configuration bills.
-pub(super) const INSTANCE_METERS: [&str; 6] =
-    ["vcpus", "memory", "disk.root.size", "disk.ephemeral.size", "instance", "cpu"];
+pub const INSTANCE_METERS: [&str; 6] = ["vcpus", "memory", "disk.root.size", "disk.ephemeral.size", "instance", "cpu"];
 
 /// Whether Ceilometer emits a meter by this name: one of its instance meters, or one of its
 /// meter families (`network.*`, `volume.*`, …).

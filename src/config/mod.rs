@@ -20,6 +20,7 @@ mod secret;
 
 pub use billing::{
     BackendKind, BillingSettings, Counter, FloatingIpBilled, MeterRule, ProjectFilter, ResourceSettings, TimeSettings,
+    INSTANCE_METERS,
 };
 pub use bus::{BackoffSettings, Binding, BusSettings, DecodeLimits, HttpSettings, DEFAULT_MAX_BODY_BYTES};
 pub use concertim::{ConcertimSettings, MetricRule};
@@ -29,7 +30,7 @@ pub use killbill::{KillBillSettings, KillBillVersion};
 pub use money::{Factor, AMOUNT_SCALE};
 pub use secret::{Secret, SecretUrl};
 
-use billing::{is_ceilometer_meter, INSTANCE_METERS};
+use billing::is_ceilometer_meter;
 use env::{env_name, override_value, set_path, without_values};
 use secret::read_secret_files;
 

@@ -41,3 +41,102 @@ pub async fn set_clock(real: &RealKillBill, to: Option<&str>) -> Value {
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
+
+/// One USAGE item as KillBill invoiced it.
+#[derive(Debug)]
+pub struct Item {
+    /// The subscription's external key: the resource id.
+    pub resource: String,
+    /// The item's plan.
+    pub plan: String,
+    /// Its interval.
+    pub from: String,
+    /// Its interval's end.
+    pub to: String,
+    /// Its amount, in USD.
+    pub amount: Decimal,
+    /// (unit, quantity, tier price, tier amount)
+    pub tiers: Vec<(String, Decimal, Decimal, Decimal)>,
+}
+
+/// Every USAGE item of the account's invoices, and each invoice's (date, amount, item count).
+pub async fn invoiced(real: &RealKillBill, account_id: &str) -> (Vec<Item>, Vec<(String, Decimal, usize)>) {
+    let invoices = real.get(&format!("/1.0/kb/accounts/{account_id}/invoices?withItems=true")).await;
+    let mut items = Vec::new();
+    let mut totals = Vec::new();
+    for invoice in invoices.as_array().unwrap() {
+        let all = invoice["items"].as_array().unwrap();
+        totals.push((
+            invoice["invoiceDate"].as_str().unwrap_or_default().to_owned(),
+            decimal(&invoice["amount"]),
+            all.len(),
+        ));
+        for item in all.iter().filter(|i| i["itemType"] == "USAGE") {
+            let sub = real.get(&format!("/1.0/kb/subscriptions/{}", item["subscriptionId"].as_str().unwrap())).await;
+            let details: Value = serde_json::from_str(item["itemDetails"].as_str().unwrap()).unwrap();
+            items.push(Item {
+                resource: sub["externalKey"].as_str().unwrap().to_owned(),
+                plan: item["planName"].as_str().unwrap().to_owned(),
+                from: item["startDate"].as_str().unwrap_or_default().to_owned(),
+                to: item["endDate"].as_str().unwrap_or_default().to_owned(),
+                amount: decimal(&item["amount"]),
+                tiers: details["tierDetails"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| {
+                        (
+                            t["tierUnit"].as_str().unwrap().to_owned(),
+                            decimal(&t["quantity"]),
+                            decimal(&t["tierPrice"]),
+                            decimal(&t["amount"]),
+                        )
+                    })
+                    .collect(),
+            });
+        }
+    }
+    (items, totals)
+}
+
+/// Prints the invoices, so a failing comparison shows what KillBill billed.
+pub fn print_invoices(items: &[Item], totals: &[(String, Decimal, usize)]) {
+    for (date, amount, n) in totals {
+        eprintln!("invoice of {date}: {amount} USD, {n} items");
+    }
+    for i in items {
+        eprintln!("  {} {} [{}, {}) {} USD", i.resource, i.plan, i.from, i.to, i.amount);
+        for (unit, quantity, price, amount) in &i.tiers {
+            eprintln!("    {unit}: {quantity} × {price} = {amount}");
+        }
+    }
+}
+
+/// Checks each item against the catalog (each tier's price is the catalog's, each tier exactly
+/// quantity × price, the item rounded once to the cent) and sums them per (resource, plan):
+/// the quantity of each unit billed, and the amount. Items that bill nothing are left out.
+pub fn priced(items: &[Item]) -> BTreeMap<(String, String), (BTreeMap<String, Decimal>, Decimal)> {
+    let prices = catalog_prices();
+    let mut seen: BTreeMap<(String, String), (BTreeMap<String, Decimal>, Decimal)> = BTreeMap::new();
+    for item in items {
+        let mut exact = Decimal::ZERO;
+        let entry = seen.entry((item.resource.clone(), item.plan.clone())).or_default();
+        for (unit, quantity, price, amount) in &item.tiers {
+            assert_eq!(*price, prices[&(item.plan.clone(), unit.clone())], "{} {unit}", item.plan);
+            assert_eq!(*amount, quantity * price, "{} {unit}: {quantity} × {price}", item.resource);
+            exact += quantity * price;
+            // The previous catalog version's units are listed too, with nothing in them.
+            if !quantity.is_zero() {
+                *entry.0.entry(unit.clone()).or_default() += quantity;
+            }
+        }
+        assert_eq!(
+            item.amount,
+            exact.round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero),
+            "{item:?}"
+        );
+        entry.1 += item.amount;
+    }
+    seen.retain(|_, (units, amount)| !amount.is_zero() || units.values().any(|q| !q.is_zero()));
+    seen
+}

@@ -12,3 +12,4 @@ mod support;
 mod fixtures;
 mod helpers;
 mod month;
+mod resources;

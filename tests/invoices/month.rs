@@ -19,11 +19,11 @@ use concertim_billing::{
     fixture::FixtureDelivery,
     settle::Horizon,
 };
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use crate::{
-    helpers::{catalog_prices, decimal, set_clock, CLOCK},
+    helpers::{invoiced, priced, print_invoices, set_clock, CLOCK},
     support::{
         assert_no_failures, deliveries,
         killbill_server::{real_url, RealKillBill},
@@ -36,7 +36,7 @@ const PROJECT: &str = "5e7a1c0d9b8f4e2a8c6d4b2a0f1e3d5c";
 /// A flavor as Nova's legacy payload gives it (no ephemeral disk). Memory is whole GiB: KillBill
 /// 0.22 stores usage amounts as whole numbers.
 #[derive(Debug, Clone, Copy)]
-struct Flavor {
+pub(crate) struct Flavor {
     name: &'static str,
     vcpus: u64,
     memory_mb: u64,
@@ -44,14 +44,14 @@ struct Flavor {
 }
 
 /// Billed on the default plan, openstack-standard-monthly.
-const SMALL: Flavor = Flavor { name: "m1.small", vcpus: 1, memory_mb: 2048, root_gb: 20 };
+pub(crate) const SMALL: Flavor = Flavor { name: "m1.small", vcpus: 1, memory_mb: 2048, root_gb: 20 };
 /// Billed on openstack-large-monthly.
 const LARGE: Flavor = Flavor { name: "m1.large", vcpus: 4, memory_mb: 8192, root_gb: 80 };
 /// Billed on openstack-compute-monthly.
 const COMPUTE: Flavor = Flavor { name: "c1.medium", vcpus: 2, memory_mb: 4096, root_gb: 40 };
 
 /// The flavors' plans, as an operator writes them.
-fn settings() -> Settings {
+pub(crate) fn settings() -> Settings {
     let plans =
         "[billing.plans]\n\"m1.large\" = \"openstack-large-monthly\"\n\"c1.medium\" = \"openstack-compute-monthly\"\n";
     let settings = Settings::from_toml(&DEFAULT_TOML.replace("[billing.plans]\n", plans), "test").unwrap();
@@ -61,9 +61,11 @@ fn settings() -> Settings {
 }
 
 /// One instance.
-struct Vm {
-    id: &'static str,
-    name: &'static str,
+pub(crate) struct Vm {
+    /// Its uuid.
+    pub(crate) id: &'static str,
+    /// Its display name.
+    pub(crate) name: &'static str,
 }
 
 const WHOLE_MONTH: Vm = Vm { id: "0a000000-0000-4000-8000-00000000000a", name: "whole-month" };
@@ -77,6 +79,19 @@ const STOPPED: Vm = Vm { id: "0f000000-0000-4000-8000-00000000000f", name: "stop
 /// 2026: `"MM-DD hh:mm:ss.ffffff"`), carrying `flavor`, `state` and `[launched_at, terminated_at,
 /// deleted_at]` (`"MM-DD hh:mm:ss"`, or "" for unset, as legacy Nova writes them).
 fn nova(vm: &Vm, flavor: Flavor, event: &str, sent: &str, state: &str, times: [&str; 3]) -> FixtureDelivery {
+    nova_in(PROJECT, vm, flavor, event, sent, state, times)
+}
+
+/// As [`nova`], about an instance of `project`.
+pub(crate) fn nova_in(
+    project: &str,
+    vm: &Vm,
+    flavor: Flavor,
+    event: &str,
+    sent: &str,
+    state: &str,
+    times: [&str; 3],
+) -> FixtureDelivery {
     let template = deliveries("nova-legacy")
         .into_iter()
         .find(|d| String::from_utf8_lossy(&d.body).contains(r#"\"event_type\": \"compute.instance.create.end\""#))
@@ -88,10 +103,10 @@ fn nova(vm: &Vm, flavor: Flavor, event: &str, sent: &str, state: &str, times: [&
     message["message_id"] = format!("{}.{event}.{}", vm.name, sent.replace(' ', "T")).into();
     message["event_type"] = format!("compute.instance.{event}").into();
     message["timestamp"] = sent.into();
-    message["_context_project_id"] = PROJECT.into();
+    message["_context_project_id"] = project.into();
     let payload = &mut message["payload"];
     for (field, value) in [
-        ("tenant_id", json!(PROJECT)),
+        ("tenant_id", json!(project)),
         ("instance_id", json!(vm.id)),
         ("display_name", json!(vm.name)),
         ("hostname", json!(vm.name)),
@@ -222,20 +237,8 @@ fn quantities(held: &[(Flavor, i64)]) -> BTreeMap<String, Decimal> {
     units
 }
 
-fn unix(text: &str) -> i64 {
+pub(crate) fn unix(text: &str) -> i64 {
     Timestamp::parse(text).unwrap().unix()
-}
-
-/// One USAGE item as KillBill invoiced it.
-#[derive(Debug)]
-struct Item {
-    instance: String,
-    plan: String,
-    from: String,
-    to: String,
-    amount: Decimal,
-    /// (unit, quantity, tier price, tier amount)
-    tiers: Vec<(String, Decimal, Decimal, Decimal)>,
 }
 
 #[tokio::test]
@@ -276,53 +279,10 @@ async fn a_month_of_instance_lives_is_invoiced_at_the_exact_seconds_times_the_ca
     subscribed.sort();
     let (failed_status, failed_body) =
         real.call(reqwest::Method::GET, &format!("/1.0/kb/subscriptions?externalKey={}", FAILED.id), None).await;
-    let invoices = real.get(&format!("/1.0/kb/accounts/{account_id}/invoices?withItems=true")).await;
-    let mut items = Vec::new();
-    let mut invoice_totals = Vec::new();
-    for invoice in invoices.as_array().unwrap() {
-        let usage: Vec<&Value> =
-            invoice["items"].as_array().unwrap().iter().filter(|i| i["itemType"] == "USAGE").collect();
-        invoice_totals.push((
-            invoice["invoiceDate"].as_str().unwrap_or_default().to_owned(),
-            decimal(&invoice["amount"]),
-            invoice["items"].as_array().unwrap().len(),
-        ));
-        for item in usage {
-            let sub = real.get(&format!("/1.0/kb/subscriptions/{}", item["subscriptionId"].as_str().unwrap())).await;
-            let details: Value = serde_json::from_str(item["itemDetails"].as_str().unwrap()).unwrap();
-            items.push(Item {
-                instance: sub["externalKey"].as_str().unwrap().to_owned(),
-                plan: item["planName"].as_str().unwrap().to_owned(),
-                from: item["startDate"].as_str().unwrap_or_default().to_owned(),
-                to: item["endDate"].as_str().unwrap_or_default().to_owned(),
-                amount: decimal(&item["amount"]),
-                tiers: details["tierDetails"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|t| {
-                        (
-                            t["tierUnit"].as_str().unwrap().to_owned(),
-                            decimal(&t["quantity"]),
-                            decimal(&t["tierPrice"]),
-                            decimal(&t["amount"]),
-                        )
-                    })
-                    .collect(),
-            });
-        }
-    }
+    let (items, invoice_totals) = invoiced(&real, &account_id).await;
     // Back to the real time before any assertion can fail.
     set_clock(&real, None).await;
-    for (date, amount, n) in &invoice_totals {
-        eprintln!("invoice of {date}: {amount} USD, {n} items");
-    }
-    for i in &items {
-        eprintln!("  {} {} [{}, {}) {} USD", i.instance, i.plan, i.from, i.to, i.amount);
-        for (unit, quantity, price, amount) in &i.tiers {
-            eprintln!("    {unit}: {quantity} × {price} = {amount}");
-        }
-    }
+    print_invoices(&items, &invoice_totals);
 
     // The failed build never launched: no subscription, and nothing invoiced for it.
     let mut expected_subscriptions: Vec<String> =
@@ -331,25 +291,7 @@ async fn a_month_of_instance_lives_is_invoiced_at_the_exact_seconds_times_the_ca
     assert_eq!(subscribed, expected_subscriptions);
     assert_eq!(failed_status, 404, "the failed build's subscription: {failed_body}");
 
-    // Each item: the catalog's price per tier, each tier exactly quantity × price, the item
-    // rounded once to the cent.
-    let prices = catalog_prices();
-    let mut seen: BTreeMap<(String, String), (BTreeMap<String, Decimal>, Decimal)> = BTreeMap::new();
-    for item in &items {
-        let mut exact = Decimal::ZERO;
-        let entry = seen.entry((item.instance.clone(), item.plan.clone())).or_default();
-        for (unit, quantity, price, amount) in &item.tiers {
-            assert_eq!(*price, prices[&(item.plan.clone(), unit.clone())], "{} {unit}", item.plan);
-            assert_eq!(*amount, quantity * price, "{} {unit}: {quantity} × {price}", item.instance);
-            exact += quantity * price;
-            // The previous catalog version's units are listed too, with nothing in them.
-            if !quantity.is_zero() {
-                *entry.0.entry(unit.clone()).or_default() += quantity;
-            }
-        }
-        assert_eq!(item.amount, exact.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero), "{item:?}");
-        entry.1 += item.amount;
-    }
+    let mut seen = priced(&items);
     // Nothing but the expected items bills anything.
     seen.retain(|_, (units, amount)| !amount.is_zero() || units.values().any(|q| !q.is_zero()));
     let expected: BTreeMap<(String, String), (BTreeMap<String, Decimal>, Decimal)> = EXPECTED
