@@ -15,7 +15,62 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::event::ResourceKind;
+use std::fmt;
+
+/// What kind of resource a billed id names: each kind has its own lifecycle notifications,
+/// units and plans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceKind {
+    /// A Nova instance: instance, vCPU, memory and disk time.
+    #[default]
+    Instance,
+    /// A Cinder volume: GiB × time, its plan from its volume type.
+    Volume,
+    /// A Cinder volume snapshot: GiB × time.
+    Snapshot,
+    /// A Neutron floating IP: time (allocated, or only while associated: a policy).
+    FloatingIp,
+    /// A Glance image owned by a project: GiB × time (public images are billed to nobody).
+    Image,
+    /// An instance's network interface, measured by Ceilometer's cumulative traffic meters.
+    NetworkInterface,
+}
+
+impl ResourceKind {
+    /// Every kind, in the order reports list them.
+    pub const ALL: [ResourceKind; 6] = [
+        ResourceKind::Instance,
+        ResourceKind::Volume,
+        ResourceKind::Snapshot,
+        ResourceKind::FloatingIp,
+        ResourceKind::Image,
+        ResourceKind::NetworkInterface,
+    ];
+
+    /// The kind's name, as the store, reports and custom fields spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceKind::Instance => "instance",
+            ResourceKind::Volume => "volume",
+            ResourceKind::Snapshot => "snapshot",
+            ResourceKind::FloatingIp => "floating_ip",
+            ResourceKind::Image => "image",
+            ResourceKind::NetworkInterface => "network_interface",
+        }
+    }
+
+    /// The kind a name spells, if any.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// What a flavor holds, as the billing units see it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
