@@ -7,8 +7,8 @@
 //! dead-lettering, through the [`client`].
 //!
 //! Status maps follow `reference/original-service.md` §3, with the statuses Rails accepts per
-//! device type: Instance `IN_PROGRESS FAILED ACTIVE STOPPED SUSPENDED`, rack `IN_PROGRESS FAILED
-//! ACTIVE STOPPED`.
+//! device type: Instance `IN_PROGRESS FAILED ACTIVE STOPPED SUSPENDED`, Volume `IN_PROGRESS
+//! FAILED ACTIVE AVAILABLE`, rack `IN_PROGRESS FAILED ACTIVE STOPPED`.
 
 pub mod client;
 mod plan;
@@ -19,19 +19,21 @@ use serde::{Deserialize, Serialize};
 use crate::event::{InstanceId, ProjectId, StackId, Timestamp};
 
 pub use client::{Client, ConcertimError};
-pub use plan::{device_status, plan, rack_status, work};
+pub use plan::{device_status, plan, rack_status, volume_status, work};
 pub use worker::Worker;
 
 /// A status Concertim shows for a device or a rack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Status {
-    /// Running.
+    /// Running (an instance, a rack), or attached to an instance (a volume).
     Active,
     /// Stopped (or shelved).
     Stopped,
     /// Suspended (or paused); instances only.
     Suspended,
+    /// Created and attached to nothing; volumes only (an attached volume is `Active`).
+    Available,
     /// A task is under way.
     InProgress,
     /// Failed, or a state nobody maps.
@@ -45,6 +47,7 @@ impl Status {
             Status::Active => "ACTIVE",
             Status::Stopped => "STOPPED",
             Status::Suspended => "SUSPENDED",
+            Status::Available => "AVAILABLE",
             Status::InProgress => "IN_PROGRESS",
             Status::Failed => "FAILED",
         }
@@ -66,19 +69,20 @@ pub enum Update {
         /// The team's `project_id`.
         project: ProjectId,
     },
-    /// Set the instance's device status, when it differs and this is not older than the last
-    /// status applied.
+    /// Set the status of an instance's or a volume's device, when it differs and this is not
+    /// older than the last status applied.
     DeviceStatus {
-        /// The device's `metadata.openstack_instance_id`.
+        /// The device's `metadata.openstack_instance_id`: the Nova instance's id, or the Cinder
+        /// volume's (the original service keeps every device's OpenStack id under that key).
         instance: InstanceId,
         /// The new status.
         status: Status,
         /// The notification's time, to keep a retried old status from overwriting a newer one.
         at: Timestamp,
     },
-    /// The instance was deleted: delete its device.
+    /// The instance or volume was deleted: delete its device.
     RemoveDevice {
-        /// The device's `metadata.openstack_instance_id`.
+        /// The device's `metadata.openstack_instance_id` (instance or volume id).
         instance: InstanceId,
     },
     /// Set the stack's rack status.
@@ -177,7 +181,10 @@ mod tests {
     use super::*;
     use crate::{
         config::Settings,
-        event::{Event, Flavor, Instance, InstanceAction, MessageId, Meta, Notification, ProjectId, Sample},
+        event::{
+            Event, Flavor, Instance, InstanceAction, MessageId, Meta, Notification, ProjectId, Resource, ResourceKind,
+            ResourceStep, Sample,
+        },
     };
 
     fn settings() -> Settings {
@@ -246,6 +253,136 @@ mod tests {
         for (vm, task, expected) in cases {
             assert_eq!(device_status(&instance(vm, task)), expected, "{vm} {task:?}");
         }
+    }
+
+    fn resource(kind: ResourceKind, step: ResourceStep, status: &str, project: Option<&str>) -> Box<Resource> {
+        Box::new(Resource {
+            kind,
+            id: InstanceId::parse("v-1").unwrap(),
+            project: project.map(|p| ProjectId::parse(p).unwrap()),
+            display_name: String::new(),
+            type_name: None,
+            size: Some(1),
+            status: status.into(),
+            created_at: None,
+            deleted_at: None,
+            associated: None,
+            public: false,
+            attached_to: None,
+            step,
+        })
+    }
+
+    fn volume_in(status: &str) -> Status {
+        volume_status(&resource(ResourceKind::Volume, ResourceStep::Other, status, Some("p-1")))
+    }
+
+    #[test]
+    fn an_attached_volume_is_active_and_a_detached_one_available() {
+        assert_eq!(volume_in("in-use"), Status::Active);
+        assert_eq!(volume_in("available"), Status::Available);
+    }
+
+    #[test]
+    fn the_transitions_the_reference_maps_are_in_progress() {
+        for state in ["creating", "attaching", "detaching", "maintenance", "reserved", "downloading", "deleting"] {
+            assert_eq!(volume_in(state), Status::InProgress, "{state}");
+        }
+    }
+
+    #[test]
+    fn cinders_other_transitions_are_in_progress_rather_than_failed() {
+        for state in
+            ["extending", "uploading", "retyping", "backing-up", "restoring-backup", "awaiting-transfer", "managing"]
+        {
+            assert_eq!(volume_in(state), Status::InProgress, "{state}");
+        }
+    }
+
+    #[test]
+    fn cinder_errors_and_states_nobody_maps_are_failed() {
+        for state in [
+            "error",
+            "error_deleting",
+            "error_extending",
+            "error_restoring",
+            "error_backing-up",
+            "error_managing",
+            "",
+            "?",
+        ] {
+            assert_eq!(volume_in(state), Status::Failed, "{state:?}");
+        }
+    }
+
+    #[test]
+    fn every_volume_status_is_one_rails_accepts_for_a_volume() {
+        // VIZ `app/models/volume.rb`: `IN_PROGRESS FAILED ACTIVE AVAILABLE`.
+        for state in ["in-use", "available", "creating", "extending", "error", "?"] {
+            let status = volume_in(state).as_str();
+            assert!(["IN_PROGRESS", "FAILED", "ACTIVE", "AVAILABLE"].contains(&status), "{state}: {status}");
+        }
+    }
+
+    #[test]
+    fn a_volume_step_sets_its_device_status_and_a_delete_removes_its_device() {
+        let id = InstanceId::parse("v-1").unwrap();
+        let at = ts("2025-01-01T00:00:00Z");
+        let cases = [
+            (ResourceStep::Created, "available", Status::Available),
+            (ResourceStep::Changed, "in-use", Status::Active),
+            (ResourceStep::Other, "in-use", Status::Active),
+            (ResourceStep::Other, "detaching", Status::InProgress),
+        ];
+        for (step, state, status) in cases {
+            let n = notification(Event::Resource(resource(ResourceKind::Volume, step, state, Some("p-1"))));
+            assert_eq!(
+                plan(&n, &settings()),
+                [Update::DeviceStatus { instance: id.clone(), status, at }],
+                "{step:?} {state}"
+            );
+        }
+        let deleted = notification(Event::Resource(resource(
+            ResourceKind::Volume,
+            ResourceStep::Deleted,
+            "deleting",
+            Some("p-1"),
+        )));
+        assert_eq!(plan(&deleted, &settings()), [Update::RemoveDevice { instance: id }]);
+    }
+
+    #[test]
+    fn snapshots_floating_ips_and_images_change_nothing_in_concertim() {
+        for kind in [ResourceKind::Snapshot, ResourceKind::FloatingIp, ResourceKind::Image] {
+            for step in [ResourceStep::Created, ResourceStep::Associated, ResourceStep::Deleted] {
+                let n = notification(Event::Resource(resource(kind, step, "available", Some("p-1"))));
+                assert!(plan(&n, &settings()).is_empty(), "{kind} {step:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_volume_of_a_project_the_filter_refuses_changes_nothing_and_one_without_a_project_is_shown() {
+        let mut filtered = settings();
+        filtered.projects.exclude.push(ProjectId::parse("p-1").unwrap());
+        let refused = notification(Event::Resource(resource(
+            ResourceKind::Volume,
+            ResourceStep::Created,
+            "available",
+            Some("p-1"),
+        )));
+        assert!(plan(&refused, &filtered).is_empty());
+        let deleted = notification(Event::Resource(resource(
+            ResourceKind::Volume,
+            ResourceStep::Deleted,
+            "deleting",
+            Some("p-1"),
+        )));
+        assert!(plan(&deleted, &filtered).is_empty());
+        // The filter can only judge a project it is told.
+        let unknown =
+            notification(Event::Resource(resource(ResourceKind::Volume, ResourceStep::Created, "available", None)));
+        assert_eq!(plan(&unknown, &filtered).len(), 1);
     }
 
     #[test]

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use super::{MetricValue, Status, Update, Work};
 use crate::{
     config::Settings,
-    event::{Event, Instance, InstanceAction, InstanceId, Notification, ProjectId, Stack},
+    event::{
+        Event, Instance, InstanceAction, InstanceId, Notification, ProjectId, Resource, ResourceKind, ResourceStep,
+        Stack, Timestamp,
+    },
 };
 
 /// The device status a Nova notification's state fields give. A task under way wins over the
@@ -41,6 +44,56 @@ pub fn device_status(instance: &Instance) -> Status {
         | "creating"
         | "maintenance" => Status::InProgress,
         _ => Status::Failed,
+    }
+}
+
+/// The status of a volume's device, from Cinder's `status` as sent.
+///
+/// `reference/original-service.md` §3 (the original service's full-sync map, which it applied
+/// to volumes too): ACTIVE ← `in-use`; AVAILABLE ← `available`; IN_PROGRESS ← `creating`,
+/// `attaching`, `detaching`, `maintenance`, `reserved`, `downloading`, `deleting`; anything else
+/// FAILED. Cinder's other transitional states (`extending`, `uploading`, `retyping`,
+/// `backing-up`, `restoring-backup`, `awaiting-transfer`, `managing`) are IN_PROGRESS here, not
+/// FAILED as that map leaves them: each is a task under way on a healthy volume, ending in
+/// `available` or `in-use` (or an `error…` state), as the instance map treats any task.
+pub fn volume_status(volume: &Resource) -> Status {
+    match volume.status.to_ascii_lowercase().as_str() {
+        "in-use" => Status::Active,
+        "available" => Status::Available,
+        "creating" | "attaching" | "detaching" | "maintenance" | "reserved" | "downloading" | "deleting" => {
+            Status::InProgress
+        }
+        "extending" | "uploading" | "retyping" | "backing-up" | "restoring-backup" | "awaiting-transfer"
+        | "managing" => Status::InProgress,
+        // `error`, `error_deleting`, `error_extending`, `error_restoring`, `error_backing-up`,
+        // `error_managing`, and whatever a later Cinder adds.
+        _ => Status::Failed,
+    }
+}
+
+/// The Concertim updates of a resource notification. Only volumes are devices in Concertim
+/// (type Volume, created by the original service from a stack's `OS::Cinder::Volume`);
+/// snapshots, floating IPs, images and network interfaces have no record there, so they change
+/// nothing.
+fn resource_updates(resource: &Resource, at: Timestamp, settings: &Settings) -> Vec<Update> {
+    if resource.project.as_ref().is_some_and(|p| !settings.projects.admits(p)) {
+        return Vec::new();
+    }
+    match resource.kind {
+        ResourceKind::Volume => match resource.step {
+            ResourceStep::Deleted => vec![Update::RemoveDevice { instance: resource.id.clone() }],
+            ResourceStep::Created | ResourceStep::Changed | ResourceStep::Associated | ResourceStep::Other => {
+                vec![Update::DeviceStatus { instance: resource.id.clone(), status: volume_status(resource), at }]
+            }
+        },
+        // Concertim has no record of a snapshot, floating IP or image: the original service made
+        // devices only of a stack's servers, `OS::Cinder::Volume`s and `OS::Neutron::Net`s. They
+        // are billed and not shown. Instances and their interfaces never come as resource events.
+        ResourceKind::Snapshot
+        | ResourceKind::FloatingIp
+        | ResourceKind::Image
+        | ResourceKind::NetworkInterface
+        | ResourceKind::Instance => Vec::new(),
     }
 }
 
@@ -111,13 +164,13 @@ pub fn plan(notification: &Notification, settings: &Settings) -> Vec<Update> {
             updates.extend(billed.into_iter().map(|p| Update::RefreshTeam { project: p.clone() }));
             updates
         }
+        Event::Resource(resource) => resource_updates(resource, at, settings),
         // Not admitted, or nothing Concertim shows: named one by one, so a new kind of event is
         // a decision here rather than silently nothing.
         Event::ProjectCreated { .. }
         | Event::ProjectDeleted { .. }
         | Event::ProjectUpdated { .. }
         | Event::Identity(_)
-        | Event::Resource(_)
         | Event::Ignored { .. } => Vec::new(),
     }
 }

@@ -1,7 +1,8 @@
 //! Carries out Concertim [`Update`]s: finds the device, rack or team, and changes it only when
 //! it differs.
 //!
-//! Devices are found by `metadata.openstack_instance_id`, racks by
+//! Devices are found by `metadata.openstack_instance_id` (an instance's or a volume's id: the
+//! original service keeps every device's OpenStack id there), racks by
 //! `metadata.openstack_stack_id`, teams by `project_id`: each kind is listed once and cached, and
 //! listed again on a miss (at most once per `relist_interval_ms`); there is no sync loop. An
 //! update whose device, rack or team Concertim does not have is skipped and counted: Concertim

@@ -1,12 +1,13 @@
-//! Concertim as the second target: the fixture lifecycles shown in the fake Concertim, an
-//! outage that never holds billing up, an expired token, and debounced team refreshes.
+//! Concertim as the second target: the fixture lifecycles shown in the fake Concertim, a
+//! volume's lifecycle on its device, an outage that never holds billing up, an expired token,
+//! and debounced team refreshes.
 
 use std::{collections::BTreeSet, time::Duration};
 
 use concertim_billing::{
-    billing::KillBill,
+    billing::{KillBill, Ledger},
     bus::Names,
-    config::MetricRule,
+    config::{Binding, MetricRule},
     event::Event,
     fixture::FixtureDelivery,
     notification::{decode, DecodeLimits},
@@ -391,6 +392,84 @@ async fn an_exhausted_concertim_update_is_dead_lettered_alone_and_requeued_after
     .await;
     assert_eq!(bus.depth(&dead).await, 0);
     assert_eq!(kb.snapshot().subscriptions.len(), 1);
+    app.shutdown().await.unwrap();
+    bus.cleanup().await;
+}
+
+/// A Cinder notification about `volume` of `project`, as Cinder publishes it on its exchange:
+/// the payload keys of the corpus's `cinder/searchlight/volumes.json` (a devstack capture), a
+/// one-GiB volume attached to `attached_to` when that is set.
+fn cinder(
+    n: usize,
+    event_type: &str,
+    (project, volume): (&str, &str),
+    status: &str,
+    attached_to: Option<&str>,
+    at: &str,
+) -> FixtureDelivery {
+    let attachments: Vec<serde_json::Value> = attached_to
+        .map(|instance| {
+            serde_json::json!({"instance_uuid": instance, "volume_id": volume, "attach_status": "attached",
+                "attach_mode": "rw", "mountpoint": "/dev/vdb"})
+        })
+        .into_iter()
+        .collect();
+    let message = serde_json::json!({
+        "message_id": format!("volume-{n:04}"),
+        "event_type": event_type,
+        "publisher_id": "volume.devstack@lvmdriver-1",
+        "priority": "INFO",
+        "timestamp": at,
+        "payload": {
+            "volume_id": volume, "tenant_id": project, "user_id": "3f7600957f0a444c98928d79debb72fb",
+            "status": status, "size": 1, "volume_type": "3706aa72-cb65-4971-83e8-48e1477efd1d",
+            "display_name": "scratch", "availability_zone": "nova", "snapshot_id": null, "metadata": [],
+            "created_at": "2025-01-01T00:00:00+00:00", "launched_at": "2025-01-01T00:00:01+00:00",
+            "volume_attachment": attachments,
+        },
+    });
+    let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
+    FixtureDelivery {
+        exchange: Some("cinder".into()),
+        routing_key: Some("notifications.info".into()),
+        properties: None,
+        redelivered: false,
+        body: serde_json::to_vec(&body).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn a_volume_created_attached_detached_and_deleted_shows_each_status_on_its_device_then_goes() {
+    let concertim = FakeConcertim::start().await;
+    let mut bus = concertim_bus("concertim-volume", &concertim).await;
+    let exchange = bus.exchange("cinder");
+    bus.settings.bus.bindings.push(Binding { exchange, routing_key: "notifications.info".into() });
+    let project = "1816a16093df465dbc609cf638422a05";
+    let volume = "f54b1d2f-4514-4688-8da7-4bc66767b6be";
+    let instance = "ae81266c-a292-4e48-bf81-a3894bd62f4a";
+    // Concertim shows the volume from when its stack made it, while Cinder was still creating it.
+    concertim.add_volume(volume, "IN_PROGRESS");
+    // The subject is Concertim: the volume is billed into the in-memory ledger.
+    let app = spawn_app(&bus, Ledger::in_memory(), None).await;
+    let id = (project, volume);
+    let lifecycle = [
+        cinder(1, "volume.create.end", id, "available", None, "2025-01-01 00:00:02.000000"),
+        cinder(2, "volume.attach.end", id, "in-use", Some(instance), "2025-01-01 00:01:00.000000"),
+        cinder(3, "volume.detach.end", id, "available", None, "2025-01-01 00:02:00.000000"),
+        cinder(4, "volume.delete.end", id, "deleting", None, "2025-01-01 00:03:00.000000"),
+    ];
+    for d in &lifecycle {
+        bus.publish(d).await;
+    }
+
+    eventually("the volume's device to be removed", Duration::from_secs(20), || async {
+        concertim.device_history(volume).last().is_some_and(|last| last == "removed").then_some(())
+    })
+    .await;
+    // Available once created, active while attached, available again, then gone.
+    assert_eq!(concertim.device_history(volume), ["AVAILABLE", "ACTIVE", "AVAILABLE", "removed"]);
+    assert!(concertim.device(volume).is_none());
+    assert_eq!(bus.depth(&bus.names().dead_queue).await, 0);
     app.shutdown().await.unwrap();
     bus.cleanup().await;
 }

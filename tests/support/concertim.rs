@@ -1,18 +1,30 @@
 //! A fake Concertim: the Rails API and the metric reporting daemon, following
-//! `../shared/reference/original-service.md` §4.
+//! `../shared/reference/original-service.md` §4 and the Rails controllers it cites (VIZ
+//! `app/controllers/api/v1/{devices,racks}_controller.rb`, `app/models/{device,volume,hw_rack}.rb`).
 //!
 //! - `POST /users/sign_in.json` `{"user":{"login","password"}}` answers the JWT in the
 //!   `Authorization` response header (401 `{"error":"Invalid Login or password."}` otherwise);
 //! - every `/api/v1` and MRD write call needs a live token (401 otherwise, as devise-jwt answers
 //!   an expired or revoked one);
-//! - teams, racks and devices are listed as Rails renders them; `PATCH` takes only the keys the
-//!   controllers permit (others are dropped, as strong parameters do) and validates statuses
-//!   per device type (422 `{"status":["is not included in the list"]}`); unknown ids are 404
-//!   `{"errors":{"record":["Not found"]}}`; a rack holding devices is deleted only with
-//!   `recurse=true` (422 otherwise);
+//! - teams, racks and devices (Instance and Volume, each with its OpenStack id in
+//!   `metadata.openstack_instance_id`, as the original service creates them) are listed as Rails
+//!   renders them; `PATCH` takes only the keys the controllers permit (others are dropped, as
+//!   strong parameters do) and validates statuses per device type: a device answers 422
+//!   `{"errors":{"status":["must be one of IN_PROGRESS, FAILED, ACTIVE or AVAILABLE"]}}` (the
+//!   device controller wraps the model's errors), a rack 422 `{"status":["must be one of …"]}`
+//!   (the rack controller does not); unknown ids are 404 `{"errors":{"record":["Not found"]}}`;
+//!   `DELETE` answers 200 `{}`; a rack holding devices is deleted only with `recurse=true` (422
+//!   `{"errors":"rack is not empty"}` otherwise);
 //! - `PUT /mrd/{device}/metrics` validates name, value, type, slope and ttl (422), answers 404
 //!   `Host Not Found` for a device it does not know, and `{"status":200}` otherwise.
 //! - `set_down(true)` answers every request 503, as the reverse proxy does while Rails is away.
+//!
+//! What it cannot reproduce: devices are not placed in racks (so no rack is ever non-empty, and
+//! the list holds every device where Rails lists only those occupying rack units), carry no
+//! template or details (a volume's `size`, `volume_type` … are absent from the list), and cannot
+//! be created (`POST /api/v1/nodes` is 404 here); the MRD's 30 s device-map refresh is not
+//! modelled (a device is known to it at once); no status-action rules (they govern the
+//! IRV's requested actions, not API writes).
 
 use std::sync::{Arc, Mutex};
 
@@ -76,6 +88,8 @@ struct Fake {
     metrics: Vec<(u64, Value)>,
     team_figure_updates: usize,
     status_updates: usize,
+    /// What happened to each device, by OpenStack id: the statuses set, then `removed`.
+    device_history: Vec<(String, String)>,
 }
 
 /// The running fake.
@@ -154,6 +168,22 @@ impl FakeConcertim {
         let id = s.next_id;
         s.devices.push(Record { id, kind: "Instance".into(), status: status.into(), cloud_id: instance.into() });
         id
+    }
+
+    /// Adds a Volume device for a Cinder volume.
+    pub fn add_volume(&self, volume: &str, status: &str) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.devices.push(Record { id, kind: "Volume".into(), status: status.into(), cloud_id: volume.into() });
+        id
+    }
+
+    /// What happened to the device of an OpenStack id, in order: each status it was changed
+    /// to, and `removed` when it was deleted.
+    pub fn device_history(&self, cloud_id: &str) -> Vec<String> {
+        let s = self.state.lock().unwrap();
+        s.device_history.iter().filter(|(id, _)| id == cloud_id).map(|(_, what)| what.clone()).collect()
     }
 
     /// Every request is answered 503 while down.
@@ -253,6 +283,14 @@ fn accepted(kind: &str) -> &'static [&'static str] {
     }
 }
 
+/// The model's error for a status it does not accept, worded as Rails words it
+/// (`to_sentence(last_word_connector: ' or ')`).
+fn status_error(kind: &str) -> Value {
+    let statuses = accepted(kind);
+    let (last, rest) = statuses.split_last().expect("every kind accepts some status");
+    json!({"status": [format!("must be one of {} or {last}", rest.join(", "))]})
+}
+
 async fn handle(
     State(state): State<Arc<Mutex<Fake>>>,
     method: Method,
@@ -343,28 +381,31 @@ async fn handle(
             if let Some(status) = fields.get("status") {
                 let status = status.as_str().unwrap_or_default();
                 if !accepted(&record.kind).contains(&status) {
-                    return json_response(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        json!({"status": ["is not included in the list"]}),
-                    );
+                    let errors = status_error(&record.kind);
+                    // The device controller renders `{errors: model.errors}`, the rack
+                    // controller the model's errors bare.
+                    let body = if *kind == "racks" { errors } else { json!({ "errors": errors }) };
+                    return json_response(StatusCode::UNPROCESSABLE_ENTITY, body);
                 }
                 changed = record.status != status;
                 record.status = status.to_owned();
             }
             let json = record_json(record);
+            let cloud_id = record.cloud_id.clone();
             if changed {
                 s.status_updates += 1;
+                if *kind == "devices" {
+                    let status = json["status"].as_str().unwrap_or_default().to_owned();
+                    s.device_history.push((cloud_id, status));
+                }
             }
             json_response(StatusCode::OK, json)
         }
         (&Method::DELETE, ["api", "v1", "devices", id]) => {
-            let before = s.devices.len();
-            s.devices.retain(|d| d.id.to_string() != *id);
-            if s.devices.len() == before {
-                not_found()
-            } else {
-                json_response(StatusCode::OK, json!({}))
-            }
+            let Some(at) = s.devices.iter().position(|d| d.id.to_string() == *id) else { return not_found() };
+            let gone = s.devices.remove(at);
+            s.device_history.push((gone.cloud_id, "removed".into()));
+            json_response(StatusCode::OK, json!({}))
         }
         (&Method::DELETE, ["api", "v1", "racks", id]) => {
             if !s.racks.iter().any(|r| r.id.to_string() == *id) {
@@ -373,7 +414,7 @@ async fn handle(
             // The fake's devices are not placed in racks, so a rack is never non-empty; the
             // recurse flag is still required as Rails requires it for a rack with devices.
             if !recurse {
-                return json_response(StatusCode::UNPROCESSABLE_ENTITY, json!({"base": ["rack is not empty"]}));
+                return json_response(StatusCode::UNPROCESSABLE_ENTITY, json!({"errors": "rack is not empty"}));
             }
             s.racks.retain(|r| r.id.to_string() != *id);
             json_response(StatusCode::OK, json!({}))
