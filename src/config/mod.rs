@@ -378,6 +378,41 @@ mod tests {
     }
 
     #[test]
+    fn the_billed_plans_and_units_cover_every_resource_kind_and_the_network_plan_only_with_traffic() {
+        let s = Settings::embedded();
+        let plans: Vec<&str> = s.billing.billed_plans().into_iter().map(|p| p.as_str()).collect();
+        assert_eq!(
+            plans,
+            [
+                "openstack-standard-monthly",
+                "openstack-volume-monthly",
+                "openstack-snapshot-monthly",
+                "openstack-floating-ip-monthly",
+                "openstack-image-monthly",
+                "openstack-network-monthly"
+            ]
+        );
+        assert_eq!(
+            s.billing.billed_units(),
+            [
+                "openstack-instance-seconds",
+                "openstack-vcpu-seconds",
+                "openstack-memory-gib-seconds",
+                "openstack-disk-gib-seconds",
+                "openstack-volume-gib-seconds",
+                "openstack-snapshot-gib-seconds",
+                "openstack-floating-ip-seconds",
+                "openstack-image-gib-seconds",
+                "openstack-network-egress-gib"
+            ]
+        );
+        let quiet = DEFAULT_TOML.replace("network_egress = true", "network_egress = false");
+        let quiet = Settings::from_toml(&quiet, "t.toml").unwrap();
+        assert!(!quiet.billing.billed_plans().iter().any(|p| p.as_str() == "openstack-network-monthly"));
+        assert!(!quiet.billing.billed_units().iter().any(|u| u.starts_with("openstack-network-")));
+    }
+
+    #[test]
     fn environment_overrides_reach_nested_keys_with_their_types() {
         let vars = [
             ("CONCERTIM_BILLING_BUS__URL".to_owned(), "amqp://u:p@h:5672/v".to_owned()),
