@@ -193,6 +193,7 @@ async fn usage_before_create_ensures_the_subscription_from_the_sample() {
     assert_eq!(recorded(&server, snapshot.subscriptions[0].instance_id.as_str()).await, Decimal::from(10));
     let fields = server.subscription_fields(snapshot.subscriptions[0].instance_id.as_str()).await;
     assert!(fields.contains(&("openstack_flavor".into(), "m1.small".into())), "{fields:?}");
+    assert!(fields.contains(&("resource_type".into(), "instance".into())), "{fields:?}");
 }
 
 #[tokio::test]
@@ -599,7 +600,8 @@ mod calls {
         assert_eq!(applied, Applied::Done, "the missing fields were added");
         let fields = server.subscription_fields(spec.instance.as_str()).await;
         assert!(fields.contains(&("openstack_flavor".into(), "m1.small".into())), "{fields:?}");
-        assert_eq!(fields.len(), 4, "{fields:?}");
+        assert!(fields.contains(&("resource_type".into(), "instance".into())), "{fields:?}");
+        assert_eq!(fields.len(), 5, "{fields:?}");
     }
 
     #[tokio::test]

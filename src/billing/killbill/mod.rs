@@ -48,6 +48,10 @@ pub const FIELD_INSTANCE: &str = "openstack_instance_id";
 pub const FIELD_FLAVOR: &str = "openstack_flavor";
 /// Custom field holding the resource's display name, on subscriptions.
 pub const FIELD_DISPLAY_NAME: &str = "openstack_display_name";
+/// Custom field holding the kind of the subscribed resource (`instance`, `volume`,
+/// `floating_ip` …), on subscriptions: the plan's product says it too, but only through the
+/// catalog.
+pub const FIELD_RESOURCE_TYPE: &str = "resource_type";
 /// Custom field recording when the project was deleted, on accounts: a subscription created
 /// afterwards (a late message) is cancelled at that time.
 pub const FIELD_CLOSED_AT: &str = "openstack_closed_at";
