@@ -229,9 +229,12 @@ mod tests {
         "openstack-large-monthly",
     ];
 
-    /// The plans of the other resource kinds: (plan, product, [(unit, USD per unit)]). The
-    /// prices are the catalog's, written out so that a change to one is a decision.
-    const RESOURCE_PLANS: [(&str, &str, &[(&str, &str)]); 6] = [
+    /// A plan of another resource kind: (plan, product, [(unit, USD per unit)]).
+    type ResourcePlan = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+
+    /// The plans of the other resource kinds. The prices are the catalog's, written out so that
+    /// a change to one is a decision.
+    const RESOURCE_PLANS: [ResourcePlan; 6] = [
         ("openstack-volume-monthly", "Volume", &[("openstack-volume-gib-seconds", "0.00000004")]),
         ("openstack-volume-premium-monthly", "Volume", &[("openstack-volume-gib-seconds", "0.0000001")]),
         ("openstack-snapshot-monthly", "Snapshot", &[("openstack-snapshot-gib-seconds", "0.00000002")]),
