@@ -503,6 +503,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("# WARNING: {warning}");
             }
             println!("# billing backend: {}", Backend::describe(&settings, None));
+            if settings.billing.backend == BackendKind::Killbill {
+                // The server's catalog cannot be read offline: the bundled one is what bootstrap
+                // uploads unless given another.
+                let gaps = killbill::configured_gaps(&settings.billing, killbill::CATALOG_XML);
+                if !gaps.is_empty() {
+                    println!(
+                        "# WARNING: the bundled KillBill catalog does not declare {}, which the configuration bills: `killbill bootstrap` needs a --catalog that does",
+                        gaps.join(", ")
+                    );
+                }
+            }
             if settings.concertim.as_ref().is_some_and(|c| !c.tls_verify) {
                 println!("# WARNING: concertim.tls_verify = false: Concertim's certificate is not verified, so anyone in between can read its password and token");
             }

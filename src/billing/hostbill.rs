@@ -7,27 +7,42 @@
 //! - a **client** per project, with the email `<project id>@<client_email_domain>` and the
 //!   project id as its last name; found by that email in `getClients` (cached in memory once
 //!   found: the cache is derived, so replicas need no shared state);
-//! - a metered **account** per instance, ordered with `addOrder` (the product of the flavor's
-//!   plan, `domain` = the instance uuid) and activated with `setOrderActive`; found with
-//!   `getAccounts filter[domain]`; terminated on delete; a resize to another product terminates
-//!   it and orders a new one for the same uuid (HostBill's upgrade orders are not in the API we
-//!   rely on), and the live account is the one not terminated;
+//! - a metered **account** per billed resource (an instance, volume, snapshot, floating IP,
+//!   image, or an instance's network interface), ordered with `addOrder` (the product of the
+//!   resource's plan, `domain` = the resource's uuid) and activated with `setOrderActive`; found
+//!   with `getAccounts filter[domain]`; terminated on delete; a change to another product (a
+//!   resize, a volume retype) terminates it and orders a new one for the same uuid (HostBill's
+//!   upgrade orders are not in the API we rely on), and the live account is the one not
+//!   terminated. An order carries nothing but its product and domain: the flavor, volume type
+//!   and resource kind are not kept in HostBill, where the product (one per plan, each plan of
+//!   one kind) says the kind;
 //! - **usage** with `meteredAddUsageBulk`, one variable per unit, `date_created` = the latest
 //!   date of that unit's records in the call.
 //!
-//! The product of each plan (`[hostbill] products`) must be a Metered Billing product with a
-//! variable per unit billed, named exactly as the unit: usage is added by variable name, and
-//! HostBill prices a variable only if the product defines it. Instance time is billed in four
-//! variables, each priced per second (one bracket from 0 without end, so every pricing scheme
-//! charges quantity × price); the prices are examples, the standard plan's:
+//! The product of each plan (`[hostbill] products`, one for every plan the configuration can
+//! subscribe to: instance, volume, snapshot, floating IP, image and network plans) must be a
+//! Metered Billing product with a variable per unit its plan bills, named exactly as the unit:
+//! usage is added by variable name, and HostBill prices a variable only if the product defines
+//! it. Time is billed per second (one bracket from 0 without end, so every pricing scheme
+//! charges quantity × price); the prices are examples, the bundled KillBill catalog's. An
+//! instance plan's product has four variables (the standard plan's prices):
 //! - `openstack-instance-seconds`, seconds the instance was held: 0.000001 ($0.0036 an hour);
 //! - `openstack-vcpu-seconds`, vCPUs × seconds: 0.00001 ($0.036 per vCPU-hour);
 //! - `openstack-memory-gib-seconds`, memory_mb / 1024 × seconds: 0.000002 ($0.0072 per GiB-hour);
 //! - `openstack-disk-gib-seconds`, (root_gb + ephemeral_gb) × seconds: 0.00000003 ($0.000108
 //!   per GiB-hour).
 //!
-//! The previous `openstack-billed-*` variables stay while usage recorded in them is still to
-//! be invoiced (`deploy/README.md`, "HostBill products").
+//! The other plans' products have one variable each, the network plan's two:
+//! - volume plans: `openstack-volume-gib-seconds`, GiB × seconds: 0.00000004 ($0.000144 per
+//!   GiB-hour);
+//! - snapshot plan: `openstack-snapshot-gib-seconds`, GiB × seconds: 0.00000002;
+//! - floating IP plan: `openstack-floating-ip-seconds`, seconds held: 0.000001 ($0.0036 an hour);
+//! - image plan: `openstack-image-gib-seconds`, GiB (2^30 bytes) × seconds: 0.00000002;
+//! - network plan: `openstack-network-egress-gib`, GiB sent: 0.09, and
+//!   `openstack-network-ingress-gib`, GiB received (when `network_ingress` is on): 0.01.
+//!
+//! The previous `openstack-billed-*` variables stay on the instance products while usage
+//! recorded in them is still to be invoiced (`deploy/README.md`, "HostBill products").
 //!
 //! No double counting without a key: every usage entry carries `rawoutput =
 //! "concertim-billing <trackingId>"`, and before adding, `meteredGetUsage` is read and every

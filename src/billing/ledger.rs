@@ -1,7 +1,7 @@
 //! The embedded ledger: the default billing backend, in memory, in a file, or in the store.
 //!
-//! It keeps accounts by project id, subscriptions by instance uuid, and usage by
-//! (instance, trackingId), with KillBill's idempotency rules (billing-apis.md §1.6-1.9): a
+//! It keeps accounts by project id, subscriptions by resource uuid (each with its kind:
+//! instance, volume, snapshot …), and usage by (resource, trackingId), with KillBill's idempotency rules (billing-apis.md §1.6-1.9): a
 //! create finds an existing key and does nothing, a second cancel succeeds, a repeated
 //! trackingId is "already recorded", and usage after the end is counted but not billed.
 //!
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Applied, Billing, BillingError, Context};
 use crate::{
-    event::{InstanceId, PlanName, ProjectId, Timestamp, Unit},
+    event::{InstanceId, PlanName, ProjectId, ResourceKind, Timestamp, Unit},
     plan::{SubscriptionSpec, UsageSpec},
     store::{Store, StoreError},
 };
@@ -113,6 +113,9 @@ struct AccountValue {
 #[serde(deny_unknown_fields)]
 struct SubscriptionValue {
     instance: InstanceId,
+    /// Rows written before resources other than instances were billed have none.
+    #[serde(default)]
+    kind: ResourceKind,
     project: ProjectId,
     start: Timestamp,
     end: Option<Timestamp>,
@@ -151,6 +154,7 @@ impl State {
                 let s = self.subscriptions.get(instance)?;
                 json(&SubscriptionValue {
                     instance: instance.clone(),
+                    kind: s.kind,
                     project: s.project.clone(),
                     start: s.start,
                     end: s.end,
@@ -201,6 +205,7 @@ impl State {
                 state.subscriptions.insert(
                     s.instance,
                     Subscription {
+                        kind: s.kind,
                         project: s.project,
                         start: s.start,
                         end: s.end,
@@ -244,6 +249,10 @@ struct Account {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Subscription {
+    /// What the subscribed id is. Ledger files written before resources other than instances
+    /// were billed have none.
+    #[serde(default)]
+    kind: ResourceKind,
     project: ProjectId,
     start: Timestamp,
     end: Option<Timestamp>,
@@ -291,8 +300,12 @@ pub struct AccountRow {
 /// A subscription as reported.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SubscriptionRow {
-    /// The instance uuid (external key).
+    /// The resource's uuid (external key): an instance's, a volume's …
     pub instance_id: InstanceId,
+    /// The kind of resource subscribed (`instance`, `volume`, `floating_ip` …). Left out of the
+    /// serialised row: the columns a report prints are the report's to choose.
+    #[serde(skip)]
+    pub resource_type: ResourceKind,
     /// Its account.
     pub project_id: ProjectId,
     /// The current plan.
@@ -449,6 +462,7 @@ impl Ledger {
             let end = s.billed_end();
             subscriptions.push(SubscriptionRow {
                 instance_id: instance.clone(),
+                resource_type: s.kind,
                 project_id: s.project.clone(),
                 plan: s.plan().clone(),
                 state: if end.is_some() { "cancelled" } else { "active" },
@@ -549,6 +563,7 @@ impl Billing for Ledger {
         state.subscriptions.insert(
             spec.instance.clone(),
             Subscription {
+                kind: spec.kind,
                 project: spec.project.clone(),
                 start: spec.start,
                 // A subscription created on a closed account ends when the account closed.
@@ -851,6 +866,89 @@ mod tests {
         let err = Ledger::in_store(Arc::clone(&store)).await.unwrap_err();
         assert_eq!(err.class(), crate::class::ErrorClass::Permanent);
         assert!(err.to_string().contains("ledger row sub/x"), "{err}");
+    }
+
+    /// A volume's subscription, as `spec` makes an instance's.
+    fn volume_spec() -> SubscriptionSpec {
+        SubscriptionSpec {
+            instance: InstanceId::parse("v").unwrap(),
+            kind: ResourceKind::Volume,
+            plan: PlanName::parse("openstack-volume-monthly").unwrap(),
+            flavor: Some("ssd".into()),
+            ..spec("2025-01-01T10:00:00Z", "a")
+        }
+    }
+
+    /// The kind of each subscription, by id.
+    fn kinds(ledger: &Ledger) -> Vec<(String, ResourceKind)> {
+        ledger.snapshot().subscriptions.into_iter().map(|s| (s.instance_id.to_string(), s.resource_type)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_subscription_keeps_its_kind_in_the_file_and_in_the_store() {
+        // Arrange
+        let m = meta();
+        let ctx = Context { meta: &m, redelivered: false };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let file = Ledger::open(&path).unwrap();
+        let store = Arc::new(Store::in_memory().await.unwrap());
+        let stored = Ledger::in_store(Arc::clone(&store)).await.unwrap();
+        for ledger in [&file, &stored] {
+            ledger.ensure_subscription(&spec("2025-01-01T10:00:00Z", "a"), ctx).await.unwrap();
+            ledger.ensure_subscription(&volume_spec(), ctx).await.unwrap();
+            // Act
+            ledger.commit().await.unwrap();
+        }
+        // Assert
+        let expected = vec![("i".to_owned(), ResourceKind::Instance), ("v".to_owned(), ResourceKind::Volume)];
+        assert_eq!(kinds(&Ledger::open(&path).unwrap()), expected);
+        assert_eq!(kinds(&Ledger::in_store(store).await.unwrap()), expected);
+    }
+
+    #[tokio::test]
+    async fn a_subscription_stored_without_a_kind_reads_as_an_instance() {
+        // Arrange: a file and a store row as written before kinds, with a volume in them.
+        let m = meta();
+        let ctx = Context { meta: &m, redelivered: false };
+        // A whole file holds subscriptions by id; a store row is one subscription.
+        let without_kind = |text: &str| {
+            let strip = |s: &mut serde_json::Value| s.as_object_mut().unwrap().remove("kind").expect("a kind");
+            let mut value: serde_json::Value = serde_json::from_str(text).unwrap();
+            match value.get_mut("subscriptions") {
+                Some(subs) => subs.as_object_mut().unwrap().values_mut().for_each(|s| {
+                    strip(s);
+                }),
+                None => {
+                    strip(&mut value);
+                }
+            }
+            value.to_string()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.json");
+        let file = Ledger::open(&path).unwrap();
+        file.ensure_subscription(&volume_spec(), ctx).await.unwrap();
+        file.persist().unwrap();
+        fs::write(&path, without_kind(&fs::read_to_string(&path).unwrap())).unwrap();
+        let store = Arc::new(Store::in_memory().await.unwrap());
+        let stored = Ledger::in_store(Arc::clone(&store)).await.unwrap();
+        stored.ensure_subscription(&volume_spec(), ctx).await.unwrap();
+        stored.commit().await.unwrap();
+        let rows: Vec<(String, String)> = store
+            .ledger_rows()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(row, value)| if row.starts_with("sub/") { (row, without_kind(&value)) } else { (row, value) })
+            .collect();
+        store.ledger_put(&rows).await.unwrap();
+        // Act
+        let reopened = [Ledger::open(&path).unwrap(), Ledger::in_store(store).await.unwrap()];
+        // Assert
+        for ledger in reopened {
+            assert_eq!(kinds(&ledger), [("v".to_owned(), ResourceKind::Instance)]);
+        }
     }
 
     #[test]

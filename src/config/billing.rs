@@ -245,6 +245,41 @@ impl BillingSettings {
         }
     }
 
+    /// Every plan a subscription can be on: the instance plans (`default_plan`, `plans`), the
+    /// volume plans (`volume_plan`, `volume_types`), the snapshot, floating IP and image plans,
+    /// and the network plan when a meter measures network interfaces. Each once, in that order.
+    pub fn billed_plans(&self) -> Vec<&PlanName> {
+        let r = &self.resources;
+        let traffic = self.meters.values().any(|m| m.resource == ResourceKind::NetworkInterface);
+        let all = std::iter::once(&self.default_plan)
+            .chain(self.plans.values())
+            .chain(std::iter::once(&r.volume_plan))
+            .chain(r.volume_types.values())
+            .chain([&r.snapshot_plan, &r.floating_ip_plan, &r.image_plan])
+            .chain(traffic.then_some(&r.network_plan));
+        let mut plans: Vec<&PlanName> = Vec::new();
+        for plan in all {
+            if !plans.contains(&plan) {
+                plans.push(plan);
+            }
+        }
+        plans
+    }
+
+    /// Every unit usage can be posted in: the time units of every resource kind in the
+    /// `[billing.time]` unit (`openstack-vcpu-seconds`, `openstack-volume-gib-seconds` …), then
+    /// each metered meter's unit. Each once, in that order.
+    pub fn billed_units(&self) -> Vec<String> {
+        let time = ResourceKind::ALL.into_iter().flat_map(Kind::billing).map(|kind| self.time.unit_name(kind));
+        let mut units: Vec<String> = Vec::new();
+        for unit in time.chain(self.meters.values().map(|m| m.unit.to_string())) {
+            if !units.contains(&unit) {
+                units.push(unit);
+            }
+        }
+        units
+    }
+
     /// The price policy of a kind's held states: instances follow `[billing.time]`; a floating
     /// IP is "stopped" while not associated, charged or not as `floating_ip_billed` says.
     pub fn policy_of(&self, kind: ResourceKind) -> Policy {

@@ -17,9 +17,11 @@ pub struct HostBillSettings {
     pub api_id: Option<String>,
     /// API key.
     pub api_key: Option<Secret>,
-    /// Plan name (from `[billing.plans]` and `default_plan`) → HostBill product id of a
-    /// Metered Billing product whose variables are the billed units (the four time units and any
-    /// metered meter's).
+    /// Plan name → HostBill product id of a Metered Billing product whose variables are the
+    /// units its plan bills. Every plan the configuration can subscribe to needs one: the
+    /// instance plans (`default_plan`, `[billing.plans]`), the volume, snapshot, floating IP and
+    /// image plans of `[billing.resources]` (and each plan of `volume_types`), and its network
+    /// plan while traffic is billed.
     #[serde(default)]
     pub products: BTreeMap<String, String>,
     /// Clients are found again by the email `<project id>@<client_email_domain>`.
@@ -44,7 +46,8 @@ pub(super) fn default_cycle() -> String {
 }
 
 impl HostBillSettings {
-    /// The keys a HostBill deployment needs, and a product for every plan `billing` bills.
+    /// The keys a HostBill deployment needs, and a product for every plan `billing` bills
+    /// ([`BillingSettings::billed_plans`]).
     pub(super) fn validate(&self, billing: &BillingSettings) -> Result<(), String> {
         let mut missing = Vec::new();
         if self.url.is_none() {
@@ -56,9 +59,8 @@ impl HostBillSettings {
         if self.api_key.is_none() {
             missing.push("hostbill.api_key (or CONCERTIM_BILLING_HOSTBILL__API_KEY)".to_owned());
         }
-        let plans = std::iter::once(&billing.default_plan).chain(billing.plans.values());
-        for plan in plans {
-            if !self.products.contains_key(plan.as_str()) && !missing.iter().any(|m| m.contains(plan.as_str())) {
+        for plan in billing.billed_plans() {
+            if !self.products.contains_key(plan.as_str()) {
                 missing.push(format!("hostbill.products.\"{plan}\" (the HostBill product id for plan {plan})"));
             }
         }

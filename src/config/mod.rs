@@ -379,6 +379,81 @@ mod tests {
     }
 
     #[test]
+    fn a_hostbill_backend_needs_a_product_for_every_resource_plan_and_loads_with_them() {
+        let hostbill = |products: &str| {
+            format!(
+                "{DEFAULT_TOML}\n[billing.plans]\n\"m1.large\" = \"openstack-large-monthly\"\n\
+                 [hostbill]\nurl = \"https://hb\"\napi_id = \"x\"\napi_key = \"k\"\n[hostbill.products]\n{products}"
+            )
+            .replace("backend = \"ledger\"", "backend = \"hostbill\"")
+            .replace("[billing.plans]\n# \"m1.xlarge\" = \"openstack-large-monthly\"\n", "")
+            .replace("# ssd = \"openstack-volume-premium-monthly\"", "ssd = \"openstack-volume-premium-monthly\"")
+        };
+        let err = Settings::from_toml(&hostbill("\"openstack-standard-monthly\" = \"1\"\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        for plan in [
+            "openstack-large-monthly",
+            "openstack-volume-monthly",
+            "openstack-volume-premium-monthly",
+            "openstack-snapshot-monthly",
+            "openstack-floating-ip-monthly",
+            "openstack-image-monthly",
+            // Egress traffic is billed by default, on the network plan.
+            "openstack-network-monthly",
+        ] {
+            assert!(err.contains(&format!("hostbill.products.\"{plan}\"")), "{plan}: {err}");
+        }
+        assert!(!err.contains("openstack-standard-monthly"), "{err}");
+        let all: String = Settings::embedded()
+            .billing
+            .billed_plans()
+            .into_iter()
+            .map(|plan| plan.as_str())
+            .chain(["openstack-large-monthly", "openstack-volume-premium-monthly"])
+            .enumerate()
+            .map(|(i, plan)| format!("\"{plan}\" = \"{i}\"\n"))
+            .collect();
+        let s = Settings::from_toml(&hostbill(&all), "t.toml").unwrap();
+        assert_eq!(s.hostbill.unwrap().products.len(), 8);
+    }
+
+    #[test]
+    fn the_billed_plans_and_units_cover_every_resource_kind_and_the_network_plan_only_with_traffic() {
+        let s = Settings::embedded();
+        let plans: Vec<&str> = s.billing.billed_plans().into_iter().map(|p| p.as_str()).collect();
+        assert_eq!(
+            plans,
+            [
+                "openstack-standard-monthly",
+                "openstack-volume-monthly",
+                "openstack-snapshot-monthly",
+                "openstack-floating-ip-monthly",
+                "openstack-image-monthly",
+                "openstack-network-monthly"
+            ]
+        );
+        assert_eq!(
+            s.billing.billed_units(),
+            [
+                "openstack-instance-seconds",
+                "openstack-vcpu-seconds",
+                "openstack-memory-gib-seconds",
+                "openstack-disk-gib-seconds",
+                "openstack-volume-gib-seconds",
+                "openstack-snapshot-gib-seconds",
+                "openstack-floating-ip-seconds",
+                "openstack-image-gib-seconds",
+                "openstack-network-egress-gib"
+            ]
+        );
+        let quiet = DEFAULT_TOML.replace("network_egress = true", "network_egress = false");
+        let quiet = Settings::from_toml(&quiet, "t.toml").unwrap();
+        assert!(!quiet.billing.billed_plans().iter().any(|p| p.as_str() == "openstack-network-monthly"));
+        assert!(!quiet.billing.billed_units().iter().any(|u| u.starts_with("openstack-network-")));
+    }
+
+    #[test]
     fn environment_overrides_reach_nested_keys_with_their_types() {
         let vars = [
             ("CONCERTIM_BILLING_BUS__URL".to_owned(), "amqp://u:p@h:5672/v".to_owned()),

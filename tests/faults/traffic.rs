@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use concertim_billing::{
     billing::ledger::{AccountRow, Snapshot, SubscriptionRow, UsageRow},
-    event::{InstanceId, PlanName, ProjectId, Timestamp, Unit},
+    event::{InstanceId, PlanName, ProjectId, ResourceKind, Timestamp, Unit},
     store::Store,
 };
 use lapin::BasicProperties;
@@ -246,6 +246,7 @@ impl Expected {
             .iter()
             .map(|(instance, (project, start, end))| SubscriptionRow {
                 instance_id: InstanceId::parse(instance.clone()).unwrap(),
+                resource_type: ResourceKind::Instance,
                 project_id: ProjectId::parse(project.clone()).unwrap(),
                 plan: PlanName::parse(PLAN).unwrap(),
                 state: if end.is_some() { "cancelled" } else { "active" },

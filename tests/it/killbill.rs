@@ -193,6 +193,7 @@ async fn usage_before_create_ensures_the_subscription_from_the_sample() {
     assert_eq!(recorded(&server, snapshot.subscriptions[0].instance_id.as_str()).await, Decimal::from(10));
     let fields = server.subscription_fields(snapshot.subscriptions[0].instance_id.as_str()).await;
     assert!(fields.contains(&("openstack_flavor".into(), "m1.small".into())), "{fields:?}");
+    assert!(fields.contains(&("resource_type".into(), "instance".into())), "{fields:?}");
 }
 
 #[tokio::test]
@@ -369,7 +370,7 @@ fn comparable(s: &Snapshot, masks: &Masks, days: bool) -> (Vec<String>, Vec<Stri
                 let id = x.instance_id.to_string();
                 let plan = hide(&masks.plan, &id, x.plan.to_string());
                 let end = hide(&masks.end, &id, format!("{:?}", x.end.map(|e| when(e, days))));
-                format!("{id} {} {plan} {} {} {end}", x.project_id, x.state, when(x.start, days))
+                format!("{id} {} {} {plan} {} {} {end}", x.resource_type, x.project_id, x.state, when(x.start, days))
             })
             .collect(),
         s.usage.iter().map(|u| format!("{} {} {}", u.instance_id, u.unit, u.amount.normalize())).collect(),
@@ -482,7 +483,7 @@ mod calls {
     use concertim_billing::{
         billing::{Applied, Billing, BillingError, Context},
         class::ErrorClass,
-        event::{InstanceId, MessageId, Meta, PlanName, ProjectId, Timestamp, Unit},
+        event::{InstanceId, MessageId, Meta, PlanName, ProjectId, ResourceKind, Timestamp, Unit},
         plan::{SubscriptionSpec, UsageRecord, UsageSpec},
     };
     use rust_decimal::Decimal;
@@ -511,7 +512,7 @@ mod calls {
     pub fn spec(start: &str) -> SubscriptionSpec {
         SubscriptionSpec {
             instance: InstanceId::parse(unique("i")).unwrap(),
-            kind: concertim_billing::event::ResourceKind::Instance,
+            kind: ResourceKind::Instance,
             project: ProjectId::parse(unique("p")).unwrap(),
             plan: PlanName::parse("openstack-standard-monthly").unwrap(),
             start: t(start),
@@ -544,6 +545,42 @@ mod calls {
             .filter(|u| &u.instance_id == instance && u.unit.as_str() == "openstack-billed-vcpus")
             .map(|u| u.amount)
             .sum()
+    }
+
+    #[tokio::test]
+    async fn a_volume_is_subscribed_on_its_catalog_plan_with_its_kind_and_type_and_its_gib_seconds_are_billed() {
+        // Arrange
+        let server = KillBillServer::start().await;
+        let (client, meta) = (server.client(), meta());
+        let volume = SubscriptionSpec {
+            kind: ResourceKind::Volume,
+            plan: PlanName::parse("openstack-volume-monthly").unwrap(),
+            flavor: Some("ssd".into()),
+            ..spec("2025-03-03T09:00:00Z")
+        };
+        // 10 GiB held for the hour 09:00-10:00.
+        let hour = UsageSpec {
+            records: vec![UsageRecord {
+                unit: Unit::parse("openstack-volume-gib-seconds").unwrap(),
+                date: t("2025-03-03T09:00:00Z"),
+                amount: Decimal::from(36_000),
+            }],
+            ..usage(&volume.instance, &[])
+        };
+        // Act
+        let subscribed = client.ensure_subscription(&volume, ctx(&meta)).await.unwrap();
+        let recorded = client.record_usage(&hour, ctx(&meta)).await.unwrap();
+        // Assert
+        assert_eq!((subscribed, recorded), (Applied::Done, Applied::Done));
+        let fields = server.subscription_fields(volume.instance.as_str()).await;
+        assert!(fields.contains(&("resource_type".into(), "volume".into())), "{fields:?}");
+        assert!(fields.contains(&("openstack_flavor".into(), "ssd".into())), "{fields:?}");
+        let snapshot = server.snapshot().await;
+        let sub = snapshot.subscriptions.iter().find(|s| s.instance_id == volume.instance).unwrap();
+        assert_eq!((sub.resource_type, sub.plan.as_str()), (ResourceKind::Volume, "openstack-volume-monthly"));
+        // Counted like an invoice: only in units the catalog declares.
+        let billed = super::usage_of(&snapshot, volume.instance.as_str());
+        assert_eq!(billed, [("openstack-volume-gib-seconds".to_owned(), Decimal::from(36_000))]);
     }
 
     #[tokio::test]
@@ -599,7 +636,8 @@ mod calls {
         assert_eq!(applied, Applied::Done, "the missing fields were added");
         let fields = server.subscription_fields(spec.instance.as_str()).await;
         assert!(fields.contains(&("openstack_flavor".into(), "m1.small".into())), "{fields:?}");
-        assert_eq!(fields.len(), 4, "{fields:?}");
+        assert!(fields.contains(&("resource_type".into(), "instance".into())), "{fields:?}");
+        assert_eq!(fields.len(), 5, "{fields:?}");
     }
 
     #[tokio::test]

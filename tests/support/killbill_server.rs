@@ -16,7 +16,7 @@ use concertim_billing::{
         KillBill,
     },
     config::{KillBillSettings, Secret},
-    event::{InstanceId, PlanName, ProjectId, Timestamp, Unit},
+    event::{InstanceId, PlanName, ProjectId, ResourceKind, Timestamp, Unit},
 };
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -236,15 +236,24 @@ impl RealKillBill {
             for sub in bundles.as_array().unwrap().iter().flat_map(|b| b["subscriptions"].as_array().unwrap()) {
                 let key = InstanceId::parse(sub["externalKey"].as_str().unwrap()).unwrap();
                 let end = sub["billingEndDate"].as_str().and_then(kb_time);
+                let sub_id = sub["subscriptionId"].as_str().unwrap();
+                // The kind as the service wrote it; a subscription without it is an instance's.
+                let resource_type = self
+                    .fields("subscriptions", sub_id)
+                    .await
+                    .iter()
+                    .find(|(name, _)| name == "resource_type")
+                    .and_then(|(_, value)| ResourceKind::parse(value))
+                    .unwrap_or_default();
                 snapshot.subscriptions.push(SubscriptionRow {
                     instance_id: key.clone(),
+                    resource_type,
                     project_id: project.clone(),
                     plan: PlanName::parse(sub["planName"].as_str().unwrap()).unwrap(),
                     state: if sub["state"] == "CANCELLED" { "cancelled" } else { "active" },
                     start: kb_time(sub["startDate"].as_str().unwrap()).unwrap(),
                     end,
                 });
-                let sub_id = sub["subscriptionId"].as_str().unwrap();
                 let usage = self.get(&format!("/1.0/kb/usages/{sub_id}?startDate=2000-01-01&endDate=2100-01-01")).await;
                 let mut totals: BTreeMap<String, Decimal> = BTreeMap::new();
                 for unit in usage["rolledUpUnits"].as_array().into_iter().flatten() {

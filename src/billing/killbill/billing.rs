@@ -8,7 +8,9 @@ use super::wire::{
     kb_time, usage_body, BundleJson, CustomFieldJson, NewAccount, NewCustomField, NewSubscription, PlanChange,
     SubscriptionJson, UsageBody,
 };
-use super::{KillBill, FIELD_CLOSED_AT, FIELD_DISPLAY_NAME, FIELD_FLAVOR, FIELD_INSTANCE, FIELD_PROJECT};
+use super::{
+    KillBill, FIELD_CLOSED_AT, FIELD_DISPLAY_NAME, FIELD_FLAVOR, FIELD_INSTANCE, FIELD_PROJECT, FIELD_RESOURCE_TYPE,
+};
 use reqwest::{Method, StatusCode};
 
 use rust_decimal::Decimal;
@@ -174,6 +176,7 @@ impl KillBill {
         let fields = [
             (FIELD_PROJECT, spec.project.as_str()),
             (FIELD_INSTANCE, spec.instance.as_str()),
+            (FIELD_RESOURCE_TYPE, spec.kind.as_str()),
             (FIELD_FLAVOR, spec.flavor.as_deref().unwrap_or_default()),
             (FIELD_DISPLAY_NAME, spec.display_name.as_deref().unwrap_or_default()),
         ];

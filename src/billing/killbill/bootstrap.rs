@@ -6,11 +6,13 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 
 use crate::billing::BillingError;
-use crate::event::Timestamp;
+use crate::config::BillingSettings;
+use crate::event::{PlanName, Timestamp};
 
 /// The catalog written for this project (`deploy/killbill/catalog.xml`): one version of
-/// usage-only plans, billing instance time by the second and still billing the previous
-/// version's sample-counted units.
+/// usage-only plans, billing instances, volumes, snapshots, floating IPs and images by the
+/// second and network traffic by the GiB, and still billing the sample-counted units of an
+/// earlier version.
 pub const CATALOG_XML: &str = include_str!("../../../deploy/killbill/catalog.xml");
 
 /// What `bootstrap` did.
@@ -131,6 +133,15 @@ pub fn catalog_gaps<'a>(
     gaps
 }
 
+/// The units and plans the configuration bills that the catalog `xml` does not declare
+/// ([`catalog_gaps`] of [`BillingSettings::billed_units`] and
+/// [`BillingSettings::billed_plans`]): every resource kind's time units and plans, and the
+/// metered meters' units.
+pub fn configured_gaps(billing: &BillingSettings, xml: &str) -> Vec<String> {
+    let units = billing.billed_units();
+    catalog_gaps(xml, units.iter().map(String::as_str), billing.billed_plans().into_iter().map(PlanName::as_str))
+}
+
 /// Why `killbill bootstrap` did not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
@@ -149,7 +160,7 @@ pub enum BootstrapError {
     /// The catalog lacks units or plans the configuration bills.
     #[error(
         "the catalog{file} does not declare {gaps}, which the configuration bills: add them to the catalog \
-         (and bump its effectiveDate) or change [billing.meters]/[billing.plans]"
+         (and bump its effectiveDate) or change [billing.plans]/[billing.resources]/[billing.meters]"
     )]
     Gaps {
         /// ` <path>` of the catalog file, or empty for the built-in one.
@@ -179,10 +190,7 @@ pub async fn bootstrap_configured(
     };
     // Usage in a unit the catalog lacks is accepted by KillBill and never invoiced; a plan it
     // lacks refuses every subscription. Both are refused here, before anything is sent.
-    let units = settings.billing.meters.values().map(|m| m.unit.as_str());
-    let plans = std::iter::once(settings.billing.default_plan.as_str())
-        .chain(settings.billing.plans.values().map(|p| p.as_str()));
-    let gaps = catalog_gaps(&xml, units, plans);
+    let gaps = configured_gaps(&settings.billing, &xml);
     if !gaps.is_empty() {
         let file = catalog.map(|p| format!(" {}", p.display())).unwrap_or_default();
         return Err(BootstrapError::Gaps { file, gaps: gaps.join(", ") });
@@ -201,7 +209,7 @@ mod tests {
     use super::{catalog_effective_dates, CATALOG_XML};
     use crate::event::Timestamp;
 
-    /// The units of exact time billing, amounts in seconds.
+    /// The units of an instance's exact time billing, amounts in seconds.
     const TIME_UNITS: [&str; 4] = [
         "openstack-instance-seconds",
         "openstack-vcpu-seconds",
@@ -209,9 +217,38 @@ mod tests {
         "openstack-disk-gib-seconds",
     ];
 
-    /// The units of the previous version, counted from Ceilometer samples.
+    /// The units of the version of 2025-01-01, counted from Ceilometer samples.
     const PREVIOUS_UNITS: [&str; 4] =
         ["openstack-billed-instance", "openstack-billed-vcpus", "openstack-billed-memory", "openstack-billed-disk"];
+
+    /// The instance plans, which the configuration maps flavors to.
+    const INSTANCE_PLANS: [&str; 4] = [
+        "openstack-standard-monthly",
+        "openstack-compute-monthly",
+        "openstack-memory-monthly",
+        "openstack-large-monthly",
+    ];
+
+    /// A plan of another resource kind: (plan, product, [(unit, USD per unit)]).
+    type ResourcePlan = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+
+    /// The plans of the other resource kinds. The prices are the catalog's, written out so that
+    /// a change to one is a decision.
+    const RESOURCE_PLANS: [ResourcePlan; 6] = [
+        ("openstack-volume-monthly", "Volume", &[("openstack-volume-gib-seconds", "0.00000004")]),
+        ("openstack-volume-premium-monthly", "Volume", &[("openstack-volume-gib-seconds", "0.0000001")]),
+        ("openstack-snapshot-monthly", "Snapshot", &[("openstack-snapshot-gib-seconds", "0.00000002")]),
+        ("openstack-floating-ip-monthly", "FloatingIp", &[("openstack-floating-ip-seconds", "0.000001")]),
+        ("openstack-image-monthly", "Image", &[("openstack-image-gib-seconds", "0.00000002")]),
+        (
+            "openstack-network-monthly",
+            "Network",
+            &[("openstack-network-egress-gib", "0.09"), ("openstack-network-ingress-gib", "0.01")],
+        ),
+    ];
+
+    /// Units billed by the GiB rather than by the second.
+    const TRAFFIC_UNITS: [&str; 2] = ["openstack-network-egress-gib", "openstack-network-ingress-gib"];
 
     /// The text between the first `<tag>` after `from` and its `</tag>`.
     fn inner<'a>(from: &'a str, tag: &str) -> Option<&'a str> {
@@ -230,6 +267,19 @@ mod tests {
                 (name, body.split_once("</plan>").unwrap().0)
             })
             .collect()
+    }
+
+    /// The definition of the plan named `name`.
+    fn plan(name: &str) -> &'static str {
+        plans().into_iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no plan {name}")).1
+    }
+
+    /// The units a plan bills: the instance time units, or its resource's.
+    fn units_of(plan: &str) -> Vec<&'static str> {
+        match RESOURCE_PLANS.iter().find(|(name, _, _)| *name == plan) {
+            Some((_, _, units)) => units.iter().map(|(unit, _)| *unit).collect(),
+            None => TIME_UNITS.to_vec(),
+        }
     }
 
     /// A plan's usage sections, as (opening tag, body).
@@ -274,26 +324,32 @@ mod tests {
         (currency, value)
     }
 
-    #[test]
-    fn the_catalog_has_four_plans() {
-        let names: Vec<&str> = plans().into_iter().map(|(name, _)| name).collect();
-        // The configuration maps flavors to these names: renaming one strands its subscriptions.
-        assert_eq!(
-            names,
-            [
-                "openstack-standard-monthly",
-                "openstack-compute-monthly",
-                "openstack-memory-monthly",
-                "openstack-large-monthly"
-            ]
-        );
+    /// The price at the start of a block's comment (`$<price> per …`).
+    fn commented_price(plan: &str, unit: &str, comment: Option<&str>) -> Decimal {
+        let comment = comment.unwrap_or_else(|| panic!("{plan} {unit}: no price comment"));
+        comment
+            .strip_prefix('$')
+            .and_then(|text| text.split_whitespace().next())
+            .and_then(|text| text.parse().ok())
+            .unwrap_or_else(|| panic!("{plan} {unit}: the comment {comment:?} does not start with $<price>"))
     }
 
     #[test]
-    fn every_plan_bills_each_time_unit_consumable_in_arrear_all_tiers_by_blocks_of_one_at_a_usd_price() {
-        for unit in TIME_UNITS {
-            assert!(CATALOG_XML.contains(&format!("<unit name=\"{unit}\"/>")), "<units> lacks {unit}");
+    fn the_catalog_has_the_instance_plans_then_one_plan_per_resource_kind() {
+        let names: Vec<&str> = plans().into_iter().map(|(name, _)| name).collect();
+        let expected: Vec<&str> =
+            INSTANCE_PLANS.into_iter().chain(RESOURCE_PLANS.iter().map(|(name, _, _)| *name)).collect();
+        // The configuration maps flavors, volume types and kinds to these names: renaming one
+        // strands its subscriptions.
+        assert_eq!(names, expected);
+        let price_list = inner(CATALOG_XML, "priceLists").and_then(|lists| inner(lists, "plans")).unwrap();
+        for name in expected {
+            assert!(price_list.contains(&format!("<plan>{name}</plan>")), "the DEFAULT price list lacks {name}");
         }
+    }
+
+    #[test]
+    fn every_plan_bills_its_units_consumable_in_arrear_all_tiers_by_blocks_of_one_at_a_usd_price() {
         for (plan, body) in plans() {
             let sections = usages(body);
             assert_eq!(sections.len(), 1, "{plan}: one usage section");
@@ -304,9 +360,11 @@ mod tests {
                 assert!(open.contains(attribute), "{plan}: the usage section lacks {attribute}: {open}");
             }
             assert_eq!(inner(sections[0].1, "billingPeriod"), Some("MONTHLY"), "{plan}");
-            for unit in TIME_UNITS {
+            for unit in units_of(plan) {
+                assert!(CATALOG_XML.contains(&format!("<unit name=\"{unit}\"/>")), "<units> lacks {unit}");
                 let (_, block) = block_of(body, unit).unwrap_or_else(|| panic!("{plan} does not bill {unit}"));
-                // Blocks of one unit-second: KillBill rounds each period's total up to whole blocks.
+                // Blocks of one unit-second (one GiB of traffic): KillBill rounds each period's
+                // total up to whole blocks.
                 assert_eq!(inner(block, "size"), Some("1"), "{plan} {unit}");
                 // Unbounded: KillBill stops counting a tier at its max, and a month of a large
                 // instance is billions of GiB-seconds.
@@ -321,28 +379,42 @@ mod tests {
     }
 
     #[test]
-    fn each_time_unit_price_comment_states_the_price_per_second_times_3600() {
-        for (plan, body) in plans() {
-            for unit in TIME_UNITS {
-                let (comment, block) = block_of(body, unit).unwrap();
-                let comment = comment.unwrap_or_else(|| panic!("{plan} {unit}: no hourly price comment"));
-                let hourly: Decimal = comment
-                    .strip_prefix('$')
-                    .and_then(|text| text.split_whitespace().next())
-                    .and_then(|text| text.parse().ok())
-                    .unwrap_or_else(|| panic!("{plan} {unit}: the comment {comment:?} does not start with $<price>"));
-                let (_, per_second) = price(block);
-                assert_eq!(hourly, per_second * Decimal::from(3600), "{plan} {unit}: {comment:?}");
+    fn each_resource_plan_is_of_its_product_and_bills_only_its_units_at_their_prices() {
+        for (plan, product, units) in RESOURCE_PLANS {
+            let body = self::plan(plan);
+            assert_eq!(inner(body, "product"), Some(product), "{plan}");
+            assert!(CATALOG_XML.contains(&format!("<product name=\"{product}\">")), "no product {product}");
+            let billed = usages(body).into_iter().flat_map(|(_, usage)| blocks(usage)).count();
+            assert_eq!(billed, units.len(), "{plan}: one block per unit of its kind, none of another's");
+            for (unit, expected) in units {
+                let (_, block) = block_of(body, unit).unwrap();
+                assert_eq!(price(block).1, expected.parse::<Decimal>().unwrap(), "{plan} {unit}");
             }
         }
     }
 
     #[test]
-    fn every_plan_still_bills_the_previous_units() {
+    fn each_price_comment_states_the_price_per_hour_or_per_gib() {
+        for (plan, body) in plans() {
+            for unit in units_of(plan) {
+                let (comment, block) = block_of(body, unit).unwrap();
+                let stated = commented_price(plan, unit, comment);
+                let (_, per_unit) = price(block);
+                // Time is priced per unit-second and commented per hour; traffic per GiB both ways.
+                let expected = if TRAFFIC_UNITS.contains(&unit) { per_unit } else { per_unit * Decimal::from(3600) };
+                assert_eq!(stated, expected, "{plan} {unit}: {comment:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_instance_plan_still_bills_the_previous_units() {
         for unit in PREVIOUS_UNITS {
             assert!(CATALOG_XML.contains(&format!("<unit name=\"{unit}\"/>")), "<units> lacks {unit}");
         }
-        for (plan, body) in plans() {
+        for plan in INSTANCE_PLANS {
+            let body = self::plan(plan);
+            assert_eq!(inner(body, "product"), Some("Instance"), "{plan}");
             for unit in PREVIOUS_UNITS {
                 let (_, block) = block_of(body, unit).unwrap_or_else(|| panic!("{plan} no longer bills {unit}"));
                 assert_eq!(inner(block, "size"), Some("1"), "{plan} {unit}");
@@ -352,14 +424,17 @@ mod tests {
     }
 
     #[test]
-    fn this_version_is_later_than_the_previous_one_and_moves_existing_subscriptions_to_it() {
+    fn this_version_is_later_than_the_previous_ones_and_moves_existing_subscriptions_to_it() {
         let effective = catalog_effective_dates(CATALOG_XML);
         assert_eq!(effective.len(), 1, "one version per file: KillBill takes one per upload");
-        let previous = Timestamp::parse("2025-01-01T00:00:00Z").unwrap();
-        assert!(effective[0] > previous, "{} is not after the previous version", effective[0]);
+        // The sample-counted version, then the instance time version.
+        for previous in ["2025-01-01T00:00:00Z", "2026-01-01T00:00:00Z"] {
+            let previous = Timestamp::parse(previous).unwrap();
+            assert!(effective[0] > previous, "{} is not after the version of {previous}", effective[0]);
+        }
         for (plan, body) in plans() {
-            // Without it, subscriptions that started under the previous version stay on it,
-            // which does not know the time units; KillBill refuses a date before the version's.
+            // Without it, subscriptions that started under an earlier version stay on it, which
+            // may not know the units this one bills; KillBill refuses a date before the version's.
             let moved = inner(body, "effectiveDateForExistingSubscriptions")
                 .unwrap_or_else(|| panic!("{plan} keeps existing subscriptions on the previous version"));
             assert_eq!(Timestamp::parse(moved).unwrap(), effective[0], "{plan}");

@@ -23,7 +23,8 @@ mod lookup;
 mod wire;
 
 pub use bootstrap::{
-    bootstrap_configured, catalog_effective_dates, catalog_gaps, BootstrapError, Bootstrapped, CATALOG_XML,
+    bootstrap_configured, catalog_effective_dates, catalog_gaps, configured_gaps, BootstrapError, Bootstrapped,
+    CATALOG_XML,
 };
 pub use figures::month_of;
 
@@ -40,12 +41,17 @@ use crate::{
 
 /// Custom field holding the OpenStack project id, on accounts and subscriptions.
 pub const FIELD_PROJECT: &str = "openstack_project_id";
-/// Custom field holding the instance uuid, on subscriptions.
+/// Custom field holding the subscribed resource's uuid (an instance's, a volume's …), on
+/// subscriptions.
 pub const FIELD_INSTANCE: &str = "openstack_instance_id";
-/// Custom field holding the flavor name, on subscriptions.
+/// Custom field holding the flavor name (a volume's type), on subscriptions.
 pub const FIELD_FLAVOR: &str = "openstack_flavor";
-/// Custom field holding the instance's display name, on subscriptions.
+/// Custom field holding the resource's display name, on subscriptions.
 pub const FIELD_DISPLAY_NAME: &str = "openstack_display_name";
+/// Custom field holding the kind of the subscribed resource (`instance`, `volume`,
+/// `floating_ip` …), on subscriptions: the plan's product says it too, but only through the
+/// catalog.
+pub const FIELD_RESOURCE_TYPE: &str = "resource_type";
 /// Custom field recording when the project was deleted, on accounts: a subscription created
 /// afterwards (a late message) is cancelled at that time.
 pub const FIELD_CLOSED_AT: &str = "openstack_closed_at";
@@ -100,7 +106,7 @@ mod tests {
         wire::{kb_parse, kb_time, usage_body, SubscriptionJson},
         *,
     };
-    use crate::event::{PlanName, Unit};
+    use crate::event::{PlanName, ResourceKind, Unit};
 
     #[test]
     fn a_month_runs_from_its_first_to_its_last_day() {
@@ -135,13 +141,50 @@ mod tests {
     #[test]
     fn the_bundled_catalog_lacks_nothing_the_default_config_bills_and_a_missing_unit_is_named() {
         let settings = crate::config::Settings::embedded();
-        let units: Vec<&str> = settings.billing.meters.values().map(|m| m.unit.as_str()).collect();
-        let plans: Vec<&str> = std::iter::once(settings.billing.default_plan.as_str())
-            .chain(settings.billing.plans.values().map(PlanName::as_str))
+        let billing = &settings.billing;
+        let r = &billing.resources;
+        // Written out rather than taken from billed_units/billed_plans, which are checked too.
+        let mut units: Vec<String> = billing.meters.values().map(|m| m.unit.to_string()).collect();
+        for kind in ResourceKind::ALL {
+            units.extend(crate::timeline::Kind::billing(kind).into_iter().map(|k| billing.time.unit_name(k)));
+        }
+        let plans: Vec<&str> = std::iter::once(&billing.default_plan)
+            .chain(billing.plans.values())
+            .chain([&r.volume_plan, &r.snapshot_plan, &r.floating_ip_plan, &r.image_plan, &r.network_plan])
+            .chain(r.volume_types.values())
+            .map(PlanName::as_str)
             .collect();
-        assert_eq!(catalog_gaps(CATALOG_XML, units.iter().copied(), plans.iter().copied()), Vec::<String>::new());
-        let gaps = catalog_gaps(CATALOG_XML, ["openstack-volume-gib-seconds"], ["openstack-nothing"]);
-        assert_eq!(gaps, vec!["unit openstack-volume-gib-seconds".to_owned(), "plan openstack-nothing".to_owned()]);
+        assert!(units.contains(&"openstack-volume-gib-seconds".to_owned()), "{units:?}");
+        assert!(units.contains(&"openstack-network-egress-gib".to_owned()), "{units:?}");
+        assert_eq!(catalog_gaps(CATALOG_XML, units.iter().map(String::as_str), plans), Vec::<String>::new());
+        assert_eq!(configured_gaps(billing, CATALOG_XML), Vec::<String>::new());
+        let gaps = catalog_gaps(CATALOG_XML, ["openstack-volume-gib-hours"], ["openstack-nothing"]);
+        assert_eq!(gaps, vec!["unit openstack-volume-gib-hours".to_owned(), "plan openstack-nothing".to_owned()]);
+    }
+
+    #[test]
+    fn a_catalog_without_the_resource_plans_and_units_is_refused_naming_them() {
+        let settings = crate::config::Settings::embedded();
+        let lacking = CATALOG_XML
+            .replace("<unit name=\"openstack-floating-ip-seconds\"/>", "")
+            .replace("<plan name=\"openstack-snapshot-monthly\">", "<plan name=\"openstack-snapshot-removed\">");
+        assert_eq!(
+            configured_gaps(&settings.billing, &lacking),
+            ["unit openstack-floating-ip-seconds", "plan openstack-snapshot-monthly"]
+        );
+    }
+
+    #[test]
+    fn the_catalog_declares_every_unit_of_the_time_unit_in_use_only() {
+        // An operator who bills in hours needs a catalog in hours: the bundled one is in seconds.
+        let settings = crate::config::Settings::from_toml(
+            &crate::config::DEFAULT_TOML.replace("unit = \"seconds\"", "unit = \"hours\""),
+            "t.toml",
+        )
+        .unwrap();
+        let gaps = configured_gaps(&settings.billing, CATALOG_XML);
+        assert!(gaps.contains(&"unit openstack-volume-gib-hours".to_owned()), "{gaps:?}");
+        assert!(!gaps.iter().any(|g| g.starts_with("plan ")), "{gaps:?}");
     }
 
     #[test]

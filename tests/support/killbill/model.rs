@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use concertim_billing::{
     billing::ledger::{AccountRow, Snapshot, SubscriptionRow, UsageRow},
-    event::{InstanceId, PlanName, ProjectId, Timestamp, Unit},
+    event::{InstanceId, PlanName, ProjectId, ResourceKind, Timestamp, Unit},
 };
 use rust_decimal::Decimal;
 
@@ -173,6 +173,13 @@ impl Fake {
             .iter()
             .map(|x| SubscriptionRow {
                 instance_id: InstanceId::parse(x.external_key.clone()).unwrap(),
+                // The kind as the service wrote it; a subscription without it is an instance's.
+                resource_type: self
+                    .fields
+                    .iter()
+                    .find(|f| f.object_id == x.id && f.name == "resource_type")
+                    .and_then(|f| ResourceKind::parse(&f.value))
+                    .unwrap_or_default(),
                 project_id: ProjectId::parse(
                     self.accounts.iter().find(|a| a.id == x.account_id).unwrap().external_key.clone(),
                 )
