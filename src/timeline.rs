@@ -443,6 +443,12 @@ impl Kind {
         format!("openstack-{kind}-{}", unit.suffix())
     }
 
+    /// The time units a resource kind is billed in, in the order records are posted (none for a
+    /// network interface, which its traffic meters measure).
+    pub fn billing(resource: ResourceKind) -> Vec<Kind> {
+        Kind::of(resource, &Held4::default()).into_iter().map(|(kind, _, _)| kind).collect()
+    }
+
     /// The time units a resource kind is billed in, each with the quantity it counts and the
     /// divisor from that quantity to one unit-second.
     fn of(resource: ResourceKind, held: &Held4) -> Vec<(Kind, i128, i128)> {

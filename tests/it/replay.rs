@@ -59,8 +59,10 @@ fn the_report_has_exactly_the_documented_shape() {
     let account: Vec<&str> = report["accounts"][0].as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(account, ["project_id", "state"]);
     let usage: Vec<&str> = report["usage"][0].as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(usage, ["amount", "instance_id", "unit"]);
+    assert_eq!(usage, ["amount", "instance_id", "resource_id", "resource_type", "unit"]);
     assert!(report["usage"][0]["amount"].is_number());
+    assert_eq!(report["usage"][0]["resource_type"], "instance");
+    assert_eq!(report["usage"][0]["instance_id"], report["usage"][0]["resource_id"]);
 }
 
 #[test]
