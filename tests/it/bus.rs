@@ -90,7 +90,7 @@ async fn the_other_kinds_published_on_cinder_neutron_and_glance_end_in_the_offli
         bus.settings.bus.bindings.push(Binding { exchange, routing_key: "notifications.info".into() });
     }
     let fixtures: Vec<FixtureDelivery> =
-        ["cinder", "neutron", "glance", "ceilometer"].into_iter().flat_map(deliveries).collect();
+        ["cinder", "neutron", "glance", "traffic"].into_iter().flat_map(deliveries).collect();
     let expected = offline(&bus.settings, &fixtures).await;
     // The volume, the snapshot, the floating IP and the private image subscribe at their
     // create; the interface only once settlement bills it, which this test leaves out.

@@ -93,7 +93,7 @@ fn the_report_has_exactly_the_documented_shape() {
 
 #[test]
 fn usage_of_other_kinds_names_its_resource_and_type_and_no_instance() {
-    let out = run_cli(&["replay", "--report", "json", "fixtures/cinder", "fixtures/ceilometer"]);
+    let out = run_cli(&["replay", "--report", "json", "fixtures/cinder", "fixtures/traffic"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let report = report(&out.stdout);
     let types: Vec<&str> =

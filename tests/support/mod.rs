@@ -36,7 +36,7 @@ pub fn deliveries(sub: &str) -> Vec<FixtureDelivery> {
 
 /// The billable fixtures of instances and projects: every folder but the deliberately
 /// malformed one, Heat's (nothing to bill) and those of the other resource kinds (cinder,
-/// neutron, glance, ceilometer), which the replay's expected report covers.
+/// neutron, glance, traffic), which the replay's expected report covers.
 pub fn billable() -> Vec<FixtureDelivery> {
     ["nova-legacy", "nova-versioned", "keystone", "out-of-order", "duplicates", "ignored"]
         .into_iter()
