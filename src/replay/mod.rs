@@ -7,7 +7,7 @@
 
 mod publish;
 
-use std::{fmt::Write as _, path::PathBuf};
+use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
 
 use rust_decimal::prelude::ToPrimitive;
 use serde::Serialize;
@@ -22,7 +22,7 @@ use crate::{
     },
     bus::BusError,
     config::{BackendKind, Settings},
-    event::Timestamp,
+    event::{ResourceKind, Timestamp},
     executor::{Executor, Outcome},
     settle::Horizon,
     store::{Store, StoreError},
@@ -95,7 +95,35 @@ pub async fn local(
             Snapshot::default()
         }
     };
-    Ok(Report::new(counts, snapshot).with_settlement(settlement))
+    let kinds = kinds(&executor, &snapshot).await?;
+    Ok(Report::new(counts, snapshot, &kinds).with_settlement(settlement))
+}
+
+/// The kind of each resource the ledger names: as the state store recorded it, else the kind
+/// its billed units belong to. A stored ledger shown without replaying anything has no facts
+/// in this run's store, and its units still say what each resource is; a subscription with no
+/// usage there has no kind.
+///
+/// # Errors
+/// When the in-memory state store fails.
+async fn kinds<B: Billing>(
+    executor: &Executor<B>,
+    snapshot: &Snapshot,
+) -> Result<BTreeMap<String, ResourceKind>, ReplayError> {
+    let store = executor.store().await?;
+    let mut kinds = BTreeMap::new();
+    for id in snapshot.subscriptions.iter().map(|s| s.instance_id.as_str()) {
+        if let Some(kind) = store.resource(id).await?.and_then(|r| ResourceKind::parse(&r.kind)) {
+            kinds.insert(id.to_owned(), kind);
+        }
+    }
+    let billing = &executor.settings().billing;
+    for usage in &snapshot.usage {
+        if let Some(kind) = billing.kind_of_unit(usage.unit.as_str()) {
+            kinds.entry(usage.instance_id.to_string()).or_insert(kind);
+        }
+    }
+    Ok(kinds)
 }
 
 /// Settles every timeline the replay built, as of `as_of` (the latest notification read,
@@ -311,23 +339,35 @@ pub struct Report {
     pub failed: usize,
     /// Accounts by project id.
     pub accounts: Vec<AccountRow>,
-    /// Subscriptions by instance uuid.
+    /// Subscriptions by resource id.
     pub subscriptions: Vec<SubscriptionRow>,
-    /// Billed usage by instance and unit.
+    /// Billed usage by resource and unit.
     pub usage: Vec<UsageAmount>,
     /// What the settlement did.
     pub settlement: Settlement,
+    /// The kind of each subscription's resource, for the tables (the JSON's subscriptions are
+    /// the ledger's rows as they are).
+    #[serde(skip)]
+    subscription_kinds: Vec<Option<ResourceKind>>,
     #[serde(skip)]
     late_records: usize,
     #[serde(skip)]
     already_done: usize,
 }
 
-/// Billed usage of one unit on one instance.
+/// Billed usage of one unit on one resource.
 #[derive(Debug, Clone, Serialize)]
 pub struct UsageAmount {
-    /// The instance uuid.
-    pub instance_id: String,
+    /// The instance uuid, on an instance's lines only: the field readers of the reports before
+    /// other kinds were billed look for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// The resource's id (an instance, volume, snapshot, floating IP or image uuid, or a
+    /// network interface's Ceilometer id).
+    pub resource_id: String,
+    /// Its kind (`instance`, `volume`, `snapshot`, `floating_ip`, `image`,
+    /// `network_interface`); `null` when neither the state store nor the unit says.
+    pub resource_type: Option<ResourceKind>,
     /// The billing unit.
     pub unit: String,
     /// The total amount (9 decimal places at most).
@@ -340,8 +380,10 @@ impl Report {
         self.invalid == 0 && self.failed == 0
     }
 
-    /// Builds the report from the counts of this run and the ledger's content.
-    pub fn new(counts: Counts, snapshot: Snapshot) -> Self {
+    /// Builds the report from the counts of this run, the ledger's content and the kind of
+    /// each resource it names, by id.
+    pub fn new(counts: Counts, snapshot: Snapshot, kinds: &BTreeMap<String, ResourceKind>) -> Self {
+        let kind_of = |id: &str| kinds.get(id).copied();
         Self {
             messages: counts.messages,
             processed: counts.processed,
@@ -349,12 +391,16 @@ impl Report {
             invalid: counts.invalid,
             failed: counts.failed,
             accounts: snapshot.accounts,
+            subscription_kinds: snapshot.subscriptions.iter().map(|s| kind_of(s.instance_id.as_str())).collect(),
             subscriptions: snapshot.subscriptions,
             usage: snapshot
                 .usage
                 .into_iter()
                 .map(|u| UsageAmount {
-                    instance_id: u.instance_id.to_string(),
+                    instance_id: (kind_of(u.instance_id.as_str()) == Some(ResourceKind::Instance))
+                        .then(|| u.instance_id.to_string()),
+                    resource_id: u.instance_id.to_string(),
+                    resource_type: kind_of(u.instance_id.as_str()),
                     unit: u.unit.to_string(),
                     // Amounts have at most 9 decimal places and 15 digits, within f64's exact range
                     // for the shortest round-trip text.
@@ -380,30 +426,49 @@ impl Report {
         serde_json::to_string_pretty(self).expect("the report serialises")
     }
 
-    /// The human summary: accounts, subscriptions, usage per unit, counts by outcome.
+    /// The human summary: accounts, subscriptions and usage per unit (resources grouped by
+    /// kind, instances first), counts by outcome.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let accounts: Vec<[String; 2]> =
             self.accounts.iter().map(|a| [a.project_id.to_string(), a.state.to_owned()]).collect();
         table(&mut out, "Accounts", ["project", "state"], &accounts);
-        let subscriptions: Vec<[String; 6]> = self
+        let mut subscriptions: Vec<(Option<ResourceKind>, [String; 7])> = self
             .subscriptions
             .iter()
-            .map(|s| {
-                [
-                    s.instance_id.to_string(),
-                    s.project_id.to_string(),
-                    s.plan.to_string(),
-                    s.state.to_owned(),
-                    s.start.to_string(),
-                    s.end.map_or_else(|| "-".to_owned(), |e| e.to_string()),
-                ]
+            .zip(&self.subscription_kinds)
+            .map(|(s, kind)| {
+                (
+                    *kind,
+                    [
+                        kind_name(*kind),
+                        s.instance_id.to_string(),
+                        s.project_id.to_string(),
+                        s.plan.to_string(),
+                        s.state.to_owned(),
+                        s.start.to_string(),
+                        s.end.map_or_else(|| "-".to_owned(), |e| e.to_string()),
+                    ],
+                )
             })
             .collect();
-        table(&mut out, "Subscriptions", ["instance", "project", "plan", "state", "start", "end"], &subscriptions);
-        let usage: Vec<[String; 3]> =
-            self.usage.iter().map(|u| [u.instance_id.clone(), u.unit.clone(), u.amount.to_string()]).collect();
-        table(&mut out, "Usage", ["instance", "unit", "amount"], &usage);
+        let subscriptions = by_kind(&mut subscriptions);
+        table(
+            &mut out,
+            "Subscriptions",
+            ["kind", "resource", "project", "plan", "state", "start", "end"],
+            &subscriptions,
+        );
+        let mut usage: Vec<(Option<ResourceKind>, [String; 4])> = self
+            .usage
+            .iter()
+            .map(|u| {
+                let row = [kind_name(u.resource_type), u.resource_id.clone(), u.unit.clone(), u.amount.to_string()];
+                (u.resource_type, row)
+            })
+            .collect();
+        let usage = by_kind(&mut usage);
+        table(&mut out, "Usage", ["kind", "resource", "unit", "amount"], &usage);
         let _ = writeln!(
             out,
             "Messages: {} — processed {}, ignored {}, invalid {}, failed {}",
@@ -464,6 +529,19 @@ impl Report {
         }
         out
     }
+}
+
+/// A kind as the tables print it (`-` when unknown).
+fn kind_name(kind: Option<ResourceKind>) -> String {
+    kind.map_or_else(|| "-".to_owned(), |k| k.as_str().to_owned())
+}
+
+/// The rows in the order of their kinds (instances first, as [`ResourceKind::ALL`] lists them,
+/// unknown last), each kind's rows in the ledger's order.
+fn by_kind<const N: usize>(rows: &mut [(Option<ResourceKind>, [String; N])]) -> Vec<[String; N]> {
+    // Stable: the ledger's order (by id, then unit) holds within a kind.
+    rows.sort_by_key(|(kind, _)| (kind.is_none(), *kind));
+    rows.iter().map(|(_, row)| row.clone()).collect()
 }
 
 fn table<const N: usize>(out: &mut String, title: &str, headers: [&str; N], rows: &[[String; N]]) {

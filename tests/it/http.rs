@@ -99,7 +99,7 @@ async fn json_logs_of_a_whole_run_never_contain_the_configured_passwords() {
     let killbill_password = "Sup3r-Secret-killbill-pw";
     let dir = tempfile::tempdir().unwrap();
     let ledger = dir.path().join("ledger.db");
-    let service = cli_command(&bus)
+    let mut service = cli_command(&bus)
         .args(["--log-format", "json", "run", "--ledger", ledger.to_str().unwrap()])
         .env("CONCERTIM_BILLING_AMQP_URL", format!("amqp://{user}:{password}@127.0.0.1:5672/%2f"))
         .env("CONCERTIM_BILLING_KILLBILL__URL", "http://127.0.0.1:1")
@@ -112,6 +112,14 @@ async fn json_logs_of_a_whole_run_never_contain_the_configured_passwords() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // Read while it runs: a whole run's debug log is larger than a pipe's buffer (64 KiB), and a
+    // full pipe blocks the service at its next log line, with messages still to consume.
+    let mut stderr = service.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut logs = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut logs).unwrap();
+        logs
+    });
     let queue = bus.names().queue;
     eventually("the service to consume", LIMIT, || async {
         (bus.consumers(&queue).await.unwrap_or(0) > 0).then_some(())
@@ -123,9 +131,8 @@ async fn json_logs_of_a_whole_run_never_contain_the_configured_passwords() {
     }
     eventually("everything consumed", LIMIT, || async { (bus.depth(&queue).await == 0).then_some(()) }).await;
     signal(&service, "TERM");
-    let out = service.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let logs = String::from_utf8(out.stderr).unwrap();
+    assert!(service.wait().unwrap().success());
+    let logs = reader.join().unwrap();
     assert!(logs.lines().count() > fixtures.len(), "a line per message at least");
     for line in logs.lines() {
         serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));

@@ -31,6 +31,32 @@ fn billing_part(report: &Value) -> Value {
 ///   7366c705 from 2025-03-06T10:00:30 = 3 days − 30 s = 259170 s; 98ef5e1a from
 ///   2025-03-08T16:00:40 = 18 h − 40 s = 64760 s (its samples and duplicates add nothing);
 ///   e98ab25f launched 2025-03-09T10:00:00 holds 0 s.
+///
+/// The other kinds, all of project db3e0c6d… on 2025-03-07 but the images (5d3696b4…,
+/// 2025-03-05), each hour settled on its own and rounded once to 9 places (half to even):
+/// - cinder volume 45b2831b: 10 GiB from its launched_at 09:00:05, extended to 25 GiB at
+///   09:47:12 (the resize's time; delivered after the retype), retyped at 10:15:00 (same size,
+///   another type on the same plan), deleted 10:31:40 → 10 × 2827 + 25 × 768 = 47,470 in the
+///   09:00 hour + 25 × 1900 = 47,500 in the 10:00 hour = 94,970 GiB-s. The delete repeats
+///   launched_at with 25 GiB: the earliest report of a launch (the create's 10 GiB) wins. The
+///   redelivered create adds nothing, nor do the attach and detach (ignored: nothing to bill).
+/// - cinder snapshot 471086fc: 10 GiB from its created_at 09:10:44 to the delete at 10:05:30
+///   → 10 × (2956 + 330) = 32,860 GiB-s.
+/// - neutron floating IP 71d62fbd: created 09:02:10 (no created_at: the notification's time),
+///   associated 09:06:02, disassociated 10:44:00, deleted 10:50:20 (a payload naming only its
+///   id); billed while allocated → 3470 + 3020 = 6490 s.
+/// - glance image 0faffc1c, 1,183,514,624 bytes, private: from its upload 10:41:17 (the activate
+///   at 10:41:18 changes nothing) to its deleted_at 12:06:52 → 1123, 3600 and 412 s, each hour
+///   bytes × s / 2^30: 1237.80865478515625 → 1237.808654785, 3968.0419921875 → 3968.041992188,
+///   454.120361328125 → 454.120361328; 5659.971008301 GiB-s. The public image 4af8e038 (and the
+///   cirros one in ignored/) is billed to nobody: no account, no subscription.
+/// - ceilometer network.outgoing.bytes on delta-1's interface tapc4242d90-8a: readings 48,213,577
+///   (09:05, the baseline), 611,046,213, 2,406,855,904 (09:55), then 37,550,871 (10:05, the
+///   counter restarted from zero: counted whole) and 1,204,662,019 (10:25) → 2,358,642,327 bytes
+///   in the 09:00 hour = 2.19665684457… → 2.196656845 GiB, and 1,204,662,019 in the 10:00 hour
+///   = 1.12192893307… → 1.121928933 GiB: 3.318585778 GiB. network.incoming.bytes is not billed
+///   by default. The interface is subscribed from its first reading and, having no end, stays
+///   active.
 #[test]
 fn the_fixtures_replay_to_the_expected_report() {
     let out = run_cli(&["replay", "--report", "json", "fixtures/"]);
@@ -59,8 +85,24 @@ fn the_report_has_exactly_the_documented_shape() {
     let account: Vec<&str> = report["accounts"][0].as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(account, ["project_id", "state"]);
     let usage: Vec<&str> = report["usage"][0].as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(usage, ["amount", "instance_id", "unit"]);
+    assert_eq!(usage, ["amount", "instance_id", "resource_id", "resource_type", "unit"]);
     assert!(report["usage"][0]["amount"].is_number());
+    assert_eq!(report["usage"][0]["resource_type"], "instance");
+    assert_eq!(report["usage"][0]["instance_id"], report["usage"][0]["resource_id"]);
+}
+
+#[test]
+fn usage_of_other_kinds_names_its_resource_and_type_and_no_instance() {
+    let out = run_cli(&["replay", "--report", "json", "fixtures/cinder", "fixtures/traffic"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let report = report(&out.stdout);
+    let types: Vec<&str> =
+        report["usage"].as_array().unwrap().iter().map(|u| u["resource_type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["volume", "snapshot", "network_interface"]);
+    for usage in report["usage"].as_array().unwrap() {
+        let keys: Vec<&str> = usage.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["amount", "resource_id", "resource_type", "unit"], "{usage}");
+    }
 }
 
 #[test]
@@ -71,6 +113,22 @@ fn a_clean_replay_exits_zero_and_prints_the_summary_tables() {
     for heading in ["Accounts (", "Subscriptions (", "Usage (", "Messages: "] {
         assert!(text.contains(heading), "{heading} missing from:\n{text}");
     }
+}
+
+#[test]
+fn the_tables_name_each_resources_kind_instances_first() {
+    let out = run_cli(&["replay", "fixtures/neutron", "fixtures/glance", "fixtures/nova-legacy"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let usage = &text[text.find("Usage (").unwrap()..text.find("Messages: ").unwrap()];
+    let kinds: Vec<&str> = usage.lines().skip(2).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(kinds, ["instance", "instance", "instance", "instance", "floating_ip", "image"], "{usage}");
+    assert!(
+        usage.contains("  floating_ip 71d62fbd-762f-ab33-059c-98a110d4e2c4 openstack-floating-ip-seconds 6490"),
+        "{usage}"
+    );
+    let subscriptions = &text[text.find("Subscriptions (").unwrap()..text.find("Usage (").unwrap()];
+    assert!(subscriptions.lines().nth(1).unwrap().trim_start().starts_with("kind"), "{subscriptions}");
 }
 
 #[test]

@@ -120,7 +120,7 @@ impl TestBus {
     /// does on its next publish.
     pub async fn declare_upstream(&self) {
         let options = ExchangeDeclareOptions { durable: self.settings.bus.upstream_durable, ..Default::default() };
-        for exchange in ["nova", "keystone", "ceilometer", "heat", "glance", "cinder"] {
+        for exchange in ["nova", "keystone", "ceilometer", "heat", "glance", "cinder", "neutron"] {
             self.channel
                 .exchange_declare(
                     self.exchange(exchange).as_str().into(),
@@ -157,8 +157,8 @@ impl TestBus {
         format!("{}{upstream}", self.prefix)
     }
 
-    /// Whether the app's bindings carry this delivery (glance and cinder are declared, not
-    /// bound: a test that wants their messages binds them).
+    /// Whether the app's bindings carry this delivery (glance, cinder and neutron are declared,
+    /// not bound: a test that wants their messages binds them).
     pub fn routes(&self, delivery: &FixtureDelivery) -> bool {
         UPSTREAM
             .iter()
@@ -260,7 +260,9 @@ impl TestBus {
             concertim.retry_exchange,
             topology::shard_exchange(&self.settings.bus),
         ];
-        exchanges.extend(["nova", "keystone", "ceilometer", "heat", "glance", "cinder"].map(|e| self.exchange(e)));
+        exchanges.extend(
+            ["nova", "keystone", "ceilometer", "heat", "glance", "cinder", "neutron"].map(|e| self.exchange(e)),
+        );
         for exchange in exchanges {
             let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
         }
