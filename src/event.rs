@@ -451,6 +451,28 @@ pub struct Resource {
     pub step: ResourceStep,
 }
 
+impl Resource {
+    /// A resource known only by its kind, id and step: no project, size or times (what
+    /// Neutron's `floatingip.delete.end` says); the other fields are filled in from there.
+    pub fn named(kind: ResourceKind, id: InstanceId, step: ResourceStep) -> Self {
+        Resource {
+            kind,
+            id,
+            project: None,
+            display_name: String::new(),
+            type_name: None,
+            size: None,
+            status: String::new(),
+            created_at: None,
+            deleted_at: None,
+            associated: None,
+            public: false,
+            attached_to: None,
+            step,
+        }
+    }
+}
+
 /// What one resource notification means for its timeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

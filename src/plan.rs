@@ -754,19 +754,13 @@ mod tests {
 
     fn volume(step: ResourceStep, project: Option<&str>) -> Event {
         Event::Resource(Box::new(Resource {
-            kind: ResourceKind::Volume,
-            id: InstanceId::parse("v-1").unwrap(),
             project: project.map(|p| ProjectId::parse(p).unwrap()),
             display_name: "data".into(),
             type_name: Some("ssd".into()),
             size: Some(10),
             status: "available".into(),
             created_at: Some(ts("2025-01-01T11:00:00.5Z")),
-            deleted_at: None,
-            associated: None,
-            public: false,
-            attached_to: None,
-            step,
+            ..Resource::named(ResourceKind::Volume, InstanceId::parse("v-1").unwrap(), step)
         }))
     }
 

@@ -917,19 +917,12 @@ mod tests {
         fn notification(id: &str, s: &Step) -> Notification {
             let t = |hms: &str| Timestamp::from_unix(at(hms)).unwrap();
             let resource = Resource {
-                kind: s.kind,
-                id: InstanceId::parse(id).unwrap(),
                 project: s.project.then(|| ProjectId::parse("p-1").unwrap()),
-                display_name: String::new(),
                 type_name: s.type_name.map(str::to_owned),
                 size: s.size,
-                status: String::new(),
                 created_at: s.created.map(t),
-                deleted_at: None,
                 associated: s.associated,
-                public: false,
-                attached_to: None,
-                step: s.step,
+                ..Resource::named(s.kind, InstanceId::parse(id).unwrap(), s.step)
             };
             Notification {
                 meta: Meta {

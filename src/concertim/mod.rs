@@ -257,19 +257,10 @@ mod tests {
 
     fn resource(kind: ResourceKind, step: ResourceStep, status: &str, project: Option<&str>) -> Box<Resource> {
         Box::new(Resource {
-            kind,
-            id: InstanceId::parse("v-1").unwrap(),
             project: project.map(|p| ProjectId::parse(p).unwrap()),
-            display_name: String::new(),
-            type_name: None,
             size: Some(1),
             status: status.into(),
-            created_at: None,
-            deleted_at: None,
-            associated: None,
-            public: false,
-            attached_to: None,
-            step,
+            ..Resource::named(kind, InstanceId::parse("v-1").unwrap(), step)
         })
     }
 

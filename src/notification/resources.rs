@@ -174,21 +174,8 @@ fn neutron(step: ResourceStep, p: Neutron) -> Result<Resource, PayloadError> {
         if step != ResourceStep::Deleted {
             return Err(PayloadError::Shape("an object with a floatingip object"));
         }
-        return Ok(Resource {
-            kind: ResourceKind::FloatingIp,
-            id: id("payload.floatingip_id", non_empty(p.floatingip_id), InstanceId::parse)?,
-            project: None,
-            display_name: String::new(),
-            type_name: None,
-            size: None,
-            status: String::new(),
-            created_at: None,
-            deleted_at: None,
-            associated: None,
-            public: false,
-            attached_to: None,
-            step,
-        });
+        let id = id("payload.floatingip_id", non_empty(p.floatingip_id), InstanceId::parse)?;
+        return Ok(Resource::named(ResourceKind::FloatingIp, id, step));
     };
     Ok(Resource {
         kind: ResourceKind::FloatingIp,

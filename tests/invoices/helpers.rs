@@ -2,11 +2,17 @@
 
 use std::collections::BTreeMap;
 
-use concertim_billing::billing::killbill::CATALOG_XML;
+use concertim_billing::{
+    billing::{killbill::CATALOG_XML, KillBill},
+    config::Settings,
+    event::Timestamp,
+    executor::{Delivery, Executor, Outcome},
+    settle::Horizon,
+};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
-use crate::support::killbill_server::RealKillBill;
+use crate::support::{assert_no_failures, killbill_server::RealKillBill};
 
 /// The catalog's price of each (plan, unit), read from the bundled catalog file.
 pub fn catalog_prices() -> BTreeMap<(String, String), Decimal> {
@@ -139,4 +145,33 @@ pub fn priced(items: &[Item]) -> BTreeMap<(String, String), (BTreeMap<String, De
     }
     seen.retain(|_, (units, amount)| !amount.is_zero() || units.values().any(|q| !q.is_zero()));
     seen
+}
+
+/// Bills November 2026 into the real KillBill and lets it invoice: the deliveries (body,
+/// redelivered) through an executor over the KillBill backend with the clock at
+/// 2026-11-30T23:00:00Z (every date of the month past, the billing day not reached), one
+/// settlement as of 2026-12-01T00:00:00Z, then the clock past the billing day, so KillBill runs
+/// the invoice of 12-01 (a cancelled subscription's usage is invoiced at its cancellation).
+/// Returns the account id of `project`.
+pub async fn bill_november(
+    real: &RealKillBill,
+    settings: Settings,
+    deliveries: &[(Vec<u8>, bool)],
+    project: &str,
+) -> String {
+    set_clock(real, Some("2026-11-30T23:00:00.000Z")).await;
+    let executor = Executor::new(settings, KillBill::new(real.settings()).unwrap());
+    let mut outcomes = Vec::new();
+    for (body, redelivered) in deliveries {
+        outcomes.push(executor.handle(Delivery { body, redelivered: *redelivered }).await);
+    }
+    assert_no_failures(&outcomes);
+    assert!(outcomes.iter().all(|o| !matches!(o, Outcome::Invalid(_))), "{outcomes:?}");
+    let as_of = Timestamp::parse("2026-12-01T00:00:00Z").unwrap().unix();
+    let pass = executor.settler().await.unwrap().pass(Horizon::AsOf(as_of)).await.unwrap();
+    assert!(pass.failures.is_empty(), "{:?}", pass.failures);
+    assert_eq!((pass.late, pass.shortfalls.len()), (0, 0), "{pass:?}");
+    set_clock(real, Some("2026-12-02T00:00:00.000Z")).await;
+    let account = real.get(&format!("/1.0/kb/accounts?externalKey={project}")).await;
+    account["accountId"].as_str().unwrap().to_owned()
 }

@@ -12,20 +12,16 @@
 use std::collections::BTreeMap;
 
 use concertim_billing::{
-    billing::KillBill,
     config::{Settings, DEFAULT_TOML},
-    event::Timestamp,
-    executor::{Delivery, Executor, Outcome},
     fixture::FixtureDelivery,
-    settle::Horizon,
 };
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use crate::{
-    helpers::{invoiced, priced, print_invoices, set_clock, CLOCK},
+    helpers::{bill_november, invoiced, priced, print_invoices, set_clock, CLOCK},
     support::{
-        assert_no_failures, deliveries,
+        deliveries,
         killbill_server::{real_url, RealKillBill},
     },
 };
@@ -237,10 +233,6 @@ fn quantities(held: &[(Flavor, i64)]) -> BTreeMap<String, Decimal> {
     units
 }
 
-pub(crate) fn unix(text: &str) -> i64 {
-    Timestamp::parse(text).unwrap().unix()
-}
-
 #[tokio::test]
 async fn a_month_of_instance_lives_is_invoiced_at_the_exact_seconds_times_the_catalog_prices() {
     // real_url() fails the test when CONCERTIM_BILLING_REQUIRE_KILLBILL is set (CI).
@@ -250,24 +242,8 @@ async fn a_month_of_instance_lives_is_invoiced_at_the_exact_seconds_times_the_ca
     };
     let _clock = CLOCK.lock().await;
     let real = RealKillBill::start(&url).await;
-    // Every date the month carries is past, and the billing day (12-01) is not reached yet.
-    set_clock(&real, Some("2026-11-30T23:00:00.000Z")).await;
-    let executor = Executor::new(settings(), KillBill::new(real.settings()).unwrap());
-    let mut outcomes = Vec::new();
-    for d in &november() {
-        outcomes.push(executor.handle(Delivery { body: &d.body, redelivered: d.redelivered }).await);
-    }
-    assert_no_failures(&outcomes);
-    assert!(outcomes.iter().all(|o| !matches!(o, Outcome::Invalid(_))), "{outcomes:?}");
-    let pass = executor.settler().await.unwrap().pass(Horizon::AsOf(unix("2026-12-01T00:00:00Z"))).await.unwrap();
-    assert!(pass.failures.is_empty(), "{:?}", pass.failures);
-    assert_eq!((pass.late, pass.shortfalls.len()), (0, 0), "{pass:?}");
-
-    // Past the billing day: KillBill runs the account's invoice of 12-01 as the clock passes it.
-    // (The deleted instances' usage was invoiced when the settlement cancelled them.)
-    set_clock(&real, Some("2026-12-02T00:00:00.000Z")).await;
-    let account = real.get(&format!("/1.0/kb/accounts?externalKey={PROJECT}")).await;
-    let account_id = account["accountId"].as_str().unwrap().to_owned();
+    let deliveries: Vec<(Vec<u8>, bool)> = november().into_iter().map(|d| (d.body, d.redelivered)).collect();
+    let account_id = bill_november(&real, settings(), &deliveries, PROJECT).await;
     let bundles = real.get(&format!("/1.0/kb/accounts/{account_id}/bundles")).await;
     let mut subscribed: Vec<String> = bundles
         .as_array()

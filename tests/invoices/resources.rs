@@ -9,18 +9,13 @@
 //!
 //! Every size is whole GiB: KillBill 0.22 stores usage amounts as whole numbers.
 
-use concertim_billing::{
-    billing::KillBill,
-    executor::{Delivery, Executor, Outcome},
-    settle::Horizon,
-};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use crate::{
-    helpers::{invoiced, priced, print_invoices, set_clock, CLOCK},
-    month::{nova_in, settings, unix, Vm, SMALL},
-    support::{assert_no_failures, killbill_server::real_url, killbill_server::RealKillBill},
+    helpers::{bill_november, invoiced, priced, print_invoices, set_clock, CLOCK},
+    month::{nova_in, settings, Vm, SMALL},
+    support::killbill_server::{real_url, RealKillBill},
 };
 
 /// The project (the account's external key), used by no other test.
@@ -197,21 +192,8 @@ async fn a_month_of_every_resource_kind_is_invoiced_at_the_exact_time_held_times
     };
     let _clock = CLOCK.lock().await;
     let real = RealKillBill::start(&url).await;
-    set_clock(&real, Some("2026-11-30T23:00:00.000Z")).await;
-    let executor = Executor::new(settings(), KillBill::new(real.settings()).unwrap());
-    let mut outcomes = Vec::new();
-    for body in &november() {
-        outcomes.push(executor.handle(Delivery { body, redelivered: false }).await);
-    }
-    assert_no_failures(&outcomes);
-    assert!(outcomes.iter().all(|o| !matches!(o, Outcome::Invalid(_))), "{outcomes:?}");
-    let pass = executor.settler().await.unwrap().pass(Horizon::AsOf(unix("2026-12-01T00:00:00Z"))).await.unwrap();
-    assert!(pass.failures.is_empty(), "{:?}", pass.failures);
-    assert_eq!((pass.late, pass.shortfalls.len()), (0, 0), "{pass:?}");
-
-    set_clock(&real, Some("2026-12-02T00:00:00.000Z")).await;
-    let account = real.get(&format!("/1.0/kb/accounts?externalKey={PROJECT}")).await;
-    let account_id = account["accountId"].as_str().unwrap().to_owned();
+    let deliveries: Vec<(Vec<u8>, bool)> = november().into_iter().map(|body| (body, false)).collect();
+    let account_id = bill_november(&real, settings(), &deliveries, PROJECT).await;
     // Each resource's subscription says what it is.
     let mut kinds = Vec::new();
     for id in [VM.id, VOLUME, SNAPSHOT, FLOATING_IP, IMAGE] {
