@@ -1104,6 +1104,40 @@ mod tests {
             assert_eq!(w.subscription("img-1").unwrap().plan.as_str(), "openstack-image-monthly");
         }
 
+        /// Ceilometer's cumulative egress of an interface: a sample of its running total.
+        fn egress(sent: &str, total_mib: u64) -> Notification {
+            let t = Timestamp::from_unix(at(sent)).unwrap();
+            let sample = crate::event::Sample {
+                meter: "network.outgoing.bytes".into(),
+                volume: Decimal::from(total_mib * (1 << 20)),
+                unit: "B".into(),
+                timestamp: t,
+                project: ProjectId::parse("p-1").unwrap(),
+                resource: InstanceId::parse("instance-00000001-i-1-tap1").unwrap(),
+                flavor_name: None,
+                display_name: None,
+                launched_at: None,
+                created_at: None,
+                deleted_at: None,
+                counter: "cumulative".into(),
+            };
+            Notification {
+                meta: Meta {
+                    message_id: MessageId::parse(format!("m-egress-{}", sent.replace(':', ""))).unwrap(),
+                    event_type: "metering".into(),
+                    publisher_id: "test".into(),
+                    priority: "SAMPLE".into(),
+                    timestamp: t,
+                },
+                event: crate::event::Event::Usage { samples: vec![sample], unattributed: 0 },
+            }
+        }
+
+        /// Readings of the running total in MiB: the first the baseline, then +2048, +2560, a
+        /// restart from zero counted from zero (+1024), +2048: 7.5 GiB.
+        const EGRESS: [(&str, u64); 5] =
+            [("09:05:00", 5_120), ("09:35:00", 7_168), ("10:10:00", 9_728), ("10:40:00", 1_024), ("11:20:00", 3_072)];
+
         proptest! {
             #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
 
@@ -1150,6 +1184,58 @@ mod tests {
                     if passes.is_empty() {
                         prop_assert_eq!(got, at_once, "{}", id);
                     }
+                }
+            }
+
+            /// An interface's cumulative egress readings in any order, some twice, with passes
+            /// in between, bill the increases: exactly 7.5 GiB when all are in before the first
+            /// settlement, and never less.
+            #[test]
+            fn any_order_and_duplication_of_cumulative_readings_bills_the_increases(
+                order in Just((0..EGRESS.len()).collect::<Vec<_>>()).prop_shuffle(),
+                copies in prop::collection::vec(0usize..EGRESS.len(), 0..3),
+                passes in prop::collection::vec(0i64..4 * 3600, 0..3),
+            ) {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let unit = "openstack-network-egress-gib";
+                let settings = kind_settings();
+                let (got, at_once) = runtime.block_on(async {
+                    let notify = |w: &World, n: Notification| {
+                        let plan = plan(&n, &settings).unwrap();
+                        let store = Arc::clone(&w.store);
+                        async move {
+                            for action in plan {
+                                if let Action::RecordFacts { instance, kind, facts, .. } = action {
+                                    let rows: Vec<(String, i64)> = facts.iter().map(|f| (f.key(), f.effective())).collect();
+                                    store.add_facts(instance.as_str(), kind.as_str(), "p-1", &rows).await.unwrap();
+                                }
+                            }
+                        }
+                    };
+                    let mut sequence = order.clone();
+                    sequence.extend(copies.iter().copied());
+                    let mut passes = passes.clone();
+                    passes.sort_unstable();
+                    let w = world(settings.clone()).await;
+                    for (i, r) in sequence.iter().enumerate() {
+                        notify(&w, egress(EGRESS[*r].0, EGRESS[*r].1)).await;
+                        if let Some(t) = passes.get(i) {
+                            w.settler.pass(Horizon::Now(at("09:00:00") + t)).await.unwrap();
+                        }
+                    }
+                    w.settler.pass(Horizon::Now(at("15:00:00"))).await.unwrap();
+                    let once = world(settings.clone()).await;
+                    for r in &sequence {
+                        notify(&once, egress(EGRESS[*r].0, EGRESS[*r].1)).await;
+                    }
+                    once.settler.pass(Horizon::Now(at("15:00:00"))).await.unwrap();
+                    let id = "instance-00000001-i-1-tap1";
+                    (w.billed(id, unit), once.billed(id, unit))
+                });
+                prop_assert_eq!(at_once, "7.5".parse::<Decimal>().unwrap());
+                prop_assert!(got >= at_once, "{} < {}", got, at_once);
+                if passes.is_empty() {
+                    prop_assert_eq!(got, at_once);
                 }
             }
         }
