@@ -49,6 +49,7 @@ pub mod http;
 pub mod notification;
 pub mod outbound;
 pub mod plan;
+pub mod price;
 pub mod redact;
 pub mod replay;
 pub mod retry;

@@ -26,8 +26,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The pure core: wire formats in, billing actions out.
     ("notification", &["config", "event", "fields", "timeline"]),
     ("plan", &["config", "event", "timeline"]),
+    // Prices: the catalog file read as a price list, and KillBill's item arithmetic. Pure.
+    ("price", &["event"]),
     // Effects.
-    ("billing", &["class", "config", "event", "fields", "outbound", "plan", "store"]),
+    ("billing", &["class", "config", "event", "fields", "outbound", "plan", "price", "store"]),
     ("concertim", &["billing", "class", "config", "event", "outbound", "retry", "telemetry"]),
     ("settle", &["billing", "class", "config", "event", "plan", "store", "timeline"]),
     ("executor", &["billing", "class", "concertim", "config", "event", "notification", "plan", "settle", "store"]),
@@ -37,7 +39,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "handle",
         &["billing", "bus", "class", "concertim", "config", "event", "executor", "notification", "retry", "telemetry"],
     ),
-    ("replay", &["billing", "bus", "class", "config", "event", "executor", "fixture", "settle", "store"]),
+    ("replay", &["billing", "bus", "class", "config", "event", "executor", "fixture", "price", "settle", "store"]),
     ("http", &["telemetry"]),
     ("app", &["billing", "bus", "config", "executor", "handle", "http", "settle", "store", "telemetry"]),
     ("capture", &["bus", "config", "fixture", "redact"]),

@@ -9,7 +9,7 @@ mod publish;
 
 use std::{collections::BTreeMap, fmt::Write as _, path::PathBuf};
 
-use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::{prelude::ToPrimitive, Decimal};
 use serde::Serialize;
 
 pub use publish::{publish, Published};
@@ -17,13 +17,14 @@ pub use publish::{publish, Published};
 use crate::fixture::{self, FixtureDelivery, Position};
 use crate::{
     billing::{
-        ledger::{AccountRow, Snapshot, SubscriptionRow},
+        ledger::{AccountRow, Cost, Snapshot, SubscriptionRow},
         Backend, BackendError, Billing, BillingError,
     },
     bus::BusError,
     config::{BackendKind, Settings},
     event::{ResourceKind, Timestamp},
     executor::{Executor, Outcome},
+    price::Catalog,
     settle::Horizon,
     store::{Store, StoreError},
 };
@@ -95,8 +96,12 @@ pub async fn local(
             Snapshot::default()
         }
     };
+    let costs = match (executor.billing().ledger(), Catalog::bundled()) {
+        (Some(ledger), Ok(catalog)) => project_costs(ledger.costs(&catalog), &catalog.currency),
+        _ => Vec::new(),
+    };
     let kinds = kinds(&executor, &snapshot).await?;
-    Ok(Report::new(counts, snapshot, &kinds).with_settlement(settlement))
+    Ok(Report::new(counts, snapshot, &kinds).with_settlement(settlement).with_costs(costs))
 }
 
 /// The kind of each resource the ledger names: as the state store recorded it, else the kind
@@ -345,6 +350,9 @@ pub struct Report {
     pub usage: Vec<UsageAmount>,
     /// What the settlement did.
     pub settlement: Settlement,
+    /// What the usage costs at the catalog's prices, per project and billing period (empty when
+    /// billing went to a billing application).
+    pub costs: Vec<ProjectCost>,
     /// The kind of each subscription's resource, for the tables (the JSON's subscriptions are
     /// the ledger's rows as they are).
     #[serde(skip)]
@@ -353,6 +361,70 @@ pub struct Report {
     late_records: usize,
     #[serde(skip)]
     already_done: usize,
+}
+
+/// What one project's usage costs in one billing period, as KillBill would invoice it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjectCost {
+    /// The project (the account).
+    pub project_id: String,
+    /// The billing period's start (the account's billing day).
+    pub period_start: Timestamp,
+    /// The period's end.
+    pub period_end: Timestamp,
+    /// The catalog's currency.
+    pub currency: String,
+    /// The sum of the items, each rounded to the currency's precision (decimal text).
+    pub total: Decimal,
+    /// Per unit: whole blocks × price, before the items' rounding.
+    pub units: BTreeMap<String, Decimal>,
+    /// Per resource and plan: the item's amount.
+    pub resources: Vec<ResourceCost>,
+}
+
+/// One invoice item of a [`ProjectCost`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ResourceCost {
+    /// The resource's id.
+    pub resource_id: String,
+    /// Its kind.
+    pub resource_type: ResourceKind,
+    /// The plan the usage is priced on.
+    pub plan: String,
+    /// The item's amount, rounded once (decimal text).
+    pub amount: Decimal,
+}
+
+/// Groups a ledger's items by project and period.
+pub fn project_costs(costs: Vec<Cost>, currency: &str) -> Vec<ProjectCost> {
+    let mut out: Vec<ProjectCost> = Vec::new();
+    for cost in costs {
+        let same = out.last().is_some_and(|p| p.project_id == cost.project.as_str() && p.period_start == cost.period.0);
+        if !same {
+            out.push(ProjectCost {
+                project_id: cost.project.to_string(),
+                period_start: cost.period.0,
+                period_end: cost.period.1,
+                currency: currency.to_owned(),
+                total: Decimal::ZERO,
+                units: BTreeMap::new(),
+                resources: Vec::new(),
+            });
+        }
+        let Some(project) = out.last_mut() else { continue };
+        project.total += cost.item.amount;
+        for unit in &cost.item.units {
+            let sum = project.units.entry(unit.unit.clone()).or_default();
+            *sum = (*sum + unit.amount).normalize();
+        }
+        project.resources.push(ResourceCost {
+            resource_id: cost.resource.to_string(),
+            resource_type: cost.kind,
+            plan: cost.item.plan.clone(),
+            amount: cost.item.amount,
+        });
+    }
+    out
 }
 
 /// Billed usage of one unit on one resource.
@@ -408,9 +480,17 @@ impl Report {
                 })
                 .collect(),
             settlement: Settlement::default(),
+            costs: Vec::new(),
             late_records: snapshot.late_records,
             already_done: counts.already_done,
         }
+    }
+
+    /// The report with what the usage costs.
+    #[must_use]
+    pub fn with_costs(mut self, costs: Vec<ProjectCost>) -> Self {
+        self.costs = costs;
+        self
     }
 
     /// The report with what the settlement did.
@@ -469,6 +549,37 @@ impl Report {
             .collect();
         let usage = by_kind(&mut usage);
         table(&mut out, "Usage", ["kind", "resource", "unit", "amount"], &usage);
+        if !self.costs.is_empty() {
+            let mut rows: Vec<[String; 6]> = Vec::new();
+            for p in &self.costs {
+                let period = format!("{} – {}", p.period_start, p.period_end);
+                for r in &p.resources {
+                    let row = [
+                        p.project_id.clone(),
+                        period.clone(),
+                        r.resource_type.to_string(),
+                        r.resource_id.clone(),
+                        r.plan.clone(),
+                        format!("{} {}", r.amount, p.currency),
+                    ];
+                    rows.push(row);
+                }
+                rows.push([
+                    p.project_id.clone(),
+                    period,
+                    String::new(),
+                    "total".into(),
+                    String::new(),
+                    format!("{} {}", p.total, p.currency),
+                ]);
+            }
+            table(
+                &mut out,
+                "Costs at the catalog's prices, per billing period (as KillBill invoices them)",
+                ["project", "period", "kind", "resource", "plan", "amount"],
+                &rows,
+            );
+        }
         let _ = writeln!(
             out,
             "Messages: {} — processed {}, ignored {}, invalid {}, failed {}",

@@ -7,6 +7,7 @@ use concertim_billing::{
     event::Timestamp,
     executor::Executor,
     fixture::FixtureDelivery,
+    price::Catalog,
     settle::Horizon,
 };
 use rust_decimal::{Decimal, RoundingStrategy};
@@ -46,6 +47,7 @@ async fn the_fixture_lifecycles_are_invoiced_as_the_ledger_prices_them() {
     set_clock(&real, Some("2025-04-10T00:00:00.000Z")).await;
     let prices = catalog_prices();
     let mut invoiced: BTreeMap<(String, String), Decimal> = BTreeMap::new();
+    let mut money: BTreeMap<(String, String), Decimal> = BTreeMap::new();
     let mut items = 0;
     let accounts = real.get("/1.0/kb/accounts/pagination?offset=0&limit=1000").await;
     for account in accounts.as_array().unwrap() {
@@ -79,6 +81,7 @@ async fn the_fixture_lifecycles_are_invoiced_as_the_ledger_prices_them() {
                     "{instance}"
                 );
                 total += amount;
+                *money.entry((instance, plan.to_owned())).or_default() += amount;
             }
             assert_eq!(decimal(&invoice["amount"]), total, "invoice {}", invoice["invoiceNumber"]);
         }
@@ -89,12 +92,24 @@ async fn the_fixture_lifecycles_are_invoiced_as_the_ledger_prices_them() {
     // instance too, whose account was left open (closed, KillBill would never invoice it).
     let (ledger, _) = run_through(Ledger::in_memory(), &fixtures).await;
     settle(&ledger).await;
+    let ledger_costs = ledger.billing();
     let ledger = ledger.billing().snapshot();
     let expected: BTreeMap<(String, String), Decimal> =
         ledger.usage.iter().map(|u| ((u.instance_id.to_string(), u.unit.to_string()), u.amount)).collect();
     invoiced.retain(|_, quantity| !quantity.is_zero());
     assert!(!expected.is_empty(), "the ledger bills nothing: the comparison would prove nothing");
     assert_eq!(invoiced, expected);
+    // And what the ledger says it costs is what KillBill invoiced, item by item, to the cent.
+    let catalog = Catalog::bundled().unwrap();
+    let mut priced: BTreeMap<(String, String), Decimal> = BTreeMap::new();
+    for cost in ledger_costs.costs(&catalog) {
+        *priced.entry((cost.resource.to_string(), cost.item.plan.clone())).or_default() += cost.item.amount;
+    }
+    money.retain(|_, amount| !amount.is_zero());
+    priced.retain(|_, amount| !amount.is_zero());
+    eprintln!("the fixtures cost {} USD", priced.values().sum::<Decimal>());
+    assert!(!priced.is_empty(), "the fixtures cost nothing: the comparison would prove nothing");
+    assert_eq!(money, priced);
 }
 
 /// Settles everything up to the clock (2025-03-10), as `replay` would.

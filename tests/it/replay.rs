@@ -57,6 +57,10 @@ fn billing_part(report: &Value) -> Value {
 ///   = 1.12192893307… → 1.121928933 GiB: 3.318585778 GiB. network.incoming.bytes is not billed
 ///   by default. The interface is subscribed from its first reading and, having no end, stays
 ///   active.
+/// - Costs, at the catalog's per-second prices: instance 98ef5e1a (standard plan) used 64,760
+///   instance-s, 64,760 vCPU-s, 129,520 GiB-s of memory and 1,295,200 GiB-s of disk:
+///   0.06476 + 0.6476 + 0.25904 + 0.038856 = 1.010256 → 1.01 USD; the interface's 3.318585778
+///   GiB of egress is four whole GiB blocks × 0.09 = 0.36 USD.
 #[test]
 fn the_fixtures_replay_to_the_expected_report() {
     let out = run_cli(&["replay", "--report", "json", "fixtures/"]);
@@ -75,8 +79,26 @@ fn the_report_has_exactly_the_documented_shape() {
     let keys: Vec<&str> = report.as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(
         keys,
-        ["accounts", "failed", "ignored", "invalid", "messages", "processed", "settlement", "subscriptions", "usage"]
+        [
+            "accounts",
+            "costs",
+            "failed",
+            "ignored",
+            "invalid",
+            "messages",
+            "processed",
+            "settlement",
+            "subscriptions",
+            "usage"
+        ]
     );
+    let cost = report["costs"][0].as_object().unwrap();
+    let keys: Vec<&str> = cost.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["currency", "period_end", "period_start", "project_id", "resources", "total", "units"]);
+    let item: Vec<&str> = cost["resources"][0].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(item, ["amount", "plan", "resource_id", "resource_type"]);
+    assert_eq!(cost["currency"], "USD");
+    assert!(cost["total"].is_string(), "money is decimal text: {}", cost["total"]);
     let settlement: Vec<&str> = report["settlement"].as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(settlement, ["as_of", "audit_mismatches", "corrections", "failures", "periods_posted", "shortfalls"]);
     let sub = report["subscriptions"][0].as_object().unwrap();

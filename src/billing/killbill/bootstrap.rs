@@ -9,11 +9,7 @@ use crate::billing::BillingError;
 use crate::config::BillingSettings;
 use crate::event::{PlanName, Timestamp};
 
-/// The catalog written for this project (`deploy/killbill/catalog.xml`): one version of
-/// usage-only plans, billing instances, volumes, snapshots, floating IPs and images by the
-/// second and network traffic by the GiB, and still billing the sample-counted units of an
-/// earlier version.
-pub const CATALOG_XML: &str = include_str!("../../../deploy/killbill/catalog.xml");
+pub use crate::price::CATALOG_XML;
 
 /// What `bootstrap` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
