@@ -29,7 +29,7 @@ use std::{
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::{Applied, Billing, BillingError, Context};
+use super::{AccountFigures, Applied, Billing, BillingError, Context};
 use crate::{
     event::{InstanceId, PlanName, ProjectId, ResourceKind, Timestamp, Unit},
     plan::{SubscriptionSpec, UsageSpec},
@@ -705,6 +705,51 @@ impl Billing for Ledger {
             Durable::Store { store, commits } => self.write_changes(store, commits).await.map(|_| ()),
         }
     }
+
+    /// The ledger's account id is the project id.
+    async fn account_ref(&self, project: &ProjectId) -> Result<Option<String>, BillingError> {
+        Ok(self.lock().accounts.contains_key(project).then(|| project.to_string()))
+    }
+
+    /// The cost of the project's usage in the billing period holding `today`, at the bundled
+    /// catalog's prices (see [`Ledger::costs`]); the ledger keeps no credits, so what is left is
+    /// the cost's opposite.
+    // FIXME(billing): a deployment that bootstraps KillBill with a catalog of its own
+    // (`killbill bootstrap --catalog FILE`) sees the bundled catalog's prices here.
+    async fn account_figures(
+        &self,
+        project: &ProjectId,
+        today: time::Date,
+    ) -> Result<Option<AccountFigures>, BillingError> {
+        let Some(first) = self.lock().subscriptions.values().filter(|s| &s.project == project).map(|s| s.start).min()
+        else {
+            return Ok(self.account_ref(project).await?.map(|account_id| AccountFigures {
+                account_id,
+                cost: Decimal::ZERO,
+                credits: Decimal::ZERO,
+                period_start: today,
+                period_end: today,
+            }));
+        };
+        let catalog = Catalog::bundled()
+            .map_err(|e| BillingError::Protocol { what: "price the ledger's usage".into(), detail: e.to_string() })?;
+        let midnight = time::OffsetDateTime::new_utc(today, time::Time::MIDNIGHT);
+        let today_ts = Timestamp::from_unix(midnight.unix_timestamp()).unwrap_or(first);
+        let (start, end) = crate::price::period(crate::price::billing_day(first), today_ts);
+        let cost: Decimal = self
+            .costs(&catalog)
+            .into_iter()
+            .filter(|c| &c.project == project && c.period.0 == start)
+            .map(|c| c.item.amount)
+            .sum();
+        Ok(Some(AccountFigures {
+            account_id: project.to_string(),
+            cost,
+            credits: -cost,
+            period_start: start.as_offset().date(),
+            period_end: end.as_offset().date().previous_day().unwrap_or(today),
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -844,6 +889,32 @@ mod tests {
                 ("2025-04-03T00:00:00Z".into(), "big".into(), "0.10".into()),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_teams_figures_are_its_current_periods_cost_at_the_bundled_prices_and_no_credits() {
+        let m = meta();
+        let ctx = Context { meta: &m, redelivered: false };
+        let ledger = Ledger::in_memory();
+        let p = ProjectId::parse("p").unwrap();
+        ledger.ensure_account(&p, ctx).await.unwrap();
+        ledger.ensure_subscription(&spec("2025-03-03T09:00:00Z", "openstack-standard-monthly"), ctx).await.unwrap();
+        let mut hour = usage("tb1:09", "2025-03-03T09:00:00Z", 3_600);
+        hour.records[0].unit = Unit::parse("openstack-vcpu-seconds").unwrap();
+        ledger.record_usage(&hour, ctx).await.unwrap();
+        let today = time::macros::date!(2025 - 03 - 20);
+        let figures = ledger.account_figures(&p, today).await.unwrap().unwrap();
+        // 3600 vCPU-s × 0.00001 = 0.036 → 0.04, in the period from the billing day, the 3rd.
+        assert_eq!((figures.account_id.as_str(), figures.cost.to_string()), ("p", "0.04".to_owned()));
+        assert_eq!(figures.credits, -figures.cost);
+        assert_eq!(
+            (figures.period_start, figures.period_end),
+            (time::macros::date!(2025 - 03 - 03), time::macros::date!(2025 - 04 - 02))
+        );
+        // The next period has no usage yet.
+        let april = ledger.account_figures(&p, time::macros::date!(2025 - 04 - 03)).await.unwrap().unwrap();
+        assert_eq!(april.cost, Decimal::ZERO);
+        assert_eq!(ledger.account_figures(&ProjectId::parse("q").unwrap(), today).await.unwrap(), None);
     }
 
     #[tokio::test]
