@@ -132,7 +132,7 @@ fn a_clean_replay_exits_zero_and_prints_the_summary_tables() {
     let out = run_cli(&["replay", "fixtures/nova-legacy", "fixtures/out-of-order"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
-    for heading in ["Accounts (", "Subscriptions (", "Usage (", "Messages: "] {
+    for heading in ["Accounts (", "Subscriptions (", "Usage (", "Costs at the catalog's prices", "Messages: "] {
         assert!(text.contains(heading), "{heading} missing from:\n{text}");
     }
 }
@@ -142,7 +142,7 @@ fn the_tables_name_each_resources_kind_instances_first() {
     let out = run_cli(&["replay", "fixtures/neutron", "fixtures/glance", "fixtures/nova-legacy"]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
-    let usage = &text[text.find("Usage (").unwrap()..text.find("Messages: ").unwrap()];
+    let usage = &text[text.find("Usage (").unwrap()..text.find("Costs at the catalog's prices").unwrap()];
     let kinds: Vec<&str> = usage.lines().skip(2).filter_map(|l| l.split_whitespace().next()).collect();
     assert_eq!(kinds, ["instance", "instance", "instance", "instance", "floating_ip", "image"], "{usage}");
     assert!(
