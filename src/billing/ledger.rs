@@ -711,9 +711,10 @@ impl Billing for Ledger {
         Ok(self.lock().accounts.contains_key(project).then(|| project.to_string()))
     }
 
-    /// The cost of the project's usage in the billing period holding `today`, at the bundled
-    /// catalog's prices (see [`Ledger::costs`]); the ledger keeps no credits, so what is left is
-    /// the cost's opposite.
+    /// The cost of the project's usage in the billing period holding `today` (the upcoming
+    /// invoice), at the bundled catalog's prices (see [`Ledger::costs`]), shown for the calendar
+    /// month as KillBill's figures are; the ledger keeps no credits, so what is left is the
+    /// cost's opposite.
     // FIXME(billing): a deployment that bootstraps KillBill with a catalog of its own
     // (`killbill bootstrap --catalog FILE`) sees the bundled catalog's prices here.
     async fn account_figures(
@@ -735,7 +736,7 @@ impl Billing for Ledger {
             .map_err(|e| BillingError::Protocol { what: "price the ledger's usage".into(), detail: e.to_string() })?;
         let midnight = time::OffsetDateTime::new_utc(today, time::Time::MIDNIGHT);
         let today_ts = Timestamp::from_unix(midnight.unix_timestamp()).unwrap_or(first);
-        let (start, end) = crate::price::period(crate::price::billing_day(first), today_ts);
+        let (start, _) = crate::price::period(crate::price::billing_day(first), today_ts);
         let cost: Decimal = self
             .costs(&catalog)
             .into_iter()
@@ -746,8 +747,9 @@ impl Billing for Ledger {
             account_id: project.to_string(),
             cost,
             credits: -cost,
-            period_start: start.as_offset().date(),
-            period_end: end.as_offset().date().previous_day().unwrap_or(today),
+            // The period Concertim shows is the calendar month, as with KillBill.
+            period_start: super::killbill::month_of(today).0,
+            period_end: super::killbill::month_of(today).1,
         }))
     }
 }
@@ -904,12 +906,12 @@ mod tests {
         ledger.record_usage(&hour, ctx).await.unwrap();
         let today = time::macros::date!(2025 - 03 - 20);
         let figures = ledger.account_figures(&p, today).await.unwrap().unwrap();
-        // 3600 vCPU-s × 0.00001 = 0.036 → 0.04, in the period from the billing day, the 3rd.
+        // 3600 vCPU-s × 0.00001 = 0.036 → 0.04: the invoice of the period from the 3rd.
         assert_eq!((figures.account_id.as_str(), figures.cost.to_string()), ("p", "0.04".to_owned()));
         assert_eq!(figures.credits, -figures.cost);
         assert_eq!(
             (figures.period_start, figures.period_end),
-            (time::macros::date!(2025 - 03 - 03), time::macros::date!(2025 - 04 - 02))
+            (time::macros::date!(2025 - 03 - 01), time::macros::date!(2025 - 03 - 31))
         );
         // The next period has no usage yet.
         let april = ledger.account_figures(&p, time::macros::date!(2025 - 04 - 03)).await.unwrap().unwrap();
