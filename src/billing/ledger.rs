@@ -706,13 +706,9 @@ impl Billing for Ledger {
         }
     }
 
-    /// The ledger's account id is the project id.
-    async fn account_ref(&self, project: &ProjectId) -> Result<Option<String>, BillingError> {
-        Ok(self.lock().accounts.contains_key(project).then(|| project.to_string()))
-    }
-
-    /// The cost of the project's usage in the billing period holding `today` (the upcoming
-    /// invoice), at the bundled catalog's prices (see [`Ledger::costs`]), shown for the calendar
+    /// The ledger links no account to a team (`account_ref` is none: a team keeps the
+    /// `billing_acct_id` it has, a billing application's). Its figures: the cost of the
+    /// project's usage in the billing period holding `today` (the upcoming invoice), at the bundled catalog's prices (see [`Ledger::costs`]), shown for the calendar
     /// month as KillBill's figures are; the ledger keeps no credits, so what is left is the
     /// cost's opposite.
     // FIXME(billing): a deployment that bootstraps KillBill with a catalog of its own
@@ -722,14 +718,19 @@ impl Billing for Ledger {
         project: &ProjectId,
         today: time::Date,
     ) -> Result<Option<AccountFigures>, BillingError> {
-        let Some(first) = self.lock().subscriptions.values().filter(|s| &s.project == project).map(|s| s.start).min()
-        else {
-            return Ok(self.account_ref(project).await?.map(|account_id| AccountFigures {
-                account_id,
+        let (known, first) = {
+            let state = self.lock();
+            let first = state.subscriptions.values().filter(|s| &s.project == project).map(|s| s.start).min();
+            (state.accounts.contains_key(project), first)
+        };
+        let (month_start, month_end) = super::killbill::month_of(today);
+        let Some(first) = first else {
+            return Ok(known.then(|| AccountFigures {
+                account_id: project.to_string(),
                 cost: Decimal::ZERO,
                 credits: Decimal::ZERO,
-                period_start: today,
-                period_end: today,
+                period_start: month_start,
+                period_end: month_end,
             }));
         };
         let catalog = Catalog::bundled()
@@ -748,8 +749,8 @@ impl Billing for Ledger {
             cost,
             credits: -cost,
             // The period Concertim shows is the calendar month, as with KillBill.
-            period_start: super::killbill::month_of(today).0,
-            period_end: super::killbill::month_of(today).1,
+            period_start: month_start,
+            period_end: month_end,
         }))
     }
 }
@@ -917,6 +918,8 @@ mod tests {
         let april = ledger.account_figures(&p, time::macros::date!(2025 - 04 - 03)).await.unwrap().unwrap();
         assert_eq!(april.cost, Decimal::ZERO);
         assert_eq!(ledger.account_figures(&ProjectId::parse("q").unwrap(), today).await.unwrap(), None);
+        // And it links no account: a team keeps the billing_acct_id it has.
+        assert_eq!(ledger.account_ref(&p).await.unwrap(), None);
     }
 
     #[tokio::test]
