@@ -35,6 +35,9 @@ pub const HTTP_REFUSED: &str = "concertim_billing_http_connections_refused_total
 /// 1 while a client runs with certificate verification turned off (`concertim.tls_verify`).
 pub const TLS_UNVERIFIED: &str = "concertim_billing_tls_unverified";
 
+/// Teams left linked to another billing account than their project's (never overwritten).
+pub const TEAM_ACCOUNT_CONFLICTS: &str = "concertim_billing_team_account_conflicts_total";
+
 /// The source of an event, as a bounded label.
 pub fn source(event: &Event) -> &'static str {
     match event {

@@ -71,6 +71,9 @@ pub enum Done {
     Stale,
     /// Joined a pending team refresh.
     Scheduled,
+    /// The team names another billing account already: left as it is, and said (a log line,
+    /// [`crate::telemetry::TEAM_ACCOUNT_CONFLICTS`]).
+    Conflict,
 }
 
 impl Done {
@@ -82,6 +85,7 @@ impl Done {
             Done::NotFound => "not_found",
             Done::Stale => "stale",
             Done::Scheduled => "scheduled",
+            Done::Conflict => "conflict",
         }
     }
 }
@@ -193,12 +197,29 @@ impl<B: Figures + 'static> Worker<B> {
 
     async fn link_team(&self, project: &ProjectId) -> Result<Done, UpdateError> {
         let Some(team) = self.find(Kind::Team, project.as_str()).await? else { return Ok(Done::NotFound) };
+        self.link(project, &team).await
+    }
+
+    /// Writes the project's account id on its team, unless the team shows it already or names
+    /// another account: that one may be the account the team's invoices and credits are in (a
+    /// previous billing service's), so it is kept, and the conflict is logged and counted for
+    /// an operator to settle.
+    async fn link(&self, project: &ProjectId, team: &Entry) -> Result<Done, UpdateError> {
         let Some(account) = self.billing.team_account(project).await? else { return Ok(Done::NotFound) };
-        if team.value.as_deref() == Some(account.as_str()) {
-            return Ok(Done::Unchanged);
+        match team.value.as_deref().filter(|v| !v.is_empty()) {
+            Some(current) if current == account => return Ok(Done::Unchanged),
+            Some(current) => {
+                metrics::counter!(crate::telemetry::TEAM_ACCOUNT_CONFLICTS).increment(1);
+                tracing::warn!(
+                    project = %project, team = %team.id, team_account = %current, billing_account = %account,
+                    "the team names another billing account than the project's: left as it is; set the team's billing_acct_id by hand if the project's is the right one"
+                );
+                return Ok(Done::Conflict);
+            }
+            None => {}
         }
         let fields = json!({"billing_acct_id": account});
-        Ok(self.change(Kind::Team, project.as_str(), &team, fields, Some(account), None).await?)
+        Ok(self.change(Kind::Team, project.as_str(), team, fields, Some(account), None).await?)
     }
 
     /// Sets a device's or rack's status unless it shows it already or a newer one was applied.
@@ -352,6 +373,10 @@ impl<B: Figures + 'static> Worker<B> {
     /// Writes the team's cost, credits and billing period as the billing application has them now.
     async fn refresh_team(&self, project: &ProjectId) -> Result<Done, UpdateError> {
         let Some(team) = self.find(Kind::Team, project.as_str()).await? else { return Ok(Done::NotFound) };
+        // A team created after its project was (its link found no team then) is linked now.
+        if team.value.as_deref().is_none_or(str::is_empty) {
+            self.link(project, &team).await?;
+        }
         let today = time::OffsetDateTime::now_utc().date();
         let Some(figures) = self.billing.team_figures(project, today).await? else { return Ok(Done::NotFound) };
         self.refreshes.fetch_add(1, Ordering::Relaxed);

@@ -279,6 +279,48 @@ async fn concertim_down_for_a_minute_holds_no_billing_up_and_catches_up_after() 
 }
 
 #[tokio::test]
+async fn a_team_created_after_its_project_is_linked_at_its_next_refresh_and_another_account_is_never_overwritten() {
+    let kb = FakeKillBill::start().await;
+    let concertim = FakeConcertim::start().await;
+    let bus = concertim_bus("concertim-link", &concertim).await;
+    // A team linked to another account (a previous billing service's) before this one starts.
+    let linked = "5d3696b4bbd8c47da660fc0893f44d54";
+    concertim.add_team(linked);
+    concertim.set_team_account(linked, "account-of-the-python-service");
+    let created = deliveries("keystone")
+        .into_iter()
+        .find(|d| String::from_utf8_lossy(&d.body).contains("identity.project.created"))
+        .unwrap();
+    // The usage fixture's project has no team yet.
+    let late = "447d2acdc8b5495f196db137db72105f";
+    let app = spawn_app(&bus, KillBill::new(kb.settings()).unwrap(), None).await;
+    bus.publish(&created).await;
+    let usage = usage_batch(&usage_fixture(), 4);
+    bus.publish(&usage[0]).await;
+    eventually("both accounts and the first usage", Duration::from_secs(20), || async {
+        (kb.account_id(linked).is_some() && kb.usage_rows() == 1).then_some(())
+    })
+    .await;
+    // The linked team's figures are refreshed; its account id stays the one it had.
+    eventually("the linked team's figures", Duration::from_secs(20), || async {
+        concertim.team(linked).and_then(|t| t.cost).map(|_| ())
+    })
+    .await;
+    assert_eq!(concertim.team(linked).unwrap().billing_acct_id.as_deref(), Some("account-of-the-python-service"));
+    // The team appears; the project's next usage refreshes it, and links it first.
+    concertim.add_team(late);
+    bus.publish(&usage[1]).await;
+    eventually("the late team to be linked", Duration::from_secs(20), || async {
+        let team = concertim.team(late)?;
+        (team.billing_acct_id.is_some() && team.billing_acct_id == kb.account_id(late)).then_some(())
+    })
+    .await;
+    assert_eq!(bus.depth(&bus.names().dead_queue).await, 0);
+    app.shutdown().await.unwrap();
+    bus.cleanup().await;
+}
+
+#[tokio::test]
 async fn an_expired_token_costs_one_login_and_the_retried_answer_is_used() {
     let kb = FakeKillBill::start().await;
     let concertim = FakeConcertim::start().await;

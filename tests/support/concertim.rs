@@ -216,7 +216,15 @@ impl FakeConcertim {
         self.state.lock().unwrap().status_updates
     }
 
-    /// The team of a project.
+    /// Gives a project's team a billing account id, as a team linked by another service has.
+    pub fn set_team_account(&self, project: &str, account: &str) {
+        let mut s = self.state.lock().unwrap();
+        if let Some(team) = s.teams.iter_mut().find(|t| t.project_id == project) {
+            team.billing_acct_id = Some(account.to_owned());
+        }
+    }
+
+    /// The team of a project, while it exists.
     pub fn team(&self, project: &str) -> Option<Team> {
         self.state.lock().unwrap().teams.iter().find(|t| t.project_id == project).cloned()
     }
