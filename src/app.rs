@@ -96,9 +96,11 @@ impl<B: Billing + 'static> App<B> {
         let settings = self.executor.settings().clone();
         let settler =
             self.executor.settler().await.map_err(|e| BusError::Config { detail: format!("state store: {e}") })?;
+        let concertim = handlers.concertim.as_ref().map(|c| Arc::clone(c.worker()));
         let settling = tokio::spawn(settle_every(
             Arc::clone(&self.executor),
             settler,
+            concertim,
             settings.billing.time.settle_every_s,
             shutdown.clone(),
         ));
@@ -111,10 +113,12 @@ impl<B: Billing + 'static> App<B> {
 }
 
 /// The one clock of the service: a settlement pass every `every_s` seconds until shutdown, up
-/// to the executor's watermark (now, unless a backlog is being drained).
-async fn settle_every<B: Billing>(
+/// to the executor's watermark (now, unless a backlog is being drained). The teams of the
+/// projects a pass billed get their figures refreshed in Concertim (debounced like the others).
+async fn settle_every<B: Billing + 'static>(
     executor: Arc<Executor<B>>,
     settler: Settler<B>,
+    concertim: Option<Arc<crate::concertim::Worker<B>>>,
     every_s: u64,
     shutdown: CancellationToken,
 ) {
@@ -140,7 +144,7 @@ async fn settle_every<B: Billing>(
             () = shutdown.cancelled() => return,
             pass = settler.pass(Horizon::Now(horizon)) => pass,
         };
-        match pass {
+        match &pass {
             Ok(pass) if pass.posted > 0 || !pass.failures.is_empty() => tracing::info!(
                 reviewed = pass.reviewed,
                 posted = pass.posted,
@@ -151,6 +155,14 @@ async fn settle_every<B: Billing>(
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "settlement pass failed; the next one tries again"),
+        }
+        if let (Ok(pass), Some(worker)) = (&pass, &concertim) {
+            for project in &pass.billed_projects {
+                let refresh = crate::concertim::Update::RefreshTeam { project: project.clone() };
+                if let Err(e) = worker.apply(&refresh).await {
+                    tracing::warn!(project = %project, error = %e, "cannot refresh the team after settlement");
+                }
+            }
         }
     }
 }

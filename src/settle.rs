@@ -83,11 +83,11 @@ pub struct Pass {
     pub failures: Vec<String>,
     /// Instances skipped because another replica holds one of their steps.
     pub held: usize,
+    /// The projects this pass posted usage for: their teams' figures in Concertim change.
+    pub billed_projects: std::collections::BTreeSet<ProjectId>,
 }
 
-/// Settles instance timelines into a billing backend.
-// FIXME(concertim): a pass posts usage but asks Concertim for no team refresh, so a team's
-// cost shown there moves only with its next metered sample or project event.
+/// Settles resource timelines into a billing backend.
 #[derive(Debug)]
 pub struct Settler<B> {
     settings: Settings,
@@ -226,7 +226,7 @@ impl<B: Billing> Settler<B> {
         if let Some(dirty) = res.dirty_from {
             start = start.min(time.period.start_of(dirty)).max(first_period);
         }
-        let mut stepper = Steps { settler: self, instance: &instance, now: horizon.now(), pass };
+        let mut stepper = Steps { settler: self, instance: &instance, project: &project, now: horizon.now(), pass };
 
         // The subscription, from the first launch on the first flavor's plan.
         let billing = &self.settings.billing;
@@ -395,6 +395,7 @@ impl<B: Billing> Settler<B> {
 struct Steps<'a, B> {
     settler: &'a Settler<B>,
     instance: &'a InstanceId,
+    project: &'a ProjectId,
     now: i64,
     pass: &'a mut Pass,
 }
@@ -451,6 +452,9 @@ impl<B: Billing> Steps<'_, B> {
             return Ok(Err(Stop::Failed(format!("{id}: make the changes durable: {}", crate::class::chain(&error)))));
         }
         store.posted(key, id, &s.owner, self.now).await?;
+        if actions.iter().any(|a| matches!(a, Action::RecordUsage(_))) {
+            self.pass.billed_projects.insert(self.project.clone());
+        }
         Ok(Ok(true))
     }
 }
@@ -1025,6 +1029,8 @@ mod tests {
             }
             let pass = w.settler.pass(Horizon::Now(at("15:00:00"))).await.unwrap();
             assert!(pass.failures.is_empty(), "{:?}", pass.failures);
+            // The pass says whose figures changed.
+            assert_eq!(pass.billed_projects.iter().map(ProjectId::as_str).collect::<Vec<_>>(), ["p-1"]);
             assert_eq!(w.billed("vol-1", "openstack-volume-gib-seconds"), Decimal::from(VOLUME_GIB_S));
             assert_eq!(w.billed("vol-1", INSTANCE), Decimal::ZERO, "a volume bills no instance time");
             let sub = w.subscription("vol-1").unwrap();

@@ -22,6 +22,11 @@ impl<B> ConcertimHandler<B> {
     pub fn new(worker: Arc<Worker<B>>, backoff: BackoffSettings) -> Self {
         Self { worker, backoff }
     }
+
+    /// The worker, for updates that come from no message (a settlement pass's team refreshes).
+    pub fn worker(&self) -> &Arc<Worker<B>> {
+        &self.worker
+    }
 }
 
 impl<B: Billing + 'static> Handler for ConcertimHandler<B> {

@@ -321,6 +321,41 @@ async fn a_team_created_after_its_project_is_linked_at_its_next_refresh_and_anot
 }
 
 #[tokio::test]
+async fn a_settlement_pass_that_bills_a_project_refreshes_its_teams_figures() {
+    let kb = FakeKillBill::start().await;
+    let concertim = FakeConcertim::start().await;
+    let mut bus = concertim_bus("concertim-settled", &concertim).await;
+    bus.settings.billing.time.settle_every_s = 1;
+    bus.settings.billing.time.grace_s = 0;
+    let project = "0123456789abcdef0123456789abcdef";
+    let instance = "00000000-0000-4000-8000-00000000b001";
+    concertim.add_team(project);
+    concertim.add_device(instance, "IN_PROGRESS");
+    // An instance launched three hours ago: its whole hours are due as soon as the bus is idle.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let launched = concertim_billing::event::Timestamp::from_unix(now as i64 - 3 * 3_600).unwrap().to_rfc3339();
+    let template = created(&legacy("compute.instance.create.end"), project, instance, 1);
+    let envelope: serde_json::Value = serde_json::from_slice(&template.body).unwrap();
+    let mut message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+    message["timestamp"] = serde_json::json!(launched);
+    message["payload"]["launched_at"] = serde_json::json!(launched);
+    let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
+    let create = FixtureDelivery { body: serde_json::to_vec(&body).unwrap(), ..template };
+    let app = spawn_app(&bus, KillBill::new(kb.settings()).unwrap(), None).await;
+    bus.publish(&create).await;
+    // A create asks Concertim for the device's status only; the team's figures change when the
+    // settlement bills the hours.
+    eventually("the settlement to bill the hours and refresh the team", Duration::from_secs(60), || async {
+        (kb.usage_rows() > 0 && concertim.team_figure_updates() > 0).then_some(())
+    })
+    .await;
+    assert!(concertim.team(project).unwrap().cost.is_some());
+    assert_eq!(bus.depth(&bus.names().dead_queue).await, 0);
+    app.shutdown().await.unwrap();
+    bus.cleanup().await;
+}
+
+#[tokio::test]
 async fn an_expired_token_costs_one_login_and_the_retried_answer_is_used() {
     let kb = FakeKillBill::start().await;
     let concertim = FakeConcertim::start().await;
