@@ -96,7 +96,7 @@ impl<B: Billing + 'static> App<B> {
         let settings = self.executor.settings().clone();
         let settler =
             self.executor.settler().await.map_err(|e| BusError::Config { detail: format!("state store: {e}") })?;
-        let concertim = handlers.concertim.as_ref().map(|c| Arc::clone(c.worker()));
+        let concertim = handlers.concertim.as_ref().map(Arc::clone);
         let settling = tokio::spawn(settle_every(
             Arc::clone(&self.executor),
             settler,
@@ -118,7 +118,7 @@ impl<B: Billing + 'static> App<B> {
 async fn settle_every<B: Billing + 'static>(
     executor: Arc<Executor<B>>,
     settler: Settler<B>,
-    concertim: Option<Arc<crate::concertim::Worker<B>>>,
+    concertim: Option<Arc<handle::ConcertimHandler<B>>>,
     every_s: u64,
     shutdown: CancellationToken,
 ) {
@@ -156,12 +156,9 @@ async fn settle_every<B: Billing + 'static>(
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "settlement pass failed; the next one tries again"),
         }
-        if let (Ok(pass), Some(worker)) = (&pass, &concertim) {
+        if let (Ok(pass), Some(concertim)) = (&pass, &concertim) {
             for project in &pass.billed_projects {
-                let refresh = crate::concertim::Update::RefreshTeam { project: project.clone() };
-                if let Err(e) = worker.apply(&refresh).await {
-                    tracing::warn!(project = %project, error = %e, "cannot refresh the team after settlement");
-                }
+                concertim.refresh_team(project).await;
             }
         }
     }

@@ -22,10 +22,17 @@ impl<B> ConcertimHandler<B> {
     pub fn new(worker: Arc<Worker<B>>, backoff: BackoffSettings) -> Self {
         Self { worker, backoff }
     }
+}
 
-    /// The worker, for updates that come from no message (a settlement pass's team refreshes).
-    pub fn worker(&self) -> &Arc<Worker<B>> {
-        &self.worker
+impl<B: Billing + 'static> ConcertimHandler<B> {
+    /// Refreshes a team's figures (debounced like the others) for a change no message reports:
+    /// a settlement pass that billed its project. A failure is logged: the next change tries
+    /// again.
+    pub async fn refresh_team(&self, project: &crate::event::ProjectId) {
+        let refresh = crate::concertim::Update::RefreshTeam { project: project.clone() };
+        if let Err(e) = self.worker.apply(&refresh).await {
+            tracing::warn!(project = %project, error = %e, "cannot refresh the team's figures after settlement");
+        }
     }
 }
 
