@@ -296,19 +296,6 @@ impl BillingSettings {
         }
     }
 
-    /// The kind of resource usage in `unit` is about, by the names this configuration gives its
-    /// units: a kind's time unit (in seconds, minutes or hours alike, so a ledger kept under
-    /// another `[billing.time]` unit still reads), else the resource of the meter billed in it.
-    /// `None` for a unit the configuration does not name.
-    pub fn kind_of_unit(&self, unit: &str) -> Option<ResourceKind> {
-        let time = [TimeUnit::Seconds, TimeUnit::Minutes, TimeUnit::Hours];
-        let named = |kind: Kind| time.into_iter().any(|t| kind.unit_name(t) == unit);
-        ResourceKind::ALL
-            .into_iter()
-            .find(|resource| Kind::billing(*resource).into_iter().any(named))
-            .or_else(|| self.meters.values().find(|m| m.unit.as_str() == unit).map(|m| m.resource))
-    }
-
     /// Adds the traffic meters `[billing.resources]` switches on, unless `[billing.meters]`
     /// lists them already: cumulative bytes, billed in GiB (2^30 bytes) on the interface.
     pub(super) fn add_traffic_meters(&mut self) {
@@ -417,29 +404,4 @@ pub(super) fn is_ceilometer_meter(name: &str) -> bool {
         "backup.",
     ];
     INSTANCE_METERS.contains(&name) || OTHERS.contains(&name) || FAMILIES.iter().any(|f| name.starts_with(f))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_unit_names_the_kind_it_bills_in_any_time_unit_and_a_meters_unit_its_resource() {
-        let billing = Settings::embedded().billing;
-        let cases = [
-            ("openstack-vcpu-seconds", Some(ResourceKind::Instance)),
-            ("openstack-memory-gib-hours", Some(ResourceKind::Instance)),
-            ("openstack-volume-gib-minutes", Some(ResourceKind::Volume)),
-            ("openstack-snapshot-gib-seconds", Some(ResourceKind::Snapshot)),
-            ("openstack-floating-ip-seconds", Some(ResourceKind::FloatingIp)),
-            ("openstack-image-gib-seconds", Some(ResourceKind::Image)),
-            ("openstack-network-egress-gib", Some(ResourceKind::NetworkInterface)),
-            // Ingress is off by default: no meter bills in it.
-            ("openstack-network-ingress-gib", None),
-            ("openstack-volume-gib", None),
-        ];
-        for (unit, kind) in cases {
-            assert_eq!(billing.kind_of_unit(unit), kind, "{unit}");
-        }
-    }
 }

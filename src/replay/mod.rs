@@ -100,35 +100,10 @@ pub async fn local(
         (Some(ledger), Ok(catalog)) => project_costs(ledger.costs(&catalog), &catalog.currency),
         _ => Vec::new(),
     };
-    let kinds = kinds(&executor, &snapshot).await?;
+    // Each subscription keeps its resource's kind; usage is always under a subscription.
+    let kinds: BTreeMap<String, ResourceKind> =
+        snapshot.subscriptions.iter().map(|s| (s.instance_id.to_string(), s.resource_type)).collect();
     Ok(Report::new(counts, snapshot, &kinds).with_settlement(settlement).with_costs(costs))
-}
-
-/// The kind of each resource the ledger names: as the state store recorded it, else the kind
-/// its billed units belong to. A stored ledger shown without replaying anything has no facts
-/// in this run's store, and its units still say what each resource is; a subscription with no
-/// usage there has no kind.
-///
-/// # Errors
-/// When the in-memory state store fails.
-async fn kinds<B: Billing>(
-    executor: &Executor<B>,
-    snapshot: &Snapshot,
-) -> Result<BTreeMap<String, ResourceKind>, ReplayError> {
-    let store = executor.store().await?;
-    let mut kinds = BTreeMap::new();
-    for id in snapshot.subscriptions.iter().map(|s| s.instance_id.as_str()) {
-        if let Some(kind) = store.resource(id).await?.and_then(|r| ResourceKind::parse(&r.kind)) {
-            kinds.insert(id.to_owned(), kind);
-        }
-    }
-    let billing = &executor.settings().billing;
-    for usage in &snapshot.usage {
-        if let Some(kind) = billing.kind_of_unit(usage.unit.as_str()) {
-            kinds.entry(usage.instance_id.to_string()).or_insert(kind);
-        }
-    }
-    Ok(kinds)
 }
 
 /// Settles every timeline the replay built, as of `as_of` (the latest notification read,
