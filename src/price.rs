@@ -102,12 +102,13 @@ impl Catalog {
         Ok(Catalog { currency, plans })
     }
 
-    /// The catalog `killbill bootstrap` uploads by default.
+    /// The catalog `killbill bootstrap` uploads by default, read once per process.
     ///
     /// # Errors
     /// Never for the bundled file (a unit test reads it); the signature is [`Catalog::parse`]'s.
-    pub fn bundled() -> Result<Catalog, PriceError> {
-        Catalog::parse(CATALOG_XML)
+    pub fn bundled() -> Result<&'static Catalog, PriceError> {
+        static BUNDLED: std::sync::OnceLock<Result<Catalog, PriceError>> = std::sync::OnceLock::new();
+        BUNDLED.get_or_init(|| Catalog::parse(CATALOG_XML)).as_ref().map_err(Clone::clone)
     }
 
     /// The digits after the point of the currency's smallest unit (ISO 4217, as KillBill's

@@ -517,6 +517,11 @@ impl Ledger {
     // records of a resize's day are priced at the new plan; here, as on 0.24, at the plan of
     // their instant.
     pub fn costs(&self, catalog: &Catalog) -> Vec<Cost> {
+        self.costs_of(catalog, |_| true)
+    }
+
+    /// [`Ledger::costs`] of the projects `wanted` keeps.
+    fn costs_of(&self, catalog: &Catalog, wanted: impl Fn(&ProjectId) -> bool) -> Vec<Cost> {
         let state = self.lock();
         let mut first: BTreeMap<&ProjectId, Timestamp> = BTreeMap::new();
         for s in state.subscriptions.values() {
@@ -525,7 +530,7 @@ impl Ledger {
         }
         // (project, period start, resource, plan) → (period end, unit → total)
         let mut grouped: BTreeMap<ItemKey, (Timestamp, BTreeMap<String, Decimal>)> = BTreeMap::new();
-        for (instance, s) in &state.subscriptions {
+        for (instance, s) in state.subscriptions.iter().filter(|(_, s)| wanted(&s.project)) {
             let bcd = crate::price::billing_day(first[&s.project]);
             let end = s.billed_end();
             for record in s.usage.values().flatten() {
@@ -739,9 +744,9 @@ impl Billing for Ledger {
         let today_ts = Timestamp::from_unix(midnight.unix_timestamp()).unwrap_or(first);
         let (start, _) = crate::price::period(crate::price::billing_day(first), today_ts);
         let cost: Decimal = self
-            .costs(&catalog)
+            .costs_of(catalog, |p| p == project)
             .into_iter()
-            .filter(|c| &c.project == project && c.period.0 == start)
+            .filter(|c| c.period.0 == start)
             .map(|c| c.item.amount)
             .sum();
         Ok(Some(AccountFigures {

@@ -97,7 +97,7 @@ pub async fn local(
         }
     };
     let costs = match (executor.billing().ledger(), Catalog::bundled()) {
-        (Some(ledger), Ok(catalog)) => project_costs(ledger.costs(&catalog), &catalog.currency),
+        (Some(ledger), Ok(catalog)) => project_costs(ledger.costs(catalog), &catalog.currency),
         _ => Vec::new(),
     };
     // Each subscription keeps its resource's kind; usage is always under a subscription.

@@ -102,7 +102,7 @@ async fn the_fixture_lifecycles_are_invoiced_as_the_ledger_prices_them() {
     // And what the ledger says it costs is what KillBill invoiced, item by item, to the cent.
     let catalog = Catalog::bundled().unwrap();
     let mut priced: BTreeMap<(String, String), Decimal> = BTreeMap::new();
-    for cost in ledger_costs.costs(&catalog) {
+    for cost in ledger_costs.costs(catalog) {
         *priced.entry((cost.resource.to_string(), cost.item.plan.clone())).or_default() += cost.item.amount;
     }
     money.retain(|_, amount| !amount.is_zero());
