@@ -531,6 +531,7 @@ impl Ledger {
         // (project, period start, resource, plan) → (period end, unit → total)
         let mut grouped: BTreeMap<ItemKey, (Timestamp, BTreeMap<String, Decimal>)> = BTreeMap::new();
         for (instance, s) in state.subscriptions.iter().filter(|(_, s)| wanted(&s.project)) {
+            // `first` has every subscription's project: the index cannot miss.
             let bcd = crate::price::billing_day(first[&s.project]);
             let end = s.billed_end();
             for record in s.usage.values().flatten() {
