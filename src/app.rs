@@ -9,7 +9,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    billing::Billing,
+    api,
+    billing::{accounts::Accounts, Billing},
     bus::{self, BusError},
     config::Settings,
     executor::Executor,
@@ -39,12 +40,13 @@ pub struct App<B> {
     /// What `/healthz` and `/readyz` report.
     pub health: Arc<Health>,
     listener: Option<(TcpListener, http::HttpState)>,
+    api: Option<(TcpListener, axum::Router)>,
 }
 
 impl<B: Billing + 'static> App<B> {
     /// The service over `billing`, configured by `settings`; nothing runs yet.
     pub fn new(settings: Settings, billing: B) -> Self {
-        Self { executor: Arc::new(Executor::new(settings, billing)), health: Arc::default(), listener: None }
+        Self { executor: Arc::new(Executor::new(settings, billing)), health: Arc::default(), listener: None, api: None }
     }
 
     /// Keeps the timelines in `store` (without it they are kept in memory, lost at exit).
@@ -93,6 +95,9 @@ impl<B: Billing + 'static> App<B> {
         if let Some((listener, state)) = self.listener {
             tokio::spawn(http::serve(listener, http::router(state), shutdown.clone()));
         }
+        if let Some((listener, router)) = self.api {
+            tokio::spawn(http::serve(listener, router, shutdown.clone()));
+        }
         let settings = self.executor.settings().clone();
         let settler =
             self.executor.settler().await.map_err(|e| BusError::Config { detail: format!("state store: {e}") })?;
@@ -109,6 +114,43 @@ impl<B: Billing + 'static> App<B> {
         // A pass in progress finishes its current step; what it did not reach waits for the next run.
         let _ = settling.await;
         result
+    }
+}
+
+impl<B: Billing + Accounts + 'static> App<B> {
+    /// Serves the billing API ([`crate::api`]) on `listener` while it runs, over this
+    /// service's billing backend.
+    #[must_use]
+    pub fn with_api(mut self, listener: TcpListener) -> Self {
+        let settings = self.executor.settings();
+        // The bundled catalog is checked by the unit tests: its currency has a precision.
+        let precision = crate::price::Catalog::bundled().map_or(2, crate::price::Catalog::precision);
+        let state = api::ApiState::new(
+            self.executor.shared_billing(),
+            settings.api.clone(),
+            settings.billing.credit_threshold,
+            precision,
+        );
+        self.api = Some((listener, api::router(Arc::new(state))));
+        self
+    }
+
+    /// Listens on `api.listen` (empty, the default: no billing API) for the billing API.
+    ///
+    /// # Errors
+    /// When `api.listen` is not an address or cannot be bound.
+    pub async fn listen_api(self) -> Result<Self, AppError> {
+        let listen = self.executor.settings().api.listen.clone();
+        if listen.is_empty() {
+            return Ok(self);
+        }
+        let addr: std::net::SocketAddr =
+            listen.parse().map_err(|e| AppError::Listen { addr: listen.clone(), reason: format!("{e}") })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| AppError::Listen { addr: listen, reason: format!("{e} (api.listen; \"\" disables it)") })?;
+        tracing::info!(%addr, routes = api::ROUTES.join(" "), "serving the billing API");
+        Ok(self.with_api(listener))
     }
 }
 

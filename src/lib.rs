@@ -32,6 +32,7 @@
 //! - [`dlq`], [`capture`]: operator tools over the dead-letter queue and the live bus;
 //!   [`redact`] keeps credentials out of what they print and write.
 
+pub mod api;
 pub mod app;
 pub mod billing;
 pub mod bus;

@@ -443,7 +443,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let store = open_state(&settings, ledger.as_deref(), ledger_in_memory).await?;
                 let ledger_store = ledger.is_some().then(|| std::sync::Arc::clone(&store));
                 let backend = Backend::for_service(&settings, ledger_store, ledger_in_memory).await?;
-                App::new(settings, backend).with_store(store).listen(described).await?.run(shutdown).await?;
+                App::new(settings, backend)
+                    .with_store(store)
+                    .listen(described)
+                    .await?
+                    .listen_api()
+                    .await?
+                    .run(shutdown)
+                    .await?;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)

@@ -36,6 +36,9 @@ pub const HTTP_REFUSED: &str = "concertim_billing_http_connections_refused_total
 pub const TLS_UNVERIFIED: &str = "concertim_billing_tls_unverified";
 
 /// Teams left linked to another billing account than their project's (never overwritten).
+/// Billing API requests, by route and status.
+pub const API_REQUESTS: &str = "concertim_billing_api_requests_total";
+/// Teams whose billing account differs from their project's.
 pub const TEAM_ACCOUNT_CONFLICTS: &str = "concertim_billing_team_account_conflicts_total";
 
 /// The source of an event, as a bounded label.

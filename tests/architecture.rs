@@ -41,7 +41,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("replay", &["billing", "bus", "class", "config", "event", "executor", "fixture", "price", "settle", "store"]),
     ("http", &["telemetry"]),
-    ("app", &["billing", "bus", "config", "executor", "handle", "http", "settle", "store", "telemetry"]),
+    ("api", &["billing", "class", "config", "telemetry"]),
+    (
+        "app",
+        &["api", "billing", "bus", "config", "executor", "handle", "http", "price", "settle", "store", "telemetry"],
+    ),
     ("capture", &["bus", "config", "fixture", "redact"]),
     ("dlq", &["bus", "class", "concertim", "config", "event", "fixture", "notification", "redact"]),
 ];

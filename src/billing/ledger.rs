@@ -29,6 +29,8 @@ use std::{
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+mod accounts;
+
 use super::{AccountFigures, Applied, Billing, BillingError, Context};
 use crate::{
     event::{InstanceId, PlanName, ProjectId, ResourceKind, Timestamp, Unit},
@@ -72,6 +74,12 @@ struct State {
     format: String,
     accounts: BTreeMap<ProjectId, Account>,
     subscriptions: BTreeMap<InstanceId, Subscription>,
+    /// Credits deposited through the billing API, by request key.
+    #[serde(default)]
+    deposits: BTreeMap<String, Deposit>,
+    /// Orders made through the billing API, by order id.
+    #[serde(default)]
+    orders: BTreeMap<String, Order>,
     /// What changed since the last commit: the store's rows to write.
     #[serde(skip)]
     changed: BTreeSet<Key>,
@@ -88,6 +96,10 @@ enum Key {
     Subscription(InstanceId),
     /// `usage/<instance>/<tracking id>`: one notification's records.
     Usage(InstanceId, String),
+    /// `deposit/<request key>`: credits deposited.
+    Deposit(String),
+    /// `order/<order id>`: an order.
+    Order(String),
 }
 
 impl Key {
@@ -97,6 +109,8 @@ impl Key {
             Key::Account(project) => format!("account/{project}"),
             Key::Subscription(instance) => format!("sub/{instance}"),
             Key::Usage(instance, tracking_id) => format!("usage/{instance}/{tracking_id}"),
+            Key::Deposit(key) => format!("deposit/{key}"),
+            Key::Order(id) => format!("order/{id}"),
         }
     }
 }
@@ -172,6 +186,8 @@ impl State {
                     records: records.clone(),
                 })
             }
+            Key::Deposit(key) => json(self.deposits.get(key)?),
+            Key::Order(id) => json(self.orders.get(id)?),
         };
         Some((key.row(), value))
     }
@@ -222,6 +238,16 @@ impl State {
                 let key = Key::Usage(u.instance.clone(), u.tracking_id.clone());
                 usage.push((row, u));
                 key
+            } else if row.starts_with("deposit/") {
+                let d: Deposit = serde_json::from_str(value).map_err(parse_error)?;
+                let key = Key::Deposit(d.key.clone());
+                state.deposits.insert(d.key.clone(), d);
+                key
+            } else if row.starts_with("order/") {
+                let o: Order = serde_json::from_str(value).map_err(parse_error)?;
+                let key = Key::Order(o.id.clone());
+                state.orders.insert(o.id.clone(), o);
+                key
             } else {
                 return Err(bad("not a ledger row".to_owned()));
             };
@@ -263,6 +289,27 @@ struct Subscription {
     display_name: Option<String>,
     /// trackingId → records.
     usage: BTreeMap<String, Vec<Record>>,
+}
+
+/// Credits deposited through the billing API (its row names its own key).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Deposit {
+    key: String,
+    project: ProjectId,
+    amount: Decimal,
+    at: Timestamp,
+}
+
+/// An order made through the billing API (its row names its own id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Order {
+    id: String,
+    project: ProjectId,
+    created: Timestamp,
+    cancelled: Option<Timestamp>,
+    tags: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -712,11 +759,15 @@ impl Billing for Ledger {
         }
     }
 
-    /// The ledger links no account to a team (`account_ref` is none: a team keeps the
-    /// `billing_acct_id` it has, a billing application's). Its figures: the cost of the
+    /// The ledger's account id is the project's id (what the billing API is called with).
+    async fn account_ref(&self, project: &ProjectId) -> Result<Option<String>, BillingError> {
+        Ok(self.lock().accounts.contains_key(project).then(|| project.to_string()))
+    }
+
+    /// Its figures: the cost of the
     /// project's usage in the billing period holding `today` (the upcoming invoice), at the bundled catalog's prices (see [`Ledger::costs`]), shown for the calendar
-    /// month as KillBill's figures are; the ledger keeps no credits, so what is left is the
-    /// cost's opposite.
+    /// month as KillBill's figures are; the credits are what the billing API deposited less
+    /// the invoices, less this cost (§1.4).
     // FIXME(billing): a deployment that bootstraps KillBill with a catalog of its own
     // (`killbill bootstrap --catalog FILE`) sees the bundled catalog's prices here.
     async fn account_figures(
@@ -734,7 +785,7 @@ impl Billing for Ledger {
             return Ok(known.then(|| AccountFigures {
                 account_id: project.to_string(),
                 cost: Decimal::ZERO,
-                credits: Decimal::ZERO,
+                credits: self.credit_balance(project, today),
                 period_start: month_start,
                 period_end: month_end,
             }));
@@ -753,7 +804,7 @@ impl Billing for Ledger {
         Ok(Some(AccountFigures {
             account_id: project.to_string(),
             cost,
-            credits: -cost,
+            credits: self.credit_balance(project, today) - cost,
             // The period Concertim shows is the calendar month, as with KillBill.
             period_start: month_start,
             period_end: month_end,
@@ -924,8 +975,8 @@ mod tests {
         let april = ledger.account_figures(&p, time::macros::date!(2025 - 04 - 03)).await.unwrap().unwrap();
         assert_eq!(april.cost, Decimal::ZERO);
         assert_eq!(ledger.account_figures(&ProjectId::parse("q").unwrap(), today).await.unwrap(), None);
-        // And it links no account: a team keeps the billing_acct_id it has.
-        assert_eq!(ledger.account_ref(&p).await.unwrap(), None);
+        // Its account id is the project's.
+        assert_eq!(ledger.account_ref(&p).await.unwrap().as_deref(), Some("p"));
     }
 
     #[tokio::test]

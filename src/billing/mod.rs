@@ -5,6 +5,7 @@
 //! ([`Applied::AlreadyDone`]), and the backend, which knows its protocol, classes every other
 //! failure ([`BillingError::class`]). Backends know `event` and `plan` types, never the bus.
 
+pub mod accounts;
 pub mod hooks;
 pub mod hostbill;
 pub mod killbill;

@@ -50,6 +50,14 @@ pub struct BillingSettings {
     /// images, network traffic.
     #[serde(default)]
     pub resources: ResourceSettings,
+    /// The billing API's `create_order` refuses when the account's remaining credits (credits
+    /// minus the upcoming invoice) are at or below this, as the Python service did.
+    #[serde(default = "default_credit_threshold")]
+    pub credit_threshold: Decimal,
+}
+
+fn default_credit_threshold() -> Decimal {
+    Decimal::from(25)
 }
 
 /// The other resource kinds (`[billing.resources]`).

@@ -9,6 +9,7 @@
 //! [`concertim`]; [`secret`] keeps secrets out of every printout, [`env`] reads the
 //! `CONCERTIM_BILLING_*` overrides.
 
+mod api;
 mod billing;
 mod bus;
 mod concertim;
@@ -18,6 +19,7 @@ mod killbill;
 mod money;
 mod secret;
 
+pub use api::ApiSettings;
 pub use billing::{
     BackendKind, BillingSettings, Counter, FloatingIpBilled, MeterRule, ProjectFilter, ResourceSettings, TimeSettings,
     INSTANCE_METERS,
@@ -105,6 +107,9 @@ pub struct Settings {
     /// Concertim, the visualisation app, updated alongside billing when this section is present.
     #[serde(default)]
     pub concertim: Option<ConcertimSettings>,
+    /// The billing API Concertim calls (off unless `api.listen` is set).
+    #[serde(default)]
+    pub api: ApiSettings,
     /// Where the instance timelines and what each period posted are kept.
     #[serde(default)]
     pub state: StateSettings,
@@ -270,6 +275,7 @@ impl Settings {
             BackendKind::Ledger => {}
         }
         self.http.validate()?;
+        self.api.validate()?;
         self.bus.validate()?;
         if let Some(c) = &self.concertim {
             c.validate()?;

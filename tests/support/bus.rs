@@ -12,6 +12,7 @@ use std::{
 use concertim_billing::{
     app::App,
     billing::{
+        accounts::Accounts,
         hooks::{Call, Hooked, Hooks},
         Applied, Billing, BillingError, Context, Ledger,
     },
@@ -286,7 +287,22 @@ pub async fn spawn_app<B: Billing + 'static>(bus: &TestBus, billing: B, url: Opt
     if let Some(url) = url {
         settings.bus.url = SecretUrl::new(url);
     }
-    let app = App::new(settings, billing);
+    start(App::new(settings, billing)).await
+}
+
+/// The shared secret [`spawn_app_with_api`] configures.
+pub const API_SECRET: &str = "test-secret-shared-with-concertim-0123456789";
+
+/// [`spawn_app`] serving the billing API too, signed with [`API_SECRET`]; with its base URL.
+pub async fn spawn_app_with_api<B: Billing + Accounts + 'static>(bus: &TestBus, billing: B) -> (TestApp<B>, String) {
+    let mut settings = bus.settings.clone();
+    settings.api.jwt_secret = Some(concertim_billing::config::Secret::new(API_SECRET));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    (start(App::new(settings, billing).with_api(listener)).await, url)
+}
+
+async fn start<B: Billing + 'static>(app: App<B>) -> TestApp<B> {
     let (executor, health) = (Arc::clone(&app.executor), Arc::clone(&app.health));
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run(shutdown.clone()));

@@ -22,7 +22,8 @@ impl KillBill {
         #[serde(rename_all = "camelCase")]
         struct Balance {
             account_id: String,
-            #[serde(default)]
+            // KillBill spells it so: not the camel case of `account_cba`.
+            #[serde(default, rename = "accountCBA")]
             account_cba: Option<serde_json::Number>,
         }
         #[derive(Deserialize)]

@@ -15,6 +15,7 @@
 //! invoicing off, and the last partial period would never be invoiced): its subscriptions are
 //! cancelled and the account carries `openstack_closed_at`.
 
+mod accounts;
 mod billing;
 mod bootstrap;
 mod client;

@@ -70,6 +70,8 @@ pub(super) struct SubscriptionJson {
     pub(super) billing_end_date: Option<String>,
     #[serde(default)]
     pub(super) events: Vec<SubscriptionEventJson>,
+    #[serde(default)]
+    pub(super) external_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +96,7 @@ impl SubscriptionJson {
             cancelled_date: None,
             billing_end_date: None,
             events: Vec::new(),
+            external_key: None,
         }
     }
 
@@ -149,6 +152,11 @@ pub(super) struct Record {
 /// A decimal written as the JSON number it is, digit for digit (KillBill reads it into a
 /// `BigDecimal`; going through `f64` would change amounts like 0.1).
 pub(super) struct ExactAmount(Decimal);
+
+/// `amount` as the exact JSON number KillBill reads.
+pub(super) fn exact(amount: Decimal) -> ExactAmount {
+    ExactAmount(amount)
+}
 
 impl Serialize for ExactAmount {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
