@@ -9,6 +9,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod api;
 mod fixtures;
 mod helpers;
 mod month;

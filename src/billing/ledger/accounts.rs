@@ -5,7 +5,8 @@
 //! (dated at the period's end, one `cost` line per resource), and one per deposit (a `credits`
 //! line), as KillBill makes them. Credits are used as KillBill uses its credit balance: a
 //! period's invoice takes what the balance holds at its date, up to its amount (a negative
-//! `credits` line, `credit_adj`), and leaves the rest as its `balance`.
+//! `credits` line, `credit_adj`), and leaves the rest as its `balance`, which a later deposit
+//! pays (oldest invoice first).
 
 use std::collections::BTreeMap;
 
@@ -118,19 +119,26 @@ impl Ledger {
         }
         dated.sort_by(|a, b| (a.0, &a.1.invoice_id).cmp(&(b.0, &b.1.invoice_id)));
         let mut cba = Decimal::ZERO;
-        let mut invoices = Vec::with_capacity(dated.len());
+        let mut invoices: Vec<Invoice> = Vec::with_capacity(dated.len());
         for (n, (date, mut inv)) in dated.into_iter().enumerate() {
+            inv.invoice_number = Some((n + 1).to_string());
             let credited: Decimal = inv.items.values().filter(|l| l.kind == "credits").map(|l| l.amount).sum();
             cba += credited;
-            let used = cba.min(inv.amount).max(Decimal::ZERO);
-            if used > Decimal::ZERO {
-                cba -= used;
-                inv.credit_adj = -used;
-                inv.balance = inv.amount - used;
-                inv.items.insert(format!("{}/credits", inv.invoice_id), line("credits", -used, date, date, None));
-            }
-            inv.invoice_number = Some((n + 1).to_string());
             invoices.push(inv);
+            // A new invoice takes the balance; a deposit pays what earlier invoices still owe,
+            // oldest first (as KillBill does).
+            let owing: Vec<usize> = if credited > Decimal::ZERO { (0..invoices.len()).collect() } else { vec![n] };
+            for i in owing {
+                let paid = &mut invoices[i];
+                let used = cba.min(paid.balance).max(Decimal::ZERO);
+                if used > Decimal::ZERO {
+                    cba -= used;
+                    paid.credit_adj -= used;
+                    paid.balance -= used;
+                    let id = format!("{}/credits/{}", paid.invoice_id, paid.items.len());
+                    paid.items.insert(id, line("credits", -used, date, date, None));
+                }
+            }
         }
         Ok(Statement { invoices, draft, cba })
     }
@@ -257,5 +265,129 @@ impl Accounts for Ledger {
         }
         self.keep().await?;
         Ok(order.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        billing::{Billing, Context},
+        event::{InstanceId, MessageId, Meta, PlanName, ResourceKind, Unit},
+        plan::{SubscriptionSpec, UsageRecord, UsageSpec},
+        store::Store,
+    };
+
+    fn ts(text: &str) -> Timestamp {
+        Timestamp::parse(text).unwrap()
+    }
+
+    /// An account `p` whose instance used 3600 vCPU-seconds (0.036 → 0.04 USD) on 2025-03-03,
+    /// and an account `q` with nothing.
+    async fn billed(ledger: &Ledger) {
+        let meta = Meta {
+            message_id: MessageId::parse("m").unwrap(),
+            event_type: "t".into(),
+            publisher_id: "x".into(),
+            priority: "INFO".into(),
+            timestamp: ts("2025-03-03T09:00:00Z"),
+        };
+        let ctx = Context { meta: &meta, redelivered: false };
+        for p in ["p", "q"] {
+            ledger.ensure_account(&ProjectId::parse(p).unwrap(), ctx).await.unwrap();
+        }
+        let spec = SubscriptionSpec {
+            instance: InstanceId::parse("i").unwrap(),
+            kind: ResourceKind::Instance,
+            project: ProjectId::parse("p").unwrap(),
+            plan: PlanName::parse("openstack-standard-monthly").unwrap(),
+            start: ts("2025-03-03T09:00:00Z"),
+            flavor: None,
+            display_name: None,
+        };
+        ledger.ensure_subscription(&spec, ctx).await.unwrap();
+        let usage = UsageSpec {
+            instance: InstanceId::parse("i").unwrap(),
+            tracking_id: "h1".into(),
+            records: vec![UsageRecord {
+                unit: Unit::parse("openstack-vcpu-seconds").unwrap(),
+                date: ts("2025-03-03T09:00:00Z"),
+                amount: Decimal::from(3_600),
+            }],
+        };
+        ledger.record_usage(&usage, ctx).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_finished_period_is_an_invoice_that_a_later_deposit_pays_leaving_the_rest_as_credits() {
+        let ledger = Ledger::in_memory();
+        billed(&ledger).await;
+        let page = ledger.invoices("p", 0, 100).await.unwrap();
+        assert_eq!(page.total, 1);
+        let march = &page.invoices[0];
+        assert_eq!(
+            (march.amount, march.balance, march.status.as_str()),
+            (Decimal::new(4, 2), Decimal::new(4, 2), "COMMITTED")
+        );
+        assert_eq!(march.items["i"].resource_id.as_deref(), Some("i"));
+        assert_eq!(ledger.remaining_credits("p", time::macros::date!(2026 - 12 - 06)).await.unwrap(), Decimal::ZERO);
+
+        ledger.deposit("p", Decimal::from(10), "k1").await.unwrap();
+        let page = ledger.invoices("p", 0, 100).await.unwrap();
+        assert_eq!(page.total, 2, "the deposit is an invoice of its own");
+        let march = &page.invoices[0];
+        assert_eq!((march.balance, march.credit_adj), (Decimal::ZERO, Decimal::new(-4, 2)));
+        assert_eq!(
+            ledger.remaining_credits("p", time::macros::date!(2026 - 12 - 06)).await.unwrap(),
+            Decimal::new(996, 2)
+        );
+        let deposit = &page.invoices[1];
+        assert!(deposit.items.values().any(|l| l.kind == "credits" && l.amount == Decimal::from(10)));
+    }
+
+    #[tokio::test]
+    async fn an_invoice_is_found_only_under_its_own_account() {
+        let ledger = Ledger::in_memory();
+        billed(&ledger).await;
+        let id = ledger.invoices("p", 0, 1).await.unwrap().invoices[0].invoice_id.clone();
+        assert_eq!(ledger.invoice("p", &id).await.unwrap().invoice_id, id);
+        assert!(matches!(ledger.invoice("q", &id).await, Err(AccountsError::NotFound(_))));
+        assert!(matches!(ledger.invoices("nobody", 0, 1).await, Err(AccountsError::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn a_deposit_or_an_order_sent_again_under_its_key_is_made_once_and_kept_in_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("state.db").display());
+        let ledger = Ledger::in_store(Arc::new(Store::open(&url).await.unwrap())).await.unwrap();
+        billed(&ledger).await;
+        for _ in 0..2 {
+            assert_eq!(ledger.deposit("q", Decimal::from(30), "key-1").await.unwrap(), Decimal::from(30));
+        }
+        let order = ledger.create_order("q", "key-2", "plan").await.unwrap();
+        assert_eq!(ledger.create_order("q", "key-2", "plan").await.unwrap(), order);
+        assert_ne!(ledger.create_order("q", "key-3", "plan").await.unwrap(), order);
+        ledger.tag_order(&order, "openstack_stack_id", "s1", "key-4").await.unwrap();
+        ledger.tag_order(&order, "openstack_stack_id", "s1", "key-5").await.unwrap();
+        assert!(matches!(
+            ledger.tag_order(&order, "openstack_stack_id", "s2", "k").await,
+            Err(AccountsError::Invalid(_))
+        ));
+        ledger.delete_order(&order, "key-6").await.unwrap();
+        ledger.delete_order(&order, "key-7").await.unwrap();
+        assert!(matches!(ledger.delete_order("order-nope", "k").await, Err(AccountsError::NotFound(_))));
+        drop(ledger);
+
+        let reopened = Ledger::in_store(Arc::new(Store::open(&url).await.unwrap())).await.unwrap();
+        assert_eq!(
+            reopened.remaining_credits("q", time::macros::date!(2026 - 12 - 06)).await.unwrap(),
+            Decimal::from(30)
+        );
+        let state = reopened.lock();
+        assert_eq!(state.deposits.len(), 1);
+        assert_eq!(state.orders[&order].tags["openstack_stack_id"], "s1");
+        assert!(state.orders[&order].cancelled.is_some());
     }
 }
