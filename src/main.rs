@@ -337,6 +337,27 @@ fn exit_status(error: &anyhow::Error) -> u8 {
 }
 
 /// The error and its causes, each said once (some errors repeat their source in their text).
+/// The billing API in one line of `config check`.
+fn describe_api(settings: &Settings) -> String {
+    let api = &settings.api;
+    if api.listen.is_empty() {
+        return "off (set api.listen, e.g. \"127.0.0.1:42356\", and api.jwt_secret_file to serve it)".to_owned();
+    }
+    let mut line = format!(
+        "POST {} on http://{} (tokens HS256 with api.jwt_secret; orders refused at or below {} in credits)",
+        concertim_billing::api::ROUTES.join(" "),
+        api.listen,
+        settings.billing.credit_threshold
+    );
+    if settings.billing.backend == BackendKind::Hostbill {
+        line.push_str("; with HostBill every route answers 501");
+    }
+    if !api.listen.starts_with("127.") && !api.listen.starts_with("[::1]") && !api.listen.starts_with("localhost") {
+        line.push_str("\n# WARNING: api.listen is not loopback and the API speaks plain HTTP: serve it behind a TLS proxy reachable by Concertim only");
+    }
+    line
+}
+
 fn causes(error: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in error.chain() {
@@ -510,6 +531,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("# WARNING: {warning}");
             }
             println!("# billing backend: {}", Backend::describe(&settings, None));
+            println!("# billing API: {}", describe_api(&settings));
             if settings.billing.backend == BackendKind::Killbill {
                 // The server's catalog cannot be read offline: the bundled one is what bootstrap
                 // uploads unless given another.

@@ -52,8 +52,7 @@ async fn through_the_api_an_invoice_is_killbills_a_deposit_counts_once_and_an_or
     let billed: Decimal = totals.iter().map(|(_, amount, _)| *amount).sum();
     assert!(billed > Decimal::ZERO, "KillBill invoiced the ten days");
 
-    let mut settings = ApiSettings::default();
-    settings.jwt_secret = Some(Secret::new(SECRET));
+    let settings = ApiSettings { jwt_secret: Some(Secret::new(SECRET)), ..ApiSettings::default() };
     let state = ApiState::new(Arc::new(KillBill::new(real.settings()).unwrap()), settings, Decimal::from(25), 2);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api_url = format!("http://{}", listener.local_addr().unwrap());
