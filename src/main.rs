@@ -50,6 +50,10 @@ enum Command {
     /// --ledger-in-memory (lost at exit). Without either, a configuration that names no backend
     /// is refused: a replica started without its config would otherwise bill into memory and
     /// acknowledge its share of the messages.
+    ///
+    /// Serves /healthz, /readyz and /metrics on http.listen, and, when api.listen is set, the
+    /// billing API Concertim calls (credits, invoices, orders; tokens signed with
+    /// api.jwt_secret_file): see `config check` and the README's "The billing API".
     #[command(
         after_help = "Examples:\n  concertim-billing run --ledger /var/lib/concertim-billing/ledger.db\n  CONCERTIM_BILLING_AMQP_URL=amqps://billing:…@rabbit:5671/openstack concertim-billing run --config /etc/concertim-billing.toml"
     )]
@@ -372,6 +376,37 @@ fn causes(error: &anyhow::Error) -> String {
     text
 }
 
+/// `println!` that ends the process quietly (exit 0) when stdout is closed, as `config check |
+/// head` closes it, instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            closed_stdout(&e);
+        }
+    }};
+}
+
+/// `print!` as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($arg)*) {
+            closed_stdout(&e);
+        }
+    }};
+}
+
+/// A reader that went away (a pipe closed) wants nothing more: exit 0. Anything else is a
+/// failure to say what was asked.
+fn closed_stdout(e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write to stdout: {e}");
+    std::process::exit(1);
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -422,10 +457,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             let published = runtime()?.block_on(replay::publish(&settings, &paths, |line| eprintln!("{line}")))?;
-            println!(
-                "published {} messages to {}; {} not published",
-                published.sent, settings.bus.url, published.failed
-            );
+            outln!("published {} messages to {}; {} not published", published.sent, settings.bus.url, published.failed);
             Ok(if published.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
         Command::Replay { paths, ledger, report, apply, as_of, .. } => {
@@ -477,7 +509,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology { action: TopologyAction::Show } => {
-            print!("{}", describe_topology(&settings));
+            out!("{}", describe_topology(&settings));
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology { action: TopologyAction::Declare } => {
@@ -486,13 +518,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let why = bus::BusError::UpstreamAbsent { exchange: binding.exchange.clone() };
                 eprintln!("note: not bound to {} ({}): {why}", binding.exchange, binding.routing_key);
             }
-            print!("declared on {}:\n{}", settings.bus.url, describe_topology(&settings));
+            out!("declared on {}:\n{}", settings.bus.url, describe_topology(&settings));
             Ok(ExitCode::SUCCESS)
         }
         Command::Killbill { action: KillBillAction::Bootstrap { catalog } } => {
             let url = settings.killbill.as_ref().map(|kb| kb.url.clone()).unwrap_or_default();
             let done = runtime()?.block_on(killbill::bootstrap_configured(&settings, catalog.as_deref()))?;
-            println!(
+            outln!(
                 "KillBill at {url}: tenant {}, catalog {}",
                 if done.tenant_created { "created" } else { "already there" },
                 if done.catalog_uploaded { "uploaded" } else { "already there" }
@@ -522,31 +554,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if terminal {
                 eprintln!();
             }
-            println!("captured {written} messages into {}", out.display());
+            outln!("captured {written} messages into {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Config { action: ConfigAction::Check } => {
-            println!("# effective configuration: valid");
+            outln!("# effective configuration: valid");
             for warning in settings.warnings() {
-                println!("# WARNING: {warning}");
+                outln!("# WARNING: {warning}");
             }
-            println!("# billing backend: {}", Backend::describe(&settings, None));
-            println!("# billing API: {}", describe_api(&settings));
+            outln!("# billing backend: {}", Backend::describe(&settings, None));
+            outln!("# billing API: {}", describe_api(&settings));
             if settings.billing.backend == BackendKind::Killbill {
                 // The server's catalog cannot be read offline: the bundled one is what bootstrap
                 // uploads unless given another.
                 let gaps = killbill::configured_gaps(&settings.billing, killbill::CATALOG_XML);
                 if !gaps.is_empty() {
-                    println!(
+                    outln!(
                         "# WARNING: the bundled KillBill catalog does not declare {}, which the configuration bills: `killbill bootstrap` needs a --catalog that does",
                         gaps.join(", ")
                     );
                 }
             }
             if settings.concertim.as_ref().is_some_and(|c| !c.tls_verify) {
-                println!("# WARNING: concertim.tls_verify = false: Concertim's certificate is not verified, so anyone in between can read its password and token");
+                outln!("# WARNING: concertim.tls_verify = false: Concertim's certificate is not verified, so anyone in between can read its password and token");
             }
-            print!("{}", settings.to_toml());
+            out!("{}", settings.to_toml());
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -557,12 +589,12 @@ async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<
         DlqAction::List { filters, json } => {
             let letters = dlq::list(settings, &filters.selector()).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&letters)?);
+                outln!("{}", serde_json::to_string_pretty(&letters)?);
             } else {
-                print!("{}", dlq::table(&letters));
+                out!("{}", dlq::table(&letters));
             }
         }
-        DlqAction::Show { id, no_redact } => print!("{}", dlq::show(settings, &id, no_redact).await?),
+        DlqAction::Show { id, no_redact } => out!("{}", dlq::show(settings, &id, no_redact).await?),
         DlqAction::Export { out, filters, no_redact } => {
             let file = concertim_billing::redact::create_private(&out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
@@ -570,7 +602,7 @@ async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<
             let exported = dlq::export(settings, &filters.selector(), &mut writer, no_redact)
                 .await
                 .with_context(|| format!("export to {}", out.display()))?;
-            println!("exported {exported} dead letter(s) to {}", out.display());
+            outln!("exported {exported} dead letter(s) to {}", out.display());
         }
         DlqAction::Requeue { filters, all, to_queue, to_original_exchange, dry_run } => {
             let action = if to_original_exchange {
@@ -589,10 +621,10 @@ async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<
             }
             let moved = dlq::requeue(settings, &selector, all, action, dry_run).await?;
             if dry_run {
-                print!("{}", dlq::table(&moved.done));
-                println!("(dry run: nothing moved)");
+                out!("{}", dlq::table(&moved.done));
+                outln!("(dry run: nothing moved)");
             } else {
-                println!("requeued {} dead letter(s)", moved.done.len());
+                outln!("requeued {} dead letter(s)", moved.done.len());
                 for (letter, why) in &moved.stuck {
                     eprintln!("not requeued, still in the dead-letter queue: {}: {why}", letter.id);
                 }
@@ -603,7 +635,7 @@ async fn dead_letters(settings: &Settings, action: DlqAction) -> anyhow::Result<
         }
         DlqAction::Purge { filters, all, yes } => {
             let purged = dlq::purge(settings, &filters.selector(), all, yes).await?;
-            println!("purged {} dead letter(s)", purged.done.len());
+            outln!("purged {} dead letter(s)", purged.done.len());
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -673,8 +705,8 @@ fn replay_locally(
     let output = runtime
         .block_on(replay::local(settings, paths, ledger.as_deref(), apply, as_of, |line| eprintln!("{line}")))?;
     match report {
-        ReportFormat::Text => print!("{}", output.to_text()),
-        ReportFormat::Json => println!("{}", output.to_json()),
+        ReportFormat::Text => out!("{}", output.to_text()),
+        ReportFormat::Json => outln!("{}", output.to_json()),
     }
     Ok(if output.all_ok() { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }
