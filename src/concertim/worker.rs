@@ -446,6 +446,9 @@ impl<B: Figures + 'static> Worker<B> {
     /// Writes the cost of each of the team's devices (the figures' amount, zero for a device
     /// they do not name) and of each of its racks (the sum of its devices' costs as written).
     /// The team's racks are those it owns and those its costed devices are in.
+    // FIXME(concertim): each device's cost is rounded to cents on its own, so where a backend's
+    // amounts have more decimals (HostBill's charges) the devices' and racks' sums can differ
+    // from the team's cost by a few cents.
     async fn write_costs(&self, team: &str, resources: &[ResourceCost]) -> Result<(), ConcertimError> {
         self.listed_once(Kind::Rack).await?;
         self.listed_once(Kind::Device).await?;
