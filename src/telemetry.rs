@@ -19,8 +19,8 @@ pub const DEAD_LETTERED: &str = "concertim_billing_dead_lettered_total";
 pub const LAG: &str = "concertim_billing_bus_to_effect_seconds";
 /// Messages taken from the broker and not yet settled.
 pub const IN_FLIGHT: &str = "concertim_billing_in_flight";
-/// Concertim updates by kind (`device_status`, `refresh_team`, …) and result (`changed`,
-/// `unchanged`, `not_found`, `stale`, `scheduled`, `failed`).
+/// Concertim updates by kind (`device_status`, `refresh_team`, `device_cost`, `rack_cost`, …)
+/// and result (`changed`, `unchanged`, `not_found`, `stale`, `scheduled`, `failed`).
 pub const CONCERTIM_UPDATES: &str = "concertim_billing_concertim_updates_total";
 /// Sharded mode: messages the intake moved from the main queue to the shards.
 pub const INTAKE_MOVED: &str = "concertim_billing_intake_moved_total";

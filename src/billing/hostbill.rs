@@ -44,6 +44,10 @@
 //! The previous `openstack-billed-*` variables stay on the instance products while usage
 //! recorded in them is still to be invoiced (`deploy/README.md`, "HostBill products").
 //!
+//! Concertim's figures: the client's `credit` (`getClientDetails`), and the `charge` of every
+//! variable of `meteredGetUsage` (HostBill's current billing period) on each of the client's
+//! accounts, a resource's cost being its accounts' (by `domain`) and the team's the sum.
+//!
 //! No double counting without a key: every usage entry carries `rawoutput =
 //! "concertim-billing <trackingId>"`, and before adding, `meteredGetUsage` is read and every
 //! variable already carrying that marker (on any of the instance's accounts) is left out. A
@@ -55,7 +59,7 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use serde::Deserialize;
 
-use super::{Applied, Billing, BillingError, Context};
+use super::{AccountFigures, Applied, Billing, BillingError, Context};
 use crate::{
     config::HostBillSettings,
     event::{InstanceId, PlanName, ProjectId, Timestamp},
@@ -152,8 +156,43 @@ struct Usage {
 struct Variable {
     #[serde(default)]
     variable_name: String,
+    /// What the variable's usage costs in the current billing period.
+    #[serde(default)]
+    charge: Option<Amount>,
     #[serde(default)]
     values: Vec<UsageValue>,
+}
+
+/// A money amount: HostBill writes most as strings (`"6.00"`) and some as numbers
+/// (`"charge": 5`, billing-apis.md §2.1), so both are read.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Amount {
+    Text(String),
+    Number(serde_json::Number),
+}
+
+impl Amount {
+    fn decimal(&self, what: &str) -> Result<rust_decimal::Decimal, BillingError> {
+        let text = match self {
+            Amount::Text(t) => t.trim().to_owned(),
+            Amount::Number(n) => n.to_string(),
+        };
+        text.parse::<rust_decimal::Decimal>().or_else(|_| rust_decimal::Decimal::from_scientific(&text)).map_err(|_| {
+            BillingError::Protocol { what: what.to_owned(), detail: format!("amount {text:?} is not a decimal") }
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct ClientDetails {
+    client: ClientFigures,
+}
+
+#[derive(Deserialize)]
+struct ClientFigures {
+    #[serde(default)]
+    credit: Option<Amount>,
 }
 
 #[derive(Deserialize)]
@@ -467,6 +506,14 @@ impl Billing for HostBill {
         Ok(if live.is_empty() { Applied::AlreadyDone } else { Applied::Done })
     }
 
+    async fn account_figures(
+        &self,
+        project: &ProjectId,
+        today: time::Date,
+    ) -> Result<Option<AccountFigures>, BillingError> {
+        self.figures(project, today).await
+    }
+
     async fn record_usage(&self, usage: &UsageSpec, _ctx: Context<'_>) -> Result<Applied, BillingError> {
         let accounts = self.instance_accounts(&usage.instance).await?;
         let Some(account) = accounts.first() else { return Err(BillingError::NoSubscription(usage.instance.clone())) };
@@ -520,6 +567,52 @@ impl Billing for HostBill {
     }
 }
 
+impl HostBill {
+    /// The project's figures: the client's credit, and what each of its accounts' metered usage
+    /// costs in the current billing period (`meteredGetUsage` answers that period only).
+    async fn figures(&self, project: &ProjectId, today: time::Date) -> Result<Option<AccountFigures>, BillingError> {
+        let Some(client) = self.find_client(project).await? else { return Ok(None) };
+        let details: ClientDetails = self.call("getClientDetails", &[("id", client.clone())]).await?;
+        let credit = match &details.client.credit {
+            Some(credit) => credit.decimal(&format!("HostBill getClientDetails {client}: credit"))?,
+            None => {
+                return Err(BillingError::Protocol {
+                    what: format!("HostBill getClientDetails {client}"),
+                    detail: "the client has no credit field".into(),
+                })
+            }
+        };
+        // FIXME(hostbill): getAccounts cannot be filtered by client in the documented API, so
+        // every figures refresh pages through all accounts of every client.
+        let accounts = self.accounts(&[("list", "all".to_owned())]).await?;
+        let mut parts = Vec::new();
+        for account in accounts.iter().filter(|a| a.lastname == project.as_str()) {
+            let what = format!("HostBill meteredGetUsage {}", account.id);
+            let usage: Usage = self.call("meteredGetUsage", &[("account_id", account.id.clone())]).await?;
+            for variable in usage.variables.values() {
+                let charge = variable.charge.as_ref().ok_or_else(|| BillingError::Protocol {
+                    what: what.clone(),
+                    detail: format!("variable {} has no charge", variable.variable_name),
+                })?;
+                parts.push((account.domain.clone(), charge.decimal(&what)?));
+            }
+        }
+        let resources = super::ResourceCost::summed(parts);
+        let cost: rust_decimal::Decimal = resources.iter().map(|r| r.amount).sum();
+        // HostBill's billing cycle is each account's own; Concertim shows the calendar month,
+        // as with KillBill.
+        let (period_start, period_end) = super::killbill::month_of(today);
+        Ok(Some(AccountFigures {
+            account_id: client,
+            cost,
+            credits: credit - cost,
+            period_start,
+            period_end,
+            resources,
+        }))
+    }
+}
+
 async fn details_client(hb: &HostBill, account: &AccountRow) -> Result<String, BillingError> {
     let project = ProjectId::parse(account.lastname.clone()).map_err(|e| BillingError::Protocol {
         what: format!("HostBill account {}", account.id),
@@ -537,6 +630,16 @@ mod tests {
         let (a, b) = (random_password().unwrap(), random_password().unwrap());
         assert_ne!(a, b);
         assert_eq!(a.len(), 3 + 32, "{a}");
+    }
+
+    #[test]
+    fn charges_are_read_as_strings_or_numbers_and_garbage_is_a_protocol_error() {
+        let read = |json: &str| serde_json::from_str::<Amount>(json).unwrap().decimal("charge");
+        assert_eq!(read(r#""6.00""#).unwrap().to_string(), "6.00");
+        assert_eq!(read("5").unwrap().to_string(), "5");
+        assert_eq!(read("0.125").unwrap().to_string(), "0.125");
+        assert!(matches!(read(r#""six""#), Err(BillingError::Protocol { .. })));
+        assert!(serde_json::from_str::<Amount>("null").is_err());
     }
 
     #[test]

@@ -788,6 +788,7 @@ impl Billing for Ledger {
                 credits: self.credit_balance(project, today),
                 period_start: month_start,
                 period_end: month_end,
+                resources: Vec::new(),
             }));
         };
         let catalog = Catalog::bundled()
@@ -795,12 +796,14 @@ impl Billing for Ledger {
         let midnight = time::OffsetDateTime::new_utc(today, time::Time::MIDNIGHT);
         let today_ts = Timestamp::from_unix(midnight.unix_timestamp()).unwrap_or(first);
         let (start, _) = crate::price::period(crate::price::billing_day(first), today_ts);
-        let cost: Decimal = self
+        // The team's cost and each device's come from the same priced items, so they agree.
+        let items: Vec<(String, Decimal)> = self
             .costs_of(catalog, |p| p == project)
             .into_iter()
             .filter(|c| c.period.0 == start)
-            .map(|c| c.item.amount)
-            .sum();
+            .map(|c| (c.resource.to_string(), c.item.amount))
+            .collect();
+        let cost: Decimal = items.iter().map(|(_, amount)| *amount).sum();
         Ok(Some(AccountFigures {
             account_id: project.to_string(),
             cost,
@@ -808,6 +811,7 @@ impl Billing for Ledger {
             // The period Concertim shows is the calendar month, as with KillBill.
             period_start: month_start,
             period_end: month_end,
+            resources: super::ResourceCost::summed(items),
         }))
     }
 }
@@ -977,6 +981,31 @@ mod tests {
         assert_eq!(ledger.account_figures(&ProjectId::parse("q").unwrap(), today).await.unwrap(), None);
         // Its account id is the project's.
         assert_eq!(ledger.account_ref(&p).await.unwrap().as_deref(), Some("p"));
+    }
+
+    #[tokio::test]
+    async fn each_resources_cost_is_its_own_priced_items_and_they_sum_to_the_teams_cost() {
+        let m = meta();
+        let ctx = Context { meta: &m, redelivered: false };
+        let ledger = Ledger::in_memory();
+        let p = ProjectId::parse("p").unwrap();
+        ledger.ensure_account(&p, ctx).await.unwrap();
+        let vcpu = Unit::parse("openstack-vcpu-seconds").unwrap();
+        for (id, seconds) in [("i", 3_600), ("j", 36_000)] {
+            let mut s = spec("2025-03-03T09:00:00Z", "openstack-standard-monthly");
+            s.instance = InstanceId::parse(id).unwrap();
+            ledger.ensure_subscription(&s, ctx).await.unwrap();
+            let mut u = usage(&format!("t-{id}"), "2025-03-03T09:00:00Z", seconds);
+            u.instance = s.instance.clone();
+            u.records[0].unit = vcpu.clone();
+            ledger.record_usage(&u, ctx).await.unwrap();
+        }
+        let figures = ledger.account_figures(&p, time::macros::date!(2025 - 03 - 20)).await.unwrap().unwrap();
+        // Each rounded on its own item: 3600 × 0.00001 = 0.036 → 0.04; 36000 × 0.00001 = 0.36.
+        let shown: Vec<(&str, String)> =
+            figures.resources.iter().map(|r| (r.resource_id.as_str(), r.amount.to_string())).collect();
+        assert_eq!(shown, [("i", "0.04".to_owned()), ("j", "0.36".to_owned())]);
+        assert_eq!(figures.resources.iter().map(|r| r.amount).sum::<Decimal>(), figures.cost);
     }
 
     #[tokio::test]

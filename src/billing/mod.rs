@@ -317,6 +317,29 @@ pub struct AccountFigures {
     pub period_start: time::Date,
     /// Last day of the billing period.
     pub period_end: time::Date,
+    /// The cost of each resource so far in the period, one entry per resource. Costs that are
+    /// no resource's (an account-wide charge) are in `cost` only, so these sum to `cost` or less.
+    pub resources: Vec<ResourceCost>,
+}
+
+/// What one resource has cost so far in the billing period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceCost {
+    /// The resource's OpenStack id (what Concertim keeps as a device's `openstack_instance_id`).
+    pub resource_id: String,
+    /// Its cost in the account's currency.
+    pub amount: rust_decimal::Decimal,
+}
+
+impl ResourceCost {
+    /// One entry per resource, in id order: amounts of the same resource are added.
+    pub fn summed(parts: impl IntoIterator<Item = (String, rust_decimal::Decimal)>) -> Vec<ResourceCost> {
+        let mut totals: std::collections::BTreeMap<String, rust_decimal::Decimal> = std::collections::BTreeMap::new();
+        for (resource_id, amount) in parts {
+            *totals.entry(resource_id).or_default() += amount;
+        }
+        totals.into_iter().map(|(resource_id, amount)| ResourceCost { resource_id, amount }).collect()
+    }
 }
 
 /// The configured backend.
@@ -504,5 +527,24 @@ impl Billing for Backend {
         today: time::Date,
     ) -> Result<Option<AccountFigures>, BillingError> {
         dispatch!(self, b => b.account_figures(project, today))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_amounts_of_one_resource_are_added_into_one_entry_per_resource() {
+        let d = |s: &str| s.parse::<rust_decimal::Decimal>().unwrap();
+        let parts = [("b".to_owned(), d("1.5")), ("a".to_owned(), d("2")), ("b".to_owned(), d("0.25"))];
+        let summed = ResourceCost::summed(parts);
+        assert_eq!(
+            summed,
+            [
+                ResourceCost { resource_id: "a".into(), amount: d("2") },
+                ResourceCost { resource_id: "b".into(), amount: d("1.75") }
+            ]
+        );
     }
 }

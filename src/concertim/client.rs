@@ -129,6 +129,51 @@ pub struct Item {
     /// Its metadata (`openstack_instance_id`, `openstack_stack_id`, …).
     #[serde(default)]
     pub metadata: Value,
+    /// Its cost as Concertim shows it: a device's decimal (`"12.5"`), a rack's `"%.2f"`. `None`
+    /// when absent or unreadable, so that the next cost written replaces it.
+    #[serde(default, deserialize_with = "lenient_cost")]
+    pub cost: Option<rust_decimal::Decimal>,
+    /// A device's place: the rack it is in.
+    #[serde(default)]
+    pub location: Option<Location>,
+    /// A rack's owning team.
+    #[serde(default)]
+    pub owner: Option<Owner>,
+}
+
+/// Where a device is.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Location {
+    /// The rack's record id.
+    #[serde(default, deserialize_with = "opt_record_id")]
+    pub rack_id: Option<RecordId>,
+}
+
+/// Who owns a rack: its team, as `GET /api/v1/racks` renders it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Owner {
+    /// The team's record id.
+    #[serde(default, deserialize_with = "opt_record_id")]
+    pub id: Option<RecordId>,
+}
+
+fn opt_record_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<RecordId>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s)),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        other => Err(serde::de::Error::custom(format!("id {other} is neither a number nor a string"))),
+    }
+}
+
+fn lenient_cost<'de, D: Deserializer<'de>>(d: D) -> Result<Option<rust_decimal::Decimal>, D::Error> {
+    let text = match Value::deserialize(d)? {
+        Value::String(s) => s,
+        Value::Number(n) => n.to_string(),
+        _ => return Ok(None),
+    };
+    let text = text.trim();
+    Ok(text.parse().ok().or_else(|| rust_decimal::Decimal::from_scientific(text).ok()))
 }
 
 impl Item {
@@ -444,5 +489,23 @@ mod tests {
         assert_eq!(t.id, "7");
         let i: Item = serde_json::from_str(r#"{"id":"9","metadata":{"openstack_instance_id":"i-1"}}"#).unwrap();
         assert_eq!(i.metadata("openstack_instance_id").as_deref(), Some("i-1"));
+    }
+
+    #[test]
+    fn a_devices_cost_and_rack_and_a_racks_cost_and_owner_are_read_as_rails_renders_them() {
+        let device: Item =
+            serde_json::from_str(r#"{"id":9,"cost":"12.5","location":{"rack_id":3,"start_u":1}}"#).unwrap();
+        assert_eq!(
+            (device.cost.map(|c| c.to_string()), device.location.and_then(|l| l.rack_id)),
+            (Some("12.5".into()), Some("3".into()))
+        );
+        let rack: Item = serde_json::from_str(r#"{"id":3,"cost":"0.00","owner":{"id":7,"name":"t"}}"#).unwrap();
+        assert_eq!(
+            (rack.cost.map(|c| c.to_string()), rack.owner.and_then(|o| o.id)),
+            (Some("0.00".into()), Some("7".into()))
+        );
+        // An unreadable cost is no cost: the next one written replaces it.
+        let odd: Item = serde_json::from_str(r#"{"id":1,"cost":"n/a","location":null}"#).unwrap();
+        assert_eq!(odd.cost, None);
     }
 }

@@ -11,7 +11,11 @@
 //! Team refreshes are debounced per project: the first request schedules one refresh
 //! `team_refresh_interval_ms` later, requests until then join it, so a burst of usage costs one
 //! refresh per interval. The refresh reads the figures from the billing application then, so it
-//! shows everything recorded before it runs.
+//! shows everything recorded before it runs: the team's cost, credits and billing period, each
+//! of the team's devices' cost so far in the period (a device the figures do not name costs
+//! nothing yet), and each of the team's racks' cost, the sum of the costs of the devices in it.
+//! A cost is written only when it differs from what Concertim shows (as last listed, or as last
+//! written).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rust_decimal::{Decimal, RoundingStrategy};
 use serde_json::json;
 use tracing::{debug, warn};
 
@@ -30,7 +35,7 @@ use super::{
     Status, Update, Work,
 };
 use crate::{
-    billing::{BillingError, Figures},
+    billing::{BillingError, Figures, ResourceCost},
     class::ErrorClass,
     config::{BackoffSettings, ConcertimSettings},
     event::{ProjectId, Timestamp},
@@ -97,13 +102,17 @@ enum Kind {
     Rack,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Entry {
     id: String,
     /// Status (devices, racks) or billing account (teams) as Concertim has it.
     value: Option<String>,
     /// The time of the last status we applied.
     at: Option<Timestamp>,
+    /// A device's or rack's cost as Concertim has it.
+    cost: Option<Decimal>,
+    /// Where it belongs: a device's rack, a rack's team (record ids).
+    parent: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -252,7 +261,7 @@ impl<B: Figures + 'static> Worker<B> {
         }
         if value.is_some() || at.is_some() {
             let value = value.or_else(|| entry.value.clone());
-            self.store(kind, key, Entry { id: entry.id.clone(), value, at: at.or(entry.at) });
+            self.store(kind, key, Entry { value, at: at.or(entry.at), ..entry.clone() });
         }
         Ok(Done::Changed)
     }
@@ -286,10 +295,31 @@ impl<B: Figures + 'static> Worker<B> {
         if let Some(entry) = self.cached(kind, key) {
             return Ok(Some(entry));
         }
+        self.find_by(kind, |k, _| k == key).await.map(|found| found.map(|(_, entry)| entry))
+    }
+
+    /// The first cached record `wanted` picks (by key and entry), or, on a miss, the first after
+    /// listing the kind again (unless it was listed within the relist interval).
+    async fn find_by(
+        &self,
+        kind: Kind,
+        wanted: impl Fn(&str, &Entry) -> bool,
+    ) -> Result<Option<(String, Entry)>, ConcertimError> {
+        let pick = || {
+            let cache = self.lock_cache();
+            cache
+                .entries
+                .iter()
+                .find(|((k, key), entry)| *k == kind as u8 && wanted(key, entry))
+                .map(|((_, key), entry)| (key.clone(), entry.clone()))
+        };
+        if let Some(found) = pick() {
+            return Ok(Some(found));
+        }
         // One listing per kind at a time; whoever waited finds the fresh list in the cache.
         let _one = self.relisting[kind as usize].lock().await;
-        if let Some(entry) = self.cached(kind, key) {
-            return Ok(Some(entry));
+        if let Some(found) = pick() {
+            return Ok(Some(found));
         }
         let interval = Duration::from_millis(self.settings.relist_interval_ms);
         if self.lock_cache().listed.get(&(kind as u8)).is_some_and(|at| at.elapsed() < interval) {
@@ -301,17 +331,39 @@ impl<B: Figures + 'static> Worker<B> {
             Kind::Rack => item_entries(self.client.racks().await?, "openstack_stack_id"),
         };
         debug!(kind = kind.name(), count = listed.len(), "listed Concertim records");
-        let mut cache = self.lock_cache();
-        cache.entries.retain(|(k, _), _| *k != kind as u8);
-        for (key, mut entry) in listed {
-            // Keep the time of the last status applied: Concertim's answer has none.
-            if let Some(old) = cache.entries.get(&(kind as u8, key.clone())) {
-                entry.at = old.at;
+        {
+            let mut cache = self.lock_cache();
+            cache.entries.retain(|(k, _), _| *k != kind as u8);
+            for (key, mut entry) in listed {
+                // Keep the time of the last status applied: Concertim's answer has none.
+                if let Some(old) = cache.entries.get(&(kind as u8, key.clone())) {
+                    entry.at = old.at;
+                }
+                cache.entries.insert((kind as u8, key), entry);
             }
-            cache.entries.insert((kind as u8, key), entry);
+            cache.listed.insert(kind as u8, Instant::now());
         }
-        cache.listed.insert(kind as u8, Instant::now());
-        Ok(cache.entries.get(&(kind as u8, key.to_owned())).cloned())
+        Ok(pick())
+    }
+
+    /// Every cached record of a kind, as (key, entry).
+    fn all_cached(&self, kind: Kind) -> Vec<(String, Entry)> {
+        let cache = self.lock_cache();
+        cache
+            .entries
+            .iter()
+            .filter(|((k, _), _)| *k == kind as u8)
+            .map(|((_, key), e)| (key.clone(), e.clone()))
+            .collect()
+    }
+
+    /// Lists a kind unless it was listed once already (later misses list it again).
+    async fn listed_once(&self, kind: Kind) -> Result<(), ConcertimError> {
+        if !self.lock_cache().listed.contains_key(&(kind as u8)) {
+            // A key no record has: a miss that lists the kind.
+            self.find_by(kind, |_, _| false).await?;
+        }
+        Ok(())
     }
 
     /// Joins or schedules the project's next team refresh.
@@ -386,8 +438,98 @@ impl<B: Figures + 'static> Worker<B> {
             "billing_period_start": figures.period_start.to_string(),
             "billing_period_end": figures.period_end.to_string(),
         });
-        Ok(self.change(Kind::Team, project.as_str(), &team, fields, None, None).await?)
+        let done = self.change(Kind::Team, project.as_str(), &team, fields, None, None).await?;
+        self.write_costs(&team.id, &figures.resources).await?;
+        Ok(done)
     }
+
+    /// Writes the cost of each of the team's devices (the figures' amount, zero for a device
+    /// they do not name) and of each of its racks (the sum of its devices' costs as written).
+    /// The team's racks are those it owns and those its costed devices are in.
+    // FIXME(concertim): each device's cost is rounded to cents on its own, so where a backend's
+    // amounts have more decimals (HostBill's charges) the devices' and racks' sums can differ
+    // from the team's cost by a few cents.
+    async fn write_costs(&self, team: &str, resources: &[ResourceCost]) -> Result<(), ConcertimError> {
+        self.listed_once(Kind::Rack).await?;
+        self.listed_once(Kind::Device).await?;
+        let mut costed: HashMap<&str, Decimal> = HashMap::new();
+        for r in resources {
+            // A miss lists the devices again: the device may be newer than the last listing.
+            if self.find(Kind::Device, &r.resource_id).await?.is_some() {
+                costed.insert(r.resource_id.as_str(), cents(r.amount));
+            } else {
+                count("device_cost", Done::NotFound);
+            }
+        }
+        let devices = self.all_cached(Kind::Device);
+        let mut racks: HashSet<String> = self
+            .all_cached(Kind::Rack)
+            .into_iter()
+            .filter(|(_, rack)| rack.parent.as_deref() == Some(team))
+            .map(|(_, rack)| rack.id)
+            .collect();
+        racks.extend(
+            devices.iter().filter(|(key, _)| costed.contains_key(key.as_str())).filter_map(|(_, d)| d.parent.clone()),
+        );
+        for (key, device) in &devices {
+            let in_team_rack = device.parent.as_ref().is_some_and(|rack| racks.contains(rack));
+            let cost = match costed.get(key.as_str()) {
+                Some(cost) => *cost,
+                None if in_team_rack => Decimal::ZERO,
+                None => continue,
+            };
+            let done = self.set_cost(Kind::Device, key, device, cost).await?;
+            count("device_cost", done);
+        }
+        let devices = self.all_cached(Kind::Device);
+        let places: Vec<(Option<&str>, Option<Decimal>)> =
+            devices.iter().map(|(_, d)| (d.parent.as_deref(), d.cost)).collect();
+        let sums = rack_sums(&places);
+        for rack_id in racks {
+            let Some((key, rack)) = self.find_by(Kind::Rack, |_, e| e.id == rack_id).await? else {
+                count("rack_cost", Done::NotFound);
+                continue;
+            };
+            let cost = sums.get(rack_id.as_str()).copied().unwrap_or_default();
+            let done = self.set_cost(Kind::Rack, &key, &rack, cost).await?;
+            count("rack_cost", done);
+        }
+        Ok(())
+    }
+
+    /// PATCHes a device's or rack's cost unless Concertim shows it already.
+    async fn set_cost(&self, kind: Kind, key: &str, entry: &Entry, cost: Decimal) -> Result<Done, ConcertimError> {
+        if entry.cost == Some(cost) {
+            return Ok(Done::Unchanged);
+        }
+        if !self.client.update(kind.name(), &entry.id, json!({"cost": format!("{cost:.2}")})).await? {
+            self.forget(kind, key);
+            return Ok(Done::NotFound);
+        }
+        self.store(kind, key, Entry { cost: Some(cost), ..entry.clone() });
+        Ok(Done::Changed)
+    }
+}
+
+fn count(update: &'static str, done: Done) {
+    metrics::counter!(crate::telemetry::CONCERTIM_UPDATES, "update" => update, "result" => done.as_str()).increment(1);
+}
+
+/// An amount as Concertim shows it: in cents, half away from zero.
+fn cents(amount: Decimal) -> Decimal {
+    amount.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero)
+}
+
+/// The cost of each rack: the sum of the costs of the devices in it, from (device's rack,
+/// device's cost) pairs. A device with no cost adds nothing; a device in no rack is in no sum.
+fn rack_sums<'a>(devices: &[(Option<&'a str>, Option<Decimal>)]) -> HashMap<&'a str, Decimal> {
+    let mut sums: HashMap<&str, Decimal> = HashMap::new();
+    for (rack, cost) in devices {
+        if let Some(rack) = rack {
+            *sums.entry(rack).or_default() += cost.unwrap_or_default();
+        }
+    }
+    sums
 }
 
 impl Kind {
@@ -402,7 +544,7 @@ impl Kind {
 
 fn team_entry(team: Team) -> Option<(String, Entry)> {
     let project = team.project_id.filter(|p| !p.is_empty())?;
-    Some((project, Entry { id: team.id, value: team.billing_acct_id, at: None }))
+    Some((project, Entry { id: team.id, value: team.billing_acct_id, ..Entry::default() }))
 }
 
 fn item_entries(items: Vec<Item>, key: &str) -> Vec<(String, Entry)> {
@@ -410,7 +552,45 @@ fn item_entries(items: Vec<Item>, key: &str) -> Vec<(String, Entry)> {
         .into_iter()
         .filter_map(|item| {
             let k = item.metadata(key)?;
-            Some((k, Entry { id: item.id, value: item.status, at: None }))
+            let parent = match (item.location, item.owner) {
+                (Some(location), _) => location.rack_id,
+                (None, Some(owner)) => owner.id,
+                (None, None) => None,
+            };
+            Some((k, Entry { id: item.id, value: item.status, at: None, cost: item.cost, parent }))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(text: &str) -> Decimal {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_racks_cost_is_the_sum_of_the_costs_of_the_devices_in_it() {
+        let devices = [
+            (Some("r1"), Some(d("1.25"))),
+            (Some("r1"), Some(d("0.75"))),
+            // Not costed yet: adds nothing.
+            (Some("r1"), None),
+            (Some("r2"), Some(d("3"))),
+            // In no rack: in no sum.
+            (None, Some(d("100"))),
+        ];
+        let sums = rack_sums(&devices);
+        assert_eq!(sums.get("r1"), Some(&d("2.00")));
+        assert_eq!(sums.get("r2"), Some(&d("3")));
+        assert_eq!(sums.len(), 2);
+    }
+
+    #[test]
+    fn amounts_are_shown_in_cents_rounded_half_away_from_zero() {
+        assert_eq!(cents(d("0.125")).to_string(), "0.13");
+        assert_eq!(cents(d("0.135")).to_string(), "0.14");
+        assert_eq!(cents(d("2")), d("2.00"));
+    }
 }

@@ -2,15 +2,19 @@
 //! volume's lifecycle on its device, an outage that never holds billing up, an expired token,
 //! and debounced team refreshes.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use concertim_billing::{
-    billing::{KillBill, Ledger},
+    billing::{HostBill, KillBill, Ledger},
     bus::Names,
     config::{Binding, MetricRule},
-    event::Event,
+    event::{Event, Timestamp},
     fixture::FixtureDelivery,
     notification::{decode, DecodeLimits},
+    price::Catalog,
 };
 use rust_decimal::Decimal;
 
@@ -19,7 +23,9 @@ use crate::support::{
     bus::{spawn_app, usage_batch, usage_fixture, TestBus, TEST_UNIT},
     concertim::FakeConcertim,
     deliveries,
+    hostbill::FakeHostBill,
     killbill::FakeKillBill,
+    killbill_server::KillBillServer,
     wait::{eventually, eventually_with},
 };
 
@@ -332,15 +338,7 @@ async fn a_settlement_pass_that_bills_a_project_refreshes_its_teams_figures() {
     concertim.add_team(project);
     concertim.add_device(instance, "IN_PROGRESS");
     // An instance launched three hours ago: its whole hours are due as soon as the bus is idle.
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let launched = concertim_billing::event::Timestamp::from_unix(now as i64 - 3 * 3_600).unwrap().to_rfc3339();
-    let template = created(&legacy("compute.instance.create.end"), project, instance, 1);
-    let envelope: serde_json::Value = serde_json::from_slice(&template.body).unwrap();
-    let mut message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
-    message["timestamp"] = serde_json::json!(launched);
-    message["payload"]["launched_at"] = serde_json::json!(launched);
-    let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
-    let create = FixtureDelivery { body: serde_json::to_vec(&body).unwrap(), ..template };
+    let create = launched(project, instance, 1, 3);
     let app = spawn_app(&bus, KillBill::new(kb.settings()).unwrap(), None).await;
     bus.publish(&create).await;
     // A create asks Concertim for the device's status only; the team's figures change when the
@@ -353,6 +351,206 @@ async fn a_settlement_pass_that_bills_a_project_refreshes_its_teams_figures() {
     assert_eq!(bus.depth(&bus.names().dead_queue).await, 0);
     app.shutdown().await.unwrap();
     bus.cleanup().await;
+}
+
+/// A legacy `create.end` of an instance of `project` launched `hours` ago.
+fn launched(project: &str, instance: &str, n: usize, hours: i64) -> FixtureDelivery {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let at = concertim_billing::event::Timestamp::from_unix(now as i64 - hours * 3_600).unwrap().to_rfc3339();
+    let template = created(&legacy("compute.instance.create.end"), project, instance, n);
+    let envelope: serde_json::Value = serde_json::from_slice(&template.body).unwrap();
+    let mut message: serde_json::Value = serde_json::from_str(envelope["oslo.message"].as_str().unwrap()).unwrap();
+    message["timestamp"] = serde_json::json!(at);
+    message["payload"]["launched_at"] = serde_json::json!(at);
+    let body = serde_json::json!({"oslo.version": "2.0", "oslo.message": message.to_string()});
+    FixtureDelivery { body: serde_json::to_vec(&body).unwrap(), ..template }
+}
+
+/// The instances of [`CostedTeam`], by rack: rack A holds two, rack B one.
+const RACK_A: [&str; 2] = ["00000000-0000-4000-8000-0000000c0a01", "00000000-0000-4000-8000-0000000c0a02"];
+const RACK_B: [&str; 1] = ["00000000-0000-4000-8000-0000000c0b01"];
+
+/// A team whose project runs three instances in two racks of the team, launched three, two and
+/// one hour ago, with a bus that settles every second (their whole hours are billed as soon as
+/// the bus is idle).
+struct CostedTeam {
+    project: &'static str,
+    bus: TestBus,
+    launches: Vec<FixtureDelivery>,
+}
+
+async fn costed_team(test: &str, project: &'static str, concertim: &FakeConcertim) -> CostedTeam {
+    let mut bus = concertim_bus(test, concertim).await;
+    bus.settings.billing.time.settle_every_s = 1;
+    bus.settings.billing.time.grace_s = 0;
+    concertim.add_team(project);
+    let a = concertim.add_team_rack("stack-a", project);
+    let b = concertim.add_team_rack("stack-b", project);
+    for i in RACK_A {
+        concertim.add_device_in(i, a);
+    }
+    for i in RACK_B {
+        concertim.add_device_in(i, b);
+    }
+    let instances = RACK_A.iter().chain(&RACK_B);
+    let launches = instances.enumerate().map(|(n, i)| launched(project, i, 100 + n, 3 - n as i64)).collect();
+    CostedTeam { project, bus, launches }
+}
+
+/// How Concertim's costs differ from the backend's figures (`devices`: each instance's cost;
+/// `team`: the team's): every device shows its figure in cents (zero when the figures do not
+/// name it), every rack the sum of its devices' costs, the team its cost, which is the sum of
+/// its devices'. Nothing billed yet is a difference too: the test would prove nothing.
+fn cost_mismatches(
+    concertim: &FakeConcertim,
+    project: &str,
+    devices: &BTreeMap<String, Decimal>,
+    team: Decimal,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if team.is_zero() {
+        out.push("the backend has billed nothing yet".to_owned());
+    }
+    let sum: Decimal = devices.values().sum();
+    if sum != team {
+        out.push(format!("the backend's resources sum to {sum}, its team cost is {team}"));
+    }
+    for (stack, instances) in [("stack-a", &RACK_A[..]), ("stack-b", &RACK_B[..])] {
+        let mut rack_sum = Decimal::ZERO;
+        for i in instances {
+            let expected = devices.get(*i).copied().unwrap_or_default().round_dp(2);
+            let shown = concertim.device(i).map(|d| d.cost).unwrap_or_default();
+            if shown != expected {
+                out.push(format!("device {i}: cost {shown}, expected {expected}"));
+            }
+            rack_sum += shown;
+        }
+        let shown = concertim.rack(stack).map(|r| r.cost_text());
+        if shown != Some(money(rack_sum)) {
+            out.push(format!("rack {stack}: cost {shown:?}, expected the sum of its devices {}", money(rack_sum)));
+        }
+    }
+    let shown = concertim.team(project).and_then(|t| t.cost);
+    if shown != Some(money(team)) {
+        out.push(format!("team: cost {shown:?}, expected {}", money(team)));
+    }
+    out
+}
+
+fn today() -> time::Date {
+    time::OffsetDateTime::now_utc().date()
+}
+
+#[tokio::test]
+async fn with_the_ledger_concertim_shows_each_devices_rack_and_team_cost_as_the_ledger_prices_them() {
+    let concertim = FakeConcertim::start().await;
+    let costed = costed_team("concertim-costs-ledger", "c05750000000000000000000000000a1", &concertim).await;
+    let app = spawn_app(&costed.bus, Ledger::in_memory(), None).await;
+    for d in &costed.launches {
+        costed.bus.publish(d).await;
+    }
+    let ledger = app.executor.billing();
+    let catalog = Catalog::bundled().unwrap();
+    eventually_with("Concertim to show the ledger's costs", Duration::from_secs(60), || {
+        // The ledger's priced items of the current period, by resource (bundled prices, each
+        // item rounded to cents by the catalog).
+        let now = Timestamp::from_unix(time::OffsetDateTime::now_utc().unix_timestamp()).unwrap();
+        let mut devices: BTreeMap<String, Decimal> = BTreeMap::new();
+        for c in ledger.costs(catalog).into_iter().filter(|c| c.period.0 <= now && now < c.period.1) {
+            *devices.entry(c.resource.to_string()).or_default() += c.item.amount;
+        }
+        let team = devices.values().sum();
+        let left = cost_mismatches(&concertim, costed.project, &devices, team);
+        async move {
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(left)
+            }
+        }
+    })
+    .await;
+    assert_eq!(costed.bus.depth(&costed.bus.names().dead_queue).await, 0);
+    app.shutdown().await.unwrap();
+    costed.bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn with_killbill_concertim_shows_each_devices_rack_and_team_cost_as_the_dry_run_invoice_has_them() {
+    let server = KillBillServer::start().await;
+    if let KillBillServer::Fake(fake) = &server {
+        // The fake prices usage at the test's prices (whole cents an hour); the real server at
+        // the bundled catalog's.
+        fake.set_price("openstack-instance-seconds", Decimal::new(1, 4));
+        fake.set_price("openstack-vcpu-seconds", Decimal::new(2, 4));
+    }
+    let concertim = FakeConcertim::start().await;
+    let costed = costed_team("concertim-costs-killbill", "c05750000000000000000000000000b2", &concertim).await;
+    let app = spawn_app(&costed.bus, server.client(), None).await;
+    for d in &costed.launches {
+        costed.bus.publish(d).await;
+    }
+    eventually_with("Concertim to show KillBill's dry-run invoice", Duration::from_secs(120), || {
+        let (server, concertim, project) = (&server, &concertim, costed.project);
+        async move {
+            // The upcoming invoice as the test reads it itself: its amount, and its items by
+            // the subscriptions' external keys.
+            let (amount, devices) = server.upcoming_invoice(project, today()).await.unwrap_or_default();
+            let left = cost_mismatches(concertim, project, &devices, amount);
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(left)
+            }
+        }
+    })
+    .await;
+    assert_eq!(costed.bus.depth(&costed.bus.names().dead_queue).await, 0);
+    app.shutdown().await.unwrap();
+    costed.bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn with_hostbill_concertim_shows_each_devices_rack_and_team_cost_as_hostbill_charges_them() {
+    let hostbill = FakeHostBill::start().await;
+    // Whole cents an hour: 0.36 per instance-hour, 0.72 per vCPU-hour; other variables are free.
+    hostbill.set_price("openstack-instance-seconds", Decimal::new(1, 4));
+    hostbill.set_price("openstack-vcpu-seconds", Decimal::new(2, 4));
+    let concertim = FakeConcertim::start().await;
+    let costed = costed_team("concertim-costs-hostbill", "c05750000000000000000000000000c3", &concertim).await;
+    let products =
+        [("openstack-standard-monthly", "1"), ("openstack-large-monthly", "2"), ("openstack-small-monthly", "3")];
+    let app = spawn_app(&costed.bus, HostBill::new(hostbill.settings(&products)).unwrap(), None).await;
+    for d in &costed.launches {
+        costed.bus.publish(d).await;
+    }
+    let credit = Decimal::new(2_500, 2);
+    eventually("the project's HostBill client", Duration::from_secs(30), || async {
+        hostbill.state().clients.contains(costed.project).then_some(())
+    })
+    .await;
+    hostbill.set_credit(costed.project, credit);
+    eventually_with("Concertim to show HostBill's charges", Duration::from_secs(60), || {
+        let devices = hostbill.charges();
+        let team: Decimal = devices.values().sum();
+        let mut left = cost_mismatches(&concertim, costed.project, &devices, team);
+        // Credits are the client's credit minus the charges.
+        let credits = concertim.team(costed.project).and_then(|t| t.credits);
+        if credits != Some(money(credit - team)) {
+            left.push(format!("team credits {credits:?}, expected {}", money(credit - team)));
+        }
+        async move {
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(left)
+            }
+        }
+    })
+    .await;
+    assert_eq!(costed.bus.depth(&costed.bus.names().dead_queue).await, 0);
+    app.shutdown().await.unwrap();
+    costed.bus.cleanup().await;
 }
 
 #[tokio::test]

@@ -46,6 +46,13 @@ fn script() -> Vec<Step> {
         step("create it again", Method::POST, "/1.0/kb/accounts", Some(account)),
         step("find it by key", Method::GET, "/1.0/kb/accounts?externalKey={p}", None),
         step("find an unknown key", Method::GET, "/1.0/kb/accounts?externalKey={p}-none", None),
+        step(
+            "dry-run the upcoming invoice of an account with nothing due",
+            Method::POST,
+            "/1.0/kb/invoices/dryRun?accountId={account}&targetDate=2025-03-31",
+            Some(json!({"dryRunType": "UPCOMING_INVOICE"})),
+        ),
+        step("read the bundles of an account with none", Method::GET, "/1.0/kb/accounts/{account}/bundles", None),
         step("add a custom field", Method::POST, "/1.0/kb/accounts/{account}/customFields", Some(field.clone())),
         step("add the same field again", Method::POST, "/1.0/kb/accounts/{account}/customFields", Some(field)),
         step("read the fields", Method::GET, "/1.0/kb/accounts/{account}/customFields", None),

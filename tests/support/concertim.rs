@@ -19,12 +19,18 @@
 //!   `Host Not Found` for a device it does not know, and `{"status":200}` otherwise.
 //! - `set_down(true)` answers every request 503, as the reverse proxy does while Rails is away.
 //!
-//! What it cannot reproduce: devices are not placed in racks (so no rack is ever non-empty, and
-//! the list holds every device where Rails lists only those occupying rack units), carry no
-//! template or details (a volume's `size`, `volume_type` … are absent from the list), and cannot
-//! be created (`POST /api/v1/nodes` is 404 here); the MRD's 30 s device-map refresh is not
-//! modelled (a device is known to it at once); no status-action rules (they govern the
-//! IRV's requested actions, not API writes).
+//! - costs as Rails keeps them: a device's `cost` is a decimal column (default 0) rendered as
+//!   Ruby renders a `BigDecimal` (`"0.0"`, `"12.5"`), a rack's is rendered `"%.2f"`; both are
+//!   permitted in `PATCH`; a rack renders its team as `owner`, a device its rack as
+//!   `location.rack_id`.
+//!
+//! What it cannot reproduce: a device is in a rack only when the test places it (`add_device`
+//! and `add_volume` make devices in no rack, rendered with `location.rack_id` null, where Rails
+//! has every listed device occupying rack units), devices carry no template or details (a
+//! volume's `size`, `volume_type` … are absent from the list), and cannot be created (`POST
+//! /api/v1/nodes` is 404 here); the cost column's scale (a cost with more than two decimals is
+//! kept whole); the MRD's 30 s device-map refresh is not modelled (a device is known to it at
+//! once); no status-action rules (they govern the IRV's requested actions, not API writes).
 
 use std::sync::{Arc, Mutex};
 
@@ -37,6 +43,7 @@ use axum::{
 };
 use base64::Engine as _;
 use concertim_billing::config::ConcertimSettings;
+use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 
 use super::fake_server::{self, Answers, Faults};
@@ -74,6 +81,35 @@ pub struct Record {
     pub status: String,
     /// The OpenStack id in its metadata.
     pub cloud_id: String,
+    /// Its cost (Rails' default is zero).
+    pub cost: Decimal,
+    /// A device's rack, a rack's team (record ids), when placed.
+    pub parent: Option<u64>,
+}
+
+impl Record {
+    fn new(id: u64, kind: &str, status: &str, cloud_id: &str, parent: Option<u64>) -> Self {
+        Record { id, kind: kind.into(), status: status.into(), cloud_id: cloud_id.into(), cost: Decimal::ZERO, parent }
+    }
+
+    /// `cost` as the API renders it: `"%.2f"` for a rack, a `BigDecimal`'s `to_s` for a device.
+    pub fn cost_text(&self) -> String {
+        if self.kind == "rack" {
+            format!("{:.2}", self.cost)
+        } else {
+            ruby_decimal(self.cost)
+        }
+    }
+}
+
+/// Ruby's `BigDecimal#to_s` with ActiveSupport (plain notation, at least one decimal).
+fn ruby_decimal(d: Decimal) -> String {
+    let text = d.normalize().to_string();
+    if text.contains('.') {
+        text
+    } else {
+        format!("{text}.0")
+    }
 }
 
 #[derive(Default)]
@@ -88,6 +124,7 @@ struct Fake {
     metrics: Vec<(u64, Value)>,
     team_figure_updates: usize,
     status_updates: usize,
+    cost_updates: usize,
     /// What happened to each device, by OpenStack id: the statuses set, then `removed`.
     device_history: Vec<(String, String)>,
 }
@@ -152,31 +189,51 @@ impl FakeConcertim {
         id
     }
 
-    /// Adds a rack for a Heat stack.
+    /// Adds a rack for a Heat stack, owned by no team.
     pub fn add_rack(&self, stack: &str, status: &str) -> u64 {
         let mut s = self.state.lock().unwrap();
         s.next_id += 1;
         let id = s.next_id;
-        s.racks.push(Record { id, kind: "rack".into(), status: status.into(), cloud_id: stack.into() });
+        s.racks.push(Record::new(id, "rack", status, stack, None));
         id
     }
 
-    /// Adds an Instance device for a Nova instance.
+    /// Adds a rack for a Heat stack, owned by the team of a project (which must exist).
+    pub fn add_team_rack(&self, stack: &str, project: &str) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        let team = s.teams.iter().find(|t| t.project_id == project).expect("the team exists").id;
+        s.next_id += 1;
+        let id = s.next_id;
+        s.racks.push(Record::new(id, "rack", "ACTIVE", stack, Some(team)));
+        id
+    }
+
+    /// Adds an Instance device for a Nova instance, in no rack.
     pub fn add_device(&self, instance: &str, status: &str) -> u64 {
-        let mut s = self.state.lock().unwrap();
-        s.next_id += 1;
-        let id = s.next_id;
-        s.devices.push(Record { id, kind: "Instance".into(), status: status.into(), cloud_id: instance.into() });
-        id
+        self.add(Record::new(0, "Instance", status, instance, None))
     }
 
-    /// Adds a Volume device for a Cinder volume.
+    /// Adds an Instance device for a Nova instance in a rack.
+    pub fn add_device_in(&self, instance: &str, rack: u64) -> u64 {
+        self.add(Record::new(0, "Instance", "ACTIVE", instance, Some(rack)))
+    }
+
+    /// Adds a Volume device for a Cinder volume, in no rack.
     pub fn add_volume(&self, volume: &str, status: &str) -> u64 {
+        self.add(Record::new(0, "Volume", status, volume, None))
+    }
+
+    fn add(&self, mut device: Record) -> u64 {
         let mut s = self.state.lock().unwrap();
         s.next_id += 1;
-        let id = s.next_id;
-        s.devices.push(Record { id, kind: "Volume".into(), status: status.into(), cloud_id: volume.into() });
-        id
+        device.id = s.next_id;
+        s.devices.push(device);
+        s.next_id
+    }
+
+    /// Cost changes made to devices and racks.
+    pub fn cost_updates(&self) -> usize {
+        self.state.lock().unwrap().cost_updates
     }
 
     /// What happened to the device of an OpenStack id, in order: each status it was changed
@@ -270,14 +327,16 @@ fn team_json(t: &Team) -> Value {
         "billing_period_start": t.period_start, "billing_period_end": t.period_end, "cost": t.cost, "credits": t.credits})
 }
 
-fn record_json(r: &Record) -> Value {
+fn record_json(r: &Record, teams: &[Team]) -> Value {
     let key = if r.kind == "rack" { "openstack_stack_id" } else { "openstack_instance_id" };
-    let mut value =
-        json!({"id": r.id, "name": format!("{}-{}", r.kind, r.id), "status": r.status, "metadata": {key: r.cloud_id}});
-    if r.kind != "rack" {
+    let mut value = json!({"id": r.id, "name": format!("{}-{}", r.kind, r.id), "status": r.status,
+        "metadata": {key: r.cloud_id}, "cost": r.cost_text()});
+    if r.kind == "rack" {
+        value["owner"] = teams.iter().find(|t| Some(t.id) == r.parent).map_or(Value::Null, team_json);
+    } else {
         value["type"] = json!(r.kind);
         value["location"] =
-            json!({"rack_id": 1, "start_u": 1, "end_u": 1, "facing": "f", "depth": 1, "type": "RackTemplate"});
+            json!({"rack_id": r.parent, "start_u": 1, "end_u": 1, "facing": "f", "depth": 1, "type": "RackTemplate"});
     }
     value
 }
@@ -345,10 +404,10 @@ async fn handle(
             json_response(StatusCode::OK, Value::Array(s.teams.iter().map(team_json).collect()))
         }
         (&Method::GET, ["api", "v1", "racks"]) => {
-            json_response(StatusCode::OK, Value::Array(s.racks.iter().map(record_json).collect()))
+            json_response(StatusCode::OK, Value::Array(s.racks.iter().map(|r| record_json(r, &s.teams)).collect()))
         }
         (&Method::GET, ["api", "v1", "devices"]) => {
-            json_response(StatusCode::OK, Value::Array(s.devices.iter().map(record_json).collect()))
+            json_response(StatusCode::OK, Value::Array(s.devices.iter().map(|d| record_json(d, &s.teams)).collect()))
         }
         (&Method::PATCH, ["api", "v1", "teams", id]) => {
             let Some(fields) = body["team"].as_object().cloned() else {
@@ -383,9 +442,18 @@ async fn handle(
         (&Method::PATCH, ["api", "v1", kind @ ("devices" | "racks"), id]) => {
             let key = if *kind == "racks" { "rack" } else { "device" };
             let fields: Map<String, Value> = body[key].as_object().cloned().unwrap_or_default();
+            let teams = s.teams.clone();
             let list = if *kind == "racks" { &mut s.racks } else { &mut s.devices };
             let Some(record) = list.iter_mut().find(|r| r.id.to_string() == *id) else { return not_found() };
             let mut changed = false;
+            let mut cost_changed = false;
+            if let Some(cost) = fields.get("cost") {
+                // A decimal column: Rails casts a number or its text, and an unreadable one to 0.
+                let cost = cost.as_str().map(str::to_owned).unwrap_or_else(|| cost.to_string());
+                let cost = cost.trim().parse::<Decimal>().unwrap_or_default();
+                cost_changed = record.cost != cost;
+                record.cost = cost;
+            }
             if let Some(status) = fields.get("status") {
                 let status = status.as_str().unwrap_or_default();
                 if !accepted(&record.kind).contains(&status) {
@@ -398,8 +466,11 @@ async fn handle(
                 changed = record.status != status;
                 record.status = status.to_owned();
             }
-            let json = record_json(record);
+            let json = record_json(record, &teams);
             let cloud_id = record.cloud_id.clone();
+            if cost_changed {
+                s.cost_updates += 1;
+            }
             if changed {
                 s.status_updates += 1;
                 if *kind == "devices" {
@@ -419,11 +490,16 @@ async fn handle(
             if !s.racks.iter().any(|r| r.id.to_string() == *id) {
                 return not_found();
             }
-            // The fake's devices are not placed in racks, so a rack is never non-empty; the
-            // recurse flag is still required as Rails requires it for a rack with devices.
+            // The recurse flag is required as Rails requires it for a rack with devices (the
+            // fake asks for it of every rack, as the service always sends it).
             if !recurse {
                 return json_response(StatusCode::UNPROCESSABLE_ENTITY, json!({"errors": "rack is not empty"}));
             }
+            let rack: u64 = id.parse().unwrap_or_default();
+            let (inside, kept): (Vec<Record>, Vec<Record>) =
+                std::mem::take(&mut s.devices).into_iter().partition(|d| d.parent == Some(rack));
+            s.devices = kept;
+            s.device_history.extend(inside.into_iter().map(|d| (d.cloud_id, "removed".to_owned())));
             s.racks.retain(|r| r.id.to_string() != *id);
             json_response(StatusCode::OK, json!({}))
         }

@@ -2,8 +2,16 @@
 //! form-encoded calls with `api_id`/`api_key`/`call`, replies in the `{"success", "call",
 //! "server_time"}` envelope with ids as strings, `sorter` pagination (25 per page), errors as
 //! `{"success": false, "error": [..]}` with HTTP 200 (the case the reference marks unverified).
-//! The fake keeps every billing period's usage (real HostBill's `meteredGetUsage` shows the
-//! current one).
+//! `getClientDetails` answers the client with its `credit` as a string (`"25.00"`, set by the
+//! test); `meteredGetUsage` prices each entry at the test's price of its variable (zero
+//! without one): every value's `charge` is qty × price and the variable's `charge` the sum of its
+//! values', both JSON numbers as in the reference's examples (`"charge": 5`), where ids and
+//! quantities are strings.
+//!
+//! What it cannot reproduce: billing periods (it keeps and charges every period's usage, where
+//! real HostBill's `meteredGetUsage` shows the current one), pricing schemes other than a flat
+//! price per unit (tiers, volume brackets, free quantities), HostBill's rounding of charges
+//! (the fake charges qty × price exactly), and a client's credit moving when invoices are paid.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -34,12 +42,15 @@ struct Fake {
     accounts: Vec<Account>,
     usage: Vec<Usage>,
     refuse_next: VecDeque<String>,
+    /// Price per unit of each metered variable.
+    prices: BTreeMap<String, Decimal>,
 }
 
 struct Client {
     id: String,
     email: String,
     lastname: String,
+    credit: Decimal,
 }
 
 struct Account {
@@ -132,6 +143,28 @@ impl FakeHostBill {
         self.state.lock().unwrap().refuse_next.push_back(error.to_owned());
     }
 
+    /// Prices usage of `variable` at `price` per unit, in every charge from now on.
+    pub fn set_price(&self, variable: &str, price: Decimal) {
+        self.state.lock().unwrap().prices.insert(variable.to_owned(), price);
+    }
+
+    /// Gives the client of a project (which must exist) this credit balance.
+    pub fn set_credit(&self, project: &str, credit: Decimal) {
+        let mut s = self.state.lock().unwrap();
+        s.clients.iter_mut().find(|c| c.lastname == project).expect("the client exists").credit = credit;
+    }
+
+    /// What the usage of each resource (an account's domain) costs at the test's prices.
+    pub fn charges(&self) -> BTreeMap<String, Decimal> {
+        let s = self.state.lock().unwrap();
+        let mut out = BTreeMap::new();
+        for u in &s.usage {
+            let domain = s.accounts.iter().find(|a| a.id == u.account_id).unwrap().domain.clone();
+            *out.entry(domain).or_default() += u.qty * s.prices.get(&u.variable).copied().unwrap_or_default();
+        }
+        out
+    }
+
     /// Usage entries stored.
     pub fn usage_rows(&self) -> usize {
         self.state.lock().unwrap().usage.len()
@@ -186,7 +219,7 @@ async fn handle(State(state): State<Arc<Mutex<Fake>>>, body: Bytes) -> Response 
             }
             s.next_id += 1;
             let id = s.next_id.to_string();
-            s.clients.push(Client { id: id.clone(), email, lastname: get("lastname") });
+            s.clients.push(Client { id: id.clone(), email, lastname: get("lastname"), credit: Decimal::ZERO });
             reply(&call, json!({"client_id": id, "info": ["New client account created"]}))
         }
         "getClients" => {
@@ -234,6 +267,16 @@ async fn handle(State(state): State<Arc<Mutex<Fake>>>, body: Bytes) -> Response 
                 reply(&call, json!({"id": id, "info": [format!("Order #{id} activated")]}))
             }
             None => refuse(&call, "Order not found"),
+        },
+        "getClientDetails" => match s.clients.iter().find(|c| c.id == get("id")) {
+            Some(c) => reply(
+                &call,
+                json!({"client": {"id": c.id, "client_id": c.id, "email": c.email, "status": "Active", "parent_id": "0",
+                    "firstname": "OpenStack project", "lastname": c.lastname, "companyname": c.lastname,
+                    "datecreated": "2025-01-01", "language": "english", "credit": format!("{:.2}", c.credit),
+                    "taxexempt": "0", "currency_id": "1", "country": "GB", "countryname": "United Kingdom"}}),
+            ),
+            None => refuse(&call, "Client not found"),
         },
         "getAccounts" => {
             let domain = f.get("filter[domain]");
@@ -309,6 +352,9 @@ async fn handle(State(state): State<Arc<Mutex<Fake>>>, body: Bytes) -> Response 
             let Some(account) = s.accounts.iter().find(|a| a.id == account_id) else {
                 return refuse(&call, "Account not found");
             };
+            let price = |name: &str| s.prices.get(name).copied().unwrap_or_default();
+            // A charge as HostBill's examples write it: a JSON number.
+            let number = |d: Decimal| -> Value { serde_json::from_str(&d.normalize().to_string()).unwrap() };
             let mut variables = serde_json::Map::new();
             for (i, name) in s
                 .usage
@@ -323,11 +369,16 @@ async fn handle(State(state): State<Arc<Mutex<Fake>>>, body: Bytes) -> Response 
                     .usage
                     .iter()
                     .filter(|u| u.account_id == account_id && u.variable == name)
-                    .map(|u| json!({"id": "1", "variable_name": u.variable, "unit_name": u.variable, "cycle": "monthly", "date_created": u.date_created, "name": u.variable, "date_updated": u.date_created, "charge": "0.00", "qty": u.qty.to_string(), "output": "", "rawoutput": u.rawoutput, "variable_id": (i + 1).to_string(), "scheme": "", "options": []}))
+                    .map(|u| json!({"id": "1", "variable_name": u.variable, "unit_name": u.variable, "cycle": "monthly", "date_created": u.date_created, "name": u.variable, "date_updated": u.date_created, "charge": number(u.qty * price(&u.variable)), "qty": u.qty.to_string(), "output": "", "rawoutput": u.rawoutput, "variable_id": (i + 1).to_string(), "scheme": "", "options": []}))
                     .collect();
+                let (usage, charge): (Decimal, Decimal) = s
+                    .usage
+                    .iter()
+                    .filter(|u| u.account_id == account_id && u.variable == name)
+                    .fold((Decimal::ZERO, Decimal::ZERO), |(q, c), u| (q + u.qty, c + u.qty * price(&name)));
                 variables.insert(
                     (i + 1).to_string(),
-                    json!({"id": (i + 1).to_string(), "product_id": account.product_id, "name": name, "variable_name": name, "unit_name": name, "cycle": "monthly", "scheme": "", "options": [], "usage": "0", "charge": "0.00", "values": values}),
+                    json!({"id": (i + 1).to_string(), "product_id": account.product_id, "name": name, "variable_name": name, "unit_name": name, "cycle": "monthly", "scheme": "", "options": [], "usage": usage.normalize().to_string(), "charge": number(charge), "values": values}),
                 );
             }
             reply(&call, json!({"variables": variables}))

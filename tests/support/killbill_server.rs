@@ -139,6 +139,65 @@ impl KillBillServer {
         }
     }
 
+    /// The project's upcoming invoice as the service asks for it (`POST /1.0/kb/invoices/dryRun`,
+    /// `UPCOMING_INVOICE`, the last day of `today`'s month as target date): its amount (zero for
+    /// a 204), and the amount of its subscription items (USAGE, RECURRING, FIXED) by the
+    /// subscription's external key, read from the account's bundles. `None` without an account.
+    pub async fn upcoming_invoice(
+        &self,
+        project: &str,
+        today: time::Date,
+    ) -> Option<(Decimal, BTreeMap<String, Decimal>)> {
+        let settings = self.settings();
+        let http = reqwest::Client::new();
+        let get = |path: String| {
+            let request = authed(&http, &settings, reqwest::Method::GET, &path);
+            async move {
+                let response = request.send().await.unwrap();
+                let status = response.status().as_u16();
+                (status, response.text().await.unwrap())
+            }
+        };
+        let (status, body) = get(format!("/1.0/kb/accounts?externalKey={project}")).await;
+        if status == 404 {
+            return None;
+        }
+        let account: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("account {status}: {e}: {body}"));
+        let id = account["accountId"].as_str().unwrap().to_owned();
+        let last = today.replace_day(today.month().length(today.year())).unwrap();
+        let path = format!("/1.0/kb/invoices/dryRun?accountId={id}&targetDate={last}");
+        let response = authed(&http, &settings, reqwest::Method::POST, &path)
+            .json(&serde_json::json!({"dryRunType": "UPCOMING_INVOICE"}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        if status == 204 {
+            return Some((Decimal::ZERO, BTreeMap::new()));
+        }
+        assert_eq!(status, 200, "dry run: {text}");
+        let invoice: Value = serde_json::from_str(&text).unwrap();
+        let (_, bundles) = get(format!("/1.0/kb/accounts/{id}/bundles")).await;
+        let bundles: Value = serde_json::from_str(&bundles).unwrap();
+        let keys: BTreeMap<&str, &str> = bundles
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b["subscriptions"].as_array().unwrap())
+            .map(|x| (x["subscriptionId"].as_str().unwrap(), x["externalKey"].as_str().unwrap()))
+            .collect();
+        let amount = |v: &Value| v.to_string().parse::<Decimal>().unwrap();
+        let mut by_key: BTreeMap<String, Decimal> = BTreeMap::new();
+        for item in invoice["items"].as_array().unwrap() {
+            let charges = matches!(item["itemType"].as_str(), Some("USAGE" | "RECURRING" | "FIXED"));
+            if let (true, Some(key)) = (charges, item["subscriptionId"].as_str().and_then(|s| keys.get(s))) {
+                *by_key.entry((*key).to_owned()).or_default() += amount(&item["amount"]);
+            }
+        }
+        Some((amount(&invoice["amount"]), by_key))
+    }
+
     /// Bodies the fake's OpenAPI check rejected (the real server has its own checks, and
     /// answers them).
     pub fn violations(&self) -> Vec<String> {

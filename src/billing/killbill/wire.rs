@@ -56,6 +56,9 @@ pub(super) struct SubscriptionJson {
     pub(super) subscription_id: String,
     #[serde(default)]
     pub(super) account_id: Option<String>,
+    /// The resource id the subscription bills (this client's key; another's may differ).
+    #[serde(default)]
+    pub(super) external_key: Option<String>,
     #[serde(default)]
     pub(super) plan_name: Option<String>,
     #[serde(default)]
@@ -89,6 +92,7 @@ impl SubscriptionJson {
         Self {
             subscription_id,
             account_id: None,
+            external_key: None,
             plan_name: None,
             state: Some("ACTIVE".into()),
             start_date: Some(kb_time(start)),

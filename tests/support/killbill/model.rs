@@ -130,6 +130,23 @@ impl Fake {
             .sum()
     }
 
+    /// The dry-run invoice's usage items: one per subscription and unit with a price, as
+    /// (subscription, unit, quantity, amount), in the order the subscriptions were made.
+    pub(super) fn upcoming_items(&self, account_id: &str) -> Vec<(&Subscription, String, Decimal, Decimal)> {
+        let mut items = Vec::new();
+        for sub in self.subscriptions.iter().filter(|x| x.account_id == account_id) {
+            let mut units: BTreeMap<&str, Decimal> = BTreeMap::new();
+            for u in self.usage.iter().filter(|u| u.subscription_id == sub.id) {
+                *units.entry(u.unit.as_str()).or_default() += u.amount;
+            }
+            for (unit, quantity) in units {
+                let Some(price) = self.prices.get(unit) else { continue };
+                items.push((sub, unit.to_owned(), quantity, quantity * price));
+            }
+        }
+        items
+    }
+
     /// Every usage row stored: (subscription external key, unit, trackingId, amount).
     pub(super) fn usage_records(&self) -> Vec<(String, String, String, Decimal)> {
         let keys: BTreeMap<&str, &str> =

@@ -633,7 +633,11 @@ fn credit(s: &mut Fake, call: &Call) -> Response {
         "amount": decimal_json(amount), "currency": "USD", "auditLogs": []}]))
 }
 
-/// `POST /1.0/kb/invoices/dryRun`: the usage at the test's prices, 204 when nothing is due.
+/// `POST /1.0/kb/invoices/dryRun`: the usage at the test's prices, an item per subscription and
+/// unit, 204 when nothing is due. Not reproduced: KillBill's `UPCOMING_INVOICE` ignores the
+/// target date and invoices up to the account's next bill cycle day (its `targetDate` says
+/// which), lists an item for every unit of the plan (zero ones too), and rounds each item to
+/// cents.
 fn dry_run(s: &Fake, call: &Call) -> Response {
     let Some(account_id) = call.query.get("accountId").cloned() else {
         return bad_request("accountId needs to be set");
@@ -649,10 +653,36 @@ fn dry_run(s: &Fake, call: &Call) -> Response {
         // §1.10: nothing to invoice is a 204 with an empty body.
         return empty(StatusCode::NO_CONTENT);
     }
-    json_ok(json!({"amount": decimal_json(amount), "currency": "USD", "status": "DRAFT", "creditAdj": 0,
-        "refundAdj": 0, "invoiceId": "00000000-0000-4000-8000-00000000dddd", "invoiceDate": "2025-01-31",
+    let invoice_id = "00000000-0000-4000-8000-00000000dddd";
+    // A USAGE item per subscription and unit, as KillBill 0.22.26 renders them: the usage
+    // section's name, no quantity, and the unit's tier in `itemDetails` (a JSON string).
+    let items: Vec<Value> = s
+        .upcoming_items(&account_id)
+        .into_iter()
+        .enumerate()
+        .map(|(n, (sub, unit, quantity, amount))| {
+            let usage = format!("{}-usage", sub.plan);
+            let price = s.prices.get(&unit).copied().unwrap_or_default();
+            let details = json!({"tierDetails": [{"tier": 1, "tierUnit": unit, "tierPrice": decimal_json(price),
+                "tierBlockSize": 1, "quantity": decimal_json(quantity), "amount": decimal_json(amount)}],
+                "amount": decimal_json(amount)});
+            json!({"invoiceItemId": format!("00000000-0000-4000-8000-0000000e{n:04x}"), "invoiceId": invoice_id,
+                "linkedInvoiceItemId": null, "accountId": account_id, "childAccountId": null,
+                "bundleId": sub.bundle_id, "subscriptionId": sub.id, "productName": "Instance",
+                "planName": sub.plan, "phaseName": format!("{}-evergreen", sub.plan), "usageName": usage,
+                "prettyProductName": null, "prettyPlanName": null, "prettyPhaseName": null,
+                "prettyUsageName": null, "itemType": "USAGE", "description": usage,
+                "startDate": call.query.get("targetDate"), "endDate": call.query.get("targetDate"),
+                "amount": decimal_json(amount), "rate": null, "currency": "USD", "quantity": null,
+                "itemDetails": details.to_string(), "catalogEffectiveDate": null, "childItems": null,
+                "auditLogs": []})
+        })
+        .collect();
+    // A dry run's invoice is COMMITTED (never saved, so it has no number).
+    json_ok(json!({"amount": decimal_json(amount), "currency": "USD", "status": "COMMITTED", "creditAdj": 0,
+        "refundAdj": 0, "invoiceId": invoice_id, "invoiceDate": "2025-01-31",
         "targetDate": call.query.get("targetDate"), "invoiceNumber": null, "balance": decimal_json(amount),
-        "accountId": account_id, "items": [], "trackingIds": [], "auditLogs": []}))
+        "accountId": account_id, "bundleKeys": null, "credits": null, "items": items, "trackingIds": [], "auditLogs": []}))
 }
 
 /// KillBill's JSON error body; the code is also kept on the response for counting.
