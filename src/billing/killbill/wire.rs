@@ -73,8 +73,6 @@ pub(super) struct SubscriptionJson {
     pub(super) billing_end_date: Option<String>,
     #[serde(default)]
     pub(super) events: Vec<SubscriptionEventJson>,
-    #[serde(default)]
-    pub(super) external_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -100,7 +98,6 @@ impl SubscriptionJson {
             cancelled_date: None,
             billing_end_date: None,
             events: Vec::new(),
-            external_key: None,
         }
     }
 

@@ -30,6 +30,9 @@ pub(super) struct Fake {
     pub(super) violations: Vec<String>,
     /// Credit (CBA) per account id, from `POST /1.0/kb/credits`.
     pub(super) credits: BTreeMap<String, Decimal>,
+    /// Each credit, in order: (account id, invoice id, CBA item id, credit item id, amount,
+    /// description). Each is an invoice of its own, as KillBill makes it.
+    pub(super) deposits: Vec<(String, String, String, String, Decimal, String)>,
     /// USD per unit of usage, for dry-run invoices (the test's own price list).
     pub(super) prices: BTreeMap<String, Decimal>,
     /// Error codes answered so far (1031, 50000, 3000, 9000 …), by code.

@@ -231,7 +231,11 @@ fn route(s: &mut Fake, method: &Method, segments: &[&str], call: &Call) -> Respo
         (&Method::POST, ["accounts"]) => create_account(s, call),
         (&Method::GET, ["accounts"]) => account_by_key(s, call),
         (&Method::GET, ["accounts", account]) => match s.accounts.iter().find(|a| a.id == *account) {
-            Some(a) => json_ok(account_json(a)),
+            Some(a) => json_ok(with_balance(s, a, call)),
+            None => not_found_object(account, "ACCOUNT"),
+        },
+        (&Method::GET, ["accounts", account, "invoices"]) => match s.accounts.iter().find(|a| a.id == *account) {
+            Some(a) => json_ok(invoices(s, &a.id, call)),
             None => not_found_object(account, "ACCOUNT"),
         },
         (&Method::DELETE, ["accounts", account]) => close_account(s, account),
@@ -289,13 +293,52 @@ fn account_by_key(s: &Fake, call: &Call) -> Response {
             &format!("Account does not exist for key {key}"),
         );
     };
+    json_ok(with_balance(s, a, call))
+}
+
+/// The account, with its balance and credit when the call asks for them.
+fn with_balance(s: &Fake, a: &Account, call: &Call) -> Value {
     let mut account = account_json(a);
     if call.query.get("accountWithBalanceAndCBA").map(String::as_str) == Some("true") {
         let cba = s.credits.get(&a.id).copied().unwrap_or_default();
         account["accountCBA"] = decimal_json(cba);
         account["accountBalance"] = decimal_json(-cba);
     }
-    json_ok(account)
+    account
+}
+
+/// `GET /1.0/kb/accounts/{id}/invoices`: the account's credit invoices, each with its `CBA_ADJ`
+/// and `CREDIT_ADJ` items (`includeInvoiceComponents=true`), as the real server lists them. Not
+/// reproduced: usage is never invoiced here (no invoice runs, no test clock), so an account's
+/// only invoices are its credits'.
+fn invoices(s: &Fake, account_id: &str, call: &Call) -> Value {
+    let with_items = call.query.get("includeInvoiceComponents").map(String::as_str) == Some("true");
+    let list: Vec<Value> = s
+        .deposits
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.0 == account_id)
+        .map(|(n, (account, invoice, cba_item, credit_item, amount, description))| {
+            let items = if with_items {
+                json!([
+                    {"invoiceItemId": cba_item, "invoiceId": invoice, "accountId": account, "itemType": "CBA_ADJ",
+                     "amount": decimal_json(*amount), "currency": "USD", "description": "Adjustment (account credit)",
+                     "startDate": "2026-12-06", "endDate": "2026-12-06", "subscriptionId": null, "auditLogs": []},
+                    {"invoiceItemId": credit_item, "invoiceId": invoice, "accountId": account, "itemType": "CREDIT_ADJ",
+                     "amount": decimal_json(-*amount), "currency": "USD", "description": description,
+                     "startDate": "2026-12-06", "endDate": "2026-12-06", "subscriptionId": null, "auditLogs": []},
+                ])
+            } else {
+                json!([])
+            };
+            json!({"amount": 0.0, "currency": "USD", "status": "COMMITTED", "creditAdj": decimal_json(*amount),
+                "refundAdj": 0.0, "invoiceId": invoice, "invoiceDate": "2026-12-06", "targetDate": "2026-12-06",
+                "invoiceNumber": (n + 1).to_string(), "balance": 0.0, "accountId": account, "bundleKeys": null,
+                "credits": null, "items": items, "trackingIds": [], "isParentInvoice": false,
+                "parentInvoiceId": null, "parentAccountId": null, "auditLogs": []})
+        })
+        .collect();
+    Value::Array(list)
 }
 
 /// `DELETE /1.0/kb/accounts/{id}`: closes the account (once).
@@ -629,6 +672,9 @@ fn credit(s: &mut Fake, call: &Call) -> Response {
     let amount: Decimal = amount.to_string().parse().unwrap();
     *s.credits.entry(account_id.to_owned()).or_default() += amount;
     let item_id = s.id();
+    let (invoice, cba_item) = (s.id(), s.id());
+    let description = first["description"].as_str().unwrap_or_default().to_owned();
+    s.deposits.push((account_id.to_owned(), invoice, cba_item, item_id.clone(), amount, description));
     json_ok(json!([{"invoiceItemId": item_id, "accountId": account_id, "itemType": "CREDIT_ADJ",
         "amount": decimal_json(amount), "currency": "USD", "auditLogs": []}]))
 }
