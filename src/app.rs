@@ -71,16 +71,10 @@ impl<B: Billing + 'static> App<B> {
     /// # Errors
     /// When `http.listen` is not an address or cannot be bound.
     pub async fn listen(self, backend: String) -> Result<Self, AppError> {
-        let listen = self.executor.settings().http.listen.clone();
-        if listen.is_empty() {
+        let Some(listener) = bind(&self.executor.settings().http.listen, "http.listen").await? else {
             return Ok(self);
-        }
-        let addr: std::net::SocketAddr =
-            listen.parse().map_err(|e| AppError::Listen { addr: listen.clone(), reason: format!("{e}") })?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| AppError::Listen { addr: listen, reason: format!("{e} (http.listen; \"\" disables it)") })?;
-        tracing::info!(%addr, "serving /healthz /readyz /metrics");
+        };
+        tracing::info!(addr = %self.executor.settings().http.listen, "serving /healthz /readyz /metrics");
         Ok(self.with_http(listener, crate::telemetry::install_prometheus(), backend))
     }
 
@@ -140,18 +134,25 @@ impl<B: Billing + Accounts + 'static> App<B> {
     /// # Errors
     /// When `api.listen` is not an address or cannot be bound.
     pub async fn listen_api(self) -> Result<Self, AppError> {
-        let listen = self.executor.settings().api.listen.clone();
-        if listen.is_empty() {
+        let Some(listener) = bind(&self.executor.settings().api.listen, "api.listen").await? else {
             return Ok(self);
-        }
-        let addr: std::net::SocketAddr =
-            listen.parse().map_err(|e| AppError::Listen { addr: listen.clone(), reason: format!("{e}") })?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| AppError::Listen { addr: listen, reason: format!("{e} (api.listen; \"\" disables it)") })?;
-        tracing::info!(%addr, routes = api::ROUTES.join(" "), "serving the billing API");
+        };
+        tracing::info!(addr = %self.executor.settings().api.listen, routes = api::ROUTES.join(" "), "serving the billing API");
         Ok(self.with_api(listener))
     }
+}
+
+/// A listener on `listen` (the setting `key`), or none when it is empty.
+async fn bind(listen: &str, key: &str) -> Result<Option<TcpListener>, AppError> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr =
+        listen.parse().map_err(|e| AppError::Listen { addr: listen.to_owned(), reason: format!("{e}") })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| AppError::Listen { addr: listen.to_owned(), reason: format!("{e} ({key}; \"\" disables it)") })?;
+    Ok(Some(listener))
 }
 
 /// The one clock of the service: a settlement pass every `every_s` seconds until shutdown, up
