@@ -9,6 +9,13 @@
 //! subscription id as it was; in the ledger it is a row of the account. Usage is never billed on
 //! an order: each resource is billed on its own subscription, for the time it was held.
 
+// FIXME(api): a resource is not attributed to the order of its cluster: no notification says
+// which Heat stack a server or volume belongs to (Heat's stack events list no resources, Nova's
+// payloads carry no stack). An invoice's cost lines are therefore one per resource (named by
+// `resource_id`) and the order's line, carrying the stack tags, holds none of its cluster's
+// cost; Concertim's invoice page cannot total a cluster until the resources are attributed
+// (Heat's resource listing through the OpenStack API, with reconciliation).
+
 use std::collections::BTreeMap;
 use std::future::Future;
 
