@@ -301,8 +301,20 @@ enum KillBillAction {
 
 #[derive(Subcommand)]
 enum ConfigAction {
-    /// Validate and print the effective configuration.
-    Check,
+    /// Validate and print the effective configuration (the file layered over the embedded
+    /// defaults, then the environment), secrets redacted.
+    ///
+    /// Fails (exit status 2) on what would silently bill nothing: a metered meter Ceilometer
+    /// does not emit, or a plan or unit the catalog does not declare.
+    #[command(
+        after_help = "Examples:\n  concertim-billing --config /etc/concertim-billing.toml config check\n  concertim-billing --config site.toml config check --catalog site-catalog.xml"
+    )]
+    Check {
+        /// The KillBill catalog the plans and units are checked against (the one `killbill
+        /// bootstrap --catalog` uploads); the bundled deploy/killbill/catalog.xml by default.
+        #[arg(long, value_name = "FILE")]
+        catalog: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -340,7 +352,27 @@ fn exit_status(error: &anyhow::Error) -> u8 {
     }
 }
 
-/// The error and its causes, each said once (some errors repeat their source in their text).
+/// What a valid configuration would silently not bill: metered meters Ceilometer does not emit,
+/// and plans or units the catalog (`catalog`, or the bundled one) does not declare. HostBill
+/// maps plans to its own products, which its section's validation checks.
+fn traps(settings: &Settings, catalog_xml: &str, catalog: Option<&std::path::Path>) -> Vec<String> {
+    let mut traps = settings.warnings();
+    if settings.billing.backend != BackendKind::Hostbill {
+        let gaps = killbill::configured_gaps(&settings.billing, catalog_xml);
+        if !gaps.is_empty() {
+            let which = catalog.map_or_else(
+                || "the bundled catalog (deploy/killbill/catalog.xml)".to_owned(),
+                |p| format!("the catalog {}", p.display()),
+            );
+            traps.push(format!(
+                "{which} does not declare {}, which the configuration bills: that usage would be refused by KillBill and priced at nothing. Name plans the catalog has (billing.default_plan, billing.plans, billing.resources), or check against the catalog you upload (config check --catalog FILE; killbill bootstrap --catalog FILE)",
+                gaps.join(", ")
+            ));
+        }
+    }
+    traps
+}
+
 /// The billing API in one line of `config check`.
 fn describe_api(settings: &Settings) -> String {
     let api = &settings.api;
@@ -362,6 +394,7 @@ fn describe_api(settings: &Settings) -> String {
     line
 }
 
+/// The error and its causes, each said once (some errors repeat their source in their text).
 fn causes(error: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in error.chain() {
@@ -557,24 +590,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             outln!("captured {written} messages into {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Config { action: ConfigAction::Check } => {
-            outln!("# effective configuration: valid");
-            for warning in settings.warnings() {
-                outln!("# WARNING: {warning}");
+        Command::Config { action: ConfigAction::Check { catalog } } => {
+            let xml = match &catalog {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| UsageError(format!("cannot read the catalog {}: {e}", path.display())))?,
+                None => killbill::CATALOG_XML.to_owned(),
+            };
+            let traps = traps(&settings, &xml, catalog.as_deref());
+            if !traps.is_empty() {
+                for trap in &traps {
+                    eprintln!("error: {trap}");
+                }
+                eprintln!(
+                    "error: the configuration is valid but would not bill what it says ({} problem(s) above)",
+                    traps.len()
+                );
+                return Ok(ExitCode::from(2));
             }
+            outln!("# effective configuration: valid");
             outln!("# billing backend: {}", Backend::describe(&settings, None));
             outln!("# billing API: {}", describe_api(&settings));
-            if settings.billing.backend == BackendKind::Killbill {
-                // The server's catalog cannot be read offline: the bundled one is what bootstrap
-                // uploads unless given another.
-                let gaps = killbill::configured_gaps(&settings.billing, killbill::CATALOG_XML);
-                if !gaps.is_empty() {
-                    outln!(
-                        "# WARNING: the bundled KillBill catalog does not declare {}, which the configuration bills: `killbill bootstrap` needs a --catalog that does",
-                        gaps.join(", ")
-                    );
-                }
-            }
             if settings.concertim.as_ref().is_some_and(|c| !c.tls_verify) {
                 outln!("# WARNING: concertim.tls_verify = false: Concertim's certificate is not verified, so anyone in between can read its password and token");
             }

@@ -177,6 +177,33 @@ impl Settings {
     ) -> Result<Self, ConfigError> {
         let file: toml::Table =
             text.parse().map_err(|source| ConfigError::Parse { origin: origin.to_owned(), source })?;
+        Self::layered_table(file, origin, overrides)
+    }
+
+    /// A config file as `run` reads it: layered key by key over the embedded defaults (what it
+    /// does not name keeps its default; a table it names is merged into the default's, an array
+    /// or a value replaces the default's), then `overrides`.
+    ///
+    /// # Errors
+    /// As [`Settings::layered`].
+    pub fn over_defaults(
+        text: &str,
+        origin: &str,
+        overrides: impl IntoIterator<Item = (Vec<String>, String)>,
+    ) -> Result<Self, ConfigError> {
+        let file: toml::Table =
+            text.parse().map_err(|source| ConfigError::Parse { origin: origin.to_owned(), source })?;
+        // The embedded file is checked by a unit test: it parses.
+        let mut table: toml::Table = DEFAULT_TOML.parse().expect("the embedded default config parses");
+        merge(&mut table, file);
+        Self::layered_table(table, origin, overrides)
+    }
+
+    fn layered_table(
+        file: toml::Table,
+        origin: &str,
+        overrides: impl IntoIterator<Item = (Vec<String>, String)>,
+    ) -> Result<Self, ConfigError> {
         let overrides: Vec<(Vec<String>, String)> = overrides.into_iter().collect();
         let mut table = file.clone();
         for (path, value) in &overrides {
@@ -225,8 +252,9 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Loads a config file, or the embedded default when `path` is `None`, then the
-    /// `CONCERTIM_BILLING_*` environment overrides (`CONCERTIM_BILLING_CONFIG` itself excepted).
+    /// Loads a config file layered over the embedded default ([`Settings::over_defaults`]), or
+    /// the embedded default when `path` is `None`, then the `CONCERTIM_BILLING_*` environment
+    /// overrides (`CONCERTIM_BILLING_CONFIG` itself excepted).
     ///
     /// # Errors
     /// As [`Settings::from_toml`], or when the file cannot be read.
@@ -239,7 +267,7 @@ impl Settings {
             ),
             None => (DEFAULT_TOML.to_owned(), "(embedded default)".to_owned()),
         };
-        Self::layered(&text, &origin, env_overrides(std::env::vars()))
+        Self::over_defaults(&text, &origin, env_overrides(std::env::vars()))
     }
 
     /// What is valid but probably not meant: no billed meter at all, or a meter Ceilometer
@@ -283,6 +311,28 @@ impl Settings {
         self.decode.validate()?;
         self.billing.time.validate()?;
         self.projects.validate()
+    }
+}
+
+/// Merges `over` into `base` key by key: tables into tables (recursively), anything else
+/// (values, arrays such as `[[bus.bindings]]`) replacing what `base` has.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        // A secret given from a file replaces the default's value, and the other way round.
+        match key.strip_suffix("_file") {
+            Some(secret) if secret::SECRET_FILE_KEYS.contains(&secret) => {
+                base.remove(secret);
+            }
+            _ => {
+                base.remove(&format!("{key}_file"));
+            }
+        }
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(inner)), toml::Value::Table(value)) => merge(inner, value),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
     }
 }
 
@@ -643,5 +693,38 @@ mod tests {
         assert!(f.admits(&a) && !f.admits(&b));
         let f = ProjectFilter { include: vec![a.clone()], exclude: vec![] };
         assert!(f.admits(&a) && !f.admits(&b));
+    }
+
+    #[test]
+    fn a_file_naming_only_the_bus_keeps_every_other_default() {
+        let s = Settings::over_defaults("[bus]\nprefix = \"site-\"\n", "f", std::iter::empty()).unwrap();
+        let d = Settings::embedded();
+        assert_eq!(s.bus.prefix, "site-");
+        assert_eq!(s.bus.bindings.len(), d.bus.bindings.len());
+        assert_eq!(s.billing.default_plan, d.billing.default_plan);
+        assert_eq!(s.http.listen, d.http.listen);
+        assert_eq!(s.to_toml().replace("prefix = \"site-\"", "prefix = \"\""), d.to_toml());
+    }
+
+    #[test]
+    fn a_table_is_merged_into_the_defaults_and_an_array_replaces_theirs() {
+        let text = "[billing.plans]\n\"m1.large\" = \"openstack-large-monthly\"\n\n[[bus.bindings]]\nexchange = \"nova\"\nrouting_key = \"notifications.info\"\n";
+        let s = Settings::over_defaults(text, "f", std::iter::empty()).unwrap();
+        assert_eq!(s.billing.plans.len(), 1);
+        assert_eq!(s.billing.default_plan, Settings::embedded().billing.default_plan);
+        assert_eq!(s.billing.resources.volume_plan, Settings::embedded().billing.resources.volume_plan);
+        assert_eq!(s.bus.bindings.len(), 1, "the file's bindings are the bindings");
+    }
+
+    #[test]
+    fn a_secret_from_a_file_replaces_the_defaults_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(&file, "amqp://billing:s3cret@rabbit:5672/%2f\n").unwrap();
+        #[cfg(unix)]
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let text = format!("[bus]\nurl_file = {:?}\n", file.display().to_string());
+        let s = Settings::over_defaults(&text, "f", std::iter::empty()).unwrap();
+        assert_eq!(s.bus.url.expose(), "amqp://billing:s3cret@rabbit:5672/%2f");
     }
 }

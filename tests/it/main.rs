@@ -7,6 +7,7 @@ mod api;
 mod bus;
 mod catalog;
 mod concertim;
+mod config;
 mod conformance;
 mod conformance_kinds;
 mod deploy;
