@@ -116,6 +116,11 @@ key_newtype!(
     "user id"
 );
 key_newtype!(
+    /// A Keystone role id.
+    RoleId,
+    "role id"
+);
+key_newtype!(
     /// The oslo `message_id` of a notification: the root of every derived idempotency key.
     MessageId,
     "message id"
@@ -507,8 +512,9 @@ pub struct Stack {
     pub reason: String,
 }
 
-/// A Keystone identity event other than a project change: decoded so that it is recognised,
-/// acted on by nothing yet.
+/// A Keystone identity event other than a project change. A role assignment of the user and
+/// role `projects.managed_by` names admits its project (or stops billing it); the others are
+/// recognised and acted on by nothing.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum IdentityChange {
     /// `identity.user.created|updated|deleted`.
@@ -522,6 +528,10 @@ pub enum IdentityChange {
     RoleAssignment {
         /// The project the role is granted on, when it is a project (not a domain) grant.
         project: Option<ProjectId>,
+        /// The user it is granted to (none for a group's grant).
+        user: Option<UserId>,
+        /// The role granted.
+        role: Option<RoleId>,
         /// `created` or `deleted`.
         operation: String,
     },

@@ -10,7 +10,7 @@ use crate::{
     class::{chain, ErrorClass, Fate, Label},
     concertim::{self, Work},
     config::Settings,
-    event::{Notification, ProjectId},
+    event::{InstanceId, Notification, ProjectId},
     notification::{decode, DecodeError},
     plan::{plan, Action, PlanError},
     settle::Settler,
@@ -82,6 +82,9 @@ pub struct Effects {
     pub already_done: usize,
     /// Usage calls dated after their subscription's end.
     pub late: usize,
+    /// Billing actions of a project outside the managed scope (`projects.managed_by`), not
+    /// carried out: its facts are kept and billed once it is admitted.
+    pub held: usize,
 }
 
 impl Outcome {
@@ -289,7 +292,18 @@ impl<B: Billing> Executor<B> {
         }
         let ctx = Context { meta: &notification.meta, redelivered };
         let mut effects = Effects::default();
+        let mut admitted: std::collections::HashMap<ProjectId, bool> = std::collections::HashMap::new();
         for action in &actions {
+            // A project outside the managed scope is not billed (yet): its facts are kept, and
+            // the settlement bills them from their start once the project is admitted.
+            match self.in_scope(action, &actions, &mut admitted).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    effects.held += 1;
+                    continue;
+                }
+                Err(error) => return Outcome::Failed { event_type, action: describe(action), error },
+            }
             match self.apply(action, ctx).await {
                 Ok(Applied::Done) => effects.done += 1,
                 Ok(Applied::AlreadyDone) => effects.already_done += 1,
@@ -298,6 +312,37 @@ impl<B: Billing> Executor<B> {
             }
         }
         Outcome::Processed { event_type, effects, follow_up: None }
+    }
+
+    /// Whether `action` may reach the billing application: always, unless `projects.managed_by`
+    /// is set and the action's project has not been admitted. Facts and project ends are the
+    /// state store's, never held. `admitted` caches the answers of one message.
+    async fn in_scope(
+        &self,
+        action: &Action,
+        plan: &[Action],
+        admitted: &mut std::collections::HashMap<ProjectId, bool>,
+    ) -> Result<bool, BillingError> {
+        if self.settings.projects.managed_by.is_none() {
+            return Ok(true);
+        }
+        let project = match action {
+            Action::RecordFacts { .. } | Action::EndProject { .. } | Action::AdmitProject { .. } => return Ok(true),
+            Action::EnsureAccount { project } | Action::CloseAccount { project, .. } => Some(project),
+            Action::EnsureSubscription(spec) => Some(&spec.project),
+            // Usage and plan changes ride with their subscription's spec in the same plan.
+            Action::RecordUsage(usage) => subscription_project(plan, &usage.instance),
+            Action::ChangePlan { instance, .. } | Action::CancelSubscription { instance, .. } => {
+                subscription_project(plan, instance)
+            }
+        };
+        let Some(project) = project else { return Ok(false) };
+        if let Some(known) = admitted.get(project) {
+            return Ok(*known);
+        }
+        let known = self.store().await?.admitted(project.as_str()).await?;
+        admitted.insert(project.clone(), known);
+        Ok(known)
     }
 
     async fn apply(&self, action: &Action, ctx: Context<'_>) -> Result<Applied, BillingError> {
@@ -328,9 +373,21 @@ impl<B: Billing> Executor<B> {
                 self.store().await?.close_project(project.as_str(), at.unix()).await?;
                 Ok(Applied::Done)
             }
+            Action::AdmitProject { project, at } => {
+                self.store().await?.admit_project(project.as_str(), at.unix()).await?;
+                Ok(Applied::Done)
+            }
             other => crate::billing::apply(&*self.billing, other, ctx).await,
         }
     }
+}
+
+/// The project of `instance`'s subscription in `plan`, if the plan subscribes it.
+fn subscription_project<'p>(plan: &'p [Action], instance: &InstanceId) -> Option<&'p ProjectId> {
+    plan.iter().find_map(|a| match a {
+        Action::EnsureSubscription(spec) if &spec.instance == instance => Some(&spec.project),
+        _ => None,
+    })
 }
 
 /// An action in words, for logs and dead-letter reasons (ids only, no secrets).
@@ -344,6 +401,7 @@ fn describe(action: &Action) -> String {
         Action::RecordUsage(usage) => format!("record usage {} on {}", usage.tracking_id, usage.instance),
         Action::RecordFacts { instance, facts, .. } => format!("record {} facts of {instance}", facts.len()),
         Action::EndProject { project, .. } => format!("end the timelines of project {project}"),
+        Action::AdmitProject { project, .. } => format!("admit project {project}"),
     }
 }
 
@@ -365,9 +423,9 @@ mod tests {
         let e = executor();
         let body = r#"{"message_id":"m1","event_type":"identity.project.created","timestamp":"2025-01-01 00:00:00","payload":{"resource_info":"p1"}}"#;
         let Outcome::Processed { effects, .. } = handle(&e, body).await else { panic!() };
-        assert_eq!(effects, Effects { done: 1, already_done: 0, late: 0 });
+        assert_eq!(effects, Effects { done: 1, already_done: 0, late: 0, held: 0 });
         let Outcome::Processed { effects, .. } = handle(&e, body).await else { panic!() };
-        assert_eq!(effects, Effects { done: 0, already_done: 1, late: 0 });
+        assert_eq!(effects, Effects { done: 0, already_done: 1, late: 0, held: 0 });
     }
 
     #[tokio::test]

@@ -13,8 +13,8 @@ use rust_decimal::Decimal;
 use crate::{
     config::{Counter, Settings, INSTANCE_METERS},
     event::{
-        Event, Instance, InstanceAction, InstanceId, Notification, PlanName, ProjectId, Resource, ResourceKind,
-        ResourceStep, Sample, Step, Timestamp, Unit,
+        Event, IdentityChange, Instance, InstanceAction, InstanceId, Notification, PlanName, ProjectId, Resource,
+        ResourceKind, ResourceStep, Sample, Step, Timestamp, Unit,
     },
     timeline::{Fact, Held, Size, Source},
 };
@@ -72,7 +72,15 @@ pub enum Action {
     EndProject {
         /// The project.
         project: ProjectId,
-        /// When it was deleted.
+        /// When it was deleted, or when the role that admitted it was removed.
+        at: Timestamp,
+    },
+    /// The project is admitted (`projects.managed_by`'s role was assigned on it at `at`): its
+    /// resources are billed from their start, whenever their facts arrived.
+    AdmitProject {
+        /// The project.
+        project: ProjectId,
+        /// When the role was assigned.
         at: Timestamp,
     },
 }
@@ -220,6 +228,22 @@ pub fn plan(notification: &Notification, settings: &Settings) -> Result<Plan, Pl
         Event::Instance { action, instance } => plan_instance(*action, instance, notification, settings)?,
         Event::Usage { samples, .. } => plan_usage(samples, notification, settings)?,
         Event::Resource(resource) => plan_resource(resource, notification, settings)?,
+        Event::Identity(IdentityChange::RoleAssignment { project: Some(project), user, role, operation })
+            if settings.projects.managed_by.as_ref().is_some_and(|m| m.is(user.as_ref(), role.as_ref())) =>
+        {
+            let at = notification.meta.timestamp;
+            if operation == "deleted" {
+                // FIXME(billing): a project's end is its earliest; the role assigned again after
+                // its removal does not bill the project again (an operator re-admits it by
+                // clearing the project's row in the state store).
+                vec![Action::EndProject { project: project.clone(), at }]
+            } else {
+                vec![
+                    Action::AdmitProject { project: project.clone(), at },
+                    Action::EnsureAccount { project: project.clone() },
+                ]
+            }
+        }
         Event::ProjectUpdated { .. } | Event::Identity(_) | Event::Stack(_) | Event::Ignored { .. } => Vec::new(),
     })
 }
@@ -874,7 +898,8 @@ mod tests {
     #[test]
     fn projects_outside_the_filter_get_an_empty_plan() {
         let mut settings = Settings::embedded();
-        settings.projects = ProjectFilter { include: vec![ProjectId::parse("other").unwrap()], exclude: vec![] };
+        settings.projects =
+            ProjectFilter { include: vec![ProjectId::parse("other").unwrap()], ..ProjectFilter::default() };
         let n = notification(Event::ProjectCreated { project: ProjectId::parse("p-1").unwrap() });
         assert!(plan(&n, &settings).unwrap().is_empty());
         let n = notification(Event::Usage { samples: vec![sample("vcpus", 1, "gauge")], unattributed: 0 });

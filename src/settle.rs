@@ -179,6 +179,12 @@ impl<B: Billing> Settler<B> {
             self.store.reviewed(id, res.version, None, res.settled_through).await?;
             return Ok(Ok(()));
         }
+        if self.settings.projects.managed_by.is_some() && res.project_admitted_at.is_none() {
+            // Outside the managed scope: its facts are kept, nothing is billed. The project's
+            // admission makes it due again, and it is then billed from its start.
+            self.store.reviewed(id, res.version, None, res.settled_through).await?;
+            return Ok(Ok(()));
+        }
         let (Ok(instance), Ok(project)) = (InstanceId::parse(&res.id), ProjectId::parse(&res.project)) else {
             return Ok(Err(Stop::Failed("the stored resource or project id is not an id".into())));
         };

@@ -197,7 +197,9 @@ pub async fn apply<B: Billing>(b: &B, action: &Action, ctx: Context<'_>) -> Resu
         Action::ChangePlan { instance, plan, effective } => b.change_plan(instance, plan, *effective, ctx).await,
         Action::CancelSubscription { instance, at } => b.cancel_subscription(instance, *at, ctx).await,
         Action::RecordUsage(usage) => b.record_usage(usage, ctx).await,
-        Action::RecordFacts { .. } | Action::EndProject { .. } => Ok(Applied::AlreadyDone),
+        Action::RecordFacts { .. } | Action::EndProject { .. } | Action::AdmitProject { .. } => {
+            Ok(Applied::AlreadyDone)
+        }
     }
 }
 

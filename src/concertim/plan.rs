@@ -7,8 +7,8 @@ use super::{MetricValue, Status, Update, Work};
 use crate::{
     config::Settings,
     event::{
-        Event, Instance, InstanceAction, InstanceId, Notification, ProjectId, Resource, ResourceKind, ResourceStep,
-        Stack, Timestamp,
+        Event, IdentityChange, Instance, InstanceAction, InstanceId, Notification, ProjectId, Resource, ResourceKind,
+        ResourceStep, Stack, Timestamp,
     },
 };
 
@@ -116,6 +116,14 @@ pub fn plan(notification: &Notification, settings: &Settings) -> Vec<Update> {
     let at = notification.meta.timestamp;
     match &notification.event {
         Event::ProjectCreated { project } if admits(project) => {
+            vec![Update::LinkTeam { project: project.clone() }, Update::RefreshTeam { project: project.clone() }]
+        }
+        // Admitted to the managed scope: its account exists from now on.
+        Event::Identity(IdentityChange::RoleAssignment { project: Some(project), user, role, operation })
+            if operation == "created"
+                && admits(project)
+                && settings.projects.managed_by.as_ref().is_some_and(|m| m.is(user.as_ref(), role.as_ref())) =>
+        {
             vec![Update::LinkTeam { project: project.clone() }, Update::RefreshTeam { project: project.clone() }]
         }
         // The team keeps the closed account's final figures: what the project cost.

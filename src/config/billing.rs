@@ -373,6 +373,28 @@ pub struct ProjectFilter {
     /// Never billed, even when included.
     #[serde(default)]
     pub exclude: Vec<ProjectId>,
+    /// When set, a project is billed only while this user holds this role on it (the Python
+    /// service's Concertim-managed projects: user `concertim`, role `watcher`), as Keystone's
+    /// `identity.role_assignment.created`/`deleted` notifications say.
+    #[serde(default)]
+    pub managed_by: Option<ManagedBy>,
+}
+
+/// The role assignment that admits a project (`[projects.managed_by]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedBy {
+    /// The user's Keystone id (`openstack user show concertim -f value -c id`).
+    pub user: crate::event::UserId,
+    /// The role's Keystone id (`openstack role show watcher -f value -c id`).
+    pub role: crate::event::RoleId,
+}
+
+impl ManagedBy {
+    /// Whether a role assignment of `user` and `role` is this one.
+    pub fn is(&self, user: Option<&crate::event::UserId>, role: Option<&crate::event::RoleId>) -> bool {
+        user == Some(&self.user) && role == Some(&self.role)
+    }
 }
 
 impl ProjectFilter {

@@ -21,8 +21,8 @@ mod secret;
 
 pub use api::ApiSettings;
 pub use billing::{
-    BackendKind, BillingSettings, Counter, FloatingIpBilled, MeterRule, ProjectFilter, ResourceSettings, TimeSettings,
-    INSTANCE_METERS,
+    BackendKind, BillingSettings, Counter, FloatingIpBilled, ManagedBy, MeterRule, ProjectFilter, ResourceSettings,
+    TimeSettings, INSTANCE_METERS,
 };
 pub use bus::{BackoffSettings, Binding, BusSettings, DecodeLimits, HttpSettings, DEFAULT_MAX_BODY_BYTES};
 pub use concertim::{ConcertimSettings, MetricRule};
@@ -689,9 +689,9 @@ mod tests {
         let a = ProjectId::parse("a").unwrap();
         let b = ProjectId::parse("b").unwrap();
         assert!(ProjectFilter::default().admits(&a));
-        let f = ProjectFilter { include: vec![], exclude: vec![b.clone()] };
+        let f = ProjectFilter { exclude: vec![b.clone()], ..ProjectFilter::default() };
         assert!(f.admits(&a) && !f.admits(&b));
-        let f = ProjectFilter { include: vec![a.clone()], exclude: vec![] };
+        let f = ProjectFilter { include: vec![a.clone()], ..ProjectFilter::default() };
         assert!(f.admits(&a) && !f.admits(&b));
     }
 

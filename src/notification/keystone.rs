@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{id, PayloadError, Source};
-use crate::event::{Event, IdentityChange, ProjectId, UserId};
+use crate::event::{Event, IdentityChange, ProjectId, RoleId, UserId};
 use crate::fields;
 
 #[derive(Deserialize)]
@@ -23,6 +23,10 @@ struct Payload {
     outcome: Option<String>,
     #[serde(default, deserialize_with = "fields::opt_text")]
     project: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt_text")]
+    user: Option<String>,
+    #[serde(default, deserialize_with = "fields::opt_text")]
+    role: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +79,8 @@ pub(super) fn decode_from<'de>(rest: &str, payload: impl Source<'de>) -> Result<
         }),
         _ => Event::Identity(IdentityChange::RoleAssignment {
             project: payload.project.map(|p| id("payload.project", Some(p), ProjectId::parse)).transpose()?,
+            user: payload.user.map(|u| id("payload.user", Some(u), UserId::parse)).transpose()?,
+            role: payload.role.map(|r| id("payload.role", Some(r), RoleId::parse)).transpose()?,
             operation: operation.to_owned(),
         }),
     })

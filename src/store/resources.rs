@@ -31,6 +31,8 @@ pub struct Resource {
     pub settled_through: Option<i64>,
     /// When its project ended, if it did.
     pub project_closed_at: Option<i64>,
+    /// When its project was admitted (`projects.managed_by`), if it was.
+    pub project_admitted_at: Option<i64>,
 }
 
 /// The key of a fact: PostgreSQL cannot index long text, so facts are keyed by a digest of
@@ -205,8 +207,9 @@ impl Store {
         // read with the older version, and `reviewed` with that version does not apply, so the
         // resource stays due. The other order could mark a fact reviewed that was never read.
         let Some(row) = sqlx::query(
-            "SELECT r.kind, r.project, r.version, r.dirty_from, r.next_due, r.settled_through, p.closed_at
-             FROM resources r LEFT JOIN projects p ON p.id = r.project
+            "SELECT r.kind, r.project, r.version, r.dirty_from, r.next_due, r.settled_through, p.closed_at,
+                    a.admitted_at
+             FROM resources r LEFT JOIN projects p ON p.id = r.project LEFT JOIN admissions a ON a.project = r.project
              WHERE r.id = $1",
         )
         .bind(resource)
@@ -237,6 +240,7 @@ impl Store {
             next_due: self.column(&row, "next_due", which)?,
             settled_through: self.column(&row, "settled_through", which)?,
             project_closed_at: self.column(&row, "closed_at", which)?,
+            project_admitted_at: self.column(&row, "admitted_at", which)?,
         }))
     }
 
@@ -267,6 +271,52 @@ impl Store {
         .map_err(|e| self.failed(format_args!("recording the review of resource {resource}"), e))?
         .rows_affected();
         Ok(applied == 1)
+    }
+
+    /// Admits `project` from `at` (the earliest admission is kept); its resources become due
+    /// again, so that what they held before is settled now.
+    ///
+    /// # Errors
+    /// [`StoreError::Query`] when the database cannot be written.
+    pub async fn admit_project(&self, project: &str, at: i64) -> Result<(), StoreError> {
+        let fail = |e| self.failed(format_args!("admitting project {project}"), e);
+        let mut tx = self.begin().await.map_err(fail)?;
+        let changed = sqlx::query(
+            "INSERT INTO admissions (project, admitted_at) VALUES ($1, $2)
+             ON CONFLICT (project) DO UPDATE SET admitted_at = excluded.admitted_at
+             WHERE admissions.admitted_at > excluded.admitted_at",
+        )
+        .bind(project)
+        .bind(at)
+        .execute(&mut *tx)
+        .await
+        .map_err(fail)?
+        .rows_affected()
+            == 1;
+        if changed {
+            // Held until now: reviewed again from their start (settled_through is still unset).
+            sqlx::query("UPDATE resources SET version = version + 1 WHERE project = $1")
+                .bind(project)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+        }
+        tx.commit().await.map_err(fail)?;
+        Ok(())
+    }
+
+    /// Whether `project` was admitted (`projects.managed_by`).
+    ///
+    /// # Errors
+    /// [`StoreError::Query`] when the database cannot be read.
+    pub async fn admitted(&self, project: &str) -> Result<bool, StoreError> {
+        let fail = |e| self.failed(format_args!("reading the admission of project {project}"), e);
+        let row = sqlx::query("SELECT admitted_at FROM admissions WHERE project = $1")
+            .bind(project)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(fail)?;
+        Ok(row.is_some())
     }
 
     /// Records that `project` ended at `at`; the earliest end wins. When that changes the

@@ -79,6 +79,14 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
         // What kind of resource each is (instances only before this version).
         &["ALTER TABLE resources ADD COLUMN kind TEXT NOT NULL DEFAULT 'instance'"],
     ),
+    (
+        3,
+        // When each project was admitted (`projects.managed_by`): its earliest role assignment.
+        &["CREATE TABLE admissions (
+            project TEXT PRIMARY KEY,
+            admitted_at BIGINT NOT NULL
+        )"],
+    ),
 ];
 
 /// The advisory lock key that serialises migrations on PostgreSQL (any fixed number works; this

@@ -20,4 +20,5 @@ mod oslo;
 mod outbound;
 mod properties;
 mod replay;
+mod scope;
 mod shard;
