@@ -621,6 +621,10 @@ pub struct Meta {
     pub priority: String,
     /// oslo `timestamp`: when the service emitted the notification.
     pub timestamp: Timestamp,
+    /// The event's project's name, when the caller (`_context_project_id`) acted in that
+    /// project and the context names it (`_context_project_name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project_name: Option<String>,
 }
 
 /// A decoded notification: its envelope facts and its event.

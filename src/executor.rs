@@ -137,6 +137,8 @@ pub struct Executor<B> {
     store: tokio::sync::OnceCell<std::sync::Arc<Store>>,
     /// How far the notifications handled have got: see [`Executor::watermark`].
     progress: Progress,
+    /// Projects known to be admitted (`projects.managed_by`, `include_names`).
+    admitted: std::sync::Mutex<std::collections::HashSet<ProjectId>>,
 }
 
 /// The latest notification time handled, and when (wall clock) a message was last handled.
@@ -156,6 +158,7 @@ impl<B: Billing> Executor<B> {
             commit_each: true,
             store: tokio::sync::OnceCell::new(),
             progress: Progress::default(),
+            admitted: std::sync::Mutex::default(),
         }
     }
 
@@ -323,7 +326,7 @@ impl<B: Billing> Executor<B> {
         plan: &[Action],
         admitted: &mut std::collections::HashMap<ProjectId, bool>,
     ) -> Result<bool, BillingError> {
-        if self.settings.projects.managed_by.is_none() {
+        if !self.settings.projects.managed_scope() {
             return Ok(true);
         }
         let project = match action {
@@ -340,8 +343,21 @@ impl<B: Billing> Executor<B> {
         if let Some(known) = admitted.get(project) {
             return Ok(*known);
         }
-        let known = self.store().await?.admitted(project.as_str()).await?;
+        let known = self.is_admitted(project).await?;
         admitted.insert(project.clone(), known);
+        Ok(known)
+    }
+
+    /// Whether `project` is admitted: remembered once true (an admission is never undone; a
+    /// removed role ends the project's timelines instead).
+    async fn is_admitted(&self, project: &ProjectId) -> Result<bool, BillingError> {
+        if self.admitted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(project) {
+            return Ok(true);
+        }
+        let known = self.store().await?.admitted(project.as_str()).await?;
+        if known {
+            self.admitted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(project.clone());
+        }
         Ok(known)
     }
 
@@ -374,7 +390,12 @@ impl<B: Billing> Executor<B> {
                 Ok(Applied::Done)
             }
             Action::AdmitProject { project, at } => {
+                // Every message naming a matching project admits it: the store is asked once.
+                if self.is_admitted(project).await? {
+                    return Ok(Applied::AlreadyDone);
+                }
                 self.store().await?.admit_project(project.as_str(), at.unix()).await?;
+                self.admitted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(project.clone());
                 Ok(Applied::Done)
             }
             other => crate::billing::apply(&*self.billing, other, ctx).await,

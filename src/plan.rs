@@ -203,6 +203,17 @@ const OLDEST_FACT_S: i64 = 10 * 366 * 86_400;
 /// # Errors
 /// [`PlanError`] when a usage amount cannot be represented, or a time is absurd.
 pub fn plan(notification: &Notification, settings: &Settings) -> Result<Plan, PlanError> {
+    let mut actions = plan_event(notification, settings)?;
+    // A project named as `projects.include_names` asks is admitted by any message naming it.
+    if let (Some(name), Some(project)) = (&notification.meta.project_name, notification.event.project()) {
+        if settings.projects.admits(project) && settings.projects.name_admits(name) {
+            actions.insert(0, Action::AdmitProject { project: project.clone(), at: notification.meta.timestamp });
+        }
+    }
+    Ok(actions)
+}
+
+fn plan_event(notification: &Notification, settings: &Settings) -> Result<Plan, PlanError> {
     let event = &notification.event;
     // A Ceilometer batch may span projects: plan_usage filters it sample by sample.
     if let (false, Some(project)) = (matches!(event, Event::Usage { .. }), event.project()) {
@@ -610,6 +621,7 @@ mod tests {
                 publisher_id: "test".into(),
                 priority: "INFO".into(),
                 timestamp: ts("2025-01-01T12:00:00Z"),
+                project_name: None,
             },
             event,
         }

@@ -179,7 +179,7 @@ impl<B: Billing> Settler<B> {
             self.store.reviewed(id, res.version, None, res.settled_through).await?;
             return Ok(Ok(()));
         }
-        if self.settings.projects.managed_by.is_some() && res.project_admitted_at.is_none() {
+        if self.settings.projects.managed_scope() && res.project_admitted_at.is_none() {
             // Outside the managed scope: its facts are kept, nothing is billed. The project's
             // admission makes it due again, and it is then billed from its start.
             self.store.reviewed(id, res.version, None, res.settled_through).await?;
@@ -494,6 +494,7 @@ fn settlement_meta(now: i64) -> Meta {
         publisher_id: "concertim-billing".into(),
         priority: "INFO".into(),
         timestamp: ts(now),
+        project_name: None,
     }
 }
 
@@ -941,6 +942,7 @@ mod tests {
                     publisher_id: "test".into(),
                     priority: "INFO".into(),
                     timestamp: t(s.sent),
+                    project_name: None,
                 },
                 event: crate::event::Event::Resource(Box::new(resource)),
             }
@@ -1140,6 +1142,7 @@ mod tests {
                     publisher_id: "test".into(),
                     priority: "SAMPLE".into(),
                     timestamp: t,
+                    project_name: None,
                 },
                 event: crate::event::Event::Usage { samples: vec![sample], unattributed: 0 },
             }

@@ -835,6 +835,7 @@ mod tests {
             publisher_id: "t".into(),
             priority: "INFO".into(),
             timestamp: ts("2025-01-01T00:00:00Z"),
+            project_name: None,
         }
     }
 

@@ -378,6 +378,11 @@ pub struct ProjectFilter {
     /// `identity.role_assignment.created`/`deleted` notifications say.
     #[serde(default)]
     pub managed_by: Option<ManagedBy>,
+    /// When non-empty, a project is billed when its name matches one of these patterns (`*`
+    /// matches any run of characters: `CM_*`, as Concertim names its projects). Names come
+    /// from the notifications whose caller acted in the project (`_context_project_name`).
+    #[serde(default)]
+    pub include_names: Vec<String>,
 }
 
 /// The role assignment that admits a project (`[projects.managed_by]`).
@@ -402,13 +407,45 @@ impl ProjectFilter {
         if let Some(p) = self.include.iter().find(|p| self.exclude.contains(p)) {
             return Err(format!("project {p} is both in projects.include and projects.exclude"));
         }
+        if let Some(p) = self.include_names.iter().find(|p| p.is_empty() || p.chars().all(|c| c == '*')) {
+            return Err(format!(
+                "projects.include_names has {p:?}, which matches every name (or none): leave include_names empty to bill every project"
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether projects are billed only once admitted (`managed_by`, `include_names`).
+    pub fn managed_scope(&self) -> bool {
+        self.managed_by.is_some() || !self.include_names.is_empty()
+    }
+
+    /// Whether a project named `name` matches `include_names`.
+    pub fn name_admits(&self, name: &str) -> bool {
+        self.include_names.iter().any(|pattern| glob(pattern, name))
     }
 
     /// Whether events of this project are billed.
     pub fn admits(&self, project: &ProjectId) -> bool {
         !self.exclude.contains(project) && (self.include.is_empty() || self.include.contains(project))
     }
+}
+
+/// Whether `text` matches `pattern`, where `*` matches any run of characters (none included)
+/// and every other character itself.
+fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else { return false };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else { return rest.is_empty() };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// The meters Ceilometer emits per instance, which the default configuration bills.
@@ -434,4 +471,28 @@ pub(super) fn is_ceilometer_meter(name: &str) -> bool {
         "backup.",
     ];
     INSTANCE_METERS.contains(&name) || OTHERS.contains(&name) || FAMILIES.iter().any(|f| name.starts_with(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_star_matches_any_run_of_characters_and_everything_else_itself() {
+        for (pattern, text, matches) in [
+            ("CM_*", "CM_physics", true),
+            ("CM_*", "CM_", true),
+            ("CM_*", "cm_physics", false),
+            ("CM_*", "XCM_physics", false),
+            ("*_proj", "CM_alice_proj", true),
+            ("CM_*_proj", "CM_alice_proj", true),
+            ("CM_*_proj", "CM_alice", false),
+            ("a*b*c", "abbc", true),
+            ("a*a", "a", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+        ] {
+            assert_eq!(glob(pattern, text), matches, "{pattern} ~ {text}");
+        }
+    }
 }

@@ -87,7 +87,8 @@ impl DecodeError {
 }
 
 /// The oslo message dict, as found either inside `oslo.message` or as the whole body (1.0).
-/// Unknown keys (`_unique_id`, `_context_*`) are skipped without being parsed into values.
+/// Unknown keys (`_unique_id`, most `_context_*`) are skipped without being parsed into values;
+/// the caller's project id and name are kept (a project's name, for `projects.include_names`).
 #[derive(Deserialize, Default)]
 struct Wire<'a> {
     #[serde(rename = "oslo.version", default, borrow)]
@@ -106,6 +107,10 @@ struct Wire<'a> {
     timestamp: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     payload: Option<&'a RawValue>,
+    #[serde(rename = "_context_project_id", default, borrow)]
+    context_project_id: Option<Cow<'a, str>>,
+    #[serde(rename = "_context_project_name", default, borrow)]
+    context_project_name: Option<Cow<'a, str>>,
 }
 
 /// Decodes one message body into a notification.
@@ -186,6 +191,13 @@ fn decode_message_with(wire: Wire<'_>, event: Option<Event>) -> Result<Notificat
         Some(event) => event,
         None => decode_event(&event_type, wire.payload)?,
     };
+    // The caller's project name is the event's project's only when the caller acted in it.
+    let project_name = match (&wire.context_project_id, &wire.context_project_name, event.project()) {
+        (Some(id), Some(name), Some(project)) if id.as_ref() == project.as_str() && !name.is_empty() => {
+            Some(bounded(name, 255))
+        }
+        _ => None,
+    };
     Ok(Notification {
         meta: Meta {
             message_id,
@@ -193,6 +205,7 @@ fn decode_message_with(wire: Wire<'_>, event: Option<Event>) -> Result<Notificat
             publisher_id: bounded(wire.publisher_id.as_deref().unwrap_or_default(), 255),
             priority: bounded(wire.priority.as_deref().unwrap_or_default(), 16).to_ascii_uppercase(),
             timestamp,
+            project_name,
         },
         event,
     })
@@ -536,5 +549,26 @@ mod tests {
                 assert!(decoded.is_err(), "{event_type}");
             }
         }
+    }
+
+    #[test]
+    fn the_callers_project_name_is_the_events_only_when_the_caller_acted_in_that_project() {
+        let message = |context_project: &str| {
+            format!(
+                r#"{{"message_id":"m-2","event_type":"identity.project.created","priority":"INFO",
+                "_context_project_id":"{context_project}","_context_project_name":"CM_physics",
+                "_context_user_name":"concertim","timestamp":"2025-08-18 10:38:07.168945",
+                "payload":{{"resource_info":"148f2f86b96440a1ba0934f837b2c77b"}}}}"#
+            )
+        };
+        let own = message("148f2f86b96440a1ba0934f837b2c77b");
+        for body in [own.clone().into_bytes(), envelope(&own)] {
+            let n = decode(&body, DecodeLimits::default()).unwrap();
+            assert_eq!(n.meta.project_name.as_deref(), Some("CM_physics"));
+        }
+        // An admin acting from another project names that project, not the event's.
+        let admin = message("0000000000000000000000000000admin");
+        assert_eq!(decode(&envelope(&admin), DecodeLimits::default()).unwrap().meta.project_name, None);
+        assert_eq!(decode(&envelope(BARE), DecodeLimits::default()).unwrap().meta.project_name, None);
     }
 }

@@ -30,7 +30,7 @@ impl<'de> Deserialize<'de> for OnePass<'de> {
                 use serde::de::{Error, IgnoredAny};
                 let mut wire = Wire::default();
                 let mut event = None;
-                let mut seen = [false; 6];
+                let mut seen = [false; 8];
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     let (slot, n) = match &*key {
                         "message_id" => (&mut wire.message_id, 0),
@@ -38,6 +38,8 @@ impl<'de> Deserialize<'de> for OnePass<'de> {
                         "publisher_id" => (&mut wire.publisher_id, 2),
                         "priority" => (&mut wire.priority, 3),
                         "timestamp" => (&mut wire.timestamp, 4),
+                        "_context_project_id" => (&mut wire.context_project_id, 6),
+                        "_context_project_name" => (&mut wire.context_project_name, 7),
                         "payload" => {
                             if std::mem::replace(&mut seen[5], true) {
                                 return Err(A::Error::custom("a second payload"));

@@ -501,6 +501,7 @@ mod calls {
             publisher_id: "tests".into(),
             priority: "INFO".into(),
             timestamp: t("2025-03-03T09:00:00Z"),
+            project_name: None,
         }
     }
 

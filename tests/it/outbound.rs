@@ -46,6 +46,7 @@ fn meta() -> concertim_billing::event::Meta {
         publisher_id: "t".into(),
         priority: "INFO".into(),
         timestamp: concertim_billing::event::Timestamp::parse("2025-03-03T09:20:00Z").unwrap(),
+        project_name: None,
     }
 }
 

@@ -153,3 +153,50 @@ proptest! {
         assert_managed_only(&billed(order, &day()));
     }
 }
+
+/// `body` as sent by a caller acting in `project`, named `name`.
+fn from_caller(body: &[u8], project: &str, name: &str) -> Vec<u8> {
+    let outer: Value = serde_json::from_slice(body).unwrap();
+    let mut message: Value = serde_json::from_str(outer["oslo.message"].as_str().unwrap()).unwrap();
+    message["_context_project_id"] = json!(project);
+    message["_context_project_name"] = json!(name);
+    envelope(&message)
+}
+
+#[test]
+fn a_project_whose_name_matches_include_names_is_billed_from_launch_whichever_message_names_it() {
+    let mut settings = Settings::from_toml(DEFAULT_TOML, "test").unwrap();
+    settings.projects.include_names = vec!["CM_*".into()];
+    // Only the managed project's delete names it; the other is named, but not as Concertim names.
+    let all = [
+        nova("create.end", MANAGED, VM, "09:10:01", ["09:10:00", "", ""]),
+        nova("create.end", OTHER, OTHER_VM, "09:10:01", ["09:10:00", "", ""]),
+        from_caller(
+            &nova("delete.end", MANAGED, VM, "12:10:02", ["09:10:00", "12:10:00", "12:10:01"]),
+            MANAGED,
+            "CM_physics",
+        ),
+        from_caller(
+            &nova("delete.end", OTHER, OTHER_VM, "12:10:02", ["09:10:00", "12:10:00", "12:10:01"]),
+            OTHER,
+            "admin",
+        ),
+    ];
+    for order in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]] {
+        let executor = Executor::new(settings.clone(), Ledger::in_memory());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            for i in order {
+                executor.handle(Delivery { body: &all[i], redelivered: false }).await;
+            }
+            let as_of = Timestamp::parse("2026-11-02T13:00:00Z").unwrap().unix();
+            executor.settler().await.unwrap().pass(Horizon::AsOf(as_of)).await.unwrap();
+        });
+        let snapshot = executor.billing().snapshot();
+        let accounts: Vec<&str> = snapshot.accounts.iter().map(|a| a.project_id.as_str()).collect();
+        assert_eq!(accounts, [MANAGED], "{order:?}");
+        let seconds: Decimal =
+            snapshot.usage.iter().filter(|u| u.unit.as_str() == "openstack-instance-seconds").map(|u| u.amount).sum();
+        assert_eq!(seconds, Decimal::from(3 * 3_600), "{order:?}");
+    }
+}

@@ -293,6 +293,7 @@ mod tests {
             publisher_id: "x".into(),
             priority: "INFO".into(),
             timestamp: ts("2025-03-03T09:00:00Z"),
+            project_name: None,
         };
         let ctx = Context { meta: &meta, redelivered: false };
         for p in ["p", "q"] {
