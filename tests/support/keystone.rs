@@ -83,12 +83,6 @@ struct Assignment {
     project: String,
 }
 
-struct Token {
-    user: String,
-    project: String,
-    expires: OffsetDateTime,
-}
-
 #[derive(Default)]
 struct Fake {
     next_id: u64,
@@ -99,7 +93,8 @@ struct Fake {
     assignments: Vec<Assignment>,
     /// Application credentials: id → (secret, user id, project id).
     credentials: BTreeMap<String, (String, String, String)>,
-    tokens: BTreeMap<String, Token>,
+    /// Live tokens and when each expires.
+    tokens: BTreeMap<String, OffsetDateTime>,
     token_lifetime: Duration,
     issued: usize,
     unauthorized: usize,
@@ -249,7 +244,7 @@ impl FakeKeystone {
     /// Every token issued so far expires now.
     pub fn expire_tokens(&self) {
         let past = OffsetDateTime::now_utc() - Duration::from_secs(1);
-        self.state.lock().unwrap().tokens.values_mut().for_each(|t| t.expires = past);
+        self.state.lock().unwrap().tokens.values_mut().for_each(|expires| *expires = past);
     }
 
     /// Tokens issued so far.
@@ -306,7 +301,7 @@ async fn handle(
         return issue(&mut s, &body);
     }
     let token = headers.get("x-auth-token").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let live = s.tokens.get(token).is_some_and(|t| t.expires > OffsetDateTime::now_utc());
+    let live = s.tokens.get(token).is_some_and(|expires| *expires > OffsetDateTime::now_utc());
     if !live {
         s.unauthorized += 1;
         return unauthorized();
@@ -486,7 +481,7 @@ fn issue(s: &mut Fake, body: &[u8]) -> Response {
     let value = format!("gAAAAAfake-{}", s.issued);
     let now = OffsetDateTime::now_utc();
     let expires = now + s.token_lifetime;
-    s.tokens.insert(value.clone(), Token { user: user.clone(), project: project.clone(), expires });
+    s.tokens.insert(value.clone(), expires);
     let body = json!({"token": {
         "methods": [method],
         "user": {"id": user, "domain": {"id": "default", "name": "Default"}},
