@@ -45,11 +45,13 @@ pub enum KeystoneError {
         source: reqwest::Error,
     },
     /// Keystone's TLS certificate is not signed by a trusted CA (or names another host).
-    #[error("{what}: Keystone's TLS certificate was not trusted; set keystone.ca_file to the PEM bundle of the CA that signed it: {source}")]
+    #[error("{what}: Keystone's TLS certificate was not trusted ({reason}); set keystone.ca_file to the PEM bundle of the CA that signed it")]
     Untrusted {
         /// The operation.
         what: String,
-        /// The HTTP client's error, with the TLS verifier's reason.
+        /// The TLS verifier's verdict (`invalid peer certificate: UnknownIssuer`).
+        reason: String,
+        /// The HTTP client's error.
         #[source]
         source: reqwest::Error,
     },
@@ -358,10 +360,10 @@ impl Keystone {
 
     /// `{url}{path}?{query}`.
     fn url(&self, what: &str, path: &str, query: &[(&str, &str)]) -> Result<Url, KeystoneError> {
-        Url::parse_with_params(&format!("{}{path}", self.base), query).map_err(|e| KeystoneError::Protocol {
-            what: what.to_owned(),
-            detail: format!("cannot build the URL: {e}"),
-        })
+        let url = format!("{}{path}", self.base);
+        // `parse_with_params` with no pairs would leave an empty `?` on the URL.
+        let url = if query.is_empty() { Url::parse(&url) } else { Url::parse_with_params(&url, query) };
+        url.map_err(|e| KeystoneError::Protocol { what: what.to_owned(), detail: format!("cannot build the URL: {e}") })
     }
 
     fn current(&self) -> Option<Token> {
@@ -586,8 +588,13 @@ fn read<T: DeserializeOwned>(what: &str, body: &str) -> Result<T, KeystoneError>
 fn http_error(what: &str, source: reqwest::Error) -> KeystoneError {
     // rustls's verdict reaches here only as text: hyper wraps it in an `io::Error`, whose
     // `source()` skips the rustls error itself.
-    if crate::class::chain(&source).contains("invalid peer certificate") {
-        return KeystoneError::Untrusted { what: what.to_owned(), source };
+    let mut cause: Option<&dyn std::error::Error> = Some(&source);
+    while let Some(error) = cause {
+        let text = error.to_string();
+        if text.contains("invalid peer certificate") {
+            return KeystoneError::Untrusted { what: what.to_owned(), reason: text, source };
+        }
+        cause = error.source();
     }
     KeystoneError::Http { what: what.to_owned(), source }
 }
@@ -671,6 +678,20 @@ mod tests {
         assert_eq!(
             body,
             json!({"auth": {"identity": {"methods": ["application_credential"], "application_credential": {"id": "ac", "secret": "s"}}}})
+        );
+    }
+
+    #[test]
+    fn paths_are_appended_to_the_endpoint_and_queries_encoded() {
+        let settings: KeystoneSettings = toml::from_str(
+            "url = \"https://keystone:5000/v3/\"\napplication_credential_id = \"ac\"\napplication_credential_secret = \"s\"\n",
+        )
+        .unwrap();
+        let keystone = Keystone::new(settings).unwrap();
+        assert_eq!(keystone.url("x", "/auth/tokens", &[]).unwrap().as_str(), "https://keystone:5000/v3/auth/tokens");
+        assert_eq!(
+            keystone.url("x", "/users", &[("name", "a b&c"), ("domain_id", "default")]).unwrap().as_str(),
+            "https://keystone:5000/v3/users?name=a+b%26c&domain_id=default"
         );
     }
 

@@ -228,6 +228,7 @@ async fn a_private_ca_is_trusted_only_through_keystone_ca_file() {
     assert!(matches!(err, KeystoneError::Untrusted { .. }), "{err:?}");
     let text = err.to_string();
     assert!(text.contains("certificate was not trusted") && text.contains("keystone.ca_file"), "{text}");
+    assert!(text.contains("UnknownIssuer"), "the verifier's reason is shown: {text}");
     assert_eq!(err.class(), ErrorClass::Permanent);
 
     let settings = concertim_billing::config::KeystoneSettings { ca_file: Some(ca), ..fake.settings() };
