@@ -17,6 +17,8 @@
 //! - [`store`]: the durable state store (facts, postings, the ledger's rows): a SQLite file, in
 //!   memory, or PostgreSQL shared by replicas.
 //! - [`concertim`]: event → Concertim updates (pure), their client and worker.
+//! - [`keystone`]: the Keystone v3 client (project names, role assignments), the first piece of
+//!   the OpenStack API client.
 //! - [`executor`]: one delivery → decode → plan → billing → commit → [`executor::Outcome`]
 //!   (with its Concertim follow-up).
 //! - [`replay`]: fixture files through the executor, and the report; [`fixture`] is the
@@ -47,6 +49,7 @@ pub mod fields;
 pub mod fixture;
 pub mod handle;
 pub mod http;
+pub mod keystone;
 pub mod notification;
 pub mod outbound;
 pub mod plan;

@@ -30,6 +30,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("price", &["event"]),
     // Effects.
     ("billing", &["class", "config", "event", "fields", "outbound", "plan", "price", "store"]),
+    // The OpenStack API: what the bus cannot say.
+    ("keystone", &["class", "config", "event", "outbound", "telemetry"]),
     ("concertim", &["billing", "class", "config", "event", "outbound", "retry", "telemetry"]),
     ("settle", &["billing", "class", "config", "event", "plan", "store", "timeline"]),
     ("executor", &["billing", "class", "concertim", "config", "event", "notification", "plan", "settle", "store"]),

@@ -19,8 +19,23 @@ pub fn env_overrides(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(V
 
 /// The keys whose override is always a string, whatever it looks like: a numeric password
 /// stays a password (and is never shown back in a type error).
-pub(super) const LITERAL_KEYS: [&str; 9] =
-    ["password", "api_secret", "api_key", "url", "username", "api_id", "token", "created_by", "prefix"];
+pub(super) const LITERAL_KEYS: [&str; 15] = [
+    "password",
+    "api_secret",
+    "api_key",
+    "url",
+    "username",
+    "api_id",
+    "token",
+    "created_by",
+    "prefix",
+    "project",
+    "user_domain",
+    "project_domain",
+    "application_credential_id",
+    "application_credential_secret",
+    "ca_file",
+];
 
 /// An environment override as a TOML value: literally a string for secrets and for keys the
 /// file already holds a string in; otherwise a bare TOML value (number, boolean, array, inline

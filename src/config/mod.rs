@@ -6,7 +6,7 @@
 //!
 //! One file per section: [`bus`] (with the listener and the decoder's limits), [`billing`]
 //! (rules, meters, the project filter), [`money`] (exact factors), [`killbill`], [`hostbill`],
-//! [`concertim`]; [`secret`] keeps secrets out of every printout, [`env`] reads the
+//! [`concertim`], [`keystone`]; [`secret`] keeps secrets out of every printout, [`env`] reads the
 //! `CONCERTIM_BILLING_*` overrides.
 
 mod api;
@@ -15,6 +15,7 @@ mod bus;
 mod concertim;
 mod env;
 mod hostbill;
+mod keystone;
 mod killbill;
 mod money;
 mod secret;
@@ -28,6 +29,7 @@ pub use bus::{BackoffSettings, Binding, BusSettings, DecodeLimits, HttpSettings,
 pub use concertim::{ConcertimSettings, MetricRule};
 pub use env::env_overrides;
 pub use hostbill::HostBillSettings;
+pub use keystone::{KeystoneAuth, KeystoneSettings};
 pub use killbill::{KillBillSettings, KillBillVersion};
 pub use money::{Factor, AMOUNT_SCALE};
 pub use secret::{Secret, SecretUrl};
@@ -107,6 +109,9 @@ pub struct Settings {
     /// Concertim, the visualisation app, updated alongside billing when this section is present.
     #[serde(default)]
     pub concertim: Option<ConcertimSettings>,
+    /// Keystone, the identity service the OpenStack API client authenticates against.
+    #[serde(default)]
+    pub keystone: Option<KeystoneSettings>,
     /// The billing API Concertim calls (off unless `api.listen` is set).
     #[serde(default)]
     pub api: ApiSettings,
@@ -308,6 +313,9 @@ impl Settings {
         if let Some(c) = &self.concertim {
             c.validate()?;
         }
+        if let Some(k) = &self.keystone {
+            k.validate()?;
+        }
         self.decode.validate()?;
         self.billing.time.validate()?;
         self.projects.validate()
@@ -336,7 +344,7 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-/// Defaults every outbound HTTP client (KillBill, HostBill, Concertim) shares.
+/// Defaults every outbound HTTP client (KillBill, HostBill, Concertim, Keystone) shares.
 fn default_timeout_ms() -> u64 {
     10_000
 }
@@ -626,10 +634,29 @@ mod tests {
         assert_eq!(listed.billing.meters["network.outgoing.bytes"].unit.as_str(), "mine");
     }
 
+    /// Where the commented `[keystone]` example of the default configuration begins.
+    const KEYSTONE_EXAMPLE: &str = "\n# Keystone (the identity API v3)";
+
+    #[test]
+    fn the_commented_keystone_example_loads_once_uncommented() {
+        let start = DEFAULT_TOML.find(KEYSTONE_EXAMPLE).unwrap();
+        let example: String = DEFAULT_TOML[start..]
+            .lines()
+            .filter(|l| l.starts_with("# ") && !l.starts_with("# #") && !l.starts_with("# Keystone"))
+            .map(|l| format!("{}\n", &l[2..]))
+            .skip_while(|l| !l.starts_with("[keystone]"))
+            .collect();
+        let s = Settings::from_toml(&format!("{}\n{example}", &DEFAULT_TOML[..start]), "t").unwrap();
+        let k = s.keystone.unwrap();
+        assert!(matches!(k.auth().unwrap(), KeystoneAuth::Password { project: "service", .. }));
+        assert_eq!((k.url.as_str(), k.tls_verify, k.ca_file), ("https://keystone:5000/v3", true, None));
+    }
+
     #[test]
     fn the_commented_concertim_example_loads_once_uncommented() {
         let start = DEFAULT_TOML.find("# [concertim]").unwrap();
-        let example: String = DEFAULT_TOML[start..]
+        let end = DEFAULT_TOML.find(KEYSTONE_EXAMPLE).unwrap();
+        let example: String = DEFAULT_TOML[start..end]
             .lines()
             .map(|l| l.strip_prefix("# ").unwrap_or(l))
             .map(|l| format!("{l}\n"))

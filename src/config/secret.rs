@@ -90,7 +90,8 @@ impl Serialize for SecretUrl {
 
 /// The keys whose value may come from a file instead (`password_file = "/run/secrets/kb"`):
 /// the secrets, and the broker URL, which carries its password.
-pub(super) const SECRET_FILE_KEYS: [&str; 5] = ["password", "api_secret", "api_key", "url", "jwt_secret"];
+pub(super) const SECRET_FILE_KEYS: [&str; 6] =
+    ["password", "api_secret", "api_key", "url", "jwt_secret", "application_credential_secret"];
 
 /// Replaces every `<secret>_file` key (at any level) with `<secret>` read from that file, its
 /// trailing newline dropped, as design §4 asks of every secret. Errors name the key and the

@@ -14,6 +14,7 @@ mod deploy;
 mod dlq;
 mod hostbill;
 mod http;
+mod keystone;
 mod killbill;
 mod killbill_differential;
 mod oslo;

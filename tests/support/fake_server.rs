@@ -1,5 +1,5 @@
-//! What the fake HTTP servers (KillBill, HostBill, Concertim) share: serving a router on a free
-//! local port, one fault layer in front of it, and decoding form-encoded text.
+//! What the fake HTTP servers (KillBill, HostBill, Concertim, Keystone) share: serving a router
+//! on a free local port, one fault layer in front of it, and decoding form-encoded text.
 //!
 //! The fault layer plays what goes wrong between the service and a server, the same way for
 //! every fake: latency, an outage (answered by the proxy in front, or hanging first), answers
@@ -185,12 +185,17 @@ async fn apply(State(faults): State<Faults>, request: Request, next: Next) -> Re
     }
 }
 
+/// `app` behind the fault layer of `faults`, for a fake that serves itself (over TLS).
+pub fn with_faults(app: Router, faults: &Faults) -> Router {
+    app.layer(axum::middleware::from_fn_with_state(faults.clone(), apply))
+}
+
 /// Serves `app` behind the fault layer of `faults` on a free port of 127.0.0.1; returns its
 /// base URL.
 pub async fn serve(app: Router, faults: &Faults) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = app.layer(axum::middleware::from_fn_with_state(faults.clone(), apply));
+    let app = with_faults(app, faults);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     url
 }

@@ -256,6 +256,7 @@ pub mod bus;
 pub mod concertim;
 pub mod fake_server;
 pub mod hostbill;
+pub mod keystone;
 pub mod killbill;
 pub mod killbill_server;
 pub mod wait;
