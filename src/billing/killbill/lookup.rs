@@ -246,8 +246,10 @@ impl KillBill {
     /// so that the account says whose it is in this service's words too, and says so in the
     /// log. The account is adopted whatever its state: one the Python service closed stays the
     /// project's (KillBill keeps closed accounts, and a second account would split the team's
-    /// invoices); KillBill then refuses new subscriptions on it (400/6000), as on any closed
-    /// account.
+    /// invoices).
+    // FIXME(killbill): KillBill refuses a subscription starting after an account's closing
+    // (400/6000), so an instance launched in a project whose Python-made account was closed is
+    // dead-lettered as permanent until an operator reopens or replaces the account.
     async fn adopt(&self, project: &ProjectId, adopted: &Named) -> Result<(), BillingError> {
         let account = &adopted.account_id;
         if !adopted.has_ours() {
