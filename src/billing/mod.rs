@@ -138,6 +138,16 @@ pub enum BillingError {
         /// What was wrong, with a short excerpt of the body.
         excerpt: String,
     },
+    /// Several billing accounts name the project (KillBill accounts the Python service made,
+    /// found by their project custom field): none is picked, an operator settles which is the
+    /// project's (removing the field from the others).
+    #[error("several KillBill accounts name project {project}: {}; remove the project's custom field from all but the project's own", accounts.join(", "))]
+    AmbiguousAccount {
+        /// The project.
+        project: ProjectId,
+        /// The accounts' ids.
+        accounts: Vec<String>,
+    },
     /// The billing server answered something that is not its protocol.
     #[error("{what}: {detail}")]
     Protocol {
@@ -174,6 +184,7 @@ impl BillingError {
             BillingError::ProjectMismatch { .. } => ErrorClass::Invalid,
             BillingError::LedgerCorrupt { .. }
             | BillingError::NoSubscription(_)
+            | BillingError::AmbiguousAccount { .. }
             | BillingError::Protocol { .. }
             | BillingError::Redirected { .. }
             | BillingError::Refused { .. } => ErrorClass::Permanent,

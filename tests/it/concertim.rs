@@ -4,14 +4,16 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::Duration,
 };
 
 use concertim_billing::{
     billing::{HostBill, KillBill, Ledger},
     bus::Names,
+    concertim::{worker::Done, Update, Worker},
     config::{Binding, MetricRule},
-    event::{Event, Timestamp},
+    event::{Event, ProjectId, Timestamp},
     fixture::FixtureDelivery,
     notification::{decode, DecodeLimits},
     price::Catalog,
@@ -324,6 +326,36 @@ async fn a_team_created_after_its_project_is_linked_at_its_next_refresh_and_anot
     assert_eq!(bus.depth(&bus.names().dead_queue).await, 0);
     app.shutdown().await.unwrap();
     bus.cleanup().await;
+}
+
+/// The Python service made the team's account in KillBill (no externalKey, the project id in
+/// `project_cloud_id`) and linked the team to it. That account is the project's here too
+/// (adopted): linking the team finds it the same, so nothing conflicts and `billing_acct_id` is
+/// never written, and the team's figures are that account's.
+#[tokio::test]
+async fn a_team_linked_to_the_account_the_python_service_made_keeps_it_with_killbill() {
+    let server = KillBillServer::start().await;
+    let concertim = FakeConcertim::start().await;
+    let project = "5d3696b4bbd8c47da660fc0893f44d54";
+    let python = server.python_account(project, "project_cloud_id").await;
+    concertim.add_team(project);
+    concertim.set_team_account(project, &python);
+    let mut settings = concertim.settings();
+    settings.team_refresh_interval_ms = 0;
+    let worker = Arc::new(Worker::new(settings, Arc::new(server.client())).unwrap());
+    let project_id = ProjectId::parse(project).unwrap();
+    let linked = worker.apply(&Update::LinkTeam { project: project_id.clone() }).await.unwrap();
+    assert_eq!(linked, Done::Unchanged, "the team names the project's own account: no conflict");
+    let refresh = worker.apply(&Update::RefreshTeam { project: project_id }).await.unwrap();
+    assert_eq!(refresh, Done::Scheduled);
+    eventually("the team's figures", Duration::from_secs(30), || async {
+        concertim.team(project).and_then(|t| t.cost).map(|_| ())
+    })
+    .await;
+    let team = concertim.team(project).unwrap();
+    assert_eq!(team.billing_acct_id.as_deref(), Some(python.as_str()));
+    assert_eq!(concertim.team_account_updates(), 0, "billing_acct_id never written");
+    assert_eq!(server.account_keyed(project).await, None, "no second account keyed by the project");
 }
 
 #[tokio::test]

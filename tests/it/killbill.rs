@@ -3,13 +3,13 @@
 //! helper ([`KillBillServer`]). Tests that inject faults (outages, lost answers) or read the
 //! fake's internals run on the fake only, and say so.
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 use concertim_billing::{
-    billing::{ledger::Snapshot, Backend, KillBill, Ledger},
+    billing::{ledger::Snapshot, Backend, Billing, KillBill, Ledger},
     class::ErrorClass,
     config::Settings,
-    event::Timestamp,
+    event::{ProjectId, Timestamp},
     executor::{Delivery, Executor, Outcome},
     fixture::FixtureDelivery,
 };
@@ -450,6 +450,67 @@ async fn a_project_deleted_before_created_leaves_a_closed_account_and_the_late_c
     assert_eq!(server.snapshot().await.accounts[0].state, "closed");
     let Outcome::Processed { effects, .. } = &outcomes[1] else { panic!() };
     assert_eq!(effects.done, 0);
+}
+
+/// The Keystone fixture's `identity.project.created`, made about `project`.
+fn project_created(project: &str) -> FixtureDelivery {
+    let created = deliveries("keystone")
+        .into_iter()
+        .find(|d| String::from_utf8_lossy(&d.body).contains("identity.project.created"))
+        .unwrap();
+    let body = String::from_utf8_lossy(&created.body).replace("5d3696b4bbd8c47da660fc0893f44d54", project);
+    FixtureDelivery { body: body.into_bytes(), ..created }
+}
+
+/// The Python service made the legacy lifecycle's project an account its way (no externalKey,
+/// so KillBill keys it by its own id; the project id in `project_cloud_id`, or, from its older
+/// releases, `openstack_project_id`). The project's creation and its instance's launch go
+/// through the service: the account is found by its field and used, never duplicated. A
+/// restarted service (a new client, nothing remembered) finds the same account.
+#[tokio::test]
+async fn a_projects_account_made_by_the_python_service_is_adopted_and_never_duplicated() {
+    let project = "e89cb74df0069d478e26645ca53ab73f";
+    let instance = "2dc673b9-8b8f-dcab-44c5-c769c9d8677c";
+    for field in ["project_cloud_id", "openstack_project_id"] {
+        let server = KillBillServer::start().await;
+        let python = server.python_account(project, field).await;
+        let (created, launched) = (project_created(project), legacy("compute.instance.create.end"));
+        let (executor, outcomes) = killbill_executor(&server, &[&created, &launched]).await;
+        assert_no_failures(&outcomes);
+        assert_eq!(server.account_keyed(project).await, None, "{field}: no account keyed by the project id");
+        assert_eq!(server.accounts_carrying(project).await, BTreeSet::from([python.clone()]), "{field}");
+        assert_eq!(server.snapshot().await.accounts.len(), 1, "{field}: the tenant's only account");
+        assert_eq!(server.subscription_account(instance).await, python, "{field}: the instance's subscription");
+        let fields = server.account_fields(&python).await;
+        assert!(fields.contains(&("openstack_project_id".into(), project.into())), "{field}: ours, {fields:?}");
+        assert!(fields.contains(&(field.into(), project.into())), "{field}: theirs kept, {fields:?}");
+        assert_eq!(fields.len(), if field == "openstack_project_id" { 1 } else { 2 }, "{field}: {fields:?}");
+        let project_id = ProjectId::parse(project).unwrap();
+        let today = time::OffsetDateTime::now_utc().date();
+        let restarted = server.client();
+        for (who, client) in [("the service", executor.billing()), ("a restarted service", &restarted)] {
+            assert_eq!(client.account_ref(&project_id).await.unwrap(), Some(python.clone()), "{field}: {who}");
+            let figures = client.account_figures(&project_id, today).await.unwrap().expect("the team's figures");
+            assert_eq!(figures.account_id, python, "{field}: {who}");
+        }
+    }
+}
+
+/// Two accounts made by the Python service name the same project: neither is picked, and the
+/// project's creation fails permanently, naming both; no third account is made.
+#[tokio::test]
+async fn a_project_named_by_two_python_accounts_is_a_permanent_error_naming_both() {
+    let server = KillBillServer::start().await;
+    let project = "e89cb74df0069d478e26645ca53ab73f";
+    let first = server.python_account(project, "project_cloud_id").await;
+    let second = server.python_account(project, "openstack_project_id").await;
+    let outcomes = through_killbill(&server, &[&project_created(project)]).await;
+    let Outcome::Failed { error, .. } = &outcomes[0] else { panic!("{:?}", outcomes[0]) };
+    assert_eq!(error.class(), ErrorClass::Permanent, "{error}");
+    let text = error.to_string();
+    assert!(text.contains(&first) && text.contains(&second) && text.contains(project), "{text}");
+    assert_eq!(server.snapshot().await.accounts.len(), 2);
+    assert_eq!(server.account_keyed(project).await, None);
 }
 
 /// Fake only: the fake's own usage window.

@@ -56,6 +56,31 @@ fn script() -> Vec<Step> {
         step("add a custom field", Method::POST, "/1.0/kb/accounts/{account}/customFields", Some(field.clone())),
         step("add the same field again", Method::POST, "/1.0/kb/accounts/{account}/customFields", Some(field)),
         step("read the fields", Method::GET, "/1.0/kb/accounts/{account}/customFields", None),
+        capturing(
+            step(
+                "create an account as the Python service did (no externalKey)",
+                Method::POST,
+                "/1.0/kb/accounts",
+                Some(json!({"name": "team {p}", "email": null, "billCycleDayLocal": 31, "currency": "USD"})),
+            ),
+            "python",
+        ),
+        step("find it by its own id as key", Method::GET, "/1.0/kb/accounts?externalKey={python}", None),
+        step(
+            "add the Python service's project field",
+            Method::POST,
+            "/1.0/kb/accounts/{python}/customFields",
+            Some(json!([{"name": "project_cloud_id", "value": "{p}"}])),
+        ),
+        step("search the fields carrying the project id", Method::GET, "/1.0/kb/customFields/search/{p}", None),
+        step(
+            "search them a page of one at a time",
+            Method::GET,
+            "/1.0/kb/customFields/search/{p}?offset=1&limit=1",
+            None,
+        ),
+        step("search by a field's name", Method::GET, "/1.0/kb/customFields/search/project_cloud_id", None),
+        step("search a key nothing carries", Method::GET, "/1.0/kb/customFields/search/{p}-none", None),
         step(
             "subscribe on an unknown plan",
             Method::POST,
@@ -187,13 +212,15 @@ fn script() -> Vec<Step> {
     ]
 }
 
-/// An answer reduced to what must match: the status, KillBill's error code, and whether the
-/// body was empty.
+/// An answer reduced to what must match: the status, KillBill's error code, whether the body
+/// was empty, and how many elements a JSON array body has (the search's hits; a list of
+/// fields, bundles or invoices).
 #[derive(Debug, PartialEq, Eq)]
 struct Reduced {
     status: u16,
     code: Option<i64>,
     empty: bool,
+    items: Option<usize>,
 }
 
 async fn run(settings: &KillBillSettings, keys: &[(&str, String)]) -> Vec<(String, Reduced)> {
@@ -216,9 +243,12 @@ async fn run(settings: &KillBillSettings, keys: &[(&str, String)]) -> Vec<(Strin
         if let (Some(name), Some(location)) = (s.capture, location) {
             names.push((name.to_owned(), location.rsplit('/').next().unwrap().to_owned()));
         }
-        let code = serde_json::from_str::<Value>(&text).ok().and_then(|v| v["code"].as_i64());
+        let json = serde_json::from_str::<Value>(&text).ok();
+        let code = json.as_ref().and_then(|v| v["code"].as_i64());
+        let items = json.as_ref().and_then(Value::as_array).map(Vec::len);
         let excerpt: String = text.chars().take(160).collect();
-        answers.push((format!("{} ({excerpt})", s.what), Reduced { status, code, empty: text.trim().is_empty() }));
+        let reduced = Reduced { status, code, empty: text.trim().is_empty(), items };
+        answers.push((format!("{} ({excerpt})", s.what), reduced));
     }
     answers
 }

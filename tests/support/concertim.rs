@@ -123,6 +123,8 @@ struct Fake {
     devices: Vec<Record>,
     metrics: Vec<(u64, Value)>,
     team_figure_updates: usize,
+    /// Team updates that carried `billing_acct_id`.
+    team_account_updates: usize,
     status_updates: usize,
     cost_updates: usize,
     /// What happened to each device, by OpenStack id: the statuses set, then `removed`.
@@ -266,6 +268,11 @@ impl FakeConcertim {
     /// Team updates that carried billing figures.
     pub fn team_figure_updates(&self) -> usize {
         self.state.lock().unwrap().team_figure_updates
+    }
+
+    /// Team updates that set a billing account id.
+    pub fn team_account_updates(&self) -> usize {
+        self.state.lock().unwrap().team_account_updates
     }
 
     /// Device and rack status changes made.
@@ -416,12 +423,15 @@ async fn handle(
                     json!({"errors": [{"status": "400", "title": "Bad Request", "description": "param is missing or the value is empty: team"}]}),
                 );
             };
-            let mut figures = false;
+            let (mut figures, mut account) = (false, false);
             let Some(team) = s.teams.iter_mut().find(|t| t.id.to_string() == *id) else { return not_found() };
             let text = |v: &Value| v.as_str().map(str::to_owned).or_else(|| (!v.is_null()).then(|| v.to_string()));
             for (key, value) in &fields {
                 match key.as_str() {
-                    "billing_acct_id" => team.billing_acct_id = text(value),
+                    "billing_acct_id" => {
+                        team.billing_acct_id = text(value);
+                        account = true;
+                    }
                     "cost" => {
                         team.cost = text(value);
                         figures = true
@@ -436,6 +446,9 @@ async fn handle(
             let json = team_json(team);
             if figures {
                 s.team_figure_updates += 1;
+            }
+            if account {
+                s.team_account_updates += 1;
             }
             json_response(StatusCode::OK, json)
         }

@@ -198,6 +198,83 @@ impl KillBillServer {
         Some((amount(&invoice["amount"]), by_key))
     }
 
+    /// Any request to this server (real or fake) as a tenant's client sends it: status and body.
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> (u16, String) {
+        let mut request = authed(&reqwest::Client::new(), &self.settings(), method, path);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    /// A GET answered 200 with JSON.
+    async fn read(&self, path: &str) -> Value {
+        let (status, text) = self.call(reqwest::Method::GET, path, None).await;
+        assert_eq!(status, 200, "GET {path}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {path}: {e}: {text}"))
+    }
+
+    /// Makes an account as the Python service did (`reference/original-service.md` §1.2): no
+    /// externalKey (KillBill keys it by its own id), then the custom field `field` holding the
+    /// project id. Its id.
+    pub async fn python_account(&self, project: &str, field: &str) -> String {
+        let body = serde_json::json!({"name": format!("team of {project}"), "email": null, "billCycleDayLocal": 31, "currency": "USD"});
+        let response = authed(&reqwest::Client::new(), &self.settings(), reqwest::Method::POST, "/1.0/kb/accounts")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 201, "{:?}", response.text().await);
+        let location = response.headers()["location"].to_str().unwrap().to_owned();
+        let id = location.rsplit('/').next().unwrap().to_owned();
+        let fields = serde_json::json!([{"name": field, "value": project}]);
+        let (status, text) =
+            self.call(reqwest::Method::POST, &format!("/1.0/kb/accounts/{id}/customFields"), Some(&fields)).await;
+        assert_eq!(status, 201, "{text}");
+        id
+    }
+
+    /// The id of the account whose externalKey is `key`, if there is one.
+    pub async fn account_keyed(&self, key: &str) -> Option<String> {
+        let (status, text) =
+            self.call(reqwest::Method::GET, &format!("/1.0/kb/accounts?externalKey={key}"), None).await;
+        match status {
+            404 => None,
+            200 => Some(serde_json::from_str::<Value>(&text).unwrap()["accountId"].as_str().unwrap().to_owned()),
+            _ => panic!("account by key {key}: {status} {text}"),
+        }
+    }
+
+    /// The ids of the accounts that carry a custom field whose value is `value` (KillBill's
+    /// custom-field search, every hit in one page).
+    pub async fn accounts_carrying(&self, value: &str) -> std::collections::BTreeSet<String> {
+        let hits = self.read(&format!("/1.0/kb/customFields/search/{value}?offset=0&limit=10000")).await;
+        hits.as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["objectType"] == "ACCOUNT" && f["value"] == value)
+            .map(|f| f["objectId"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// The custom fields of the account with this id, as (name, value).
+    pub async fn account_fields(&self, id: &str) -> Vec<(String, String)> {
+        let fields = self.read(&format!("/1.0/kb/accounts/{id}/customFields")).await;
+        fields
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| (f["name"].as_str().unwrap().to_owned(), f["value"].as_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    /// The account id of the subscription with this key.
+    pub async fn subscription_account(&self, key: &str) -> String {
+        let sub = self.read(&format!("/1.0/kb/subscriptions?externalKey={key}")).await;
+        sub["accountId"].as_str().unwrap().to_owned()
+    }
+
     /// Bodies the fake's OpenAPI check rejected (the real server has its own checks, and
     /// answers them).
     pub fn violations(&self) -> Vec<String> {

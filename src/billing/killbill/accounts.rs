@@ -105,7 +105,8 @@ fn deposit_description(key: &str) -> String {
 }
 
 impl KillBill {
-    fn writing(&self, method: Method, path: &str, reason: &str) -> reqwest::RequestBuilder {
+    /// A write outside a notification's handling, with the reason KillBill's audit log shows.
+    pub(super) fn writing(&self, method: Method, path: &str, reason: &str) -> reqwest::RequestBuilder {
         self.request(method, path, None)
             .header("X-Killbill-CreatedBy", &self.settings.created_by)
             .header("X-Killbill-Reason", reason)

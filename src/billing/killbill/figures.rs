@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 
 use super::accounts::{KbAccount, KbItem};
-use super::client::ACCOUNT_NOT_FOUND_BY_KEY;
 use super::wire::BundleJson;
 use super::KillBill;
 use reqwest::{Method, StatusCode};
@@ -36,19 +35,22 @@ fn resource_costs(items: &[KbItem], keys: &HashMap<String, String>) -> Vec<Resou
 impl KillBill {
     /// Credits as `reference/original-service.md` §1.4 computes them: the account's credit
     /// balance (`accountCBA`) minus the upcoming invoice's amount when that is not negative.
+    /// The account is the project's as [`KillBill::account_id`] finds it (an adopted one too),
+    /// read by id with its balance: once remembered, that is the one read the key gave.
     pub(super) async fn figures(
         &self,
         project: &ProjectId,
         today: time::Date,
     ) -> Result<Option<AccountFigures>, BillingError> {
-        let what = format!("read the balance of account {project}");
+        let Some(account_id) = self.account_id(project).await? else { return Ok(None) };
+        let what = format!("read the balance of account {account_id} of project {project}");
         let request = self
-            .request(Method::GET, "/1.0/kb/accounts", None)
-            .query(&[("externalKey", project.as_str()), ("accountWithBalanceAndCBA", "true")]);
+            .request(Method::GET, &format!("/1.0/kb/accounts/{account_id}"), None)
+            .query(&[("accountWithBalanceAndCBA", "true")]);
         let answer = self.send(&what, request).await?;
         let balance: KbAccount = match answer.status {
             StatusCode::OK => Self::parse(&what, &answer)?,
-            StatusCode::NOT_FOUND if answer.code() == Some(ACCOUNT_NOT_FOUND_BY_KEY) => return Ok(None),
+            // Accounts are never deleted in KillBill: an id once found stays readable.
             _ => return Err(Self::refused(&what, &answer)),
         };
         let (period_start, period_end) = month_of(today);

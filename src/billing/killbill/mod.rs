@@ -1,8 +1,10 @@
 //! The KillBill backend (the KillBill 0.22/0.24 REST API, as the real server answers it; the
 //! test suite runs against a real server).
 //!
-//! Objects are found by key, never by scanning: accounts by `externalKey` = project id,
-//! subscriptions by `externalKey` = instance uuid. "Already exists" answers are success:
+//! Objects are found by key, never by scanning: accounts by `externalKey` = project id (or,
+//! for an account the Python service made, by the project custom field it carries, through
+//! KillBill's custom-field search: see `lookup.rs`), subscriptions by `externalKey` = instance
+//! uuid. "Already exists" answers are success:
 //! 409/3000 for an account, 400/9000 for a custom field, 400/50000 for a usage trackingId,
 //! 500/1031 for a second cancel, 400/1014 or 1015 for a second subscription create (found
 //! again by key). Connect errors, timeouts, 5xx and 429 are transient; other 4xx are
@@ -40,7 +42,9 @@ use crate::{
     event::Timestamp,
 };
 
-/// Custom field holding the OpenStack project id, on accounts and subscriptions.
+/// Custom field holding the OpenStack project id, on accounts and subscriptions. It is the
+/// field the Python service's older releases (V11) put on their accounts already; the accounts
+/// of its current releases carry `project_cloud_id` instead, and get this one when adopted.
 pub const FIELD_PROJECT: &str = "openstack_project_id";
 /// Custom field holding the subscribed resource's uuid (an instance's, a volume's …), on
 /// subscriptions.

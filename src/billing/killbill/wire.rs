@@ -29,6 +29,18 @@ pub(super) struct NewCustomField<'a> {
     pub(super) value: &'a str,
 }
 
+/// A hit of `GET /1.0/kb/customFields/search/{key}`: a custom field with its object.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct FoundFieldJson {
+    #[serde(default)]
+    pub(super) object_id: String,
+    #[serde(default)]
+    pub(super) object_type: Option<String>,
+    pub(super) name: String,
+    pub(super) value: String,
+}
+
 #[derive(Deserialize)]
 pub(super) struct CustomFieldJson {
     pub(super) name: String,

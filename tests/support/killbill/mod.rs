@@ -8,10 +8,13 @@
 //! before the start, 400/1001 for a cancel or change before the last transition, 400/6000 for a
 //! change of a cancelled subscription or on a closed account, 400/2080 for a catalog version
 //! uploaded twice (and the catalog read back as KillBill renders it), Jetty's JSON 400 for usage
-//! after a subscription's end, and the half-open window of `GET /1.0/kb/usages`. Dates may be
-//! days or date-times. Every request body is checked against the definitions of
-//! `../shared/killbill/killbill-openapi.json` (ignoring its known-wrong `required` lists); a body
-//! the spec would reject is answered 400 and recorded as a violation.
+//! after a subscription's end, the half-open window of `GET /1.0/kb/usages`, accounts made
+//! without an `externalKey` (keyed by their own id), and the custom-field search
+//! (`GET /1.0/kb/customFields/search/{key}`: the key anywhere in a field's object id, object
+//! type, name or value, paged, 200 `[]` for no hit). Dates may be days or date-times. Every
+//! request body is checked against the definitions of `../shared/killbill/killbill-openapi.json`
+//! (ignoring its known-wrong `required` lists); a body the spec would reject is answered 400 and
+//! recorded as a violation.
 //!
 //! What it cannot reproduce: invoices (its dry run sums usage at the test's own prices, not
 //! KillBill's invoice of the bill cycle), which catalog version bills a subscription (it bills
@@ -19,8 +22,9 @@
 //! the subscription, and keeps one that started under an older version on it unless the newer
 //! plan has an `effectiveDateForExistingSubscriptions`), the test clock, usage amounts
 //! truncated to whole numbers by 0.22, two concurrent usage calls with one trackingId both
-//! being stored (its check and insert are atomic; KillBill's are not), and column limits (field
-//! sizes, 4-byte UTF-8).
+//! being stored (its check and insert are atomic; KillBill's are not), column limits (field
+//! sizes, 4-byte UTF-8), and the search's SQL `LIKE` wildcards (`%` and `_` in a key match
+//! anything in KillBill, and only themselves here).
 
 //!
 //! `model.rs` holds the state and the billing arithmetic, `schema.rs` the check of request

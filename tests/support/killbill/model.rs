@@ -51,7 +51,9 @@ pub(super) struct Fake {
 
 pub(super) struct Account {
     pub(super) id: String,
+    /// The account id when it was made without one, as KillBill keys it.
     pub(super) external_key: String,
+    pub(super) name: Option<String>,
     pub(super) currency: Option<String>,
     /// When `DELETE /1.0/kb/accounts/{id}` closed it: KillBill then tags it
     /// AUTO_INVOICING_OFF and blocks changes (400/6000) from then on.
@@ -78,6 +80,8 @@ impl Subscription {
 }
 
 pub(super) struct Field {
+    /// Its `customFieldId`.
+    pub(super) id: String,
     pub(super) object_id: String,
     pub(super) object_type: &'static str,
     pub(super) name: String,

@@ -19,7 +19,7 @@ use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use super::{
-    fake_server::form_pairs,
+    fake_server::{form_pairs, percent_decode},
     model::{now, parse_time, Account, Fake, Field, Subscription, Usage},
     schema, API_KEY, API_SECRET, BASIC_AUTH,
 };
@@ -243,6 +243,7 @@ fn route(s: &mut Fake, method: &Method, segments: &[&str], call: &Call) -> Respo
         (&Method::POST, [kind @ ("accounts" | "subscriptions"), object, "customFields"]) => {
             add_fields(s, kind, object, call)
         }
+        (&Method::GET, ["customFields", "search", key]) => search_fields(s, &percent_decode(key), call),
         (&Method::GET, [_, object, "customFields"]) => fields(s, object),
         (&Method::POST, ["subscriptions"]) => create_subscription(s, call),
         (&Method::GET, ["subscriptions"]) => subscription_by_key(s, call),
@@ -277,7 +278,8 @@ fn create_account(s: &mut Fake, call: &Call) -> Response {
     let account_id = s.id();
     let external_key = key.unwrap_or_else(|| account_id.clone());
     let currency = call.body["currency"].as_str().map(str::to_owned);
-    s.accounts.push(Account { id: account_id.clone(), external_key, currency, closed: None });
+    let name = call.body["name"].as_str().map(str::to_owned);
+    s.accounts.push(Account { id: account_id.clone(), external_key, name, currency, closed: None });
     created(s, &format!("/1.0/kb/accounts/{account_id}"))
 }
 
@@ -398,7 +400,8 @@ fn add_fields(s: &mut Fake, kind: &str, object: &str, call: &Call) -> Response {
             );
         }
         let object_type = if kind == "accounts" { "ACCOUNT" } else { "SUBSCRIPTION" };
-        new.push(Field { object_id: object.to_owned(), object_type, name: name.into(), value: value.into() });
+        let id = s.id();
+        new.push(Field { id, object_id: object.to_owned(), object_type, name: name.into(), value: value.into() });
     }
     s.fields.extend(new);
     created(s, &format!("/1.0/kb/{kind}/{object}/customFields"))
@@ -406,13 +409,46 @@ fn add_fields(s: &mut Fake, kind: &str, object: &str, call: &Call) -> Response {
 
 /// `GET /1.0/kb/{kind}/{id}/customFields`.
 fn fields(s: &Fake, object: &str) -> Response {
-    let fields: Vec<Value> = s
+    let fields: Vec<Value> = s.fields.iter().filter(|f| f.object_id == object).map(field_json).collect();
+    json_ok(Value::Array(fields))
+}
+
+fn field_json(f: &Field) -> Value {
+    json!({"customFieldId": f.id, "objectId": f.object_id, "objectType": f.object_type, "name": f.name, "value": f.value, "auditLogs": []})
+}
+
+/// `GET /1.0/kb/customFields/search/{key}`: every field of the tenant whose object id, object
+/// type, name or value contains the key (case-sensitive), in the order made, a page at a time
+/// (`offset`, `limit`, default 0 and 100), with KillBill's pagination headers; 200 with `[]`
+/// when nothing matches. KillBill's `LIKE` wildcards (`%`, `_`) in the key are taken literally
+/// here.
+fn search_fields(s: &Fake, key: &str, call: &Call) -> Response {
+    let number = |name: &str, default: usize| call.query.get(name).and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (offset, limit) = (number("offset", 0), number("limit", 100));
+    let matching: Vec<&Field> = s
         .fields
         .iter()
-        .filter(|f| f.object_id == object)
-        .map(|f| json!({"customFieldId": "00000000-0000-4000-8000-00000000ffff", "objectId": f.object_id, "objectType": f.object_type, "name": f.name, "value": f.value, "auditLogs": []}))
+        .filter(|f| [f.object_id.as_str(), f.object_type, &f.name, &f.value].iter().any(|t| t.contains(key)))
         .collect();
-    json_ok(Value::Array(fields))
+    let page: Vec<Value> = matching.iter().skip(offset).take(limit).map(|f| field_json(f)).collect();
+    let mut response = json_ok(Value::Array(page));
+    let headers = response.headers_mut();
+    let mut put = |name: &'static str, value: String| {
+        headers.insert(name, value.parse().expect("a header value of digits and a path"));
+    };
+    put("X-Killbill-Pagination-CurrentOffset", offset.to_string());
+    put("X-Killbill-Pagination-TotalNbRecords", matching.len().to_string());
+    // KillBill counts every field of the tenant here.
+    put("X-Killbill-Pagination-MaxNbRecords", s.fields.len().to_string());
+    if offset + limit < matching.len() {
+        let next = offset + limit;
+        put("X-Killbill-Pagination-NextOffset", next.to_string());
+        put(
+            "X-Killbill-Pagination-NextPageUri",
+            format!("/1.0/kb/customFields/search/{key}?offset={next}&limit={limit}&audit=NONE"),
+        );
+    }
+    response
 }
 
 /// `POST /1.0/kb/subscriptions`: by plan name, in a bundle of its own; 400/1015 for an active
@@ -835,7 +871,7 @@ fn subscription_json(x: &Subscription) -> Value {
 
 fn account_json(a: &Account) -> Value {
     json!({
-        "accountId": a.id, "name": a.external_key, "firstNameLength": null, "externalKey": a.external_key,
+        "accountId": a.id, "name": a.name, "firstNameLength": null, "externalKey": a.external_key,
         "email": null, "billCycleDayLocal": 0, "currency": a.currency, "parentAccountId": null,
         "isPaymentDelegatedToParent": false, "paymentMethodId": null, "referenceTime": "2025-01-01T00:00:00.000Z",
         "timeZone": "UTC", "address1": null, "address2": null, "postalCode": null, "company": null, "city": null,
