@@ -142,6 +142,39 @@ impl<B: Billing + Accounts + 'static> App<B> {
     }
 }
 
+impl<B: Billing + 'static> App<B> {
+    /// Admits, from Keystone, the projects the bus cannot say are in the managed scope: those on
+    /// which `projects.managed_by` holds its role, and those whose name matches
+    /// `projects.include_names`, as they are now (assignments made before this service ran, or
+    /// while it was down). Answers how many it admitted that were not admitted yet.
+    ///
+    /// # Errors
+    /// When Keystone or the state store fails.
+    pub async fn admit_from_keystone(&self, keystone: &crate::keystone::Keystone) -> Result<usize, anyhow::Error> {
+        let scope = &self.executor.settings().projects;
+        let mut projects = Vec::new();
+        if let Some(managed) = &scope.managed_by {
+            projects.extend(keystone.role_assignments(&managed.user, &managed.role).await?);
+        }
+        if !scope.include_names.is_empty() {
+            projects.extend(
+                keystone.projects(None).await?.into_iter().filter(|p| scope.name_admits(&p.name)).map(|p| p.id),
+            );
+        }
+        projects.sort();
+        projects.dedup();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = crate::event::Timestamp::from_unix(i64::try_from(now).unwrap_or(0))?;
+        let mut admitted = 0;
+        for project in projects.iter().filter(|p| scope.admits(p)) {
+            if self.executor.admit(project, now).await? {
+                admitted += 1;
+            }
+        }
+        Ok(admitted)
+    }
+}
+
 /// A listener on `listen` (the setting `key`), or none when it is empty.
 async fn bind(listen: &str, key: &str) -> Result<Option<TcpListener>, AppError> {
     if listen.is_empty() {

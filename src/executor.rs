@@ -317,6 +317,25 @@ impl<B: Billing> Executor<B> {
         Outcome::Processed { event_type, effects, follow_up: None }
     }
 
+    /// Admits `project` to the managed scope from `at` (what a role assignment of
+    /// `projects.managed_by`, or a name matching `include_names`, does); true when it was not
+    /// admitted yet.
+    ///
+    /// # Errors
+    /// When the state store fails.
+    pub async fn admit(&self, project: &ProjectId, at: crate::event::Timestamp) -> Result<bool, BillingError> {
+        let action = Action::AdmitProject { project: project.clone(), at };
+        let meta = crate::event::Meta {
+            message_id: crate::event::MessageId::settlement(),
+            event_type: "admission".into(),
+            publisher_id: "concertim-billing".into(),
+            priority: "INFO".into(),
+            timestamp: at,
+            project_name: None,
+        };
+        Ok(self.apply(&action, Context { meta: &meta, redelivered: false }).await? == Applied::Done)
+    }
+
     /// Whether `action` may reach the billing application: always, unless `projects.managed_by`
     /// is set and the action's project has not been admitted. Facts and project ends are the
     /// state store's, never held. `admitted` caches the answers of one message.

@@ -161,6 +161,12 @@ enum Command {
         /// whatever the order of its messages.
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         as_of: Option<concertim_billing::event::Timestamp>,
+        /// After replaying into the embedded ledger, look up each project's account in the
+        /// KillBill of the [killbill] section, read-only, and say what `run` would do: use the
+        /// account keyed by the project, adopt the one the Python service made (by its
+        /// project_cloud_id or openstack_project_id field), or create one. The take-over check.
+        #[arg(long, conflicts_with_all = ["apply", "publish"])]
+        check_accounts: bool,
     },
 }
 
@@ -493,7 +499,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             outln!("published {} messages to {}; {} not published", published.sent, settings.bus.url, published.failed);
             Ok(if published.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
-        Command::Replay { paths, ledger, report, apply, as_of, .. } => {
+        Command::Replay { paths, ledger, report, apply, as_of, check_accounts, .. } => {
             for warning in settings.warnings() {
                 eprintln!("warning: {warning}");
             }
@@ -512,7 +518,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
                 .into());
             }
-            replay_locally(settings, &paths, ledger, report, apply, as_of)
+            if check_accounts && (settings.killbill.is_none() || !matches!(report, ReportFormat::Text)) {
+                return Err(UsageError(
+                    "--check-accounts looks the projects up in KillBill: give --config with a [killbill] section, and the text report"
+                        .into(),
+                )
+                .into());
+            }
+            let check = check_accounts.then(|| settings.killbill.clone()).flatten();
+            replay_locally(settings, &paths, ledger, report, apply, as_of, check)
         }
         Command::Run { ledger, ledger_in_memory } => {
             // Said before anything is opened or created.
@@ -529,14 +543,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let store = open_state(&settings, ledger.as_deref(), ledger_in_memory).await?;
                 let ledger_store = ledger.is_some().then(|| std::sync::Arc::clone(&store));
                 let backend = Backend::for_service(&settings, ledger_store, ledger_in_memory).await?;
-                App::new(settings, backend)
-                    .with_store(store)
-                    .listen(described)
-                    .await?
-                    .listen_api()
-                    .await?
-                    .run(shutdown)
-                    .await?;
+                let keystone = settings.keystone.clone().filter(|_| settings.projects.managed_scope());
+                let app = App::new(settings, backend).with_store(store);
+                if let Some(keystone) = keystone {
+                    // What the bus said before this service listened is Keystone's to say.
+                    let client = concertim_billing::keystone::Keystone::new(keystone)?;
+                    match app.admit_from_keystone(&client).await {
+                        Ok(n) => tracing::info!(admitted = n, "managed scope read from Keystone"),
+                        Err(e) => tracing::warn!(
+                            error.message = %e,
+                            "cannot read the managed scope from Keystone: projects are admitted as the bus says"
+                        ),
+                    }
+                }
+                app.listen(described).await?.listen_api().await?.run(shutdown).await?;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
@@ -734,6 +754,7 @@ fn replay_locally(
     report: ReportFormat,
     apply: bool,
     as_of: Option<concertim_billing::event::Timestamp>,
+    check_accounts: Option<concertim_billing::config::KillBillSettings>,
 ) -> anyhow::Result<ExitCode> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
@@ -743,5 +764,27 @@ fn replay_locally(
         ReportFormat::Text => out!("{}", output.to_text()),
         ReportFormat::Json => outln!("{}", output.to_json()),
     }
-    Ok(if output.all_ok() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    let mut ok = output.all_ok();
+    if let Some(kb) = check_accounts {
+        let url = kb.url.clone();
+        let client = concertim_billing::billing::KillBill::new(kb)?;
+        outln!("\nKillBill accounts at {url} (read-only check: what `run` would do)");
+        outln!("  {:<34} {:<8} {}", "project", "action", "account");
+        for account in &output.accounts {
+            let project = &account.project_id;
+            let (action, detail) = match runtime.block_on(client.account_preview(project)) {
+                Ok(killbill::AccountPreview::Keyed(id)) => ("use", id),
+                Ok(killbill::AccountPreview::Adopt { account_id, fields }) => {
+                    ("adopt", format!("{account_id} (the Python service's; by {})", fields.join(", ")))
+                }
+                Ok(killbill::AccountPreview::Create) => ("create", "(a new account keyed by the project)".to_owned()),
+                Err(e) => {
+                    ok = false;
+                    ("error", e.to_string())
+                }
+            };
+            outln!("  {:<34} {:<8} {}", project.as_str(), action, detail);
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(3) })
 }

@@ -320,3 +320,33 @@ fn negative_or_absurd_volumes_are_invalid_with_their_reason_and_never_crash_the_
     // The ledger is intact and readable again.
     assert_eq!(run_cli(&["replay", "--ledger", arg(&ledger)]).status.code(), Some(0));
 }
+
+// Two workers: the fake KillBill answers while the test waits for the binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_accounts_says_which_accounts_killbill_would_use_adopt_or_create_and_writes_nothing() {
+    let server = crate::support::killbill_server::KillBillServer::start().await;
+    let project = "e89cb74df0069d478e26645ca53ab73f";
+    let python = server.python_account(project, "project_cloud_id").await;
+    let mut command = crate::support::binary();
+    crate::support::killbill_env(&mut command, &server.settings());
+    let out = command
+        .args(["replay", "--check-accounts", "fixtures/nova-legacy", "fixtures/cinder"])
+        .current_dir(crate::support::root())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let check = stdout.split("KillBill accounts at").nth(1).unwrap_or_else(|| panic!("no check: {stdout}"));
+    let line = |p: &str| check.lines().find(|l| l.trim_start().starts_with(p)).map(str::to_owned);
+    let adopted = line(project).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        adopted.contains(" adopt ") && adopted.contains(&python) && adopted.contains("project_cloud_id"),
+        "{adopted}"
+    );
+    let created = check.lines().filter(|l| l.contains(" create ")).count();
+    assert!(created >= 1, "the cinder fixtures' project has no account: {stdout}");
+    // Read-only: the Python account was not given this service's field, nothing was keyed.
+    let fields = server.account_fields(&python).await;
+    assert!(!fields.iter().any(|(name, _)| name == "openstack_project_id"), "{fields:?}");
+    assert_eq!(server.account_keyed(project).await, None);
+}

@@ -200,3 +200,42 @@ fn a_project_whose_name_matches_include_names_is_billed_from_launch_whichever_me
         assert_eq!(seconds, Decimal::from(3 * 3_600), "{order:?}");
     }
 }
+
+#[tokio::test]
+async fn at_start_the_projects_keystone_says_are_managed_are_admitted_without_their_notifications() {
+    let keystone = crate::support::keystone::FakeKeystone::start().await;
+    let user = keystone.add_user("concertim");
+    let role = keystone.add_role("watcher");
+    let managed = keystone.add_project("CM_physics");
+    let named = keystone.add_project("CM_chemistry");
+    let other = keystone.add_project("admin");
+    keystone.add_project("service");
+    keystone.assign(&user, &role, &managed);
+    keystone.assign(&user, &keystone.add_role("member"), &other);
+    keystone.set_page_size(2);
+    let mut settings = Settings::from_toml(DEFAULT_TOML, "test").unwrap();
+    settings.projects.managed_by =
+        Some(ManagedBy { user: UserId::parse(&user).unwrap(), role: RoleId::parse(&role).unwrap() });
+    settings.projects.include_names = vec!["CM_chem*".into()];
+    let app = concertim_billing::app::App::new(settings, Ledger::in_memory());
+    let client = concertim_billing::keystone::Keystone::new(keystone.settings()).unwrap();
+    assert_eq!(app.admit_from_keystone(&client).await.unwrap(), 2);
+    assert_eq!(app.admit_from_keystone(&client).await.unwrap(), 0, "admitted once");
+    // Only instance notifications from now on: the admitted projects are billed, the other not.
+    for (project, vm) in [(&managed, VM), (&named, OTHER_VM), (&other, "5c0be000-0000-4000-8000-000000000003")] {
+        for body in [
+            nova("create.end", project, vm, "09:10:01", ["09:10:00", "", ""]),
+            nova("delete.end", project, vm, "10:10:02", ["09:10:00", "10:10:00", "10:10:01"]),
+        ] {
+            app.executor.handle(Delivery { body: &body, redelivered: false }).await;
+        }
+    }
+    let as_of = Timestamp::parse("2026-11-02T13:00:00Z").unwrap().unix();
+    app.executor.settler().await.unwrap().pass(Horizon::AsOf(as_of)).await.unwrap();
+    let snapshot = app.executor.billing().snapshot();
+    let mut accounts: Vec<&str> = snapshot.accounts.iter().map(|a| a.project_id.as_str()).collect();
+    accounts.sort_unstable();
+    let mut expected = [managed.as_str(), named.as_str()];
+    expected.sort_unstable();
+    assert_eq!(accounts, expected, "{snapshot:?}");
+}

@@ -62,6 +62,22 @@ const SEARCH_PAGE: usize = 100;
 /// ends its pages is a protocol error, not a loop.
 const SEARCH_PAGES_MAX: usize = 1_000;
 
+/// What the service would do about a project's account ([`KillBill::account_preview`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountPreview {
+    /// Use the account keyed by the project id (one this service made).
+    Keyed(String),
+    /// Adopt the account the Python service made, found by these fields.
+    Adopt {
+        /// The account.
+        account_id: String,
+        /// The fields naming the project on it.
+        fields: Vec<String>,
+    },
+    /// Create one.
+    Create,
+}
+
 /// An account found through a custom field that names its project.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Named {
@@ -198,6 +214,22 @@ impl KillBill {
         self.adopt(project, &adopted).await?;
         self.remember_account(project, &adopted.account_id);
         Ok(Some(adopted.account_id))
+    }
+
+    /// What the service would do about `project`'s account, found without writing anything (the
+    /// take-over check, `replay --check-accounts`): use the account keyed by the project, adopt
+    /// the one the Python service made, or create one.
+    ///
+    /// # Errors
+    /// When KillBill refuses or several accounts name the project.
+    pub async fn account_preview(&self, project: &ProjectId) -> Result<AccountPreview, BillingError> {
+        if let Some(id) = self.account_by_key(project).await? {
+            return Ok(AccountPreview::Keyed(id));
+        }
+        Ok(match self.python_account(project).await? {
+            Some(named) => AccountPreview::Adopt { account_id: named.account_id, fields: named.fields },
+            None => AccountPreview::Create,
+        })
     }
 
     /// The account whose externalKey is the project id: the ones this service makes.

@@ -30,6 +30,7 @@ pub use bootstrap::{
     CATALOG_XML,
 };
 pub use figures::month_of;
+pub use lookup::AccountPreview;
 
 use lookup::Known;
 use wire::{kb_date, kb_day};
