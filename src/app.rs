@@ -151,22 +151,11 @@ impl<B: Billing + 'static> App<B> {
     /// # Errors
     /// When Keystone or the state store fails.
     pub async fn admit_from_keystone(&self, keystone: &crate::keystone::Keystone) -> Result<usize, anyhow::Error> {
-        let scope = &self.executor.settings().projects;
-        let mut projects = Vec::new();
-        if let Some(managed) = &scope.managed_by {
-            projects.extend(keystone.role_assignments(&managed.user, &managed.role).await?);
-        }
-        if !scope.include_names.is_empty() {
-            projects.extend(
-                keystone.projects(None).await?.into_iter().filter(|p| scope.name_admits(&p.name)).map(|p| p.id),
-            );
-        }
-        projects.sort();
-        projects.dedup();
+        let projects = keystone.managed_projects(&self.executor.settings().projects).await?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let now = crate::event::Timestamp::from_unix(i64::try_from(now).unwrap_or(0))?;
         let mut admitted = 0;
-        for project in projects.iter().filter(|p| scope.admits(p)) {
+        for project in &projects {
             if self.executor.admit(project, now).await? {
                 admitted += 1;
             }

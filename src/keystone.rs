@@ -317,6 +317,30 @@ impl Keystone {
             .map_err(|e| KeystoneError::Protocol { what, detail: format!("a role id: {e}") })
     }
 
+    /// The projects `scope` admits now: those on which its `managed_by` user holds its role,
+    /// and those whose name matches its `include_names`, less what its include/exclude lists
+    /// leave out; each once, in id order.
+    ///
+    /// # Errors
+    /// As [`Keystone::projects`].
+    pub async fn managed_projects(
+        &self,
+        scope: &crate::config::ProjectFilter,
+    ) -> Result<Vec<ProjectId>, KeystoneError> {
+        let mut projects = Vec::new();
+        if let Some(managed) = &scope.managed_by {
+            projects.extend(self.role_assignments(&managed.user, &managed.role).await?);
+        }
+        if !scope.include_names.is_empty() {
+            projects
+                .extend(self.projects(None).await?.into_iter().filter(|p| scope.name_admits(&p.name)).map(|p| p.id));
+        }
+        projects.sort();
+        projects.dedup();
+        projects.retain(|p| scope.admits(p));
+        Ok(projects)
+    }
+
     /// The projects on which `user` holds `role` directly, each once, in id order.
     ///
     /// FIXME(keystone): the query has no `effective`, so a role held through a group or

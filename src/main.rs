@@ -379,6 +379,15 @@ fn traps(settings: &Settings, catalog_xml: &str, catalog: Option<&std::path::Pat
     traps
 }
 
+/// How many projects the managed scope admits now, as Keystone lists them.
+async fn scope_size(
+    settings: &Settings,
+    keystone: concertim_billing::config::KeystoneSettings,
+) -> anyhow::Result<usize> {
+    let client = concertim_billing::keystone::Keystone::new(keystone)?;
+    Ok(client.managed_projects(&settings.projects).await?.len())
+}
+
 /// The billing API in one line of `config check`.
 fn describe_api(settings: &Settings) -> String {
     let api = &settings.api;
@@ -616,7 +625,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map_err(|e| UsageError(format!("cannot read the catalog {}: {e}", path.display())))?,
                 None => killbill::CATALOG_XML.to_owned(),
             };
-            let traps = traps(&settings, &xml, catalog.as_deref());
+            let mut traps = traps(&settings, &xml, catalog.as_deref());
+            let mut scope_line = None;
+            // A managed scope that admits no project bills nothing: Keystone says whether it does.
+            if let Some(keystone) = settings.keystone.clone().filter(|_| settings.projects.managed_scope()) {
+                match runtime()?.block_on(scope_size(&settings, keystone)) {
+                    Ok(0) => traps.push(
+                        "no project is in the managed scope (Keystone lists no role assignment of projects.managed_by, and no project name matches projects.include_names): nothing would be billed. Check the user and role ids (`openstack role assignment list --user <id> --role <id>`) and the patterns"
+                            .to_owned(),
+                    ),
+                    Ok(n) => scope_line = Some(format!("# managed scope: {n} project(s) admitted now, as Keystone lists them")),
+                    Err(e) => eprintln!("warning: cannot read the managed scope from Keystone ({e}): not checked"),
+                }
+            }
             if !traps.is_empty() {
                 for trap in &traps {
                     eprintln!("error: {trap}");
@@ -628,6 +649,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
             outln!("# effective configuration: valid");
+            if let Some(line) = scope_line {
+                outln!("{line}");
+            }
             outln!("# billing backend: {}", Backend::describe(&settings, None));
             outln!("# billing API: {}", describe_api(&settings));
             if settings.concertim.as_ref().is_some_and(|c| !c.tls_verify) {

@@ -61,3 +61,40 @@ fn config_check_fails_on_each_trap_saying_what_to_change() {
     let out = run_cli(&["--config", arg(&config), "config", "check", "--catalog", arg(&catalog)]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+// Two workers: the fake Keystone answers while the test waits for the binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_check_fails_when_keystone_says_the_managed_scope_admits_no_project() {
+    let keystone = crate::support::keystone::FakeKeystone::start().await;
+    let user = keystone.add_user("concertim");
+    let role = keystone.add_role("watcher");
+    let project = keystone.add_project("CM_physics");
+    let k = keystone.settings();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |names: &str| {
+        format!(
+            "[projects]\nmanaged_by = {{ user = \"{user}\", role = \"{role}\" }}\ninclude_names = [{names}]\n\n[keystone]\nurl = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\nproject = \"{}\"\n",
+            k.url,
+            k.username.as_deref().unwrap(),
+            k.password.as_ref().unwrap().expose(),
+            k.project.as_deref().unwrap()
+        )
+    };
+    let check = |text: String| {
+        let path = file(&dir, "scope.toml", &text);
+        let out = run_cli(&["--config", arg(&path), "config", "check"]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, _, stderr) = check(config("\"CM_nothing*\""));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no project is in the managed scope"), "{stderr}");
+    keystone.assign(&user, &role, &project);
+    let (code, stdout, stderr) = check(config(""));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("# managed scope: 1 project(s) admitted now"), "{stdout}");
+    assert!(!stdout.contains(k.password.as_ref().unwrap().expose()), "the Keystone password is never shown");
+}
