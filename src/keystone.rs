@@ -317,6 +317,34 @@ impl Keystone {
             .map_err(|e| KeystoneError::Protocol { what, detail: format!("a role id: {e}") })
     }
 
+    /// `managed` with its user and role as ids: the names it gives resolved (`user_name` in
+    /// `user_domain`, `role_name`).
+    ///
+    /// # Errors
+    /// As [`Keystone::projects`]; [`KeystoneError::Setup`] naming the key when Keystone has no
+    /// such user or role.
+    pub async fn resolve(&self, managed: &crate::config::ManagedBy) -> Result<crate::config::ManagedBy, KeystoneError> {
+        let mut resolved = managed.clone();
+        if let (None, Some(name)) = (&managed.user, &managed.user_name) {
+            let id = self.user_id(name, &managed.user_domain).await?.ok_or_else(|| KeystoneError::Setup {
+                detail: format!(
+                    "projects.managed_by.user_name: Keystone has no user {name:?} in domain {:?} (user_domain is the domain's id)",
+                    managed.user_domain
+                ),
+            })?;
+            resolved.user = Some(id);
+            resolved.user_name = None;
+        }
+        if let (None, Some(name)) = (&managed.role, &managed.role_name) {
+            let id = self.role_id(name).await?.ok_or_else(|| KeystoneError::Setup {
+                detail: format!("projects.managed_by.role_name: Keystone has no role {name:?}"),
+            })?;
+            resolved.role = Some(id);
+            resolved.role_name = None;
+        }
+        Ok(resolved)
+    }
+
     /// The projects `scope` admits now: those on which its `managed_by` user holds its role,
     /// and those whose name matches its `include_names`, less what its include/exclude lists
     /// leave out; each once, in id order.
@@ -329,7 +357,10 @@ impl Keystone {
     ) -> Result<Vec<ProjectId>, KeystoneError> {
         let mut projects = Vec::new();
         if let Some(managed) = &scope.managed_by {
-            projects.extend(self.role_assignments(&managed.user, &managed.role).await?);
+            let managed = self.resolve(managed).await?;
+            if let (Some(user), Some(role)) = (&managed.user, &managed.role) {
+                projects.extend(self.role_assignments(user, role).await?);
+            }
         }
         if !scope.include_names.is_empty() {
             projects

@@ -379,6 +379,24 @@ fn traps(settings: &Settings, catalog_xml: &str, catalog: Option<&std::path::Pat
     traps
 }
 
+/// Resolves the names `projects.managed_by` gives (`user_name`, `role_name`) through Keystone,
+/// once: the notifications carry ids.
+async fn resolve_scope(settings: &mut Settings) -> anyhow::Result<()> {
+    let Some(managed) = settings.projects.managed_by.as_ref().filter(|m| m.needs_names()) else { return Ok(()) };
+    let keystone = settings.keystone.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "projects.managed_by names its user or role by name, which needs the [keystone] section to resolve; or give their ids (user, role)"
+        )
+    })?;
+    let resolved = concertim_billing::keystone::Keystone::new(keystone)?
+        .resolve(managed)
+        .await
+        .context("resolving projects.managed_by through Keystone")?;
+    tracing::info!(user = ?resolved.user, role = ?resolved.role, "projects.managed_by resolved through Keystone");
+    settings.projects.managed_by = Some(resolved);
+    Ok(())
+}
+
 /// How many projects the managed scope admits now, as Keystone lists them.
 async fn scope_size(
     settings: &Settings,
@@ -546,6 +564,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tracing::warn!("{warning}");
             }
             runtime()?.block_on(async move {
+                let mut settings = settings;
+                resolve_scope(&mut settings).await?;
                 let shutdown = CancellationToken::new();
                 tokio::spawn(stop_on_signal(shutdown.clone()));
                 // --ledger FILE keeps the ledger and the timelines in one embedded store.

@@ -385,20 +385,67 @@ pub struct ProjectFilter {
     pub include_names: Vec<String>,
 }
 
-/// The role assignment that admits a project (`[projects.managed_by]`).
+/// The role assignment that admits a project (`[projects.managed_by]`): the user and the role
+/// by id, or by name (resolved once through Keystone when `run` starts, which needs the
+/// `[keystone]` section).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManagedBy {
     /// The user's Keystone id (`openstack user show concertim -f value -c id`).
-    pub user: crate::event::UserId,
+    #[serde(default)]
+    pub user: Option<crate::event::UserId>,
     /// The role's Keystone id (`openstack role show watcher -f value -c id`).
-    pub role: crate::event::RoleId,
+    #[serde(default)]
+    pub role: Option<crate::event::RoleId>,
+    /// The user's name, instead of its id.
+    #[serde(default)]
+    pub user_name: Option<String>,
+    /// The id of the user's domain, with `user_name`.
+    #[serde(default = "default_domain")]
+    pub user_domain: String,
+    /// The role's name, instead of its id.
+    #[serde(default)]
+    pub role_name: Option<String>,
+}
+
+fn default_domain() -> String {
+    "default".to_owned()
+}
+
+impl Default for ManagedBy {
+    fn default() -> Self {
+        Self { user: None, role: None, user_name: None, user_domain: default_domain(), role_name: None }
+    }
 }
 
 impl ManagedBy {
-    /// Whether a role assignment of `user` and `role` is this one.
+    /// The assignment of these ids.
+    pub fn ids(user: crate::event::UserId, role: crate::event::RoleId) -> Self {
+        Self { user: Some(user), role: Some(role), ..Self::default() }
+    }
+
+    /// Whether a role assignment of `user` and `role` is this one (never, before names are
+    /// resolved).
     pub fn is(&self, user: Option<&crate::event::UserId>, role: Option<&crate::event::RoleId>) -> bool {
-        user == Some(&self.user) && role == Some(&self.role)
+        self.user.is_some() && self.role.is_some() && user == self.user.as_ref() && role == self.role.as_ref()
+    }
+
+    /// Whether a name is still to be resolved through Keystone.
+    pub fn needs_names(&self) -> bool {
+        self.user.is_none() || self.role.is_none()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match (&self.user, &self.user_name) {
+            (Some(_), Some(_)) => return Err("projects.managed_by: give user or user_name, not both".into()),
+            (None, None) => return Err("projects.managed_by needs user (an id) or user_name".into()),
+            _ => {}
+        }
+        match (&self.role, &self.role_name) {
+            (Some(_), Some(_)) => Err("projects.managed_by: give role or role_name, not both".into()),
+            (None, None) => Err("projects.managed_by needs role (an id) or role_name".into()),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -406,6 +453,9 @@ impl ProjectFilter {
     pub(super) fn validate(&self) -> Result<(), String> {
         if let Some(p) = self.include.iter().find(|p| self.exclude.contains(p)) {
             return Err(format!("project {p} is both in projects.include and projects.exclude"));
+        }
+        if let Some(m) = &self.managed_by {
+            m.validate()?;
         }
         if let Some(p) = self.include_names.iter().find(|p| p.is_empty() || p.chars().all(|c| c == '*')) {
             return Err(format!(

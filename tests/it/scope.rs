@@ -25,8 +25,7 @@ const OTHER_VM: &str = "5c0be000-0000-4000-8000-000000000002";
 
 fn settings() -> Settings {
     let mut settings = Settings::from_toml(DEFAULT_TOML, "test").unwrap();
-    settings.projects.managed_by =
-        Some(ManagedBy { user: UserId::parse(USER).unwrap(), role: RoleId::parse(ROLE).unwrap() });
+    settings.projects.managed_by = Some(ManagedBy::ids(UserId::parse(USER).unwrap(), RoleId::parse(ROLE).unwrap()));
     settings
 }
 
@@ -215,7 +214,12 @@ async fn at_start_the_projects_keystone_says_are_managed_are_admitted_without_th
     keystone.set_page_size(2);
     let mut settings = Settings::from_toml(DEFAULT_TOML, "test").unwrap();
     settings.projects.managed_by =
-        Some(ManagedBy { user: UserId::parse(&user).unwrap(), role: RoleId::parse(&role).unwrap() });
+        // By name, as an operator writes it: resolved through Keystone.
+        Some(ManagedBy {
+            user_name: Some("concertim".into()),
+            role_name: Some("watcher".into()),
+            ..ManagedBy::default()
+        });
     settings.projects.include_names = vec!["CM_chem*".into()];
     let app = concertim_billing::app::App::new(settings, Ledger::in_memory());
     let client = concertim_billing::keystone::Keystone::new(keystone.settings()).unwrap();
