@@ -36,6 +36,8 @@ pub const HTTP_REFUSED: &str = "concertim_billing_http_connections_refused_total
 pub const TLS_UNVERIFIED: &str = "concertim_billing_tls_unverified";
 
 /// Teams left linked to another billing account than their project's (never overwritten).
+/// 1 for the broker node of a cluster the service last connected to, 0 for the others.
+pub const BROKER_NODE: &str = "concertim_billing_broker_node";
 /// Billing API requests, by route and status.
 pub const API_REQUESTS: &str = "concertim_billing_api_requests_total";
 /// Teams whose billing account differs from their project's.

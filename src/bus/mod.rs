@@ -162,7 +162,81 @@ pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// [`BusError::Unreachable`] when the broker cannot be reached or refuses the credentials;
 /// [`BusError::NoAnswer`] when the handshake does not finish within [`SETUP_TIMEOUT`].
 pub async fn connect(url: &SecretUrl, name: &str) -> Result<Connection, BusError> {
-    connect_within(url, name, SETUP_TIMEOUT).await
+    let nodes = nodes(url);
+    if nodes.len() == 1 {
+        return connect_within(url, name, SETUP_TIMEOUT).await;
+    }
+    // A cluster: from the node after the one last connected to (a reconnection follows a lost
+    // node), each in turn; an unanswering node is given less time, so the others are reached.
+    let first = NODE.load(std::sync::atomic::Ordering::Relaxed).wrapping_add(1);
+    let mut last = None;
+    for i in (0..nodes.len()).map(|k| (first + k) % nodes.len()) {
+        let node = &nodes[i];
+        match connect_within(node, name, NODE_TIMEOUT).await {
+            Ok(connection) => {
+                NODE.store(i, std::sync::atomic::Ordering::Relaxed);
+                let host = node_host(node);
+                tracing::info!(node = %host, connection = name, "connected to broker node");
+                for (k, other) in nodes.iter().enumerate() {
+                    let on = if k == i { 1.0 } else { 0.0 };
+                    metrics::gauge!(crate::telemetry::BROKER_NODE, "node" => node_host(other)).set(on);
+                }
+                return Ok(connection);
+            }
+            Err(e) => {
+                tracing::warn!(node = %node_host(node), error.message = %e, "broker node unreachable; trying the next");
+                last = Some(e);
+            }
+        }
+    }
+    // `nodes` has at least two entries, so an error was kept.
+    Err(last.expect("a cluster has nodes"))
+}
+
+/// The node of a cluster last connected to (an index into [`nodes`]); a reconnection starts
+/// after it.
+static NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// How long one node of a cluster may take to answer before the next is tried.
+const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The broker's nodes: oslo's multi-host form
+/// (`amqp://u:p@ctl1:5672,u:p@ctl2:5672,u:p@ctl3:5672/vhost`) as one URL per node, each with the
+/// vhost and query; a host without credentials takes the previous host's. A one-node URL is
+/// itself.
+pub fn nodes(url: &SecretUrl) -> Vec<SecretUrl> {
+    let text = url.expose();
+    let Some((scheme, rest)) = text.split_once("://") else { return vec![url.clone()] };
+    let (hosts, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if !hosts.contains(',') {
+        return vec![url.clone()];
+    }
+    let mut credentials: Option<&str> = None;
+    hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|host| {
+            let host = match host.rsplit_once('@') {
+                Some((userinfo, address)) => {
+                    credentials = Some(userinfo);
+                    format!("{userinfo}@{address}")
+                }
+                None => credentials.map_or_else(|| host.to_owned(), |c| format!("{c}@{host}")),
+            };
+            SecretUrl::new(format!("{scheme}://{host}{tail}"))
+        })
+        .collect()
+}
+
+/// A node's `host:port`, for logs and the metric label (no credentials).
+fn node_host(node: &SecretUrl) -> String {
+    let text = node.expose();
+    let rest = text.split_once("://").map_or(text, |(_, r)| r);
+    let address = rest.rsplit_once('@').map_or(rest, |(_, a)| a);
+    address.split(['/', '?']).next().unwrap_or_default().to_owned()
 }
 
 async fn connect_within(url: &SecretUrl, name: &str, after: Duration) -> Result<Connection, BusError> {
@@ -221,6 +295,25 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[test]
+    fn oslos_multi_host_url_is_one_url_per_node_with_the_vhost_and_inherited_credentials() {
+        let url = SecretUrl::new("amqp://u:p@ctl1:5672,ctl2:5673,v:q@ctl3/%2fopenstack?heartbeat=30");
+        let urls: Vec<String> = nodes(&url).iter().map(|n| n.expose().to_owned()).collect();
+        assert_eq!(
+            urls,
+            [
+                "amqp://u:p@ctl1:5672/%2fopenstack?heartbeat=30",
+                "amqp://u:p@ctl2:5673/%2fopenstack?heartbeat=30",
+                "amqp://v:q@ctl3/%2fopenstack?heartbeat=30",
+            ]
+        );
+        let hosts: Vec<String> = nodes(&url).iter().map(node_host).collect();
+        assert_eq!(hosts, ["ctl1:5672", "ctl2:5673", "ctl3"], "no credentials in a label");
+        let one = SecretUrl::new("amqps://u:p@rabbit:5671/%2f");
+        assert_eq!(nodes(&one).len(), 1);
+        assert_eq!(nodes(&one)[0].expose(), one.expose());
+    }
 
     /// A Connection.Start frame: AMQP 0-9-1, no server properties, PLAIN, en_US.
     fn connection_start() -> Vec<u8> {

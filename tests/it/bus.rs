@@ -420,3 +420,23 @@ async fn the_service_never_creates_an_upstream_exchange_it_waits_for_openstack_t
     run.await.unwrap().unwrap();
     bus.cleanup().await;
 }
+
+#[tokio::test]
+async fn with_several_broker_nodes_the_service_connects_to_one_that_answers() {
+    // oslo's multi-host form: the first node is down (nothing listens there), the second is the
+    // test broker.
+    let bus = TestBus::new("nodes").await;
+    let url = bus.settings.bus.url.expose().to_owned();
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (userinfo, host_and_vhost) = rest.rsplit_once('@').unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let cluster = format!("{scheme}://{userinfo}@{dead},{userinfo}@{host_and_vhost}");
+    let app = spawn_app(&bus, Ledger::in_memory(), Some(cluster)).await;
+    bus.publish(&usage_fixture()).await;
+    crate::support::wait::eventually("the usage billed through the second node", Duration::from_secs(20), || async {
+        (!app.executor.billing().snapshot().usage.is_empty()).then_some(())
+    })
+    .await;
+    app.shutdown().await.unwrap();
+    bus.cleanup().await;
+}
