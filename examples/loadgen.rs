@@ -406,7 +406,7 @@ async fn run<B: Billing + 'static>(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) {
     let generator = Generator::new(args.mix, &settings.bus.prefix, args.projects, args.instances);
-    let connection = bus::connect(&settings.bus.url, "loadgen").await.expect("RabbitMQ at 127.0.0.1:5672");
+    let connection = bus::connect(&settings.bus, "loadgen").await.expect("RabbitMQ at 127.0.0.1:5672");
     let channel = connection.create_channel().await.unwrap();
     // The upstream exchanges, as OpenStack's publishers declare them (the service only checks).
     for binding in &settings.bus.bindings {

@@ -411,7 +411,7 @@ struct Opened {
 /// Connects, declares the topology, binds upstream and starts consuming `consumer`'s queues.
 async fn open(bus: &BusSettings, settings: &Settings, consumer: &Consumer) -> Result<Opened, BusError> {
     let broker = broker_error(&bus.url);
-    let connection = connect(&bus.url, consumer.tag).await?;
+    let connection = connect(bus, consumer.tag).await?;
     let setup = connection.create_channel().await.map_err(&broker)?;
     topology::declare_ours(&setup, settings).await?;
     // Bound to what OpenStack has declared; the rest is looked for while this session lasts.

@@ -71,7 +71,7 @@ impl DeadLetters {
     /// [`BusError::Missing`] when it does not exist (a wrong `bus.prefix`); when the broker
     /// cannot be reached.
     pub async fn open(bus: &BusSettings) -> Result<Self, BusError> {
-        let connection = connect(&bus.url, "concertim-billing dlq").await?;
+        let connection = connect(bus, "concertim-billing dlq").await?;
         let names = Names::new(bus);
         // A passive declare of a missing queue closes its channel: check on a channel of its own.
         let probe = connection.create_channel().await.map_err(broker_error(&bus.url))?;

@@ -77,7 +77,7 @@ pub(super) async fn session<H: Handler>(
     let names = Names::new(bus);
     let exchange = topology::shard_exchange(bus);
     let connection = super::answered(&bus.url, "the intake's set-up", async {
-        let connection = connect(&bus.url, TAG).await?;
+        let connection = connect(bus, TAG).await?;
         let setup = connection.create_channel().await.map_err(&broker)?;
         topology::declare(&setup, bus).await?;
         Ok(connection)
@@ -136,7 +136,7 @@ pub(super) async fn session<H: Handler>(
     }
     health.set_intake_stuck(None);
     let (publishing, publisher, consuming, mut deliveries) = super::answered(&bus.url, "the intake's set-up", async {
-        let publishing = connect(&bus.url, PUBLISH_TAG).await?;
+        let publishing = connect(bus, PUBLISH_TAG).await?;
         let publisher = publishing.create_channel().await.map_err(&broker)?;
         publisher.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.map_err(&broker)?;
         let consuming = connection.create_channel().await.map_err(&broker)?;

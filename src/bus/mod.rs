@@ -16,7 +16,10 @@ use lapin::{options::BasicPublishOptions, BasicProperties, Channel, Confirmation
 
 use std::time::Duration;
 
-use crate::{class::ErrorClass, config::SecretUrl};
+use crate::{
+    class::ErrorClass,
+    config::{BusSettings, SecretUrl},
+};
 
 pub use consumer::{run, FollowUp, Handler, Processed};
 
@@ -68,6 +71,18 @@ pub enum BusError {
     /// No connection could be opened: refused, unresolvable, TLS or login failure.
     #[error("cannot connect to the broker at {url}: {source}")]
     Unreachable {
+        /// The broker URL, password redacted.
+        url: String,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker's TLS certificate was not trusted.
+    #[error(
+        "the broker at {url} presented a certificate that is not trusted ({source}): set bus.tls.ca_file to the \
+         PEM file of the CA that signs it (only the system's roots are trusted otherwise)"
+    )]
+    Untrusted {
         /// The broker URL, password redacted.
         url: String,
         /// lapin's error.
@@ -142,7 +157,10 @@ impl BusError {
     /// The failure class: configuration mismatches are permanent, the rest transient.
     pub fn class(&self) -> ErrorClass {
         match self {
-            BusError::Precondition { .. } | BusError::Missing { .. } | BusError::Config { .. } => ErrorClass::Permanent,
+            BusError::Precondition { .. }
+            | BusError::Missing { .. }
+            | BusError::Config { .. }
+            | BusError::Untrusted { .. } => ErrorClass::Permanent,
             BusError::Unreachable { .. }
             | BusError::Broker { .. }
             | BusError::NotConfirmed { .. }
@@ -161,10 +179,12 @@ pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// # Errors
 /// [`BusError::Unreachable`] when the broker cannot be reached or refuses the credentials;
 /// [`BusError::NoAnswer`] when the handshake does not finish within [`SETUP_TIMEOUT`].
-pub async fn connect(url: &SecretUrl, name: &str) -> Result<Connection, BusError> {
+pub async fn connect(bus: &BusSettings, name: &str) -> Result<Connection, BusError> {
+    let url = &bus.url;
+    let tls = tls_config(&bus.tls).map_err(|detail| BusError::Config { detail })?;
     let nodes = nodes(url);
     if nodes.len() == 1 {
-        return connect_within(url, name, SETUP_TIMEOUT).await;
+        return connect_within(url, &tls, name, SETUP_TIMEOUT).await;
     }
     // A cluster: from the node after the one last connected to (a reconnection follows a lost
     // node), each in turn; an unanswering node is given less time, so the others are reached.
@@ -172,7 +192,7 @@ pub async fn connect(url: &SecretUrl, name: &str) -> Result<Connection, BusError
     let mut last = None;
     for i in (0..nodes.len()).map(|k| (first + k) % nodes.len()) {
         let node = &nodes[i];
-        match connect_within(node, name, NODE_TIMEOUT).await {
+        match connect_within(node, &tls, name, NODE_TIMEOUT).await {
             Ok(connection) => {
                 NODE.store(i, std::sync::atomic::Ordering::Relaxed);
                 let host = node_host(node);
@@ -239,14 +259,57 @@ fn node_host(node: &SecretUrl) -> String {
     address.split(['/', '?']).next().unwrap_or_default().to_owned()
 }
 
-async fn connect_within(url: &SecretUrl, name: &str, after: Duration) -> Result<Connection, BusError> {
+async fn connect_within(
+    url: &SecretUrl,
+    tls: &Option<lapin::tcp::OwnedTLSConfig>,
+    name: &str,
+    after: Duration,
+) -> Result<Connection, BusError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     answered_within(after, url, "the connection's opening handshake", async {
-        Connection::connect(url.expose(), properties)
-            .await
-            .map_err(|source| BusError::Unreachable { url: url.redacted(), source })
+        let connected = match tls {
+            None => Connection::connect(url.expose(), properties).await,
+            Some(tls) => {
+                let runtime = lapin::runtime::default_runtime()
+                    .map_err(|source| BusError::Unreachable { url: url.redacted(), source })?;
+                Connection::connect_with_config(url.expose(), properties, tls.clone(), runtime).await
+            }
+        };
+        connected.map_err(|source| {
+            // rustls says "invalid peer certificate: UnknownIssuer" (or another reason).
+            if source.to_string().contains("invalid peer certificate") {
+                BusError::Untrusted { url: url.redacted(), source }
+            } else {
+                BusError::Unreachable { url: url.redacted(), source }
+            }
+        })
     })
     .await
+}
+
+// FIXME(bus): the client certificate (`cert_file`, `key_file`) is handed to the TLS handshake
+// but no test runs a broker that asks for one: a key in another format than unencrypted PKCS#8
+// PEM fails only when the first connection is made.
+/// The TLS configuration of `[bus.tls]`, or none when it sets nothing (the system's roots).
+///
+/// # Errors
+/// A file that cannot be read, named with its key.
+fn tls_config(tls: &crate::config::BusTls) -> Result<Option<lapin::tcp::OwnedTLSConfig>, String> {
+    if !tls.is_set() {
+        return Ok(None);
+    }
+    let read = |key: &str, path: &str| {
+        std::fs::read_to_string(path).map_err(|e| format!("bus.tls.{key}: cannot read {path}: {e}"))
+    };
+    let cert_chain = tls.ca_file.as_deref().map(|p| read("ca_file", p)).transpose()?;
+    let identity = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
+            pem: read("cert_file", cert)?.into_bytes(),
+            key: read("key_file", key)?.into_bytes(),
+        }),
+        _ => None,
+    };
+    Ok(Some(lapin::tcp::OwnedTLSConfig { identity, cert_chain }))
 }
 
 /// `work`, or [`BusError::NoAnswer`] naming `what` when it takes over [`SETUP_TIMEOUT`].
@@ -342,7 +405,7 @@ mod tests {
             socket.shutdown().await.unwrap();
         });
         let url = SecretUrl::new(format!("amqp://guest:secret@127.0.0.1:{port}/%2f"));
-        let error = connect_within(&url, "test", Duration::from_millis(500)).await.err().unwrap();
+        let error = connect_within(&url, &None, "test", Duration::from_millis(500)).await.err().unwrap();
         // lapin sees the close or (most of the time) waits for Connection.Tune forever: either
         // way the caller gets a transient error and reconnects.
         let message = error.to_string();

@@ -66,6 +66,8 @@ pub struct Publisher {
     connection: lapin::Connection,
     channel: Channel,
     url: SecretUrl,
+    /// The bus settings it connected with (TLS included), for its other connections.
+    bus: crate::config::BusSettings,
 }
 
 impl Publisher {
@@ -73,10 +75,10 @@ impl Publisher {
     ///
     /// # Errors
     /// When the broker cannot be reached.
-    pub async fn connect(url: &SecretUrl) -> Result<Self, BusError> {
-        let connection = connect(url, "concertim-billing publish").await?;
-        let channel = confirm_channel(&connection, url).await?;
-        Ok(Self { connection, channel, url: url.clone() })
+    pub async fn connect(bus: &crate::config::BusSettings) -> Result<Self, BusError> {
+        let connection = connect(bus, "concertim-billing publish").await?;
+        let channel = confirm_channel(&connection, &bus.url).await?;
+        Ok(Self { connection, channel, url: bus.url.clone(), bus: bus.clone() })
     }
 
     /// Makes sure an upstream exchange exists the way OpenStack's publisher would declare it
@@ -86,8 +88,7 @@ impl Publisher {
     /// # Errors
     /// When the broker refuses or the channel fails.
     pub async fn ensure_upstream(&mut self, exchange: &str, durable: bool) -> Result<(), BusError> {
-        let bus = crate::config::BusSettings { url: self.url.clone(), ..crate::config::BusSettings::default() };
-        if super::topology::upstream_exists(&bus, exchange).await? {
+        if super::topology::upstream_exists(&self.bus, exchange).await? {
             return Ok(());
         }
         let options = lapin::options::ExchangeDeclareOptions { durable, ..Default::default() };

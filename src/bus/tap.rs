@@ -29,7 +29,7 @@ impl Tap {
     /// When the broker cannot be reached or refuses the queue.
     pub async fn open(bus: &BusSettings) -> Result<Self, BusError> {
         let broker = broker_error(&bus.url);
-        let connection = connect(&bus.url, "concertim-billing capture").await?;
+        let connection = connect(bus, "concertim-billing capture").await?;
         let channel = connection.create_channel().await.map_err(&broker)?;
         let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() };
         let queue = channel.queue_declare("".into(), options, FieldTable::default()).await.map_err(&broker)?;

@@ -292,7 +292,7 @@ pub async fn declare_ours(channel: &Channel, settings: &Settings) -> Result<(), 
 /// When the broker cannot be reached or refuses a declaration.
 pub async fn declare_all(settings: &Settings) -> Result<Vec<Binding>, BusError> {
     let bus = &settings.bus;
-    let connection = super::connect(&bus.url, "concertim-billing topology").await?;
+    let connection = super::connect(bus, "concertim-billing topology").await?;
     let declared = async {
         let channel = connection.create_channel().await.map_err(super::broker_error(&bus.url))?;
         declare_ours(&channel, settings).await?;
@@ -320,7 +320,7 @@ pub async fn bind_upstream(bus: &BusSettings) -> Result<Vec<Binding>, BusError> 
 /// # Errors
 /// When the broker cannot be reached.
 pub async fn upstream_exists(bus: &BusSettings, exchange: &str) -> Result<bool, BusError> {
-    let connection = super::connect(&bus.url, "concertim-billing check").await?;
+    let connection = super::connect(bus, "concertim-billing check").await?;
     let channel =
         connection.create_channel().await.map_err(|source| BusError::Broker { url: bus.url.redacted(), source })?;
     let checked = check_upstream(&channel, exchange, bus).await;
@@ -344,7 +344,7 @@ pub async fn bind_some(bus: &BusSettings, bindings: &[Binding]) -> Result<Vec<Bi
     for binding in bindings {
         let open = match connection.take() {
             Some(open) => open,
-            None => super::connect(&bus.url, "concertim-billing bind").await?,
+            None => super::connect(bus, "concertim-billing bind").await?,
         };
         let channel = open.create_channel().await.map_err(broker)?;
         match check_upstream(&channel, &binding.exchange, bus).await {

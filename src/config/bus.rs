@@ -38,6 +38,9 @@ pub struct BusSettings {
     /// Broker URL, `amqp://user:password@host:5672/vhost` or `amqps://…` (TLS, certificates
     /// verified against the system roots). The vhost is the URL's path (`%2f` is `/`).
     pub url: SecretUrl,
+    /// TLS beyond the system roots (`amqps://` only): a private CA, a client certificate.
+    #[serde(default)]
+    pub tls: BusTls,
     /// Prepended to every queue and exchange this service owns (not to upstream exchanges).
     pub prefix: String,
     /// Name of our main queue; the retry and dead-letter names derive from it.
@@ -90,6 +93,7 @@ impl Default for BusSettings {
         };
         Self {
             url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            tls: BusTls::default(),
             prefix: String::new(),
             queue: "concertim-billing".to_owned(),
             bindings: vec![
@@ -114,6 +118,36 @@ impl Default for BusSettings {
             intake_standby_ms: 2_000,
             intake_takeover_ms: 60_000,
         }
+    }
+}
+
+/// `[bus.tls]`: how an `amqps://` broker is verified, and how this service proves itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusTls {
+    /// PEM file of the CA(s) that sign the broker's certificate, trusted besides the system's
+    /// roots (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM file of this service's client certificate (chain), for a broker that asks for one.
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// PEM file of the client certificate's key (PKCS#8, unencrypted), with `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<String>,
+}
+
+impl BusTls {
+    fn validate(&self) -> Result<(), String> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err("bus.tls.cert_file and bus.tls.key_file go together: set both, or neither".into());
+        }
+        Ok(())
+    }
+
+    /// Whether anything beyond the system roots is configured.
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some()
     }
 }
 
@@ -143,6 +177,10 @@ impl BusSettings {
         let bus = self;
         if !(bus.url.expose().starts_with("amqp://") || bus.url.expose().starts_with("amqps://")) {
             return Err(format!("bus.url {} must start with amqp:// or amqps://", bus.url));
+        }
+        bus.tls.validate()?;
+        if bus.tls.is_set() && !bus.url.expose().starts_with("amqps://") {
+            return Err(format!("bus.tls is set, but bus.url {} is not amqps://: TLS would not be used", bus.url));
         }
         if bus.lanes == 0 || bus.lanes > 1024 {
             return Err(format!("bus.lanes is {}: it must be between 1 and 1024", bus.lanes));

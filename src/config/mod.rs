@@ -25,7 +25,7 @@ pub use billing::{
     BackendKind, BillingSettings, Counter, FloatingIpBilled, ManagedBy, MeterRule, ProjectFilter, ResourceSettings,
     TimeSettings, INSTANCE_METERS,
 };
-pub use bus::{BackoffSettings, Binding, BusSettings, DecodeLimits, HttpSettings, DEFAULT_MAX_BODY_BYTES};
+pub use bus::{BackoffSettings, Binding, BusSettings, BusTls, DecodeLimits, HttpSettings, DEFAULT_MAX_BODY_BYTES};
 pub use concertim::{ConcertimSettings, MetricRule};
 pub use env::env_overrides;
 pub use hostbill::HostBillSettings;

@@ -33,7 +33,7 @@ pub async fn publish(
         return Err(ReplayError::Usage("nothing to publish: give fixture PATHS".into()));
     }
     let files = fixture::collect_files(paths)?;
-    let mut publisher = Publisher::connect(&settings.bus.url).await?;
+    let mut publisher = Publisher::connect(&settings.bus).await?;
     // Standing in for OpenStack's publishers, which declare their exchanges before publishing.
     let mut declared = std::collections::BTreeSet::new();
     for (_, delivery) in files.iter().flat_map(|f| fixture::read_all(std::slice::from_ref(f))) {

@@ -387,7 +387,7 @@ async fn the_service_never_creates_an_upstream_exchange_it_waits_for_openstack_t
     // It consumes what is bound, and looks for `nova` without creating it.
     eventually("the service to consume", LIMIT, || async { health.is_consuming().then_some(()) }).await;
     // A probe on a connection of its own (a failed passive declare spoils its channel).
-    let probe = concertim_billing::bus::connect(&bus.settings.bus.url, "probe").await.unwrap();
+    let probe = concertim_billing::bus::connect(&bus.settings.bus, "probe").await.unwrap();
     let channel = probe.create_channel().await.unwrap();
     let passive = lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() };
     let absent = channel
@@ -438,5 +438,57 @@ async fn with_several_broker_nodes_the_service_connects_to_one_that_answers() {
     })
     .await;
     app.shutdown().await.unwrap();
+    bus.cleanup().await;
+}
+
+/// A TLS front for the test broker on a free port, serving `cert` with `key`, as a TLS listener
+/// of RabbitMQ would: each connection is decrypted and passed to the broker's plain port.
+async fn tls_front(cert: &std::path::Path, key: &std::path::Path, broker: std::net::SocketAddr) -> u16 {
+    let mut listener = crate::support::keystone::tls::Listener::bind(cert, key).await;
+    let port = listener.local_addr().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut tls, _) = axum::serve::Listener::accept(&mut listener).await;
+            tokio::spawn(async move {
+                if let Ok(mut plain) = tokio::net::TcpStream::connect(broker).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+// Two workers: the TLS front relays while the test waits on the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_broker_is_trusted_through_bus_tls_ca_file_and_refused_without_it_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = crate::support::certificates(dir.path());
+    let bus = TestBus::new("tls").await;
+    let plain = bus.settings.bus.url.expose().to_owned();
+    let (_, rest) = plain.split_once("://").unwrap();
+    let (userinfo, host_and_vhost) = rest.rsplit_once('@').unwrap();
+    let (host, vhost) = host_and_vhost.split_once('/').unwrap();
+    let broker: std::net::SocketAddr = host.parse().unwrap();
+    let port = tls_front(std::path::Path::new(&cert), std::path::Path::new(&key), broker).await;
+    let mut settings = bus.settings.bus.clone();
+    settings.url = concertim_billing::config::SecretUrl::new(format!("amqps://{userinfo}@127.0.0.1:{port}/{vhost}"));
+
+    settings.tls.ca_file = Some(ca);
+    let connection = concertim_billing::bus::connect(&settings, "tls").await.expect("verified through the private CA");
+    let channel = connection.create_channel().await.unwrap();
+    assert!(channel.status().connected());
+    connection.close(200, "done".into()).await.unwrap();
+
+    // Without the CA, and with another CA: refused, saying which setting to fix.
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = crate::support::certificates(other.path());
+    for ca_file in [None, Some(other_ca)] {
+        settings.tls.ca_file = ca_file;
+        let refused = concertim_billing::bus::connect(&settings, "tls").await.unwrap_err();
+        assert_eq!(refused.class(), concertim_billing::class::ErrorClass::Permanent);
+        let refused = refused.to_string();
+        assert!(refused.contains("not trusted") && refused.contains("bus.tls.ca_file"), "{refused}");
+    }
     bus.cleanup().await;
 }

@@ -33,7 +33,7 @@ async fn definitions_json_loaded_into_a_fresh_vhost_is_the_topology_the_service_
     let bindings_before = rabbitmqctl(&["list_bindings", "-p", &vhost, "-q"]);
     let mut settings = Settings::embedded();
     settings.bus.url = SecretUrl::new(format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"));
-    let connection = bus::connect(&settings.bus.url, "definitions test").await.unwrap();
+    let connection = bus::connect(&settings.bus, "definitions test").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     topology::declare(&channel, &settings.bus).await.unwrap();
     // Without OpenStack's exchanges nothing is bound: the service never creates them.

@@ -152,7 +152,7 @@ async fn requeue_all_after_the_cause_is_fixed_empties_the_dead_letters_and_bills
 /// Puts `count` distinct dead letters straight into the dead-letter queue, as the service
 /// would have left them.
 async fn seed_dead_letters(bus: &TestBus, count: usize) {
-    let connection = concertim_billing::bus::connect(&bus.settings.bus.url, "seed").await.unwrap();
+    let connection = concertim_billing::bus::connect(&bus.settings.bus, "seed").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     topology::declare(&channel, &bus.settings.bus).await.unwrap();
     let text = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
@@ -279,7 +279,7 @@ async fn capture_replays_to_the_same_ledger_and_steals_nothing() {
 async fn requeue_all_goes_on_after_a_letter_with_nowhere_to_go_and_reports_it() {
     // Before, the first unroutable letter stopped the requeue: the letters behind it stayed.
     let bus = TestBus::new("dlqstuck").await;
-    let connection = concertim_billing::bus::connect(&bus.settings.bus.url, "seed").await.unwrap();
+    let connection = concertim_billing::bus::connect(&bus.settings.bus, "seed").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     topology::declare(&channel, &bus.settings.bus).await.unwrap();
     let _ = connection.close(200, "done".into()).await;
@@ -308,7 +308,7 @@ async fn show_and_export_keep_secrets_and_terminal_escapes_from_the_operator_wha
     // Before: bodies that did not parse (NaN), nested and duplicate credential keys were shown
     // and exported byte for byte, escape sequences reached the terminal, and exports were 0644.
     let bus = TestBus::new("dlqredact").await;
-    let connection = concertim_billing::bus::connect(&bus.settings.bus.url, "seed").await.unwrap();
+    let connection = concertim_billing::bus::connect(&bus.settings.bus, "seed").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     topology::declare(&channel, &bus.settings.bus).await.unwrap();
     let _ = connection.close(200, "done".into()).await;

@@ -1,7 +1,7 @@
 //! The Keystone client against the fake Keystone: tokens (renewal on a 401, before expiry, one
 //! renewal for concurrent callers), paging, TLS verification and wrong credentials.
 
-use std::{path::Path, process::Command, sync::Arc};
+use std::{path::Path, sync::Arc};
 
 use concertim_billing::{
     class::ErrorClass,
@@ -175,53 +175,12 @@ async fn a_wrong_password_is_permanent_and_never_printed() {
     assert_eq!(fake.tokens_issued(), 0);
 }
 
-/// Makes a CA and a certificate it signs for 127.0.0.1 in `dir`; returns (ca, cert, key).
-fn certificates(dir: &Path) -> (String, String, String) {
-    let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(
-        &[&["req", "-x509"], &ec[..], &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca"]]
-            .concat(),
-    );
-    openssl(
-        &[&["req", "-new"], &ec[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]]
-            .concat(),
-    );
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    (file("ca.pem"), file("server.pem"), file("server.key"))
-}
-
 /// Keystone over TLS with a certificate from a private CA: refused without `ca_file` (saying
 /// the certificate was not trusted and naming the setting), accepted with it.
 #[tokio::test]
 async fn a_private_ca_is_trusted_only_through_keystone_ca_file() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = certificates(dir.path());
+    let (ca, cert, key) = crate::support::certificates(dir.path());
     let fake = FakeKeystone::start_tls(Path::new(&cert), Path::new(&key)).await;
 
     let err = Keystone::new(fake.settings()).unwrap().projects(None).await.unwrap_err();

@@ -194,7 +194,7 @@ async fn an_intake_lock_held_by_a_connection_that_moves_nothing_turns_readyz_unr
     bus.settings.bus.shards = 2;
     bus.settings.bus.intake_standby_ms = 100;
     bus.settings.bus.intake_takeover_ms = 3_000;
-    let holder = concertim_billing::bus::connect(&bus.settings.bus.url, "holder").await.unwrap();
+    let holder = concertim_billing::bus::connect(&bus.settings.bus, "holder").await.unwrap();
     let channel = holder.create_channel().await.unwrap();
     let lock = format!("{}.intake", bus.names().queue);
     let exclusive = lapin::options::QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };

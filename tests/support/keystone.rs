@@ -506,7 +506,7 @@ fn domain_id(s: &Fake, domain: &Value) -> Option<String> {
 
 /// A TLS listener for axum: each accepted connection's handshake is done before it is served;
 /// a failed handshake (a client that does not trust the certificate) is dropped.
-mod tls {
+pub mod tls {
     use std::{path::Path, sync::Arc};
 
     use rustls::pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
