@@ -30,6 +30,15 @@ as_root() {
     fi
 }
 
+# The TLS tests make their certificates with the openssl command.
+need_openssl() {
+    if ! command -v openssl >/dev/null; then
+        echo "test.sh: installing Debian's openssl (the TLS tests make their certificates with it)" >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+    fi
+}
+
 start_broker() {
     if ! command -v rabbitmq-server >/dev/null && [ ! -x /usr/sbin/rabbitmq-server ]; then
         echo "test.sh: installing Debian's rabbitmq-server" >&2
@@ -73,6 +82,7 @@ stop_started() {
 }
 trap stop_started EXIT
 
+need_openssl
 if ! broker_answers; then
     start_broker
     cleanup+=("as_root env PATH=\"\$PATH:/usr/sbin\" rabbitmqctl stop >/dev/null 2>&1")
