@@ -279,27 +279,38 @@ impl Store {
     /// # Errors
     /// [`StoreError::Query`] when the database cannot be written.
     pub async fn admit_project(&self, project: &str, at: i64) -> Result<(), StoreError> {
-        let fail = |e| self.failed(format_args!("admitting project {project}"), e);
-        let mut tx = self.begin().await.map_err(fail)?;
-        let changed = sqlx::query(
+        // Held until now: reviewed again from their start (settled_through is still unset).
+        self.earliest_project_time(
+            &format!("admitting project {project}"),
             "INSERT INTO admissions (project, admitted_at) VALUES ($1, $2)
              ON CONFLICT (project) DO UPDATE SET admitted_at = excluded.admitted_at
              WHERE admissions.admitted_at > excluded.admitted_at",
+            "UPDATE resources SET version = version + 1 WHERE project = $1",
+            project,
+            at,
         )
-        .bind(project)
-        .bind(at)
-        .execute(&mut *tx)
         .await
-        .map_err(fail)?
-        .rows_affected()
-            == 1;
+    }
+
+    /// Records `at` for `project` with `insert` (which keeps the earliest time), and, when that
+    /// changed it, runs `update` on the project's resources (bound to the project, and to `at`
+    /// when it has a `$2`); one transaction.
+    async fn earliest_project_time(
+        &self,
+        what: &str,
+        insert: &str,
+        update: &str,
+        project: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let fail = |e| self.failed(format_args!("{what}"), e);
+        let mut tx = self.begin().await.map_err(fail)?;
+        let changed =
+            sqlx::query(insert).bind(project).bind(at).execute(&mut *tx).await.map_err(fail)?.rows_affected() == 1;
         if changed {
-            // Held until now: reviewed again from their start (settled_through is still unset).
-            sqlx::query("UPDATE resources SET version = version + 1 WHERE project = $1")
-                .bind(project)
-                .execute(&mut *tx)
-                .await
-                .map_err(fail)?;
+            let query = sqlx::query(update).bind(project);
+            let query = if update.contains("$2") { query.bind(at) } else { query };
+            query.execute(&mut *tx).await.map_err(fail)?;
         }
         tx.commit().await.map_err(fail)?;
         Ok(())
@@ -327,30 +338,16 @@ impl Store {
     /// # Errors
     /// [`StoreError::Query`] when the database cannot be written (nothing is stored then).
     pub async fn close_project(&self, project: &str, at: i64) -> Result<(), StoreError> {
-        let fail = |e| self.failed(format_args!("closing project {project}"), e);
-        let mut tx = self.begin().await.map_err(fail)?;
-        let changed = sqlx::query(
+        self.earliest_project_time(
+            &format!("closing project {project}"),
             "INSERT INTO projects (id, closed_at) VALUES ($1, $2)
              ON CONFLICT (id) DO UPDATE SET closed_at = excluded.closed_at
              WHERE projects.closed_at > excluded.closed_at",
+            &format!("UPDATE resources SET version = version + 1, {LOWER_DIRTY_FROM} WHERE project = $1"),
+            project,
+            at,
         )
-        .bind(project)
-        .bind(at)
-        .execute(&mut *tx)
         .await
-        .map_err(fail)?
-        .rows_affected()
-            == 1;
-        if changed {
-            sqlx::query(&format!("UPDATE resources SET version = version + 1, {LOWER_DIRTY_FROM} WHERE project = $1"))
-                .bind(project)
-                .bind(at)
-                .execute(&mut *tx)
-                .await
-                .map_err(fail)?;
-        }
-        tx.commit().await.map_err(fail)?;
-        Ok(())
     }
 }
 
