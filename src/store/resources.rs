@@ -452,7 +452,28 @@ mod tests {
         assert_eq!(store.resource("r3").await.unwrap().unwrap().project_closed_at, None);
     }
 
+    async fn admitting_a_project_makes_its_held_resources_due_and_is_remembered(store: &Store) {
+        // Arrange: reviewed (held) resources of p1 and p2.
+        for (id, project) in [("r1", "p1"), ("r2", "p2")] {
+            store.add_facts(id, "instance", project, &facts(&[("f", 100)])).await.unwrap();
+            assert!(store.reviewed(id, 1, None, None).await.unwrap());
+        }
+        assert!(!store.admitted("p1").await.unwrap());
+        // Act
+        store.admit_project("p1", 700).await.unwrap();
+        store.admit_project("p1", 900).await.unwrap();
+        // Assert
+        assert!(store.admitted("p1").await.unwrap() && !store.admitted("p2").await.unwrap());
+        assert_eq!(store.due(0, 10).await.unwrap(), vec!["r1"]);
+        let r1 = store.resource("r1").await.unwrap().unwrap();
+        assert_eq!((r1.project_admitted_at, r1.dirty_from, r1.version), (Some(700), None, 2));
+        assert!(store.reviewed("r1", 2, None, None).await.unwrap());
+        store.admit_project("p1", 800).await.unwrap();
+        assert!(store.due(0, 10).await.unwrap().is_empty(), "a later admission changes nothing");
+    }
+
     on_every_store!(
+        admitting_a_project_makes_its_held_resources_due_and_is_remembered,
         adding_the_same_facts_twice_stores_them_once_and_bumps_the_version_once,
         a_later_different_project_does_not_replace_the_first,
         an_unknown_resource_reads_as_none,
