@@ -353,6 +353,9 @@ impl<B: Billing> Executor<B> {
             Action::EnsureAccount { project } | Action::CloseAccount { project, .. } => Some(project),
             Action::EnsureSubscription(spec) => Some(&spec.project),
             // Usage and plan changes ride with their subscription's spec in the same plan.
+            // FIXME(billing): a delta-metered sample (`RecordUsage`) of a project not admitted
+            // yet is held and never billed, unlike time and cumulative readings, which are kept
+            // as facts: a metered meter's usage before the admission is lost.
             Action::RecordUsage(usage) => subscription_project(plan, &usage.instance),
             Action::ChangePlan { instance, .. } | Action::CancelSubscription { instance, .. } => {
                 subscription_project(plan, instance)
