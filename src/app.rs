@@ -152,8 +152,7 @@ impl<B: Billing + 'static> App<B> {
     /// When Keystone or the state store fails.
     pub async fn admit_from_keystone(&self, keystone: &crate::keystone::Keystone) -> Result<usize, anyhow::Error> {
         let projects = keystone.managed_projects(&self.executor.settings().projects).await?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let now = crate::event::Timestamp::from_unix(i64::try_from(now).unwrap_or(0))?;
+        let now = crate::event::Timestamp::now();
         let mut admitted = 0;
         for project in &projects {
             if self.executor.admit(project, now).await? {

@@ -200,6 +200,12 @@ impl Timestamp {
             .map_err(|_| TimestampError { value: seconds.to_string() })
     }
 
+    /// The current time, to the second (UTC).
+    pub fn now() -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self(now.replace_nanosecond(0).unwrap_or(now))
+    }
+
     /// Seconds since the Unix epoch.
     pub fn unix(&self) -> i64 {
         self.0.unix_timestamp()

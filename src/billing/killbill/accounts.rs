@@ -148,7 +148,7 @@ impl KillBill {
     pub(super) async fn upcoming(&self, account: &str, today: time::Date) -> Result<Option<KbInvoice>, BillingError> {
         let what = format!("dry-run the upcoming invoice of account {account}");
         let (_, end) = super::month_of(today);
-        let target = format!("{:04}-{:02}-{:02}", end.year(), u8::from(end.month()), end.day());
+        let target = end.to_string();
         let request = self
             .writing(Method::POST, "/1.0/kb/invoices/dryRun", "Draft invoice shown in Concertim")
             .query(&[("accountId", account), ("targetDate", target.as_str())])

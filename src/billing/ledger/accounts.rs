@@ -23,14 +23,9 @@ fn order_id(key: &str) -> String {
     format!("order-{}", key.chars().take(32).collect::<String>())
 }
 
+/// The UTC day of `t`, `YYYY-MM-DD`.
 fn day(t: Timestamp) -> String {
-    let d = t.as_offset().date();
-    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
-}
-
-fn now() -> Timestamp {
-    let secs = time::OffsetDateTime::now_utc().unix_timestamp();
-    Timestamp::from_unix(secs).unwrap_or_else(|_| Timestamp::from_unix(0).expect("the epoch is a timestamp"))
+    t.as_offset().date().to_string()
 }
 
 /// An account's invoices as of a moment, and its credit balance then.
@@ -146,7 +141,7 @@ impl Ledger {
     /// The account's credit balance at the end of `today`'s month (what its invoices left of its
     /// deposits; none when it cannot be priced).
     pub(super) fn credit_balance(&self, project: &ProjectId, today: time::Date) -> Decimal {
-        self.statement(project, now().min(end_of(today))).map_or(Decimal::ZERO, |s| s.cba)
+        self.statement(project, Timestamp::now().min(end_of(today))).map_or(Decimal::ZERO, |s| s.cba)
     }
 
     /// Writes the API's change now, so its answer is never ahead of what the ledger keeps.
@@ -159,7 +154,7 @@ fn end_of(today: time::Date) -> Timestamp {
     let (_, end) = crate::billing::killbill::month_of(today);
     let next = end.next_day().unwrap_or(end);
     let midnight = time::OffsetDateTime::new_utc(next, time::Time::MIDNIGHT);
-    Timestamp::from_unix(midnight.unix_timestamp() - 1).unwrap_or_else(|_| now())
+    Timestamp::from_unix(midnight.unix_timestamp() - 1).unwrap_or_else(|_| Timestamp::now())
 }
 
 impl Accounts for Ledger {
@@ -170,7 +165,7 @@ impl Accounts for Ledger {
             if let Some(done) = state.deposits.get(key) {
                 return Ok(done.amount);
             }
-            let deposit = Deposit { key: key.to_owned(), project, amount, at: now() };
+            let deposit = Deposit { key: key.to_owned(), project, amount, at: Timestamp::now() };
             state.deposits.insert(key.to_owned(), deposit);
             state.changed.insert(Key::Deposit(key.to_owned()));
         }
@@ -180,19 +175,19 @@ impl Accounts for Ledger {
 
     async fn remaining_credits(&self, account: &str, today: time::Date) -> Result<Decimal, AccountsError> {
         let project = self.project_of(account)?;
-        let statement = self.statement(&project, now().min(end_of(today)))?;
+        let statement = self.statement(&project, Timestamp::now().min(end_of(today)))?;
         let upcoming = statement.draft.map_or(Decimal::ZERO, |d| d.amount);
         Ok(statement.cba - upcoming.max(Decimal::ZERO))
     }
 
     async fn draft_invoice(&self, account: &str, today: time::Date) -> Result<Option<Invoice>, AccountsError> {
         let project = self.project_of(account)?;
-        Ok(self.statement(&project, now().min(end_of(today)))?.draft)
+        Ok(self.statement(&project, Timestamp::now().min(end_of(today)))?.draft)
     }
 
     async fn invoices(&self, account: &str, offset: u64, limit: u64) -> Result<InvoicePage, AccountsError> {
         let project = self.project_of(account)?;
-        let all = self.statement(&project, now())?.invoices;
+        let all = self.statement(&project, Timestamp::now())?.invoices;
         let total = u64::try_from(all.len()).unwrap_or(u64::MAX);
         let invoices = all
             .into_iter()
@@ -204,7 +199,7 @@ impl Accounts for Ledger {
 
     async fn invoice(&self, account: &str, invoice_id: &str) -> Result<Invoice, AccountsError> {
         let project = self.project_of(account)?;
-        self.statement(&project, now())?
+        self.statement(&project, Timestamp::now())?
             .invoices
             .into_iter()
             .find(|i| i.invoice_id == invoice_id)
@@ -219,7 +214,8 @@ impl Accounts for Ledger {
             if state.orders.contains_key(&id) {
                 return Ok(id);
             }
-            let order = Order { id: id.clone(), project, created: now(), cancelled: None, tags: BTreeMap::new() };
+            let order =
+                Order { id: id.clone(), project, created: Timestamp::now(), cancelled: None, tags: BTreeMap::new() };
             state.orders.insert(id.clone(), order);
             state.changed.insert(Key::Order(id.clone()));
         }
@@ -237,7 +233,7 @@ impl Accounts for Ledger {
             if found.cancelled.is_some() {
                 return Ok(order.to_owned());
             }
-            found.cancelled = Some(now());
+            found.cancelled = Some(Timestamp::now());
             state.changed.insert(Key::Order(order.to_owned()));
         }
         self.keep().await?;
