@@ -43,7 +43,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     billing::{
         accounts::{Accounts, AccountsError},
-        BillingError,
+        BillingError, ExactAmount,
     },
     class::ErrorClass,
     config::ApiSettings,
@@ -125,13 +125,32 @@ fn billing_failure(e: &BillingError) -> Failure {
     }
 }
 
-fn answer(status: StatusCode, body: &Value) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+fn answer(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// A success: `{"success": true, <name>: <value>}`, serialised straight to text (a
+/// `serde_json::Value` would carry money as an f64).
+#[derive(serde::Serialize)]
+struct Success<'a, T: serde::Serialize> {
+    success: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total_invoices: Option<u64>,
+    #[serde(flatten)]
+    value: std::collections::BTreeMap<&'a str, T>,
+}
+
+/// `{"success": true, name: value}` (and `total_invoices` when given) as JSON text.
+fn success<T: serde::Serialize>(name: &str, value: T, total_invoices: Option<u64>) -> Result<String, Failure> {
+    let body = Success { success: true, total_invoices, value: std::collections::BTreeMap::from([(name, value)]) };
+    serde_json::to_string(&body).map_err(|e| {
+        Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", format!("cannot write the answer: {e}"))
+    })
 }
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        answer(self.status, &json!({"success": false, "error": self.error, "message": self.message}))
+        answer(self.status, json!({"success": false, "error": self.error, "message": self.message}).to_string())
     }
 }
 
@@ -152,7 +171,7 @@ async fn handle<A: Accounts + 'static>(
     metrics::counter!(crate::telemetry::API_REQUESTS, "route" => label, "status" => status.as_str().to_owned())
         .increment(1);
     match result {
-        Ok(body) => answer(StatusCode::CREATED, &body),
+        Ok(body) => answer(StatusCode::CREATED, body),
         Err(failure) => {
             tracing::info!(route = %route, status = failure.status.as_u16(), error = failure.error, message = %failure.message, "billing API request refused");
             failure.into_response()
@@ -166,7 +185,7 @@ async fn serve<A: Accounts>(
     route: &str,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Value, Failure> {
+) -> Result<String, Failure> {
     if !ROUTES.contains(&route) {
         return Err(Failure::new(
             StatusCode::NOT_FOUND,
@@ -198,30 +217,30 @@ async fn serve<A: Accounts>(
             let amount = amount(&request, state)?;
             let credits = accounts.deposit(&account, amount, &key).await?;
             tracing::info!(account = %account, amount = %amount, "billing API: credits deposited");
-            Ok(json!({"success": true, "credits": number(credits)}))
+            success("credits", ExactAmount(credits), None)
         }
         "/get_credits" => {
             let account = text(&request, "credits", &["billing_account_id", "billing_acct_id"])?;
             let credits = accounts.remaining_credits(&account, today).await?;
-            Ok(json!({"success": true, "credits": number(credits)}))
+            success("credits", ExactAmount(credits), None)
         }
         "/get_draft_invoice" => {
             let account = text(&request, "invoice", &["billing_acct_id", "billing_account_id"])?;
             let draft = accounts.draft_invoice(&account, today).await?;
-            Ok(json!({"success": true, "draft_invoice": draft}))
+            success("draft_invoice", draft, None)
         }
         "/list_paginated_invoices" => {
             let account = text(&request, "invoices", &["billing_acct_id", "billing_account_id"])?;
             let offset = count(&request, "invoices", "offset", 0)?;
             let limit = count(&request, "invoices", "limit", MAX_PAGE)?.min(MAX_PAGE);
             let page = accounts.invoices(&account, offset, limit).await?;
-            Ok(json!({"success": true, "total_invoices": page.total, "invoices": page.invoices}))
+            success("invoices", page.invoices, Some(page.total))
         }
         "/get_account_invoice" => {
             let account = text(&request, "invoice", &["billing_acct_id", "billing_account_id"])?;
             let invoice_id = text(&request, "invoice", &["invoice_id"])?;
             let invoice = accounts.invoice(&account, &invoice_id).await?;
-            Ok(json!({"success": true, "invoice": invoice}))
+            success("invoice", invoice, None)
         }
         "/create_order" => {
             let account = text(&request, "order", &["billing_account_id", "billing_acct_id"])?;
@@ -240,20 +259,20 @@ async fn serve<A: Accounts>(
             }
             let order = accounts.create_order(&account, &key, &state.settings.order_plan).await?;
             tracing::info!(account = %account, order = %order, "billing API: order created");
-            Ok(json!({"success": true, "order": order}))
+            success("order", order, None)
         }
         "/delete_order" => {
             let order = text(&request, "order", &["order_id"])?;
             let order = accounts.delete_order(&order, &key).await?;
             tracing::info!(order = %order, "billing API: order deleted");
-            Ok(json!({"success": true, "order": order}))
+            success("order", order, None)
         }
         "/add_order_tag" => {
             let order = text(&request, "tag", &["order_id"])?;
             let name = text(&request, "tag", &["tag_name"])?;
             let value = text(&request, "tag", &["tag_value"])?;
             let tagged = accounts.tag_order(&order, &name, &value, &key).await?;
-            Ok(json!({"success": true, "tag": tagged}))
+            success("tag", tagged, None)
         }
         _ => unreachable!("every route of ROUTES is matched above"),
     }
@@ -343,12 +362,6 @@ fn amount<A>(request: &Value, state: &ApiState<A>) -> Result<Decimal, Failure> {
     Ok(amount)
 }
 
-/// An amount as the JSON number the Python service sent.
-fn number(amount: Decimal) -> Value {
-    use rust_decimal::prelude::ToPrimitive;
-    amount.to_f64().map_or(Value::Null, Value::from)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,6 +381,15 @@ mod tests {
         h.insert("idempotency-key", "deposit-42".parse().unwrap());
         other.insert("idempotency-key", "deposit-42".parse().unwrap());
         assert_eq!(idempotency_key("/credits", &h, b"{}"), idempotency_key("/credits", &other, b"{\"x\":1}"));
+    }
+
+    #[test]
+    fn money_is_answered_digit_for_digit_never_through_a_double() {
+        let third = Decimal::ONE / Decimal::from(3);
+        let body = success("credits", ExactAmount(third.round_dp(9)), None).unwrap();
+        assert_eq!(body, r#"{"success":true,"credits":0.333333333}"#);
+        let page = success("invoices", Vec::<u8>::new(), Some(0)).unwrap();
+        assert_eq!(page, r#"{"success":true,"total_invoices":0,"invoices":[]}"#);
     }
 
     #[test]

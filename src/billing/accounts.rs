@@ -108,11 +108,9 @@ pub struct InvoicePage {
     pub invoices: Vec<Invoice>,
 }
 
-/// Money goes out as a JSON number, as the Python service sent it (Rails reads floats). The
-/// amounts are at the currency's precision, which a double keeps exactly in its shortest form.
+/// Money goes out as a JSON number, as the Python service sent it, digit for digit.
 fn as_number<S: serde::Serializer>(value: &Decimal, s: S) -> Result<S::Ok, S::Error> {
-    use rust_decimal::prelude::ToPrimitive;
-    s.serialize_f64(value.to_f64().unwrap_or(0.0))
+    serde::Serialize::serialize(&super::ExactAmount(*value), s)
 }
 
 /// The account side of a billing application, for the billing API. Each write carries the

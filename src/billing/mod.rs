@@ -317,6 +317,21 @@ impl<B: Billing> Figures for B {
     }
 }
 
+/// A decimal written as the JSON number it is, digit for digit: what KillBill reads into a
+/// `BigDecimal`, and the billing API's money. Going through `f64` (as `serde_json::Value` does)
+/// could change an amount like 0.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExactAmount(pub rust_decimal::Decimal);
+
+impl serde::Serialize for ExactAmount {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // `Decimal`'s text never has an exponent, so it is a valid JSON number.
+        let raw = serde_json::value::RawValue::from_string(self.0.normalize().to_string())
+            .map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
+    }
+}
+
 /// What Concertim shows of a team's billing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountFigures {

@@ -13,10 +13,10 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 use super::client::{BUNDLE_HAS_BASE, BUNDLE_KEY_EXISTS, CANCEL_BAD_STATE, SUBSCRIPTION_NOT_FOUND_BY_KEY};
-use super::wire::{exact, NewSubscription, SubscriptionJson};
+use super::wire::{NewCredit, NewSubscription, SubscriptionJson};
 use super::KillBill;
 use crate::billing::accounts::{Accounts, AccountsError, Invoice, InvoiceLine, InvoicePage};
-use crate::billing::BillingError;
+use crate::billing::{BillingError, ExactAmount};
 
 /// An order's subscription key: the request's key under this prefix, which also tells an order
 /// from a resource's subscription (keyed by the resource's uuid).
@@ -320,12 +320,13 @@ impl Accounts for KillBill {
         }
         let what = format!("credit account {account}");
         let currency = found.currency.unwrap_or_else(|| self.settings.currency.clone());
-        let body = serde_json::json!([{
-            "accountId": found.account_id,
-            "amount": exact(amount),
-            "currency": currency,
-            "description": description,
-        }]);
+        // Typed, not a `serde_json::Value`, which would carry the amount as an f64.
+        let body = [NewCredit {
+            account_id: &found.account_id,
+            amount: ExactAmount(amount),
+            currency: &currency,
+            description: &description,
+        }];
         let request = self
             .writing(Method::POST, "/1.0/kb/credits", "Credits added in Concertim")
             .query(&[("autoCommit", "true")])

@@ -1,5 +1,6 @@
 //! KillBill's JSON, as this client writes and reads it, and its date forms.
 
+use crate::billing::ExactAmount;
 use serde::{Deserialize, Serialize};
 
 use rust_decimal::Decimal;
@@ -162,22 +163,14 @@ pub(super) struct Record {
     pub(super) amount: ExactAmount,
 }
 
-/// A decimal written as the JSON number it is, digit for digit (KillBill reads it into a
-/// `BigDecimal`; going through `f64` would change amounts like 0.1).
-pub(super) struct ExactAmount(Decimal);
-
-/// `amount` as the exact JSON number KillBill reads.
-pub(super) fn exact(amount: Decimal) -> ExactAmount {
-    ExactAmount(amount)
-}
-
-impl Serialize for ExactAmount {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // `Decimal`'s text never has an exponent, so it is a valid JSON number.
-        let raw = serde_json::value::RawValue::from_string(self.0.normalize().to_string())
-            .map_err(serde::ser::Error::custom)?;
-        raw.serialize(serializer)
-    }
+/// A credit's body (`POST /1.0/kb/credits` takes an array of them).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct NewCredit<'a> {
+    pub(super) account_id: &'a str,
+    pub(super) amount: ExactAmount,
+    pub(super) currency: &'a str,
+    pub(super) description: &'a str,
 }
 
 /// One usage call's body: the records grouped by unit, in their order.
