@@ -80,17 +80,7 @@ async fn concertim_bus(test: &str, concertim: &FakeConcertim) -> TestBus {
 
 /// Waits until `mismatches` lists nothing; on timeout, fails with what still differs.
 async fn until_shown(what: &str, limit: Duration, mismatches: impl Fn() -> Vec<String>) {
-    eventually_with(what, limit, || {
-        let left = mismatches();
-        async move {
-            if left.is_empty() {
-                Ok(())
-            } else {
-                Err(left)
-            }
-        }
-    })
-    .await
+    eventually_with(what, limit, || nothing_left(mismatches())).await
 }
 
 fn money(amount: Decimal) -> String {
@@ -493,13 +483,7 @@ async fn with_the_ledger_concertim_shows_each_devices_rack_and_team_cost_as_the_
         }
         let team = devices.values().sum();
         let left = cost_mismatches(&concertim, costed.project, &devices, team);
-        async move {
-            if left.is_empty() {
-                Ok(())
-            } else {
-                Err(left)
-            }
-        }
+        nothing_left(left)
     })
     .await;
     assert_eq!(costed.bus.depth(&costed.bus.names().dead_queue).await, 0);
@@ -571,13 +555,7 @@ async fn with_hostbill_concertim_shows_each_devices_rack_and_team_cost_as_hostbi
         if credits != Some(money(credit - team)) {
             left.push(format!("team credits {credits:?}, expected {}", money(credit - team)));
         }
-        async move {
-            if left.is_empty() {
-                Ok(())
-            } else {
-                Err(left)
-            }
-        }
+        nothing_left(left)
     })
     .await;
     assert_eq!(costed.bus.depth(&costed.bus.names().dead_queue).await, 0);
@@ -779,4 +757,13 @@ async fn a_volume_created_attached_detached_and_deleted_shows_each_status_on_its
     assert_eq!(bus.depth(&bus.names().dead_queue).await, 0);
     app.shutdown().await.unwrap();
     bus.cleanup().await;
+}
+
+/// What an `eventually_with` check answers: done, or what is still left.
+async fn nothing_left(left: Vec<String>) -> Result<(), Vec<String>> {
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(left)
+    }
 }
