@@ -10,6 +10,7 @@
 //! cargo run --release --example loadgen -- --messages 20000 --backend killbill --latency-ms 2
 //! cargo run --release --example loadgen -- --messages 5000 --backend killbill --killbill-url http://127.0.0.1:18080
 //! cargo run --release --example loadgen -- --messages 100000 --prefetch 1000
+//! cargo run --release --example loadgen -- --side-by-side --messages 100000
 //! ```
 //!
 //! `benches/run-all.sh` runs every measurement the README reports.
@@ -55,7 +56,13 @@ mod fake_server;
 /// as possible: that measures throughput. With `--rate N`, they are published at N messages/s
 /// while the consumer runs: that measures latency, from the notification's timestamp (set when
 /// it is published, to the microsecond) to its billing effect.
-#[derive(Parser, Debug)]
+///
+/// `--side-by-side` measures the service against what the broker allows, in one run: the same
+/// backlog drained by a bare lapin consumer acking every 64th message with `multiple`, on a
+/// quorum queue declared as the service declares its own, then by the service (the ignored
+/// mix, then the usage mix into the ledger), then the usage mix published at `--rate` (1,000/s
+/// unless given) for its bus-to-effect percentiles; and prints the ratios.
+#[derive(Parser, Debug, Clone)]
 #[command(name = "loadgen")]
 struct Args {
     /// Messages to publish (each with a unique message id).
@@ -107,14 +114,19 @@ struct Args {
     /// Instances the usage messages spread over.
     #[arg(long, default_value_t = 1_000)]
     instances: usize,
+    /// The bare consumer, the ignored and usage backlogs and a steady rate, one after the
+    /// other, with the ratios (see above). `--mix`, `--backend` and `--shards` are not used.
+    #[arg(long)]
+    side_by_side: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mix {
     /// An event type nobody handles (`image.update`): decode, ignore, acknowledge.
     Ignored,
-    /// Ceilometer `metering` of known instances: after a warm-up that creates their accounts
-    /// and subscriptions, one usage record (one KillBill request) per notification.
+    /// Ceilometer `metering` of known instances: gauge samples (the instance's evidence, facts
+    /// in the state store) and one sample of a delta meter; after a warm-up that creates their
+    /// accounts and subscriptions, one usage record (one KillBill request) per notification.
     Usage,
     /// Legacy Nova `compute.instance.create.end` of new instances: the create path (account
     /// once per project, then subscription, custom fields, account state: several requests).
@@ -202,13 +214,17 @@ fn now_oslo() -> String {
     )
 }
 
+/// The metered (delta) meter of the usage mix: one sample of it in each message is one usage
+/// record.
+const USAGE_METER: &str = "loadgen.usage";
+
 /// Messages made from a fixture of `fixtures/nova-legacy`, with fresh ids.
 struct Generator {
     mix: Mix,
     /// The fixture's inner oslo message.
     template: Value,
     exchange: String,
-    routing_key: &'static str,
+    routing_key: String,
     projects: usize,
     instances: usize,
 }
@@ -239,7 +255,14 @@ impl Generator {
             Mix::Project => ("keystone", "notifications.info"),
             Mix::Ignored => ("glance", "notifications.info"),
         };
-        Self { mix, template, exchange: format!("{prefix}{exchange}"), routing_key, projects, instances }
+        Self {
+            mix,
+            template,
+            exchange: format!("{prefix}{exchange}"),
+            routing_key: routing_key.to_owned(),
+            projects,
+            instances,
+        }
     }
 
     /// The `i`th message's body, its timestamp now. Instance `n` always belongs to the same
@@ -256,11 +279,21 @@ impl Generator {
                 // Samples dated now, as Ceilometer sends them: one far from its notification's
                 // timestamp is invalid.
                 let now = now_oslo();
-                for sample in m["payload"].as_array_mut().unwrap() {
+                let samples = m["payload"].as_array_mut().unwrap();
+                for sample in samples.iter_mut() {
                     sample["project_id"] = project.as_str().into();
                     sample["resource_id"] = instance.as_str().into();
                     sample["timestamp"] = now.as_str().into();
                 }
+                // The gauge samples are evidence of the instance (state store facts); one
+                // delta sample of a metered meter is usage, recorded in the backend.
+                let mut usage = samples[0].clone();
+                usage["counter_name"] = USAGE_METER.into();
+                usage["counter_type"] = "delta".into();
+                usage["counter_volume"] = 1.into();
+                usage["counter_unit"] = "unit".into();
+                usage["message_id"] = format!("{id}-usage").into();
+                samples.push(usage);
             }
             Mix::Lifecycle => {
                 m["payload"]["tenant_id"] = project.into();
@@ -308,7 +341,7 @@ async fn publish(channel: &Channel, generator: &Generator, range: std::ops::Rang
             let confirm = channel
                 .basic_publish(
                     generator.exchange.as_str().into(),
-                    generator.routing_key.into(),
+                    generator.routing_key.as_str().into(),
                     BasicPublishOptions::default(),
                     &body,
                     props,
@@ -335,19 +368,10 @@ type Fake = Option<fake_killbill::FakeKillBill>;
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args = Args::parse();
-    let prefix = format!("loadgen-{}-", std::process::id());
-    let mut settings = Settings::embedded();
-    settings.bus.prefix = prefix.clone();
-    settings.bus.bindings = ["ceilometer", "nova", "glance", "keystone"]
-        .into_iter()
-        .map(|e| Binding {
-            exchange: format!("{prefix}{e}"),
-            routing_key: if e == "ceilometer" { "metering.sample" } else { "notifications.info" }.into(),
-        })
-        .collect();
-    settings.bus.prefetch = args.prefetch.unwrap_or(settings.bus.prefetch);
-    settings.bus.lanes = args.lanes.unwrap_or(settings.bus.lanes);
-    settings.bus.shards = args.shards;
+    if args.side_by_side {
+        side_by_side(&args).await;
+        return;
+    }
     let metrics = match args.metrics {
         MetricsMode::Off => None,
         MetricsMode::On => concertim_billing::telemetry::install_prometheus(),
@@ -361,8 +385,44 @@ async fn main() {
             Some(handle)
         }
     };
+    measure(&args, &format!("loadgen-{}-", std::process::id()), metrics).await;
+}
+
+/// The service's settings for a run: a topology of its own under `prefix`.
+fn settings_for(args: &Args, prefix: &str) -> Settings {
+    let mut settings = Settings::embedded();
+    settings.bus.prefix = prefix.to_owned();
+    settings.bus.bindings = ["ceilometer", "nova", "glance", "keystone"]
+        .into_iter()
+        .map(|e| Binding {
+            exchange: format!("{prefix}{e}"),
+            routing_key: if e == "ceilometer" { "metering.sample" } else { "notifications.info" }.into(),
+        })
+        .collect();
+    settings.bus.prefetch = args.prefetch.unwrap_or(settings.bus.prefetch);
+    settings.bus.lanes = args.lanes.unwrap_or(settings.bus.lanes);
+    settings.bus.shards = args.shards;
+    settings.billing.meters.insert(
+        USAGE_METER.to_owned(),
+        concertim_billing::config::MeterRule {
+            unit: concertim_billing::event::Unit::parse("openstack-billed-vcpus").expect("a unit of the catalog"),
+            factor: concertim_billing::config::Factor::ONE,
+            counter: concertim_billing::config::Counter::Delta,
+            resource: concertim_billing::event::ResourceKind::Instance,
+        },
+    );
+    settings
+}
+
+/// One measurement, as the flags say.
+async fn measure(
+    args: &Args,
+    prefix: &str,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> Measured {
+    let settings = settings_for(args, prefix);
     match args.backend {
-        BackendKind::Ledger => run(&args, settings, Ledger::in_memory(), None, metrics).await,
+        BackendKind::Ledger => run(args, settings, Ledger::in_memory(), None, metrics).await,
         BackendKind::Killbill if args.killbill_url.is_some() => {
             let url = args.killbill_url.clone().unwrap_or_default();
             let tenant = format!("loadgen-{}", std::process::id());
@@ -385,7 +445,7 @@ async fn main() {
                 .bootstrap(concertim_billing::billing::killbill::CATALOG_XML, "loadgen")
                 .await
                 .unwrap_or_else(|e| panic!("cannot bootstrap a tenant on the KillBill at {url}: {e}"));
-            run(&args, settings, client, None, metrics).await;
+            run(args, settings, client, None, metrics).await
         }
         BackendKind::Killbill => {
             let fake = fake_killbill::FakeKillBill::start().await;
@@ -393,7 +453,7 @@ async fn main() {
             // One idle connection per lane, so every lane keeps its connection alive.
             kb.pool_max_idle = settings.bus.lanes;
             let client = KillBill::new(kb).expect("an HTTP client");
-            run(&args, settings, client, Some(fake), metrics).await;
+            run(args, settings, client, Some(fake), metrics).await
         }
     }
 }
@@ -404,7 +464,7 @@ async fn run<B: Billing + 'static>(
     billing: B,
     fake: Fake,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-) {
+) -> Measured {
     let generator = Generator::new(args.mix, &settings.bus.prefix, args.projects, args.instances);
     let connection = bus::connect(&settings.bus, "loadgen").await.expect("RabbitMQ at 127.0.0.1:5672");
     let channel = connection.create_channel().await.unwrap();
@@ -535,9 +595,11 @@ async fn run<B: Billing + 'static>(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let elapsed = started.elapsed();
+    // Every message taken: the shutdown finishes what is in flight and sends the last
+    // acknowledgements, and the run ends when it has.
     shutdown.cancel();
     consumer.await.unwrap().unwrap();
+    let elapsed = started.elapsed();
     if let Some(publisher) = publisher {
         publisher.await.unwrap();
     }
@@ -614,7 +676,25 @@ async fn run<B: Billing + 'static>(
             "scrapes_per_s": (args.scrapers > 0).then(|| (scraped as f64 / elapsed.as_secs_f64()).round()),
             "lag_ms_p50": pct(0.5), "lag_ms_p95": pct(0.95), "lag_ms_p99": pct(0.99), "lag_ms_max": pct(1.0)})
     );
-    for q in queues.iter().chain([&names.retry_queue, &names.dead_queue]) {
+    remove_topology(&channel, &settings).await;
+    Measured { consume_per_s: rate, lag_ms: [pct(0.5), pct(0.95), pct(0.99), pct(1.0)] }
+}
+
+/// What a run measured.
+struct Measured {
+    /// Messages consumed (effects done and acknowledged) per second.
+    consume_per_s: f64,
+    /// Bus-to-effect p50, p95, p99 and max, in ms (0 when not measured).
+    lag_ms: [f64; 4],
+}
+
+/// Deletes a run's queues and exchanges.
+async fn remove_topology(channel: &Channel, settings: &Settings) {
+    let names = bus::Names::new(&settings.bus);
+    for q in std::iter::once(names.queue.clone())
+        .chain(topology::shard_queues(&settings.bus))
+        .chain([names.retry_queue.clone(), names.dead_queue.clone()])
+    {
         let _ = channel.queue_delete(q.as_str().into(), Default::default()).await;
     }
     for e in [names.retry_exchange.clone(), names.dead_exchange.clone(), topology::shard_exchange(&settings.bus)]
@@ -623,4 +703,98 @@ async fn run<B: Billing + 'static>(
     {
         let _ = channel.exchange_delete(e.as_str().into(), Default::default()).await;
     }
+}
+
+/// A bare lapin consumer, as fast as the broker allows: the same backlog of ignored messages
+/// on a quorum queue declared as the service declares its own, consumed with the service's
+/// prefetch and acknowledged every 64th message with `multiple`, nothing decoded. Returns
+/// messages/s, from connecting to the last acknowledgement.
+async fn bare(args: &Args, prefix: &str) -> f64 {
+    use futures_lite::StreamExt;
+    const BATCH: usize = 64;
+    let settings = settings_for(args, prefix);
+    let connection = bus::connect(&settings.bus, "loadgen-bare").await.expect("RabbitMQ at 127.0.0.1:5672");
+    let channel = connection.create_channel().await.unwrap();
+    let names = topology::declare(&channel, &settings.bus).await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    let mut generator = Generator::new(Mix::Ignored, prefix, args.projects, args.instances);
+    // Straight into the queue (the default exchange), as the upstream exchange would route it.
+    (generator.exchange, generator.routing_key) = (String::new(), names.queue.clone());
+    let count = args.messages;
+    publish(&channel, &generator, 0..count, 0).await;
+    drop(connection);
+
+    let started = Instant::now();
+    let connection = bus::connect(&settings.bus, "loadgen-bare").await.expect("RabbitMQ at 127.0.0.1:5672");
+    let consuming = connection.create_channel().await.unwrap();
+    consuming.basic_qos(settings.bus.prefetch, Default::default()).await.unwrap();
+    let mut consumer = consuming
+        .basic_consume(names.queue.as_str().into(), "loadgen-bare".into(), Default::default(), Default::default())
+        .await
+        .unwrap();
+    let mut taken = 0;
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery.expect("a delivery");
+        taken += 1;
+        if taken % BATCH == 0 || taken == count {
+            delivery.acker.ack(lapin::options::BasicAckOptions { multiple: true }).await.expect("the ack is sent");
+        }
+        if taken == count {
+            break;
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    let elapsed = started.elapsed();
+    let rate = count as f64 / elapsed.as_secs_f64();
+    println!("bare lapin consumer, acks of 64 with multiple: {count} messages");
+    println!("  consumed, acks          {rate:>10.0} msg/s  ({:.2} s)", elapsed.as_secs_f64());
+    let cleanup = bus::connect(&settings.bus, "loadgen-bare").await.expect("RabbitMQ").create_channel().await.unwrap();
+    remove_topology(&cleanup, &settings).await;
+    rate
+}
+
+/// The side-by-side run: the bare consumer, the service on the ignored and usage backlogs, and
+/// the usage mix at a steady rate; then the ratios, as a table and one JSON line.
+async fn side_by_side(args: &Args) {
+    let pid = std::process::id();
+    let bare_rate = bare(args, &format!("loadgen-{pid}-bare-")).await;
+    let with = |mix: Mix, rate: u32, messages: usize| Args {
+        mix,
+        rate,
+        messages,
+        backend: BackendKind::Ledger,
+        shards: 0,
+        metrics: MetricsMode::Off,
+        ..args.clone()
+    };
+    let ignored = measure(&with(Mix::Ignored, 0, args.messages), &format!("loadgen-{pid}-ignored-"), None).await;
+    let usage = measure(&with(Mix::Usage, 0, args.messages), &format!("loadgen-{pid}-usage-"), None).await;
+    let rate = if args.rate == 0 { 1_000 } else { args.rate };
+    let steady_count = args.messages.min(20 * rate as usize);
+    let steady = measure(&with(Mix::Usage, rate, steady_count), &format!("loadgen-{pid}-steady-"), None).await;
+    let ratio = |r: f64| (r / bare_rate * 100.0).round() / 100.0;
+    println!();
+    println!("side by side, {} messages, prefetch {}:", args.messages, args.prefetch.unwrap_or(256));
+    println!("| run | msg/s | × bare | target |");
+    println!("| --- | --- | --- | --- |");
+    println!("| bare lapin consumer, acks of 64 | {bare_rate:.0} | 1.00 | |");
+    println!("| service, ignored | {:.0} | {:.2} | ≥ 0.9 |", ignored.consume_per_s, ratio(ignored.consume_per_s));
+    println!(
+        "| service, usage into the ledger | {:.0} | {:.2} | ≥ 0.5 |",
+        usage.consume_per_s,
+        ratio(usage.consume_per_s)
+    );
+    let [p50, p95, p99, max] = steady.lag_ms;
+    println!(
+        "steady {rate}/s, usage into the ledger, {steady_count} messages: bus-to-effect p50 {p50:.1} ms, p95 {p95:.1} ms, \
+         p99 {p99:.1} ms (target < 10 ms), max {max:.1} ms"
+    );
+    println!(
+        "{}",
+        serde_json::json!({"side_by_side": true, "messages": args.messages, "bare_per_s": bare_rate.round(),
+            "ignored_per_s": ignored.consume_per_s.round(), "ignored_ratio": ratio(ignored.consume_per_s),
+            "usage_per_s": usage.consume_per_s.round(), "usage_ratio": ratio(usage.consume_per_s),
+            "steady_rate": rate, "steady_messages": steady_count,
+            "lag_ms_p50": p50, "lag_ms_p95": p95, "lag_ms_p99": p99, "lag_ms_max": max})
+    );
 }

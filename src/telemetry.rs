@@ -19,6 +19,9 @@ pub const DEAD_LETTERED: &str = "concertim_billing_dead_lettered_total";
 pub const LAG: &str = "concertim_billing_bus_to_effect_seconds";
 /// Messages taken from the broker and not yet settled.
 pub const IN_FLIGHT: &str = "concertim_billing_in_flight";
+/// Deliveries settled (their effect done) whose acknowledgement is not yet sent: it goes out
+/// with the next batch (see `bus.ack_batch`).
+pub const ACKS_PENDING: &str = "concertim_billing_acks_pending";
 /// Concertim updates by kind (`device_status`, `refresh_team`, `device_cost`, `rack_cost`, …)
 /// and result (`changed`, `unchanged`, `not_found`, `stale`, `scheduled`, `failed`).
 pub const CONCERTIM_UPDATES: &str = "concertim_billing_concertim_updates_total";

@@ -5,6 +5,8 @@
 //! reason, the class, the attempt count, the first and last failure times, and the original
 //! exchange and routing key (so an operator can send it back where it came from). The original
 //! is acknowledged only after the broker confirmed the republish: nothing is lost in between.
+//! A consumer's acknowledgements go out in batches (see [`super::batch`]); the intake and `dlq`
+//! acknowledge one by one ([`ack`]).
 //! Failures are never nacked with requeue, so nothing loops.
 
 use lapin::{
@@ -15,7 +17,7 @@ use lapin::{
 };
 use time::OffsetDateTime;
 
-use super::{BusError, Names};
+use super::{batch::AckSender, BusError, Names};
 use crate::{class::ErrorClass, event::Timestamp};
 
 /// Header: why the message failed.
@@ -72,12 +74,15 @@ pub struct Settler {
     max_attempts: u32,
     /// Where follow-ups go (the Concertim queue), when there is such a queue.
     follow_ups: Option<String>,
+    /// Where settled deliveries are acknowledged, in batches.
+    acks: AckSender,
 }
 
 impl Settler {
-    /// A settler publishing on `channel`, which must be in confirm mode.
-    pub fn new(channel: Channel, names: Names, max_attempts: u32) -> Self {
-        Self { channel, names, max_attempts, follow_ups: None }
+    /// A settler publishing on `channel`, which must be in confirm mode, and acknowledging
+    /// through `acks` (the acknowledger of the deliveries' channel).
+    pub fn new(channel: Channel, names: Names, max_attempts: u32, acks: AckSender) -> Self {
+        Self { channel, names, max_attempts, follow_ups: None, acks }
     }
 
     /// The same settler, publishing follow-ups to `queue`.
@@ -117,11 +122,12 @@ impl Settler {
         self.publish("", queue, &follow_up.body, properties).await
     }
 
-    /// Carries out `verdict` for `delivery`, consuming it so it cannot be settled twice.
+    /// Carries out `verdict` for `delivery`, consuming it so it cannot be settled twice, and
+    /// hands it to the acknowledger (its ack goes out with the next batch).
     ///
     /// # Errors
-    /// When the republish is not confirmed or the ack fails; the message then stays
-    /// unacknowledged and the broker redelivers it after a reconnect.
+    /// When the republish is not confirmed; the message then stays unacknowledged and the
+    /// broker redelivers it after a reconnect.
     pub async fn settle(&self, delivery: Delivery, verdict: Verdict) -> Result<Settled, BusError> {
         let settled = match verdict {
             Verdict::Ack => Settled::Acked,
@@ -144,7 +150,7 @@ impl Settler {
                 Settled::DeadLettered(attempt)
             }
         };
-        ack(delivery).await?;
+        self.acks.settled(delivery);
         Ok(settled)
     }
 

@@ -31,6 +31,7 @@ use tracing::{info, warn, Instrument as _};
 
 use super::{
     ack::{self, Settled, Settler, Verdict},
+    batch::Acknowledger,
     broker_error, connect, intake, topology, BusError, Names,
 };
 use crate::{
@@ -323,9 +324,11 @@ async fn session<H: Handler>(
         health.set_consuming(true);
     }
 
-    let settler = Settler::new(publisher, consumer.names.clone(), consumer.max_attempts)
-        .with_follow_ups(consumer.follow_ups.clone());
     let trouble = CancellationToken::new();
+    let batch = bus.ack_batch.min(usize::from(consumer.prefetch));
+    let (acknowledger, acks) = Acknowledger::start(batch, bus.ack_delay(), trouble.clone());
+    let settler = Settler::new(publisher, consumer.names.clone(), consumer.max_attempts, acks)
+        .with_follow_ups(consumer.follow_ups.clone());
     let mut lanes = JoinSet::new();
     let mut senders = Vec::with_capacity(consumer.lanes);
     for _ in 0..consumer.lanes {
@@ -374,11 +377,16 @@ async fn session<H: Handler>(
     };
 
     drop(senders);
+    // The lanes hold the settler's clones; the acknowledger ends once they are all gone.
+    drop(settler);
     match end {
         End::Shutdown => {
-            let drained =
-                tokio::time::timeout(bus.shutdown_deadline(), async { while lanes.join_next().await.is_some() {} })
-                    .await;
+            let drained = tokio::time::timeout(bus.shutdown_deadline(), async {
+                while lanes.join_next().await.is_some() {}
+                // What the lanes settled is acknowledged before the connection closes.
+                acknowledger.finish().await;
+            })
+            .await;
             if drained.is_err() {
                 warn!("in-flight messages did not finish within the shutdown deadline; the broker will redeliver them");
             }

@@ -5,6 +5,7 @@
 //! outcomes as values; only [`ack`] decides what happens to a message on the broker.
 
 pub mod ack;
+pub mod batch;
 pub mod consumer;
 pub mod dead;
 mod intake;

@@ -57,6 +57,13 @@ pub struct BusSettings {
     /// Parallel lanes. One project's messages always take the same lane, so they are handled in
     /// order; different projects are handled concurrently.
     pub lanes: usize,
+    /// Settled deliveries acknowledged together, with one `multiple` ack of the prefix that is
+    /// settled (never a delivery still in flight). 1 acknowledges each message on its own; a
+    /// batch over `prefetch` is `prefetch` (the broker hands over no more at once).
+    pub ack_batch: usize,
+    /// The longest a settled delivery waits for its acknowledgement (ms), when fewer than
+    /// `ack_batch` are waiting. A crash in between only redelivers it (billing is idempotent).
+    pub ack_delay_ms: u64,
     /// Quorum-queue `x-delivery-limit`: after this many redeliveries (crash loops) the broker
     /// dead-letters a message by itself. RabbitMQ 3.10 has no default, so it is always set.
     pub delivery_limit: u32,
@@ -108,6 +115,8 @@ impl Default for BusSettings {
             upstream_durable: false,
             prefetch: 256,
             lanes: 32,
+            ack_batch: 64,
+            ack_delay_ms: 5,
             delivery_limit: 20,
             retry_delay_ms: 30_000,
             max_attempts: 5,
@@ -185,6 +194,15 @@ impl BusSettings {
         if bus.lanes == 0 || bus.lanes > 1024 {
             return Err(format!("bus.lanes is {}: it must be between 1 and 1024", bus.lanes));
         }
+        if bus.ack_batch == 0 {
+            return Err("bus.ack_batch must be at least 1 (1 acknowledges each message on its own)".into());
+        }
+        if bus.ack_delay_ms == 0 || bus.ack_delay_ms > 1_000 {
+            return Err(format!(
+                "bus.ack_delay_ms is {}: it must be between 1 and 1000 (a settled message waits that long for its ack)",
+                bus.ack_delay_ms
+            ));
+        }
         if bus.prefetch == 0 {
             return Err("bus.prefetch must be at least 1 (0 would mean unlimited)".into());
         }
@@ -222,6 +240,11 @@ impl BusSettings {
     /// The shutdown deadline.
     pub fn shutdown_deadline(&self) -> Duration {
         Duration::from_millis(self.shutdown_deadline_ms)
+    }
+
+    /// `ack_delay_ms` as a duration.
+    pub fn ack_delay(&self) -> Duration {
+        Duration::from_millis(self.ack_delay_ms)
     }
 }
 

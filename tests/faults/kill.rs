@@ -26,8 +26,9 @@ use crate::{
 /// `concertim-billing run` billing to `fake`, its state in the SQLite file `state`, settling
 /// every second on the clock of the generated traffic and taking over a dead process's claims
 /// after a second, configured through the environment as an operator would, its stderr kept in
-/// `log`.
-fn service(bus: &TestBus, fake: &FakeKillBill, state: &Path, log: &Path) -> Child {
+/// `log`. Its acknowledgements wait for a batch of 256 or a second, so that a kill finds many
+/// pending; `/metrics` is served on `metrics_port`.
+fn service(bus: &TestBus, fake: &FakeKillBill, state: &Path, log: &Path, metrics_port: u16) -> Child {
     let kb = fake.settings();
     let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let mut command = cli_command(bus);
@@ -36,10 +37,26 @@ fn service(bus: &TestBus, fake: &FakeKillBill, state: &Path, log: &Path) -> Chil
         .env("CONCERTIM_BILLING_BILLING__TIME__GRACE_S", grace_s().to_string())
         .env("CONCERTIM_BILLING_STATE__PATH", state)
         .env("CONCERTIM_BILLING_STATE__CLAIM_LEASE_S", "1")
+        .env("CONCERTIM_BILLING_BUS__ACK_BATCH", "256")
+        .env("CONCERTIM_BILLING_BUS__ACK_DELAY_MS", "1000")
+        .env("CONCERTIM_BILLING_HTTP__LISTEN", format!("127.0.0.1:{metrics_port}"))
         .stdout(std::process::Stdio::null())
         .stderr(stderr)
         .spawn()
         .expect("the binary starts")
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The service's `concertim_billing_acks_pending` gauge: messages billed whose acknowledgement
+/// has not been sent yet.
+async fn acks_pending(port: u16) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+    let line = text.lines().find(|l| l.starts_with("concertim_billing_acks_pending "))?;
+    line.rsplit(' ').next()?.parse::<f64>().ok().map(|v| v as u64)
 }
 
 /// Kills `child` with SIGKILL and checks that it died of it.
@@ -80,8 +97,18 @@ async fn the_binary_sigkilled_five_times_and_restarted_bills_every_message_exact
     let rows = expected.rows();
     let mut points: Vec<usize> = (0..kills).map(|_| 1 + rng.below(rows as u64 * 9 / 10) as usize).collect();
     points.sort_unstable();
-    let child = service(&bus, &fake, &state, &log);
+    let port = free_port();
+    let mut child = service(&bus, &fake, &state, &log, port);
     let store = state_store(&bus, &state).await;
+    // The first kill while billed messages wait for their acknowledgement: the broker delivers
+    // them again to the next process, which must not bill them twice.
+    let pending = eventually("acknowledgements pending", Duration::from_secs(60), || async {
+        acks_pending(port).await.filter(|n| *n > 0)
+    })
+    .await;
+    kill(&mut child);
+    eprintln!("sigkill: killed with {pending} billed messages' acknowledgements pending");
+    let child = service(&bus, &fake, &state, &log, free_port());
     let killing = async {
         let (mut child, mut killed_at, mut last_restart) = (child, Vec::new(), Instant::now());
         for point in points {
@@ -91,7 +118,7 @@ async fn the_binary_sigkilled_five_times_and_restarted_bills_every_message_exact
             .await;
             kill(&mut child);
             killed_at.push(fake.usage_rows());
-            child = service(&bus, &fake, &state, &log);
+            child = service(&bus, &fake, &state, &log, free_port());
             last_restart = Instant::now();
         }
         (child, killed_at, last_restart)
@@ -113,7 +140,10 @@ async fn the_binary_sigkilled_five_times_and_restarted_bills_every_message_exact
     Row {
         scenario: "binary SIGKILLed and restarted",
         messages: messages.len() + later.len(),
-        faults: format!("{kills} SIGKILLs at random points (usage rows {killed_at:?})"),
+        faults: format!(
+            "a SIGKILL with {pending} acknowledgements pending, then {kills} at random points (usage rows \
+             {killed_at:?})"
+        ),
         lost,
         duplicated,
         dead_lettered: 0,
@@ -145,7 +175,7 @@ async fn the_binary_sigkilled_in_the_middle_of_settlement_and_restarted_posts_ev
     let rows = expected.rows();
     let mut points: Vec<usize> = (0..kills).map(|_| rows / 10 + rng.below(rows as u64 * 8 / 10) as usize).collect();
     points.sort_unstable();
-    let mut child = service(&bus, &fake, &state, &log);
+    let mut child = service(&bus, &fake, &state, &log, free_port());
     let store = state_store(&bus, &state).await;
     let mut killed = Vec::new();
     let mut last_restart = Instant::now();
@@ -163,7 +193,7 @@ async fn the_binary_sigkilled_in_the_middle_of_settlement_and_restarted_posts_ev
         let claimed = store.counts().await.unwrap().claimed;
         assert!(at < rows, "killed in the middle of the settlement: {at} of {rows} rows posted");
         killed.push((at, claimed));
-        child = service(&bus, &fake, &state, &log);
+        child = service(&bus, &fake, &state, &log, free_port());
         last_restart = Instant::now();
     }
     eprintln!("settlement kill: killed at (rows posted of {rows}, claims left) {killed:?}");
