@@ -15,6 +15,7 @@ use crate::{
     plan::{plan, Action, PlanError},
     settle::Settler,
     store::{Store, StoreError},
+    timeline::{Fact, Size, Source},
 };
 
 /// A message as the bus (or a fixture) delivers it.
@@ -139,6 +140,8 @@ pub struct Executor<B> {
     progress: Progress,
     /// Projects known to be admitted (`projects.managed_by`, `include_names`).
     admitted: std::sync::Mutex<std::collections::HashSet<ProjectId>>,
+    /// The launches this process has committed (see [`Launches`]).
+    launches: Launches,
 }
 
 /// The latest notification time handled, and when (wall clock) a message was last handled.
@@ -159,6 +162,7 @@ impl<B: Billing> Executor<B> {
             store: tokio::sync::OnceCell::new(),
             progress: Progress::default(),
             admitted: std::sync::Mutex::default(),
+            launches: Launches::default(),
         }
     }
 
@@ -402,9 +406,14 @@ impl<B: Billing> Executor<B> {
                         });
                     }
                 }
-                let facts: Vec<(String, i64)> = facts.iter().map(|f| (f.key(), f.effective())).collect();
+                let news: Vec<&Fact> = facts.iter().filter(|f| !self.launches.superseded(instance, f)).collect();
+                if news.is_empty() {
+                    return Ok(Applied::AlreadyDone);
+                }
+                let keyed: Vec<(String, i64)> = news.iter().map(|f| (f.key(), f.effective())).collect();
                 let project = project.as_ref().map_or("", ProjectId::as_str);
-                let new = store.add_facts(instance.as_str(), kind.as_str(), project, &facts).await?;
+                let new = store.add_facts(instance.as_str(), kind.as_str(), project, &keyed).await?;
+                self.launches.committed(instance, &news);
                 Ok(if new > 0 { Applied::Done } else { Applied::AlreadyDone })
             }
             Action::EndProject { project, at } => {
@@ -421,6 +430,49 @@ impl<B: Billing> Executor<B> {
                 Ok(Applied::Done)
             }
             other => crate::billing::apply(&*self.billing, other, ctx).await,
+        }
+    }
+}
+
+/// The best report of each launch this process has committed, by instance and `launched_at`:
+/// what [`crate::timeline::Timeline::of`] keeps of a launch's reports (Nova before samples, then the earliest
+/// message, then the smallest flavor). A later report that does not beat it changes no
+/// timeline, so it is not written: every Ceilometer sample of a running instance repeats its
+/// launch, seen later, and would otherwise cost the store a transaction per message.
+#[derive(Debug, Default)]
+struct Launches(std::sync::Mutex<std::collections::HashMap<(InstanceId, i64), Report>>);
+
+/// A launch report as [`crate::timeline::Timeline::of`] ranks it: source, then when it was
+/// seen, then the flavor.
+type Report = (Source, i64, Size);
+
+/// Launches remembered, at most; the map starts over when full.
+const LAUNCHES_MAX: usize = 1 << 17;
+
+impl Launches {
+    /// Whether `fact` is a launch report that a committed one beats or equals.
+    fn superseded(&self, instance: &InstanceId, fact: &Fact) -> bool {
+        let Fact::Launch { at, source, seen, size } = fact else { return false };
+        let best = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        best.get(&(instance.clone(), *at)).is_some_and(|(s, t, z)| (*s, *t, z) <= (*source, *seen, size))
+    }
+
+    /// Remembers the launch reports of `facts`, now committed.
+    fn committed(&self, instance: &InstanceId, facts: &[&Fact]) {
+        let mut best = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for fact in facts {
+            let Fact::Launch { at, source, seen, size } = fact else { continue };
+            if best.len() >= LAUNCHES_MAX {
+                best.clear();
+            }
+            let candidate = (*source, *seen, size.clone());
+            best.entry((instance.clone(), *at))
+                .and_modify(|b| {
+                    if candidate < *b {
+                        *b = candidate.clone();
+                    }
+                })
+                .or_insert(candidate);
         }
     }
 }
@@ -536,6 +588,30 @@ mod tests {
         assert!(reason.contains("instance i-1 belongs to p1, not to project p2"), "{reason}");
         let after = store.resource("i-1").await.unwrap().unwrap();
         assert_eq!((after.project, after.facts, after.version), (before.project, before.facts, before.version));
+    }
+
+    #[tokio::test]
+    async fn a_launch_reported_again_later_is_not_written_again_and_an_earlier_report_is() {
+        let e = executor();
+        let seen_at = |message: &str, minute: u32| {
+            gauge(message, "p1", "2025-01-01T00:00:00").replace("00:10:00", &format!("00:{minute:02}:00"))
+        };
+        let launches = || async {
+            let resource = e.store().await.unwrap().resource("i-1").await.unwrap().unwrap();
+            (resource.facts.iter().filter(|f| f.contains("launch")).count(), resource.version)
+        };
+        assert!(matches!(handle(&e, &seen_at("m1", 10)).await, Outcome::Processed { .. }));
+        let first = launches().await;
+        // Every later sample of the running instance repeats its launch: nothing to write.
+        for (message, minute) in [("m2", 20), ("m3", 30), ("m4", 10)] {
+            let Outcome::Processed { effects, .. } = handle(&e, &seen_at(message, minute)).await else { panic!() };
+            assert_eq!(effects.done, 0, "{message}");
+        }
+        assert_eq!(launches().await, first);
+        // An earlier report can change the flavor the launch is billed at: it is written.
+        let Outcome::Processed { effects, .. } = handle(&e, &seen_at("m5", 5)).await else { panic!() };
+        assert!(effects.done >= 1);
+        assert_eq!(launches().await.0, 2);
     }
 
     #[tokio::test]

@@ -34,7 +34,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("keystone", &["class", "config", "event", "outbound", "telemetry"]),
     ("concertim", &["billing", "class", "config", "event", "outbound", "retry", "telemetry"]),
     ("settle", &["billing", "class", "config", "event", "plan", "store", "timeline"]),
-    ("executor", &["billing", "class", "concertim", "config", "event", "notification", "plan", "settle", "store"]),
+    (
+        "executor",
+        &["billing", "class", "concertim", "config", "event", "notification", "plan", "settle", "store", "timeline"],
+    ),
     // The transport, and what runs on top of it.
     ("bus", &["class", "config", "event", "fixture", "retry", "telemetry"]),
     (

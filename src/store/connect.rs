@@ -20,6 +20,9 @@ pub struct Store {
     /// Facts this process has seen committed (hashes of resource and fact): adding one again
     /// needs no query. Facts are never deleted, so the set can only be stale by missing some.
     pub(crate) known: std::sync::Mutex<std::collections::HashSet<u128>>,
+    /// Resources' owning projects as read: an owner, once recorded, never changes, so each
+    /// resource's is read once.
+    pub(crate) owners: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 // By hand: only the description, which is known to hold no password.
@@ -141,7 +144,13 @@ impl Store {
             sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await.map_err(opening("setting WAL mode"))?;
         }
         schema::migrate(&pool, location.is_sqlite(), &what).await?;
-        Ok(Store { pool, sqlite: location.is_sqlite(), what, known: std::sync::Mutex::default() })
+        Ok(Store {
+            pool,
+            sqlite: location.is_sqlite(),
+            what,
+            known: std::sync::Mutex::default(),
+            owners: std::sync::Mutex::default(),
+        })
     }
 
     /// Begins a write transaction. On SQLite it takes the write lock at once (`BEGIN

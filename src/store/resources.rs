@@ -44,6 +44,9 @@ fn digest(fact: &str) -> String {
 /// Facts remembered as committed, at most: about 40 MiB; the set starts over when full.
 const KNOWN_MAX: usize = 1 << 20;
 
+/// Owners remembered, at most (about 20 MiB); the map starts over when full.
+const OWNERS_MAX: usize = 1 << 17;
+
 /// The key of a (resource, fact) pair in [`Store::known`]: 128 bits of SHA-256 (a collision,
 /// which would skip a new fact, is as likely as guessing a random 128-bit key).
 fn known_key(resource: &str, fact: &str) -> u128 {
@@ -187,12 +190,26 @@ impl Store {
     /// [`StoreError::Query`] when the database cannot be read; [`StoreError::Corrupt`] when the
     /// row does not read back.
     pub async fn owner(&self, resource: &str) -> Result<Option<String>, StoreError> {
+        if let Some(owner) = self.owners.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(resource) {
+            return Ok(Some(owner.clone()));
+        }
         let row = sqlx::query("SELECT project FROM resources WHERE id = $1")
             .bind(resource)
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| self.failed(format_args!("reading the project of resource {resource}"), e))?;
-        row.map(|row| self.column(&row, "project", || format!("resource {resource}"))).transpose()
+        let owner: Option<String> =
+            row.map(|row| self.column(&row, "project", || format!("resource {resource}"))).transpose()?;
+        // Only a recorded project is final: an empty one is filled in by the first message that
+        // names it.
+        if let Some(owner) = owner.as_ref().filter(|o| !o.is_empty()) {
+            let mut owners = self.owners.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if owners.len() >= OWNERS_MAX {
+                owners.clear();
+            }
+            owners.insert(resource.to_owned(), owner.clone());
+        }
+        Ok(owner)
     }
 
     /// Everything settlement needs about `resource`, or `None` when it is unknown.
