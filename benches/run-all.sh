@@ -5,7 +5,8 @@
 #
 #   benches/run-all.sh            # everything (about 10 minutes)
 #   REPEAT=1 benches/run-all.sh   # one run each
-#   SECTIONS="broker sweep" benches/run-all.sh   # some of: offline broker sweep
+#   SECTIONS="broker sweep" benches/run-all.sh   # some of: offline side broker sweep
+#   SECTIONS=side benches/run-all.sh   # the service against a bare consumer, in one run
 #   KILLBILL_URL=http://127.0.0.1:18080 benches/run-all.sh   # also against a real KillBill
 #   SECTIONS="flood memory" benches/run-all.sh   # a /metrics flood; memory over two 5-minute runs
 #
@@ -15,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEAT="${REPEAT:-3}"
-SECTIONS="${SECTIONS:-offline broker sweep}"
+SECTIONS="${SECTIONS:-offline side broker sweep}"
 out=target/perf
 mkdir -p "$out"
 : >"$out/loadgen.jsonl"
@@ -56,6 +57,12 @@ best() {
   done
   printf '%-34s %s = %s (best of %s)\n  %s\n' "$name" "$key" "$best_value" "$REPEAT" "$best_line"
 }
+
+if [[ $SECTIONS == *side* ]]; then
+echo "== side by side: a bare lapin consumer acking every 64th, the service's ignored and usage backlogs, a steady 1,000/s (one run)"
+line=$("$loadgen" --side-by-side --messages 100000 2>/dev/null | tee /dev/stderr | tail -n 1)
+echo "{\"run\":\"side by side\",\"result\":$line}" >>"$out/loadgen.jsonl"
+fi
 
 if [[ $SECTIONS == *broker* ]]; then
 echo "== through RabbitMQ (loadgen $loadgen; service defaults unless given)"
