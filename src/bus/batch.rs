@@ -33,10 +33,7 @@ impl AckSender {
     /// the session's acknowledger has stopped (the channel is gone) this does nothing: the
     /// broker then delivers the message again.
     pub fn settled(&self, delivery: Delivery) {
-        metrics::gauge!(telemetry::ACKS_PENDING).increment(1.0);
-        if self.settled.send((delivery.delivery_tag, delivery.acker)).is_err() {
-            metrics::gauge!(telemetry::ACKS_PENDING).decrement(1.0);
-        }
+        let _ = self.settled.send((delivery.delivery_tag, delivery.acker));
     }
 }
 
@@ -72,7 +69,9 @@ async fn acknowledge(
 ) {
     let mut pending = Pending::default();
     let mut deadline: Option<Instant> = None;
+    let gauge = metrics::gauge!(telemetry::ACKS_PENDING);
     loop {
+        gauge.set(pending.waiting() as f64);
         let next = match deadline {
             Some(at) => tokio::select! {
                 next = settled.recv() => next,
@@ -89,12 +88,14 @@ async fn acknowledge(
         let Some((tag, acker)) = next else {
             // Every lane is done: flush all, then stop.
             send(pending.take(true), &trouble).await;
+            gauge.set(0.0);
             return;
         };
         pending.settled(tag, acker);
         while let Ok((tag, acker)) = settled.try_recv() {
             pending.settled(tag, acker);
         }
+        gauge.set(pending.waiting() as f64);
         if pending.waiting() >= batch && !send(pending.take(false), &trouble).await {
             return;
         }
@@ -110,10 +111,8 @@ async fn acknowledge(
 /// ack of a tag it covers). Returns whether all were sent; otherwise the channel is gone and
 /// `trouble` is cancelled.
 async fn send(acks: Vec<(Acker, bool, usize)>, trouble: &CancellationToken) -> bool {
-    for (acker, multiple, covered) in acks {
-        let sent = acker.ack(BasicAckOptions { multiple }).await;
-        metrics::gauge!(telemetry::ACKS_PENDING).decrement(covered as f64);
-        match sent {
+    for (acker, multiple, _) in acks {
+        match acker.ack(BasicAckOptions { multiple }).await {
             Ok(true) => {}
             Ok(false) => {
                 warn!("cannot acknowledge: the channel is closed; reconnecting");
