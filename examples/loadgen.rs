@@ -434,6 +434,7 @@ async fn measure(
                 api_secret: concertim_billing::config::Secret::new(format!("{tenant}-secret")),
                 created_by: "loadgen".into(),
                 currency: "USD".into(),
+                ca_file: None,
                 timeout_ms: 60_000,
                 connect_timeout_ms: 3_000,
                 // One idle connection per lane, so every lane keeps its connection alive.

@@ -201,26 +201,12 @@ impl Keystone {
         let origin = Url::parse(&base).map_err(|e| KeystoneError::Setup {
             detail: format!("keystone.url {:?} is not a URL: {e}", settings.url),
         })?;
-        let mut builder = crate::outbound::client(
+        let builder = crate::outbound::client(
             Duration::from_millis(settings.timeout_ms),
             Duration::from_millis(settings.connect_timeout_ms),
         );
-        if let Some(ca_file) = &settings.ca_file {
-            let pem = std::fs::read(ca_file).map_err(|e| KeystoneError::Setup {
-                detail: format!("keystone.ca_file: cannot read {ca_file}: {e}"),
-            })?;
-            let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| KeystoneError::Setup {
-                detail: format!("keystone.ca_file: {ca_file} is not a PEM bundle: {e}"),
-            })?;
-            if roots.is_empty() {
-                return Err(KeystoneError::Setup {
-                    detail: format!("keystone.ca_file: {ca_file} holds no certificate"),
-                });
-            }
-            // The bundle replaces the system roots: a private cloud's CA is trusted for
-            // Keystone alone, and nothing else signs for it.
-            builder = roots.into_iter().fold(builder.tls_built_in_root_certs(false), |b, c| b.add_root_certificate(c));
-        }
+        let mut builder = crate::outbound::trusting(builder, "keystone.ca_file", settings.ca_file.as_deref())
+            .map_err(|detail| KeystoneError::Setup { detail })?;
         if !settings.tls_verify {
             // Loud on purpose: the password and the tokens go to whoever answers.
             tracing::warn!(url = %settings.url, "keystone.tls_verify = false: Keystone's certificate is not verified");
@@ -635,17 +621,10 @@ fn read<T: DeserializeOwned>(what: &str, body: &str) -> Result<T, KeystoneError>
 
 /// A connection error; an untrusted certificate is its own, permanent, error.
 fn http_error(what: &str, source: reqwest::Error) -> KeystoneError {
-    // rustls's verdict reaches here only as text: hyper wraps it in an `io::Error`, whose
-    // `source()` skips the rustls error itself.
-    let mut cause: Option<&dyn std::error::Error> = Some(&source);
-    while let Some(error) = cause {
-        let text = error.to_string();
-        if text.contains("invalid peer certificate") {
-            return KeystoneError::Untrusted { what: what.to_owned(), reason: text, source };
-        }
-        cause = error.source();
+    match crate::outbound::untrusted(&source) {
+        Some(reason) => KeystoneError::Untrusted { what: what.to_owned(), reason, source },
+        None => KeystoneError::Http { what: what.to_owned(), source },
     }
-    KeystoneError::Http { what: what.to_owned(), source }
 }
 
 /// An answer's body, read up to the shared limit.

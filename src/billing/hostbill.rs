@@ -223,8 +223,8 @@ impl HostBill {
     /// A client for the configured server.
     ///
     /// # Errors
-    /// When a required setting is missing (checked at config load) or the HTTP client cannot
-    /// be built.
+    /// When a required setting is missing or `hostbill.ca_file` cannot be read (both checked at
+    /// config load), or the HTTP client cannot be built.
     pub fn new(settings: HostBillSettings) -> Result<Self, BillingError> {
         let url = settings.url.clone().ok_or_else(|| BillingError::Protocol {
             what: "configure HostBill".into(),
@@ -233,9 +233,11 @@ impl HostBill {
         let http = crate::outbound::client(
             Duration::from_millis(settings.timeout_ms),
             Duration::from_millis(settings.connect_timeout_ms),
-        )
-        .build()
-        .map_err(|source| BillingError::Http { what: "building the HTTP client".into(), source })?;
+        );
+        let http = crate::outbound::trusting(http, "hostbill.ca_file", settings.ca_file.as_deref())
+            .map_err(|detail| BillingError::Protocol { what: "configure HostBill".into(), detail })?
+            .build()
+            .map_err(|source| BillingError::Http { what: "building the HTTP client".into(), source })?;
         Ok(Self {
             http,
             endpoint: format!("{}/admin/api.php", url.trim_end_matches('/')),
@@ -263,7 +265,7 @@ impl HostBill {
             .form(&form)
             .send()
             .await
-            .map_err(|source| BillingError::Http { what: what.clone(), source })?;
+            .map_err(|source| BillingError::unanswered(&what, "HostBill", "hostbill.ca_file", source))?;
         let status = response.status();
         if let Some(location) = crate::outbound::redirect_target(&response) {
             return Err(BillingError::Redirected { what, status: status.as_u16(), location });

@@ -95,6 +95,22 @@ pub enum BillingError {
         #[source]
         source: reqwest::Error,
     },
+    /// The billing server's TLS certificate is not signed by a trusted CA (or names another
+    /// host).
+    #[error("{what}: {server}'s TLS certificate was not trusted ({reason}); set {key} to the PEM bundle of the CA that signed it")]
+    Untrusted {
+        /// The operation.
+        what: String,
+        /// The server: `KillBill`, `HostBill`.
+        server: &'static str,
+        /// The setting that trusts its CA: `killbill.ca_file`.
+        key: &'static str,
+        /// The TLS verifier's verdict (`invalid peer certificate: UnknownIssuer`).
+        reason: String,
+        /// The HTTP client's error.
+        #[source]
+        source: reqwest::Error,
+    },
     /// The billing server refused; its answer is kept for the dead-letter reason.
     #[error("{what}: HTTP {status}: {body}")]
     Status {
@@ -165,6 +181,15 @@ impl BillingError {
         BillingError::Unexpected { what: what.to_owned(), status, excerpt: format!("{why}: {excerpt}") }
     }
 
+    /// The error of a request that got no answer from `server`: its certificate not trusted
+    /// (naming `key`, its `ca_file` setting), or any other connection failure.
+    pub(crate) fn unanswered(what: &str, server: &'static str, key: &'static str, source: reqwest::Error) -> Self {
+        match crate::outbound::untrusted(&source) {
+            Some(reason) => BillingError::Untrusted { what: what.to_owned(), server, key, reason, source },
+            None => BillingError::Http { what: what.to_owned(), source },
+        }
+    }
+
     /// The error of a body that could not be read.
     pub fn from_body(what: &str, status: u16, error: crate::outbound::BodyError) -> Self {
         match error {
@@ -188,6 +213,8 @@ impl BillingError {
             | BillingError::Protocol { .. }
             | BillingError::Redirected { .. }
             | BillingError::Refused { .. } => ErrorClass::Permanent,
+            // Like a redirect, a setting to fix (`ca_file`): no retry makes the handshake pass.
+            BillingError::Untrusted { .. } => ErrorClass::Permanent,
             // A proxy's page or a maintenance answer passes; the message is tried again.
             BillingError::Unexpected { .. } => ErrorClass::Transient,
             // Connection refused, reset, timed out: the server may be back soon.

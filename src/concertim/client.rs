@@ -6,7 +6,8 @@
 //! passes or a call answers 401; then one re-login (shared by every caller that saw the same
 //! token fail) and the call is made again, and that second answer is the one used.
 //! Connection errors, timeouts, 408, 429 and 5xx are transient; other refusals are permanent,
-//! with 422 "can't be blank" named as a missing field.
+//! with 422 "can't be blank" named as a missing field, and so is a certificate not trusted
+//! (naming `concertim.ca_file`).
 
 use std::time::Duration;
 
@@ -26,6 +27,17 @@ pub enum ConcertimError {
     Http {
         /// The operation.
         what: String,
+        /// The HTTP client's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// Concertim's TLS certificate is not signed by a trusted CA (or names another host).
+    #[error("{what}: Concertim's TLS certificate was not trusted ({reason}); set concertim.ca_file to the PEM bundle of the CA that signed it")]
+    Untrusted {
+        /// The operation.
+        what: String,
+        /// The TLS verifier's verdict (`invalid peer certificate: UnknownIssuer`).
+        reason: String,
         /// The HTTP client's error.
         #[source]
         source: reqwest::Error,
@@ -80,6 +92,7 @@ impl ConcertimError {
             ConcertimError::Status { .. }
             | ConcertimError::MissingField { .. }
             | ConcertimError::Protocol { .. }
+            | ConcertimError::Untrusted { .. }
             | ConcertimError::Redirected { .. } => ErrorClass::Permanent,
         }
     }
@@ -234,7 +247,8 @@ impl Client {
     /// A client for the configured server.
     ///
     /// # Errors
-    /// When the HTTP client cannot be built (TLS roots unavailable).
+    /// When `concertim.ca_file` cannot be read or holds no certificate (checked at config
+    /// load), or the HTTP client cannot be built (TLS roots unavailable).
     pub fn new(settings: ConcertimSettings) -> Result<Self, ConcertimError> {
         if !settings.tls_verify {
             // Loud on purpose: the login password and the token go to whoever answers.
@@ -244,10 +258,12 @@ impl Client {
         let http = crate::outbound::client(
             Duration::from_millis(settings.timeout_ms),
             Duration::from_millis(settings.connect_timeout_ms),
-        )
-        .danger_accept_invalid_certs(!settings.tls_verify)
-        .build()
-        .map_err(|source| ConcertimError::Http { what: "building the HTTP client".into(), source })?;
+        );
+        let http = crate::outbound::trusting(http, "concertim.ca_file", settings.ca_file.as_deref())
+            .map_err(|detail| ConcertimError::Protocol { what: "configure Concertim".into(), detail })?
+            .danger_accept_invalid_certs(!settings.tls_verify)
+            .build()
+            .map_err(|source| ConcertimError::Http { what: "building the HTTP client".into(), source })?;
         Ok(Self {
             http,
             base: settings.url.trim_end_matches('/').to_owned(),
@@ -287,7 +303,7 @@ impl Client {
             .json(&body)
             .send()
             .await
-            .map_err(|source| ConcertimError::Http { what: what.clone(), source })?;
+            .map_err(|source| unanswered(&what, source))?;
         self.logins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let status = response.status();
         if let Some(location) = crate::outbound::redirect_target(&response) {
@@ -328,7 +344,7 @@ impl Client {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.map_err(|source| ConcertimError::Http { what: what.to_owned(), source })?;
+        let response = request.send().await.map_err(|source| unanswered(what, source))?;
         let status = response.status();
         if let Some(location) = crate::outbound::redirect_target(&response) {
             return Err(ConcertimError::Redirected { what: what.to_owned(), status: status.as_u16(), location });
@@ -438,6 +454,14 @@ impl Client {
             StatusCode::NOT_FOUND => Ok(false),
             s => Err(refused(&what, s, &answer.body)),
         }
+    }
+}
+
+/// A connection error; an untrusted certificate is its own, permanent, error.
+fn unanswered(what: &str, source: reqwest::Error) -> ConcertimError {
+    match crate::outbound::untrusted(&source) {
+        Some(reason) => ConcertimError::Untrusted { what: what.to_owned(), reason, source },
+        None => ConcertimError::Http { what: what.to_owned(), source },
     }
 }
 

@@ -19,9 +19,13 @@ pub struct ConcertimSettings {
     pub username: String,
     /// Its password.
     pub password: Secret,
-    /// Verify the server's TLS certificate (against the system roots).
+    /// Verify the server's TLS certificate (against `ca_file`, or the system roots).
     #[serde(default = "default_true")]
     pub tls_verify: bool,
+    /// A PEM bundle of the CAs Concertim's certificate is verified against, instead of the
+    /// system roots (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<String>,
     /// Whole-request timeout (ms).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -115,6 +119,7 @@ impl ConcertimSettings {
         if self.max_attempts == 0 {
             return Err("concertim.max_attempts must be at least 1".into());
         }
+        check_ca_file("concertim", self.ca_file.as_deref(), self.tls_verify)?;
         const TYPES: [&str; 8] = ["int8", "uint8", "int16", "uint16", "int32", "uint32", "float", "double"];
         const SLOPES: [&str; 5] = ["zero", "positive", "negative", "both", "derivative"];
         for (meter, rule) in &self.metrics {

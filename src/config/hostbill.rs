@@ -11,7 +11,8 @@ use super::*;
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostBillSettings {
-    /// Base URL of HostBill, e.g. `https://billing.example`; calls go to `<url>/admin/api.php`.
+    /// Base URL of HostBill, e.g. `https://billing.example`; calls go to `<url>/admin/api.php`
+    /// (TLS verified against `ca_file`, or the system roots).
     pub url: Option<String>,
     /// API id (Settings → Security → API Access).
     pub api_id: Option<String>,
@@ -30,6 +31,10 @@ pub struct HostBillSettings {
     /// Billing cycle of new orders (`m` monthly, `q`, `s`, `a`, …).
     #[serde(default = "default_cycle")]
     pub cycle: String,
+    /// A PEM bundle of the CAs HostBill's certificate is verified against, instead of the
+    /// system roots (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<String>,
     /// Whole-request timeout (ms).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -67,6 +72,6 @@ impl HostBillSettings {
         if !missing.is_empty() {
             return Err(format!("billing.backend = \"hostbill\" needs: {}", missing.join(", ")));
         }
-        Ok(())
+        check_ca_file("hostbill", self.ca_file.as_deref(), true)
     }
 }

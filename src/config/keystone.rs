@@ -139,16 +139,7 @@ impl KeystoneSettings {
                     .into(),
             );
         }
-        if let Some(ca_file) = &self.ca_file {
-            if !self.tls_verify {
-                return Err("keystone.ca_file is set but keystone.tls_verify = false: drop one".into());
-            }
-            let text = std::fs::read_to_string(ca_file)
-                .map_err(|e| format!("keystone.ca_file: cannot read {ca_file}: {e}"))?;
-            if !text.contains("-----BEGIN CERTIFICATE-----") {
-                return Err(format!("keystone.ca_file: {ca_file} holds no PEM certificate"));
-            }
-        }
+        check_ca_file("keystone", self.ca_file.as_deref(), self.tls_verify)?;
         if self.timeout_ms == 0 || self.connect_timeout_ms == 0 {
             return Err("keystone.timeout_ms and keystone.connect_timeout_ms must be at least 1".into());
         }

@@ -8,7 +8,8 @@ use super::*;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KillBillSettings {
-    /// Base URL, e.g. `https://killbill.example:8443` (TLS verified against the system roots).
+    /// Base URL, e.g. `https://killbill.example:8443` (TLS verified against `ca_file`, or the
+    /// system roots).
     pub url: String,
     /// Basic-auth user.
     pub username: String,
@@ -24,6 +25,10 @@ pub struct KillBillSettings {
     /// Currency of new accounts (immutable in KillBill).
     #[serde(default = "default_currency")]
     pub currency: String,
+    /// A PEM bundle of the CAs KillBill's certificate is verified against, instead of the
+    /// system roots (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<String>,
     /// Whole-request timeout (ms).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -76,6 +81,6 @@ impl KillBillSettings {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             return Err(format!("killbill.url {:?} must start with http:// or https://", self.url));
         }
-        Ok(())
+        check_ca_file("killbill", self.ca_file.as_deref(), true)
     }
 }

@@ -353,6 +353,21 @@ fn default_connect_timeout_ms() -> u64 {
     3_000
 }
 
+/// Checks `<section>.ca_file` of an outbound client: a readable file holding a PEM
+/// certificate, and not beside `tls_verify = false` (which would make it moot).
+fn check_ca_file(section: &str, ca_file: Option<&str>, tls_verify: bool) -> Result<(), String> {
+    let Some(ca_file) = ca_file else { return Ok(()) };
+    if !tls_verify {
+        return Err(format!("{section}.ca_file is set but {section}.tls_verify = false: drop one"));
+    }
+    let text =
+        std::fs::read_to_string(ca_file).map_err(|e| format!("{section}.ca_file: cannot read {ca_file}: {e}"))?;
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{section}.ca_file: {ca_file} holds no PEM certificate"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use rust_decimal::Decimal;
@@ -429,6 +444,47 @@ mod tests {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
         let kb = Settings::from_toml(&text, "kb.toml").unwrap().killbill.unwrap();
         assert_eq!(kb.password.expose(), "FromTheFile");
+    }
+
+    /// `ca_file` of KillBill, HostBill and Concertim, set in the file or the environment, is
+    /// read at load: a missing file, or one without a PEM certificate, is refused naming the key.
+    #[test]
+    fn each_clients_ca_file_is_checked_at_load_naming_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pem, not_pem) = (dir.path().join("ca.pem"), dir.path().join("ca.txt"));
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+        std::fs::write(&not_pem, "not a certificate\n").unwrap();
+        let billed = [
+            "openstack-standard-monthly",
+            "openstack-volume-monthly",
+            "openstack-snapshot-monthly",
+            "openstack-floating-ip-monthly",
+            "openstack-image-monthly",
+            "openstack-network-monthly",
+        ];
+        let hostbill = format!(
+            "{DEFAULT_TOML}\n[hostbill]\nurl = \"https://hb\"\napi_id = \"x\"\napi_key = \"k\"\n\
+             [hostbill.products]\n{}",
+            billed.iter().map(|plan| format!("\"{plan}\" = \"1\"\n")).collect::<String>()
+        )
+        .replace("backend = \"ledger\"", "backend = \"hostbill\"");
+        let concertim =
+            format!("{DEFAULT_TOML}\n[concertim]\nurl = \"https://cm\"\nusername = \"u\"\npassword = \"p\"\n");
+        for (section, file) in [("killbill", kb_file()), ("hostbill", hostbill), ("concertim", concertim.clone())] {
+            let var = format!("CONCERTIM_BILLING_{}__CA_FILE", section.to_ascii_uppercase());
+            let load = |path: &std::path::Path| with_env(&file, &[(var.as_str(), path.to_str().unwrap())]);
+            assert!(load(&pem).is_ok(), "{section}: {:?}", load(&pem).err());
+            let err = load(Path::new("/nonexistent.pem")).unwrap_err().to_string();
+            assert!(err.contains(&format!("{section}.ca_file: cannot read /nonexistent.pem")), "{err}");
+            let err = load(&not_pem).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{section}.ca_file: {} holds no PEM certificate", not_pem.display())),
+                "{err}"
+            );
+        }
+        let unverified = format!("{concertim}tls_verify = false\nca_file = {:?}\n", pem.to_str().unwrap());
+        let err = Settings::from_toml(&unverified, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("concertim.ca_file is set but concertim.tls_verify = false"), "{err}");
     }
 
     #[test]

@@ -441,24 +441,6 @@ async fn with_several_broker_nodes_the_service_connects_to_one_that_answers() {
     bus.cleanup().await;
 }
 
-/// A TLS front for the test broker on a free port, serving `cert` with `key`, as a TLS listener
-/// of RabbitMQ would: each connection is decrypted and passed to the broker's plain port.
-async fn tls_front(cert: &std::path::Path, key: &std::path::Path, broker: std::net::SocketAddr) -> u16 {
-    let mut listener = crate::support::keystone::tls::Listener::bind(cert, key).await;
-    let port = listener.local_addr().port();
-    tokio::spawn(async move {
-        loop {
-            let (mut tls, _) = axum::serve::Listener::accept(&mut listener).await;
-            tokio::spawn(async move {
-                if let Ok(mut plain) = tokio::net::TcpStream::connect(broker).await {
-                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-                }
-            });
-        }
-    });
-    port
-}
-
 // Two workers: the TLS front relays while the test waits on the connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_broker_is_trusted_through_bus_tls_ca_file_and_refused_without_it_saying_so() {
@@ -470,7 +452,8 @@ async fn a_tls_broker_is_trusted_through_bus_tls_ca_file_and_refused_without_it_
     let (userinfo, host_and_vhost) = rest.rsplit_once('@').unwrap();
     let (host, vhost) = host_and_vhost.split_once('/').unwrap();
     let broker: std::net::SocketAddr = host.parse().unwrap();
-    let port = tls_front(std::path::Path::new(&cert), std::path::Path::new(&key), broker).await;
+    // As a TLS listener of RabbitMQ would: each connection decrypted and passed to the plain port.
+    let port = crate::support::tls::front(std::path::Path::new(&cert), std::path::Path::new(&key), broker).await;
     let mut settings = bus.settings.bus.clone();
     settings.url = concertim_billing::config::SecretUrl::new(format!("amqps://{userinfo}@127.0.0.1:{port}/{vhost}"));
 

@@ -1,17 +1,22 @@
 //! What the billing applications and Concertim answer is believed only when it is their
-//! protocol's answer: no redirect is followed (credentials stay with their server), and a page
-//! from something in front of KillBill is never taken for a recorded usage.
+//! protocol's answer: no redirect is followed (credentials stay with their server), a page
+//! from something in front of KillBill is never taken for a recorded usage, and a certificate
+//! is trusted only through the client's `ca_file` (or the system roots).
 
-use std::sync::{Arc, Mutex};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use axum::{http::StatusCode, response::IntoResponse, Router};
 use concertim_billing::{
-    billing::{Billing, BillingError, HostBill, KillBill},
+    billing::{Applied, Billing, BillingError, HostBill, KillBill},
     class::ErrorClass,
     concertim::client::{Client as ConcertimClient, ConcertimError},
+    config::{ConcertimSettings, HostBillSettings, KillBillSettings},
 };
 
-use crate::support::{concertim::FakeConcertim, hostbill::FakeHostBill, killbill::FakeKillBill};
+use crate::support::{certificates, concertim::FakeConcertim, hostbill::FakeHostBill, killbill::FakeKillBill, tls};
 
 /// A server that answers everything with 307 to `target`, and one at `target` that records
 /// what reaches it.
@@ -119,4 +124,102 @@ async fn a_usage_call_answered_by_anything_but_killbills_201_is_not_recorded_and
     // KillBill's own answer then records it.
     assert_eq!(executor.billing().record_usage(&spec, ctx).await.unwrap(), concertim_billing::billing::Applied::Done);
     assert_eq!(fake.usage_rows(), rows + 1);
+}
+
+/// A certificate for 127.0.0.1 from a CA the test makes, and another CA that did not sign it.
+struct PrivateCa {
+    _dirs: [tempfile::TempDir; 2],
+    ca: String,
+    other_ca: String,
+    cert: String,
+    key: String,
+}
+
+impl PrivateCa {
+    fn new() -> Self {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let (ca, cert, key) = certificates(dirs[0].path());
+        let (other_ca, _, _) = certificates(dirs[1].path());
+        Self { _dirs: dirs, ca, other_ca, cert, key }
+    }
+
+    /// The plain fake at `url` behind a TLS front serving the certificate.
+    async fn front(&self, url: &str) -> String {
+        tls::https(Path::new(&self.cert), Path::new(&self.key), url).await
+    }
+
+    /// Each `ca_file` to try, and whether it trusts the front: the CA that signed its
+    /// certificate does; none (the system roots) and the other CA do not.
+    fn ca_files(&self) -> [(Option<String>, bool); 3] {
+        [(Some(self.ca.clone()), true), (None, false), (Some(self.other_ca.clone()), false)]
+    }
+}
+
+/// A call through a client whose `ca_file` is `trusted` or not: it succeeds, or it fails with
+/// a permanent error saying that `server`'s certificate was not trusted, why, and which `key`
+/// to set.
+fn assert_trust<E: std::fmt::Display>(
+    trusted: bool,
+    result: Result<(), E>,
+    class: fn(&E) -> ErrorClass,
+    server: &str,
+    key: &str,
+) {
+    match result {
+        Ok(()) => assert!(trusted, "{key}: a certificate its CA did not sign was accepted"),
+        Err(error) => {
+            let text = error.to_string();
+            assert!(!trusted, "{key}: the right CA was refused: {text}");
+            assert!(text.contains(&format!("{server}'s TLS certificate was not trusted")), "{text}");
+            assert!(text.contains(&format!("set {key} to the PEM bundle")), "{text}");
+            assert!(text.contains("(invalid peer certificate: "), "the verifier's reason is shown: {text}");
+            assert_eq!(class(&error), ErrorClass::Permanent, "{text}");
+        }
+    }
+}
+
+fn project() -> concertim_billing::event::ProjectId {
+    concertim_billing::event::ProjectId::parse("e89cb74df0069d478e26645ca53ab73f").unwrap()
+}
+
+#[tokio::test]
+async fn killbill_over_tls_is_trusted_through_killbill_ca_file_and_refused_otherwise_naming_it() {
+    let pki = PrivateCa::new();
+    let fake = FakeKillBill::start().await;
+    let url = pki.front(&fake.url).await;
+    let meta = meta();
+    let ctx = concertim_billing::billing::Context { meta: &meta, redelivered: false };
+    for (ca_file, trusted) in pki.ca_files() {
+        let kb = KillBill::new(KillBillSettings { url: url.clone(), ca_file, ..fake.settings() }).unwrap();
+        let result = kb.ensure_account(&project(), ctx).await.map(|applied| assert_eq!(applied, Applied::Done));
+        assert_trust(trusted, result, BillingError::class, "KillBill", "killbill.ca_file");
+    }
+}
+
+#[tokio::test]
+async fn hostbill_over_tls_is_trusted_through_hostbill_ca_file_and_refused_otherwise_naming_it() {
+    let pki = PrivateCa::new();
+    let fake = FakeHostBill::start().await;
+    let url = pki.front(&fake.url).await;
+    let meta = meta();
+    let ctx = concertim_billing::billing::Context { meta: &meta, redelivered: false };
+    for (ca_file, trusted) in pki.ca_files() {
+        let settings = HostBillSettings { url: Some(url.clone()), ca_file, ..fake.settings(&[]) };
+        let result = HostBill::new(settings).unwrap().ensure_account(&project(), ctx).await;
+        let result = result.map(|applied| assert_eq!(applied, Applied::Done));
+        assert_trust(trusted, result, BillingError::class, "HostBill", "hostbill.ca_file");
+    }
+}
+
+#[tokio::test]
+async fn concertim_over_tls_is_trusted_through_concertim_ca_file_and_refused_otherwise_naming_it() {
+    let pki = PrivateCa::new();
+    let fake = FakeConcertim::start().await;
+    fake.add_team("e89cb74df0069d478e26645ca53ab73f");
+    let url = pki.front(&fake.url).await;
+    for (ca_file, trusted) in pki.ca_files() {
+        let settings = ConcertimSettings { url: url.clone(), ca_file, ..fake.settings() };
+        let result = ConcertimClient::new(settings).unwrap().teams().await.map(|teams| assert_eq!(teams.len(), 1));
+        assert_trust(trusted, result, ConcertimError::class, "Concertim", "concertim.ca_file");
+    }
 }

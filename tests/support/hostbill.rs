@@ -128,6 +128,7 @@ impl FakeHostBill {
             products: products.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             client_email_domain: "openstack.invalid".into(),
             cycle: "m".into(),
+            ca_file: None,
             timeout_ms: 5_000,
             connect_timeout_ms: 1_000,
         }

@@ -29,7 +29,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     path::Path,
     sync::{Arc, Mutex},
     time::Duration,
@@ -135,7 +134,7 @@ impl FakeKeystone {
     /// Starts the fake over TLS, serving the PEM certificate chain `cert` with the key `key`.
     pub async fn start_tls(cert: &Path, key: &Path) -> Self {
         let (state, faults, app) = Self::app("https");
-        let listener = tls::Listener::bind(cert, key).await;
+        let listener = super::tls::Listener::bind(cert, key).await;
         let url = format!("https://{}/v3", listener.local_addr());
         let app = fake_server::with_faults(app, &faults);
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -502,63 +501,4 @@ fn domain_id(s: &Fake, domain: &Value) -> Option<String> {
     }
     let name = domain["name"].as_str()?;
     s.domains.iter().find(|(_, n)| n == name).map(|(id, _)| id.clone())
-}
-
-/// A TLS listener for axum: each accepted connection's handshake is done before it is served;
-/// a failed handshake (a client that does not trust the certificate) is dropped.
-pub mod tls {
-    use std::{path::Path, sync::Arc};
-
-    use rustls::pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
-    use tokio::net::{TcpListener, TcpStream};
-    use tokio_rustls::{server::TlsStream, TlsAcceptor};
-
-    use super::SocketAddr;
-
-    /// A bound TLS listener.
-    pub struct Listener {
-        tcp: TcpListener,
-        acceptor: TlsAcceptor,
-    }
-
-    impl Listener {
-        /// Binds a free port of 127.0.0.1 serving `cert` (a PEM chain) with `key`.
-        pub async fn bind(cert: &Path, key: &Path) -> Self {
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_file_iter(cert).unwrap().collect::<Result<_, _>>().unwrap();
-            let key = PrivateKeyDer::from_pem_file(key).unwrap();
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .unwrap();
-            let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            Self { tcp, acceptor: TlsAcceptor::from(Arc::new(config)) }
-        }
-
-        /// The bound address.
-        pub fn local_addr(&self) -> SocketAddr {
-            self.tcp.local_addr().unwrap()
-        }
-    }
-
-    impl axum::serve::Listener for Listener {
-        type Io = TlsStream<TcpStream>;
-        type Addr = SocketAddr;
-
-        async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-            loop {
-                let Ok((stream, addr)) = self.tcp.accept().await else { continue };
-                if let Ok(tls) = self.acceptor.accept(stream).await {
-                    return (tls, addr);
-                }
-            }
-        }
-
-        fn local_addr(&self) -> std::io::Result<Self::Addr> {
-            self.tcp.local_addr()
-        }
-    }
 }

@@ -309,6 +309,7 @@ impl RealKillBill {
             api_secret: Secret::new(format!("{tenant}-secret")),
             created_by: "concertim-billing-tests".into(),
             currency: "USD".into(),
+            ca_file: None,
             // The real server on two loaded cores answers some first calls slowly.
             timeout_ms: 60_000,
             connect_timeout_ms: 2_000,

@@ -301,4 +301,5 @@ pub mod hostbill;
 pub mod keystone;
 pub mod killbill;
 pub mod killbill_server;
+pub mod tls;
 pub mod wait;

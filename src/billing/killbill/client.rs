@@ -81,8 +81,10 @@ impl KillBill {
     }
 
     pub(super) async fn send(&self, what: &str, request: RequestBuilder) -> Result<Answer, BillingError> {
-        let response: Response =
-            request.send().await.map_err(|source| BillingError::Http { what: what.to_owned(), source })?;
+        let response: Response = request
+            .send()
+            .await
+            .map_err(|source| BillingError::unanswered(what, "KillBill", "killbill.ca_file", source))?;
         let status = response.status();
         if let Some(location) = crate::outbound::redirect_target(&response) {
             return Err(BillingError::Redirected { what: what.to_owned(), status: status.as_u16(), location });

@@ -74,15 +74,18 @@ impl KillBill {
     /// A client for the configured server.
     ///
     /// # Errors
-    /// When the HTTP client cannot be built (TLS roots unavailable).
+    /// When `killbill.ca_file` cannot be read or holds no certificate (checked at config load),
+    /// or the HTTP client cannot be built (TLS roots unavailable).
     pub fn new(settings: KillBillSettings) -> Result<Self, BillingError> {
         let http = crate::outbound::client(
             Duration::from_millis(settings.timeout_ms),
             Duration::from_millis(settings.connect_timeout_ms),
         )
-        .pool_max_idle_per_host(settings.pool_max_idle)
-        .build()
-        .map_err(|source| BillingError::Http { what: "building the HTTP client".into(), source })?;
+        .pool_max_idle_per_host(settings.pool_max_idle);
+        let http = crate::outbound::trusting(http, "killbill.ca_file", settings.ca_file.as_deref())
+            .map_err(|detail| BillingError::Protocol { what: "configure KillBill".into(), detail })?
+            .build()
+            .map_err(|source| BillingError::Http { what: "building the HTTP client".into(), source })?;
         Ok(Self { http, settings, known: std::sync::Mutex::new(Known::default()) })
     }
 

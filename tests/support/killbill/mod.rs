@@ -99,6 +99,7 @@ impl FakeKillBill {
             api_secret: Secret::new(API_SECRET),
             created_by: "concertim-billing-tests".into(),
             currency: "USD".into(),
+            ca_file: None,
             timeout_ms: 5_000,
             connect_timeout_ms: 1_000,
             pool_max_idle: 4,
