@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     os::unix::process::ExitStatusExt,
     path::{Path, PathBuf},
-    process::Child,
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -27,7 +27,7 @@ use crate::{
 /// every second on the clock of the generated traffic and taking over a dead process's claims
 /// after a second, configured through the environment as an operator would, its stderr kept in
 /// `log`.
-fn service(bus: &TestBus, fake: &FakeKillBill, state: &Path, log: &Path) -> Child {
+pub(crate) fn service_command(bus: &TestBus, fake: &FakeKillBill, state: &Path, log: &Path) -> Command {
     let kb = fake.settings();
     let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let mut command = cli_command(bus);
@@ -37,9 +37,13 @@ fn service(bus: &TestBus, fake: &FakeKillBill, state: &Path, log: &Path) -> Chil
         .env("CONCERTIM_BILLING_STATE__PATH", state)
         .env("CONCERTIM_BILLING_STATE__CLAIM_LEASE_S", "1")
         .stdout(std::process::Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .expect("the binary starts")
+        .stderr(stderr);
+    command
+}
+
+/// [`service_command`], started.
+fn service(bus: &TestBus, fake: &FakeKillBill, state: &Path, log: &Path) -> Child {
+    service_command(bus, fake, state, log).spawn().expect("the binary starts")
 }
 
 /// Kills `child` with SIGKILL and checks that it died of it.
@@ -51,7 +55,7 @@ fn kill(child: &mut Child) {
 
 /// The state store of the running service, opened once it consumes (it has created and
 /// migrated the file by then).
-async fn state_store(bus: &TestBus, state: &Path) -> Store {
+pub(crate) async fn state_store(bus: &TestBus, state: &Path) -> Store {
     let queue = bus.names().queue;
     eventually("the service to consume", Duration::from_secs(60), || async {
         bus.consumers(&queue).await.filter(|n| *n > 0)
