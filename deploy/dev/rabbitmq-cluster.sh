@@ -79,8 +79,11 @@ ctl() {
     (cluster_env && "$RABBIT_BIN/rabbitmqctl" -n "$(node_name "$letter")" "$@")
 }
 
+# Asked of the cluster's epmd first: rabbitmqctl starts an epmd when none answers, which would
+# outlive a stopped cluster.
 running() {
-    ctl "$1" ping >/dev/null 2>&1
+    epmd -port "$EPMD_PORT" -names 2>/dev/null | grep -q "^name concertim-$1 at port" &&
+        ctl "$1" ping >/dev/null 2>&1
 }
 
 ensure_installed() {
@@ -213,9 +216,9 @@ stop() {
     for letter in "${LETTERS[@]}"; do
         stop_node "$letter"
     done
-    if (ERL_EPMD_PORT=$EPMD_PORT epmd -port "$EPMD_PORT" -names >/dev/null 2>&1); then
+    if epmd -port "$EPMD_PORT" -names >/dev/null 2>&1; then
         say "stopping the cluster's epmd (port $EPMD_PORT)"
-        ERL_EPMD_PORT=$EPMD_PORT epmd -port "$EPMD_PORT" -kill >/dev/null 2>&1 || true
+        epmd -port "$EPMD_PORT" -kill >/dev/null 2>&1 || true
     fi
     if [ -d "$BASE" ]; then
         say "deleting the nodes' data in $BASE (logs kept)"
