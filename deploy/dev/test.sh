@@ -3,7 +3,9 @@
 #
 # Integration tests talk to a real RabbitMQ at 127.0.0.1:5672 (guest/guest). When none answers,
 # this script starts one, installing Debian's rabbitmq-server first when it is missing (as root,
-# or through sudo), and enables the consistent-hash exchange plugin the sharding tests use.
+# or through sudo), and enables the consistent-hash exchange plugin the sharding tests use. The
+# fault test of a broker cluster's failover gets a three-node cluster of its own
+# (deploy/dev/rabbitmq-cluster.sh), started beside it: CONCERTIM_BILLING_TEST_CLUSTER_URL names it.
 #
 # The KillBill tests run against a real KillBill (deploy/dev/killbill.sh: KillBill's war from
 # Maven Central on Jetty, with a private PostgreSQL from Debian, on 127.0.0.1). When none
@@ -12,8 +14,8 @@
 # each test uses a schema of its own): CONCERTIM_BILLING_TEST_POSTGRES_URL names it, whichever
 # KillBill the tests use. The tests that publish as Nova does use oslo.messaging from PyPI,
 # installed into target/dev/oslo-venv.
-# Whatever this script starts (the broker, PostgreSQL, KillBill) it stops when the tests are
-# done; what was already running is left running. Set
+# Whatever this script starts (the broker, the cluster, PostgreSQL, KillBill) it stops when the
+# tests are done; what was already running is left running. Set
 # CONCERTIM_BILLING_KILLBILL=fake to run them against the in-process fake instead (fast, no
 # Java). Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -133,6 +135,17 @@ if [ "${CONCERTIM_BILLING_KILLBILL:-real}" != fake ]; then
     export CONCERTIM_BILLING_KILLBILL_URL
     echo "test.sh: KillBill tests run against the real server at $CONCERTIM_BILLING_KILLBILL_URL" >&2
 fi
+
+# A private three-node RabbitMQ cluster (deploy/dev/rabbitmq-cluster.sh: 127.0.0.1:5701-5703,
+# beside the single broker) for the fault test that stops broker nodes under the service; only
+# that test uses it.
+if ! deploy/dev/rabbitmq-cluster.sh status >/dev/null 2>&1; then
+    deploy/dev/rabbitmq-cluster.sh start
+    cleanup+=("deploy/dev/rabbitmq-cluster.sh stop")
+fi
+CONCERTIM_BILLING_TEST_CLUSTER_URL="$(deploy/dev/rabbitmq-cluster.sh url)"
+export CONCERTIM_BILLING_TEST_CLUSTER_URL
+echo "test.sh: the cluster fault test uses the three-node cluster at ${CONCERTIM_BILLING_TEST_CLUSTER_URL//guest:guest@/}" >&2
 
 # The fault-injection suite (tests/faults) may restart the broker once (rabbitmqctl stop_app /
 # start_app): cargo runs the test targets one after another, and that target holds its other

@@ -316,8 +316,7 @@ async fn session<H: Handler>(
     shutdown: &CancellationToken,
     health: Option<&Health>,
 ) -> Result<End, BusError> {
-    let Opened { connection, _watcher, publisher, consuming, tags, streams } =
-        super::answered(&bus.url, "the consumer's set-up", open(bus, settings, consumer)).await?;
+    let Opened { connection, _watcher, publisher, consuming, tags, streams } = open(bus, settings, consumer).await?;
     let mut deliveries = Deliveries::new(streams, consumer.prefetch);
     info!(queue = %consumer.queues.join(", "), url = %bus.url, lanes = consumer.lanes, "consuming");
     if let Some(health) = health {
@@ -398,11 +397,43 @@ async fn session<H: Handler>(
     }
     lanes.abort_all();
     while lanes.join_next().await.is_some() {}
-    if matches!(end, End::Shutdown) {
-        let _ = connection.close(200, "shutting down".into()).await;
-        info!(queue = %consumer.queues.join(", "), "stopped consuming");
+    match end {
+        End::Shutdown => {
+            let _ = connection.close(200, "shutting down".into()).await;
+            info!(queue = %consumer.queues.join(", "), "stopped consuming");
+        }
+        // A session lost while its connection is up (a publish not confirmed, a hand-over
+        // refused) closes it: left open, it would keep its consumer, and the messages delivered
+        // to it, until the process exits.
+        End::Lost { .. } => close(&connection, "reconnecting").await,
     }
     Ok(end)
+}
+
+/// How long closing a connection that is given up may take.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Closes a connection that is given up, waiting at most [`CLOSE_TIMEOUT`]. lapin keeps a
+/// connection, its channels and its consumers alive until it is closed, dropped or not: the
+/// broker goes on delivering up to `prefetch` messages to each such consumer, which nobody
+/// processes, and they wait there until the process exits.
+async fn close(connection: &lapin::Connection, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, reason.into())).await;
+}
+
+/// `work` on a connection just opened, within `limit`; when it fails or takes longer, the
+/// connection is closed (see [`close`]), so that nothing it set up outlives the attempt.
+async fn set_up<T>(
+    connection: &lapin::Connection,
+    limit: std::time::Duration,
+    url: &crate::config::SecretUrl,
+    work: impl Future<Output = Result<T, BusError>>,
+) -> Result<T, BusError> {
+    let done = super::answered_within(limit, url, "the consumer's set-up", work).await;
+    if done.is_err() {
+        close(connection, "set-up failed").await;
+    }
+    done
 }
 
 /// A consumer's connection, set up and consuming.
@@ -416,10 +447,30 @@ struct Opened {
     streams: Vec<lapin::Consumer>,
 }
 
-/// Connects, declares the topology, binds upstream and starts consuming `consumer`'s queues.
+/// Connects, declares the topology, binds upstream and starts consuming `consumer`'s queues,
+/// within [`super::SETUP_TIMEOUT`] once connected. A set-up that fails or times out closes its
+/// connection: on a cluster whose queue has lost its quorum, `basic.consume` takes effect only
+/// once the quorum is back, and a consumer left behind on an abandoned connection would take
+/// messages it never processes.
 async fn open(bus: &BusSettings, settings: &Settings, consumer: &Consumer) -> Result<Opened, BusError> {
-    let broker = broker_error(&bus.url);
+    // Bounded node by node.
     let connection = connect(bus, consumer.tag).await?;
+    let opened = set_up(&connection, super::SETUP_TIMEOUT, &bus.url, consume_on(&connection, bus, settings, consumer));
+    let (_watcher, publisher, consuming, tags, streams) = opened.await?;
+    Ok(Opened { connection, _watcher, publisher, consuming, tags, streams })
+}
+
+/// What [`open`] sets up on its connection: the upstream watcher, the publisher channel, the
+/// consuming channel, the consumer tags and their streams.
+type SetUp = (Option<AbortOnDrop>, lapin::Channel, lapin::Channel, Vec<String>, Vec<lapin::Consumer>);
+
+async fn consume_on(
+    connection: &lapin::Connection,
+    bus: &BusSettings,
+    settings: &Settings,
+    consumer: &Consumer,
+) -> Result<SetUp, BusError> {
+    let broker = broker_error(&bus.url);
     let setup = connection.create_channel().await.map_err(&broker)?;
     topology::declare_ours(&setup, settings).await?;
     // Bound to what OpenStack has declared; the rest is looked for while this session lasts.
@@ -456,7 +507,7 @@ async fn open(bus: &BusSettings, settings: &Settings, consumer: &Consumer) -> Re
         tags.push(tag);
         streams.push(stream);
     }
-    Ok(Opened { connection, _watcher, publisher, consuming, tags, streams })
+    Ok((_watcher, publisher, consuming, tags, streams))
 }
 
 /// The deliveries of one consumer, or of several merged. A consumer whose stream ends (its
@@ -578,7 +629,78 @@ async fn handle_job<H: Handler>(
 
 #[cfg(test)]
 mod tests {
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+
     use super::*;
+    use crate::config::SecretUrl;
+
+    /// Reads one frame: its type, channel, and the class and method of a method frame.
+    async fn frame(socket: &mut TcpStream) -> Option<(u8, u16, (u16, u16))> {
+        let mut header = [0u8; 7];
+        socket.read_exact(&mut header).await.ok()?;
+        let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]) as usize;
+        let mut payload = vec![0u8; size + 1];
+        socket.read_exact(&mut payload).await.ok()?;
+        let method = if header[0] == 1 && size >= 4 {
+            (u16::from_be_bytes([payload[0], payload[1]]), u16::from_be_bytes([payload[2], payload[3]]))
+        } else {
+            (0, 0)
+        };
+        Some((header[0], u16::from_be_bytes([header[1], header[2]]), method))
+    }
+
+    /// A method frame on channel 0.
+    fn method(class: u16, method: u16, arguments: &[u8]) -> Vec<u8> {
+        let mut payload = [class.to_be_bytes(), method.to_be_bytes()].concat();
+        payload.extend_from_slice(arguments);
+        let mut out = vec![1, 0, 0];
+        out.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(&payload);
+        out.push(0xCE);
+        out
+    }
+
+    #[tokio::test]
+    async fn a_set_up_that_takes_too_long_closes_its_connection_so_no_consumer_outlives_it() {
+        // A broker that opens the connection and then never answers Channel.Open, as a node
+        // does for a queue without a quorum; it reports whether the client sent Connection.Close.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let broker = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut protocol = [0u8; 8];
+            socket.read_exact(&mut protocol).await.unwrap();
+            socket.write_all(&crate::bus::tests::connection_start()).await.unwrap();
+            assert_eq!(frame(&mut socket).await.map(|f| f.2), Some((10, 11)), "Start-Ok");
+            // Tune: 2047 channels, 128 KiB frames, no heartbeat.
+            let tune = [&2047u16.to_be_bytes()[..], &131_072u32.to_be_bytes(), &0u16.to_be_bytes()].concat();
+            socket.write_all(&method(10, 30, &tune)).await.unwrap();
+            assert_eq!(frame(&mut socket).await.map(|f| f.2), Some((10, 31)), "Tune-Ok");
+            assert_eq!(frame(&mut socket).await.map(|f| f.2), Some((10, 40)), "Open");
+            socket.write_all(&method(10, 41, &[0])).await.unwrap();
+            while let Some((_, channel, (class, id))) = frame(&mut socket).await {
+                if (channel, class, id) == (0, 10, 50) {
+                    socket.write_all(&method(10, 51, &[])).await.unwrap();
+                    return true;
+                }
+            }
+            false
+        });
+        let url = SecretUrl::new(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"));
+        let connection =
+            lapin::Connection::connect(url.expose(), lapin::ConnectionProperties::default()).await.unwrap();
+
+        let limit = std::time::Duration::from_millis(300);
+        let opening = async { connection.create_channel().await.map_err(broker_error(&url)) };
+        let error = set_up(&connection, limit, &url, opening).await.expect_err("the set-up times out");
+
+        assert!(matches!(error, BusError::NoAnswer { .. }), "{error}");
+        let closed = tokio::time::timeout(CLOSE_TIMEOUT, broker).await.expect("the broker hears from the client");
+        assert!(closed.unwrap(), "the client closed the connection it gave up");
+    }
 
     #[test]
     fn one_lane_key_always_takes_the_same_lane_and_messages_without_one_spread_out() {

@@ -380,7 +380,7 @@ mod tests {
     }
 
     /// A Connection.Start frame: AMQP 0-9-1, no server properties, PLAIN, en_US.
-    fn connection_start() -> Vec<u8> {
+    pub(super) fn connection_start() -> Vec<u8> {
         let mut payload = vec![0, 10, 0, 10, 0, 9, 0, 0, 0, 0];
         for text in [&b"PLAIN"[..], b"en_US"] {
             payload.extend_from_slice(&u32::try_from(text.len()).unwrap().to_be_bytes());

@@ -18,6 +18,8 @@ use lapin::{
     Channel, ExchangeKind,
 };
 
+use tracing::warn;
+
 use super::BusError;
 use crate::config::{Binding, BusSettings, ConcertimSettings, Settings};
 
@@ -169,6 +171,12 @@ pub async fn declare_concertim(
 /// Declares every queue, exchange and binding of our own (idempotent: the broker accepts
 /// identical re-declarations). The bindings to OpenStack's exchanges are [`bind_upstream`]'s.
 ///
+/// The classic dead-letter queue comes last. On a cluster it lives on one node, and while that
+/// node is down the broker refuses to declare it (404, "home node … is down or inaccessible"):
+/// that refusal is logged and the rest stands, so billing goes on from the other nodes (the
+/// quorum queues have replicas there). It closes `channel`, so nothing can be declared on it
+/// after this.
+///
 /// # Errors
 /// [`BusError::Precondition`] naming the option to change when an object exists with other
 /// settings; [`BusError::Broker`] otherwise. A failed declaration closes `channel`.
@@ -187,34 +195,27 @@ pub async fn declare(channel: &Channel, bus: &BusSettings) -> Result<Names, BusE
             )
         }
     };
-    // The dead-letter queue is classic, not quorum: operators read it with basic.get and return
-    // what they do not take, and a classic queue puts returned messages back in their place
-    // without counting deliveries (a quorum queue's delivery limit would drop dead letters after
-    // enough reads). The retry queue is quorum, with its TTL.
-    let fanouts = [
-        (&names.dead_exchange, &names.dead_queue, FieldTable::default()),
-        (&names.retry_exchange, &names.retry_queue, retry_queue_arguments(bus, &names)),
-    ];
-    for (exchange, queue, arguments) in fanouts {
+    for exchange in [&names.dead_exchange, &names.retry_exchange] {
         channel
             .exchange_declare(exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
             .await
             .map_err(ours(format!("exchange {exchange}")))?;
-        channel
-            .queue_declare(queue.as_str().into(), queue_options, arguments)
-            .await
-            .map_err(ours(format!("queue {queue}")))?;
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(ours(format!("binding of {queue}")))?;
     }
+    // The retry queue is quorum, with its TTL.
+    channel
+        .queue_declare(names.retry_queue.as_str().into(), queue_options, retry_queue_arguments(bus, &names))
+        .await
+        .map_err(ours(format!("queue {}", names.retry_queue)))?;
+    channel
+        .queue_bind(
+            names.retry_queue.as_str().into(),
+            names.retry_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(ours(format!("binding of {}", names.retry_queue)))?;
     channel
         .queue_declare(names.queue.as_str().into(), queue_options, main_queue_arguments(bus, &names))
         .await
@@ -222,7 +223,45 @@ pub async fn declare(channel: &Channel, bus: &BusSettings) -> Result<Names, BusE
     if bus.shards > 0 {
         declare_shards(channel, bus, &names).await?;
     }
+    // The dead-letter queue is classic, not quorum: operators read it with basic.get and return
+    // what they do not take, and a classic queue puts returned messages back in their place
+    // without counting deliveries (a quorum queue's delivery limit would drop dead letters after
+    // enough reads). Last, because its node may be down (see the doc above).
+    let dead = &names.dead_queue;
+    match channel.queue_declare(dead.as_str().into(), queue_options, FieldTable::default()).await {
+        Ok(_) => {}
+        Err(e) if home_node_down(&e.to_string()) => {
+            // FIXME(bus): while the node is down a message to dead-letter is returned unrouted
+            // (NO_ROUTE), so it is not acknowledged and comes back after a reconnection; once it
+            // reaches bus.delivery_limit the quorum queue dead-letters it itself, into the absent
+            // queue, where it is lost. A dead-letter queue that survives a node needs a
+            // replicated queue type.
+            warn!(
+                queue = %dead,
+                error.message = %e,
+                "the dead-letter queue's node is down; consuming without it until that node is back"
+            );
+            return Ok(names);
+        }
+        Err(e) => return Err(ours(format!("queue {dead}"))(e)),
+    }
+    channel
+        .queue_bind(
+            dead.as_str().into(),
+            names.dead_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(ours(format!("binding of {dead}")))?;
     Ok(names)
+}
+
+/// Whether a broker's refusal says that the queue's node is down: a durable classic queue lives
+/// on one node of a cluster, and the others answer 404 for it while that node is away.
+fn home_node_down(error: &str) -> bool {
+    error.contains("NOT_FOUND") && error.contains("home node") && error.contains("is down or inaccessible")
 }
 
 async fn declare_shards(channel: &Channel, bus: &BusSettings, names: &Names) -> Result<(), BusError> {
@@ -277,10 +316,12 @@ async fn declare_shards(channel: &Channel, bus: &BusSettings, names: &Names) -> 
 /// # Errors
 /// As [`declare`] and [`declare_concertim`].
 pub async fn declare_ours(channel: &Channel, settings: &Settings) -> Result<(), BusError> {
-    declare(channel, &settings.bus).await?;
+    // The Concertim queues first: [`declare`] ends with the dead-letter queue, whose absent node
+    // closes the channel. They only name the dead-letter exchange, which need not exist yet.
     if let Some(concertim) = &settings.concertim {
         declare_concertim(channel, &settings.bus, concertim).await?;
     }
+    declare(channel, &settings.bus).await?;
     Ok(())
 }
 
@@ -490,6 +531,28 @@ mod tests {
         assert_eq!(args.inner().get("x-single-active-consumer"), Some(&AMQPValue::Boolean(true)));
         assert_eq!(args.inner().get("x-delivery-limit"), Some(&AMQPValue::LongLongInt(20)));
         assert_eq!(describe(&on).lines().filter(|l| l.starts_with("shard ")).count(), 3);
+    }
+
+    #[test]
+    fn only_a_refusal_naming_a_down_home_node_counts_as_the_dead_letter_queue_being_away() {
+        let cases = [
+            (
+                "protocol error: AMQP soft error: NOT-FOUND: NOT_FOUND - home node 'rabbit-a@ctl1' of durable queue \
+                 'concertim-billing.dead' in vhost '/' is down or inaccessible",
+                true,
+                "RabbitMQ 3.10's answer for a classic queue on a stopped node",
+            ),
+            ("NOT_FOUND - no queue 'concertim-billing.dead' in vhost '/'", false, "a missing queue"),
+            (
+                "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'concertim-billing.dead'",
+                false,
+                "another queue type",
+            ),
+            ("ACCESS_REFUSED - access to queue 'concertim-billing.dead' refused", false, "no permission"),
+        ];
+        for (error, down, case) in cases {
+            assert_eq!(home_node_down(error), down, "{case}");
+        }
     }
 
     #[test]

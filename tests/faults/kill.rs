@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     os::unix::process::ExitStatusExt,
     path::{Path, PathBuf},
-    process::Child,
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -28,7 +28,13 @@ use crate::{
 /// after a second, configured through the environment as an operator would, its stderr kept in
 /// `log`. Its acknowledgements wait for a batch of 256 or a second, so that a kill finds many
 /// pending; `/metrics` is served on `metrics_port`.
-fn service(bus: &TestBus, fake: &FakeKillBill, state: &Path, log: &Path, metrics_port: u16) -> Child {
+pub(crate) fn service_command(
+    bus: &TestBus,
+    fake: &FakeKillBill,
+    state: &Path,
+    log: &Path,
+    metrics_port: u16,
+) -> Command {
     let kb = fake.settings();
     let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let mut command = cli_command(bus);
@@ -41,13 +47,17 @@ fn service(bus: &TestBus, fake: &FakeKillBill, state: &Path, log: &Path, metrics
         .env("CONCERTIM_BILLING_BUS__ACK_DELAY_MS", "1000")
         .env("CONCERTIM_BILLING_HTTP__LISTEN", format!("127.0.0.1:{metrics_port}"))
         .stdout(std::process::Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .expect("the binary starts")
+        .stderr(stderr);
+    command
+}
+
+/// [`service_command`], started.
+fn service(bus: &TestBus, fake: &FakeKillBill, state: &Path, log: &Path, metrics_port: u16) -> Child {
+    service_command(bus, fake, state, log, metrics_port).spawn().expect("the binary starts")
 }
 
 /// A port nothing listens on now.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -68,7 +78,7 @@ fn kill(child: &mut Child) {
 
 /// The state store of the running service, opened once it consumes (it has created and
 /// migrated the file by then).
-async fn state_store(bus: &TestBus, state: &Path) -> Store {
+pub(crate) async fn state_store(bus: &TestBus, state: &Path) -> Store {
     let queue = bus.names().queue;
     eventually("the service to consume", Duration::from_secs(60), || async {
         bus.consumers(&queue).await.filter(|n| *n > 0)

@@ -1,7 +1,7 @@
-//! The fault-injection suite: the service under proxy cuts, a broker restart, SIGKILLs (also in
-//! the middle of a settlement), KillBill outages and lost answers, Concertim down, floods of
-//! invalid messages and hostile input, and two replicas settling from one PostgreSQL state
-//! store; each scenario ending with the fake KillBill's totals, and every metered sample and
+//! The fault-injection suite: the service under proxy cuts, a broker restart, nodes of a
+//! three-node broker cluster stopped under it, SIGKILLs (also in the middle of a settlement),
+//! KillBill outages and lost answers, Concertim down, floods of invalid messages and hostile
+//! input, and two replicas settling from one PostgreSQL state store; each scenario ending with the fake KillBill's totals, and every metered sample and
 //! instance period in it, compared exactly with what was computed from what was published.
 //! Each scenario prints its row of `RELIABILITY.md` on stderr
 //! (`cargo test --test faults -- --nocapture`).
@@ -15,6 +15,7 @@
 mod support;
 
 mod bus;
+mod cluster;
 mod fuzz;
 mod hostile;
 mod kill;

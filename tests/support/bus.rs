@@ -71,6 +71,8 @@ pub const UPSTREAM: [(&str, &str); 8] = [
 pub struct TestBus {
     /// The prefix.
     pub prefix: String,
+    /// The broker's URL: [`BROKER`], or a cluster's in oslo's multi-host form.
+    pub broker: String,
     /// Settings pointing at the broker with this prefix, short retry delays and small limits.
     pub settings: Settings,
     connection: Connection,
@@ -80,15 +82,22 @@ pub struct TestBus {
 impl TestBus {
     /// A fresh namespace. Panics with what to do when RabbitMQ does not answer.
     pub async fn new(test: &str) -> Self {
+        Self::on(BROKER, test).await
+    }
+
+    /// A fresh namespace on the broker at `broker`: one URL, or a cluster's in oslo's
+    /// multi-host form (the test's own connections go to the first node that answers).
+    pub async fn on(broker: &str, test: &str) -> Self {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
         let prefix = format!("t-{test}-{}-{nanos}-", std::process::id());
-        let connection = Connection::connect(BROKER, ConnectionProperties::default()).await.unwrap_or_else(|e| {
-            panic!("RabbitMQ is not answering at {BROKER} ({e}): run deploy/dev/test.sh, which starts it")
+        let connection = connect_any(broker).await.unwrap_or_else(|e| {
+            let shown = SecretUrl::new(broker).redacted();
+            panic!("RabbitMQ is not answering at {shown} ({e}): run deploy/dev/test.sh, which starts it")
         });
         let channel = connection.create_channel().await.unwrap();
         channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
         let mut settings = Settings::embedded();
-        settings.bus.url = SecretUrl::new(BROKER);
+        settings.bus.url = SecretUrl::new(broker);
         settings.bus.prefix = prefix.clone();
         settings.bus.bindings = UPSTREAM
             .iter()
@@ -110,7 +119,7 @@ impl TestBus {
         // Settlement is the subject of its own tests, which ask for it; the others compare
         // what messages do.
         settings.billing.time.settle_every_s = 86_400;
-        let bus = Self { prefix, settings, connection, channel };
+        let bus = Self { prefix, broker: broker.to_owned(), settings, connection, channel };
         bus.declare_upstream().await;
         bus
     }
@@ -138,7 +147,7 @@ impl TestBus {
     /// up to `limit` for it to answer.
     pub async fn reconnect(&mut self, limit: Duration) {
         let connection = eventually("the broker to accept connections again", limit, || async {
-            Connection::connect(BROKER, ConnectionProperties::default()).await.ok()
+            connect_any(&self.broker).await.ok()
         })
         .await;
         let channel = connection.create_channel().await.unwrap();
@@ -202,7 +211,7 @@ impl TestBus {
     /// A passive declare on a connection of its own: a passive declare of a missing queue
     /// closes its channel, and lapin then refuses new channels on that connection.
     async fn inspect(&self, queue: &str) -> Option<lapin::Queue> {
-        let connection = Connection::connect(BROKER, ConnectionProperties::default()).await.unwrap();
+        let connection = connect_any(&self.broker).await.unwrap();
         let channel = connection.create_channel().await.unwrap();
         let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
         let found = channel.queue_declare(queue.into(), options, FieldTable::default()).await.ok();
@@ -268,6 +277,24 @@ impl TestBus {
             let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
         }
     }
+}
+
+/// How long one node of a cluster may take to accept the test's connection.
+const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection to the broker at `broker`; of a cluster (oslo's multi-host URL), to the first
+/// node that answers. What each node answered when none does.
+pub async fn connect_any(broker: &str) -> Result<Connection, String> {
+    let mut failures = Vec::new();
+    for node in bus::nodes(&SecretUrl::new(broker)) {
+        let connecting = Connection::connect(node.expose(), ConnectionProperties::default());
+        match tokio::time::timeout(NODE_TIMEOUT, connecting).await {
+            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Err(e)) => failures.push(format!("{}: {e}", node.redacted())),
+            Err(_) => failures.push(format!("{}: no answer within {NODE_TIMEOUT:?}", node.redacted())),
+        }
+    }
+    Err(failures.join("; "))
 }
 
 /// The service, running in this process against the test's namespace.
@@ -450,7 +477,7 @@ pub fn cli_command(bus: &TestBus) -> std::process::Command {
         .collect();
     let mut command = super::binary();
     command
-        .env("CONCERTIM_BILLING_AMQP_URL", BROKER)
+        .env("CONCERTIM_BILLING_AMQP_URL", &bus.broker)
         .env("CONCERTIM_BILLING_BUS__PREFIX", &b.prefix)
         .env("CONCERTIM_BILLING_BUS__BINDINGS", format!("[{}]", bindings.join(", ")))
         .env("CONCERTIM_BILLING_BUS__RETRY_DELAY_MS", b.retry_delay_ms.to_string())
