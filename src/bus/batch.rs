@@ -22,6 +22,9 @@ use tracing::warn;
 
 use crate::telemetry;
 
+/// How long sending one acknowledgement may take.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Where a lane hands a settled delivery for its acknowledgement.
 #[derive(Debug, Clone)]
 pub struct AckSender {
@@ -112,7 +115,14 @@ async fn acknowledge(
 /// `trouble` is cancelled.
 async fn send(acks: Vec<(Acker, bool, usize)>, trouble: &CancellationToken) -> bool {
     for (acker, multiple, _) in acks {
-        match acker.ack(BasicAckOptions { multiple }).await {
+        // Bounded: on a connection the broker no longer answers, the frame may never be sent.
+        let sent = tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions { multiple })).await;
+        let Ok(sent) = sent else {
+            warn!("an acknowledgement was not sent within {ACK_TIMEOUT:?}; reconnecting");
+            trouble.cancel();
+            return false;
+        };
+        match sent {
             Ok(true) => {}
             Ok(false) => {
                 warn!("cannot acknowledge: the channel is closed; reconnecting");

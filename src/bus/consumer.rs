@@ -342,8 +342,10 @@ async fn session<H: Handler>(
             biased;
             () = shutdown.cancelled() => {
                 // Stop new deliveries; what was already delivered is finished below.
+                // Bounded: on a connection the broker no longer answers, a cancel waits forever.
                 for tag in &tags {
-                    let _ = consuming.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    let cancel = consuming.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, cancel).await;
                 }
                 break End::Shutdown;
             }
@@ -399,7 +401,7 @@ async fn session<H: Handler>(
     while lanes.join_next().await.is_some() {}
     match end {
         End::Shutdown => {
-            let _ = connection.close(200, "shutting down".into()).await;
+            close(&connection, "shutting down").await;
             info!(queue = %consumer.queues.join(", "), "stopped consuming");
         }
         // A session lost while its connection is up (a publish not confirmed, a hand-over
@@ -410,7 +412,7 @@ async fn session<H: Handler>(
     Ok(end)
 }
 
-/// How long closing a connection that is given up may take.
+/// How long closing a connection (or cancelling a consumer) may take.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Closes a connection that is given up, waiting at most [`CLOSE_TIMEOUT`]. lapin keeps a
