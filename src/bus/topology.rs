@@ -100,11 +100,12 @@ pub fn main_queue_arguments(bus: &BusSettings, names: &Names) -> FieldTable {
     args
 }
 
-/// The retry queue's arguments: a TTL that dead-letters back to the main queue.
-pub fn retry_queue_arguments(bus: &BusSettings, names: &Names) -> FieldTable {
+/// A retry queue's arguments: quorum, with a TTL of `delay_ms` that dead-letters back to
+/// `names.queue`.
+pub fn retry_queue_arguments(delay_ms: u64, names: &Names) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), text("quorum"));
-    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(bus.retry_delay_ms).unwrap_or(i64::MAX)));
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(delay_ms).unwrap_or(i64::MAX)));
     args.insert("x-dead-letter-exchange".into(), text(""));
     args.insert("x-dead-letter-routing-key".into(), text(&names.queue));
     args
@@ -122,35 +123,41 @@ pub async fn declare_concertim(
     concertim: &ConcertimSettings,
 ) -> Result<Names, BusError> {
     let names = Names::concertim(bus);
+    let queue_options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    declare_retry(channel, bus, &names, concertim.retry_delay_ms).await?;
+    channel
+        .queue_declare(names.queue.as_str().into(), queue_options, main_queue_arguments(bus, &Names::new(bus)))
+        .await
+        .map_err(ours(bus, format!("queue {}", names.queue)))?;
+    Ok(names)
+}
+
+/// How a refused declaration of one of our own objects (`what`) reads: an object declared
+/// with other arguments names the options to change.
+fn ours(bus: &BusSettings, what: String) -> impl FnOnce(lapin::Error) -> BusError + '_ {
+    move |e: lapin::Error| {
+        classify(
+            e,
+            what,
+            "it was declared with other arguments: delete it (it is ours) or choose another bus.prefix/bus.queue"
+                .into(),
+            bus,
+        )
+    }
+}
+
+/// Declares a retry exchange and its retry queue, bound (see [`retry_queue_arguments`]).
+async fn declare_retry(channel: &Channel, bus: &BusSettings, names: &Names, delay_ms: u64) -> Result<(), BusError> {
     let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     let queue_options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-    let ours = |what: String| {
-        move |e: lapin::Error| {
-            classify(
-                e,
-                what,
-                "it was declared with other arguments: delete it (it is ours) or choose another bus.prefix/bus.queue"
-                    .into(),
-                bus,
-            )
-        }
-    };
-    let mut retry = FieldTable::default();
-    retry.insert("x-queue-type".into(), text("quorum"));
-    retry.insert(
-        "x-message-ttl".into(),
-        AMQPValue::LongLongInt(i64::try_from(concertim.retry_delay_ms).unwrap_or(i64::MAX)),
-    );
-    retry.insert("x-dead-letter-exchange".into(), text(""));
-    retry.insert("x-dead-letter-routing-key".into(), text(&names.queue));
     channel
         .exchange_declare(names.retry_exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
         .await
-        .map_err(ours(format!("exchange {}", names.retry_exchange)))?;
+        .map_err(ours(bus, format!("exchange {}", names.retry_exchange)))?;
     channel
-        .queue_declare(names.retry_queue.as_str().into(), queue_options, retry)
+        .queue_declare(names.retry_queue.as_str().into(), queue_options, retry_queue_arguments(delay_ms, names))
         .await
-        .map_err(ours(format!("queue {}", names.retry_queue)))?;
+        .map_err(ours(bus, format!("queue {}", names.retry_queue)))?;
     channel
         .queue_bind(
             names.retry_queue.as_str().into(),
@@ -160,12 +167,8 @@ pub async fn declare_concertim(
             FieldTable::default(),
         )
         .await
-        .map_err(ours(format!("binding of {}", names.retry_queue)))?;
-    channel
-        .queue_declare(names.queue.as_str().into(), queue_options, main_queue_arguments(bus, &Names::new(bus)))
-        .await
-        .map_err(ours(format!("queue {}", names.queue)))?;
-    Ok(names)
+        .map_err(ours(bus, format!("binding of {}", names.retry_queue)))?;
+    Ok(())
 }
 
 /// Declares every queue, exchange and binding of our own (idempotent: the broker accepts
@@ -184,42 +187,15 @@ pub async fn declare(channel: &Channel, bus: &BusSettings) -> Result<Names, BusE
     let names = Names::new(bus);
     let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     let queue_options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-    let ours = |what: String| {
-        move |e: lapin::Error| {
-            classify(
-                e,
-                what,
-                "it was declared with other arguments: delete it (it is ours) or choose another bus.prefix/bus.queue"
-                    .into(),
-                bus,
-            )
-        }
-    };
-    for exchange in [&names.dead_exchange, &names.retry_exchange] {
-        channel
-            .exchange_declare(exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
-            .await
-            .map_err(ours(format!("exchange {exchange}")))?;
-    }
-    // The retry queue is quorum, with its TTL.
     channel
-        .queue_declare(names.retry_queue.as_str().into(), queue_options, retry_queue_arguments(bus, &names))
+        .exchange_declare(names.dead_exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
         .await
-        .map_err(ours(format!("queue {}", names.retry_queue)))?;
-    channel
-        .queue_bind(
-            names.retry_queue.as_str().into(),
-            names.retry_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(ours(format!("binding of {}", names.retry_queue)))?;
+        .map_err(ours(bus, format!("exchange {}", names.dead_exchange)))?;
+    declare_retry(channel, bus, &names, bus.retry_delay_ms).await?;
     channel
         .queue_declare(names.queue.as_str().into(), queue_options, main_queue_arguments(bus, &names))
         .await
-        .map_err(ours(format!("queue {}", names.queue)))?;
+        .map_err(ours(bus, format!("queue {}", names.queue)))?;
     if bus.shards > 0 {
         declare_shards(channel, bus, &names).await?;
     }
@@ -243,7 +219,7 @@ pub async fn declare(channel: &Channel, bus: &BusSettings) -> Result<Names, BusE
             );
             return Ok(names);
         }
-        Err(e) => return Err(ours(format!("queue {dead}"))(e)),
+        Err(e) => return Err(ours(bus, format!("queue {dead}"))(e)),
     }
     channel
         .queue_bind(
@@ -254,7 +230,7 @@ pub async fn declare(channel: &Channel, bus: &BusSettings) -> Result<Names, BusE
             FieldTable::default(),
         )
         .await
-        .map_err(ours(format!("binding of {dead}")))?;
+        .map_err(ours(bus, format!("binding of {dead}")))?;
     Ok(names)
 }
 
