@@ -406,7 +406,7 @@ impl<B: Billing> Executor<B> {
                         });
                     }
                 }
-                let news: Vec<&Fact> = facts.iter().filter(|f| !self.launches.superseded(instance, f)).collect();
+                let news = self.launches.fresh(instance, facts);
                 if news.is_empty() {
                     return Ok(Applied::AlreadyDone);
                 }
@@ -435,26 +435,31 @@ impl<B: Billing> Executor<B> {
 }
 
 /// The best report of each launch this process has committed, by instance and `launched_at`:
-/// what [`crate::timeline::Timeline::of`] keeps of a launch's reports (Nova before samples, then the earliest
-/// message, then the smallest flavor). A later report that does not beat it changes no
-/// timeline, so it is not written: every Ceilometer sample of a running instance repeats its
-/// launch, seen later, and would otherwise cost the store a transaction per message.
+/// what [`crate::timeline::Timeline::of`] keeps of a launch's reports (Nova before samples,
+/// then the earliest message, then the smallest flavor). A later report that does not beat it
+/// changes no timeline, so it is not written: every Ceilometer sample of a running instance
+/// repeats its launch, seen later, and would otherwise cost the store a transaction per message.
 #[derive(Debug, Default)]
-struct Launches(std::sync::Mutex<std::collections::HashMap<(InstanceId, i64), Report>>);
+struct Launches(std::sync::Mutex<std::collections::HashMap<InstanceId, std::collections::BTreeMap<i64, Report>>>);
 
 /// A launch report as [`crate::timeline::Timeline::of`] ranks it: source, then when it was
 /// seen, then the flavor.
 type Report = (Source, i64, Size);
 
-/// Launches remembered, at most; the map starts over when full.
+/// Instances remembered, at most; the map starts over when full.
 const LAUNCHES_MAX: usize = 1 << 17;
 
 impl Launches {
-    /// Whether `fact` is a launch report that a committed one beats or equals.
-    fn superseded(&self, instance: &InstanceId, fact: &Fact) -> bool {
-        let Fact::Launch { at, source, seen, size } = fact else { return false };
+    /// The facts of `instance` still to write: all but the launch reports that a committed one
+    /// beats or equals.
+    fn fresh<'f>(&self, instance: &InstanceId, facts: &'f [Fact]) -> Vec<&'f Fact> {
         let best = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        best.get(&(instance.clone(), *at)).is_some_and(|(s, t, z)| (*s, *t, z) <= (*source, *seen, size))
+        let known = best.get(instance);
+        let superseded = |fact: &Fact| {
+            let Fact::Launch { at, source, seen, size } = fact else { return false };
+            known.and_then(|k| k.get(at)).is_some_and(|(s, t, z)| (*s, *t, z) <= (*source, *seen, size))
+        };
+        facts.iter().filter(|f| !superseded(f)).collect()
     }
 
     /// Remembers the launch reports of `facts`, now committed.
@@ -462,17 +467,14 @@ impl Launches {
         let mut best = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for fact in facts {
             let Fact::Launch { at, source, seen, size } = fact else { continue };
-            if best.len() >= LAUNCHES_MAX {
+            if best.len() >= LAUNCHES_MAX && !best.contains_key(instance) {
                 best.clear();
             }
             let candidate = (*source, *seen, size.clone());
-            best.entry((instance.clone(), *at))
-                .and_modify(|b| {
-                    if candidate < *b {
-                        *b = candidate.clone();
-                    }
-                })
-                .or_insert(candidate);
+            let report = best.entry(instance.clone()).or_default().entry(*at).or_insert_with(|| candidate.clone());
+            if candidate < *report {
+                *report = candidate;
+            }
         }
     }
 }
