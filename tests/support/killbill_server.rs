@@ -260,13 +260,7 @@ impl KillBillServer {
 
     /// The custom fields of the account with this id, as (name, value).
     pub async fn account_fields(&self, id: &str) -> Vec<(String, String)> {
-        let fields = self.read(&format!("/1.0/kb/accounts/{id}/customFields")).await;
-        fields
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| (f["name"].as_str().unwrap().to_owned(), f["value"].as_str().unwrap().to_owned()))
-            .collect()
+        name_values(&self.read(&format!("/1.0/kb/accounts/{id}/customFields")).await)
     }
 
     /// The account id of the subscription with this key.
@@ -348,13 +342,7 @@ impl RealKillBill {
     }
 
     async fn fields(&self, object: &str, id: &str) -> Vec<(String, String)> {
-        let fields = self.get(&format!("/1.0/kb/{object}/{id}/customFields")).await;
-        fields
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| (f["name"].as_str().unwrap().to_owned(), f["value"].as_str().unwrap().to_owned()))
-            .collect()
+        name_values(&self.get(&format!("/1.0/kb/{object}/{id}/customFields")).await)
     }
 
     /// Every account of the tenant with its subscriptions and usage, in the ledger's terms.
@@ -436,4 +424,14 @@ pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{prefix}{nanos:x}{}{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// KillBill's custom fields (a JSON array) as (name, value) pairs.
+fn name_values(fields: &Value) -> Vec<(String, String)> {
+    fields
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap().to_owned(), f["value"].as_str().unwrap().to_owned()))
+        .collect()
 }
