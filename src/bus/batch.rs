@@ -98,7 +98,6 @@ async fn acknowledge(
         while let Ok((tag, acker)) = settled.try_recv() {
             pending.settled(tag, acker);
         }
-        gauge.set(pending.waiting() as f64);
         if pending.waiting() >= batch && !send(pending.take(false), &trouble).await {
             return;
         }
@@ -116,25 +115,15 @@ async fn acknowledge(
 async fn send(acks: Vec<(Acker, bool, usize)>, trouble: &CancellationToken) -> bool {
     for (acker, multiple, _) in acks {
         // Bounded: on a connection the broker no longer answers, the frame may never be sent.
-        let sent = tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions { multiple })).await;
-        let Ok(sent) = sent else {
-            warn!("an acknowledgement was not sent within {ACK_TIMEOUT:?}; reconnecting");
-            trouble.cancel();
-            return false;
+        let failure = match tokio::time::timeout(ACK_TIMEOUT, acker.ack(BasicAckOptions { multiple })).await {
+            Ok(Ok(true)) => continue,
+            Ok(Ok(false)) => "the channel is closed".to_owned(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("not sent within {ACK_TIMEOUT:?}"),
         };
-        match sent {
-            Ok(true) => {}
-            Ok(false) => {
-                warn!("cannot acknowledge: the channel is closed; reconnecting");
-                trouble.cancel();
-                return false;
-            }
-            Err(e) => {
-                warn!(error.message = %e, "cannot acknowledge; reconnecting");
-                trouble.cancel();
-                return false;
-            }
-        }
+        warn!(error.message = %failure, "cannot acknowledge; reconnecting");
+        trouble.cancel();
+        return false;
     }
     true
 }
